@@ -1,0 +1,601 @@
+//! The incremental image format: a manifest (the tree and every block's hash and location)
+//! and content-addressed blobs of compressed blocks. Specified in docs/image-format.md.
+
+pub mod merkle;
+
+use std::fmt;
+use std::str::FromStr;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+pub const BLOCK_SIZE: usize = 4096;
+pub const MAGIC: &[u8; 8] = b"INCFSIMG";
+pub const VERSION: u32 = 1;
+
+/// Longest name, symlink target and xattr the format accepts; Linux's own limits.
+pub const NAME_MAX: usize = 255;
+pub const PATH_MAX: usize = 4096;
+pub const XATTR_NAME_MAX: usize = 255;
+pub const XATTR_VALUE_MAX: usize = 65536;
+
+pub type Hash = [u8; 32];
+
+/// SHA-256 of the manifest bytes: names an image and, through the manifest, every byte of it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImageId(pub Hash);
+
+impl ImageId {
+    pub fn of_manifest(bytes: &[u8]) -> Self {
+        ImageId(Sha256::digest(bytes).into())
+    }
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ImageId({self})")
+    }
+}
+
+impl FromStr for ImageId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_hash(s).map(ImageId)
+    }
+}
+
+pub fn parse_hash(s: &str) -> Result<Hash> {
+    let mut h = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut h)
+        .map_err(|_| Error::Invalid(format!("{s:?} is not a 64-digit hex SHA-256")))?;
+    Ok(h)
+}
+
+/// How one block is stored in its blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BlockKind {
+    /// Stored as is (compression did not shrink it); incfs COMPRESSION_NONE.
+    Raw = 0,
+    /// zstd frame; incfs COMPRESSION_ZSTD.
+    Zstd = 2,
+    /// All zeroes: not stored, never fetched.
+    Zero = 3,
+}
+
+impl BlockKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(BlockKind::Raw),
+            2 => Some(BlockKind::Zstd),
+            3 => Some(BlockKind::Zero),
+            _ => None,
+        }
+    }
+}
+
+/// One 4096-byte block of a file: its leaf hash and where its stored bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRef {
+    pub hash: Hash,
+    pub kind: BlockKind,
+    pub blob: u32,
+    pub len: u32,
+    pub offset: u64,
+}
+
+impl BlockRef {
+    /// True when `next` is stored right after `self` in the same blob: one range covers both.
+    pub fn adjoins(&self, next: &BlockRef) -> bool {
+        self.kind != BlockKind::Zero
+            && next.kind != BlockKind::Zero
+            && self.blob == next.blob
+            && self.offset + self.len as u64 == next.offset
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blob {
+    pub id: Hash,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileData {
+    pub size: u64,
+    /// Merkle root (the file's digest), fs-verity layout.
+    pub root: Hash,
+    pub blocks: Vec<BlockRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InodeKind {
+    /// Entries sorted by name bytes.
+    Dir(Vec<DirEntry>),
+    File(FileData),
+    Symlink(Vec<u8>),
+    /// Device node, fifo or socket: metadata only.
+    Special { rdev: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    /// st_mode, type bits included.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    /// Sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub kind: InodeKind,
+}
+
+/// The decoded manifest. Inode 0 is the root directory.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Manifest {
+    pub blobs: Vec<Blob>,
+    pub inodes: Vec<Inode>,
+}
+
+// Inode kinds on disk.
+const K_DIR: u8 = 1;
+const K_FILE: u8 = 2;
+const K_SYMLINK: u8 = 3;
+const K_SPECIAL: u8 = 4;
+
+impl Manifest {
+    /// The canonical encoding; its SHA-256 is the image id.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(64 + self.inodes.len() * 64);
+        w.extend_from_slice(MAGIC);
+        put32(&mut w, VERSION);
+        put32(&mut w, 0);
+        put32(&mut w, self.blobs.len() as u32);
+        for b in &self.blobs {
+            w.extend_from_slice(&b.id);
+            put64(&mut w, b.size);
+        }
+        put32(&mut w, self.inodes.len() as u32);
+        for ino in &self.inodes {
+            let kind = match ino.kind {
+                InodeKind::Dir(_) => K_DIR,
+                InodeKind::File(_) => K_FILE,
+                InodeKind::Symlink(_) => K_SYMLINK,
+                InodeKind::Special { .. } => K_SPECIAL,
+            };
+            w.push(kind);
+            put32(&mut w, ino.mode);
+            put32(&mut w, ino.uid);
+            put32(&mut w, ino.gid);
+            put64(&mut w, ino.mtime_sec as u64);
+            put32(&mut w, ino.mtime_nsec);
+            put32(&mut w, ino.xattrs.len() as u32);
+            for (k, v) in &ino.xattrs {
+                put16(&mut w, k.len() as u16);
+                w.extend_from_slice(k);
+                put32(&mut w, v.len() as u32);
+                w.extend_from_slice(v);
+            }
+            match &ino.kind {
+                InodeKind::Dir(entries) => {
+                    put32(&mut w, entries.len() as u32);
+                    for e in entries {
+                        put16(&mut w, e.name.len() as u16);
+                        w.extend_from_slice(&e.name);
+                        put32(&mut w, e.ino);
+                    }
+                }
+                InodeKind::File(f) => {
+                    put64(&mut w, f.size);
+                    w.extend_from_slice(&f.root);
+                    for b in &f.blocks {
+                        w.push(b.kind as u8);
+                        w.extend_from_slice(&b.hash);
+                        if b.kind != BlockKind::Zero {
+                            put32(&mut w, b.blob);
+                            put64(&mut w, b.offset);
+                            put32(&mut w, b.len);
+                        }
+                    }
+                }
+                InodeKind::Symlink(t) => {
+                    put32(&mut w, t.len() as u32);
+                    w.extend_from_slice(t);
+                }
+                InodeKind::Special { rdev } => put64(&mut w, *rdev),
+            }
+        }
+        w
+    }
+
+    /// Decodes and validates a manifest. Every count and length is checked against the bytes
+    /// that remain, so a hostile manifest cannot make us allocate or index out of bounds.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        if r.take(8)? != MAGIC {
+            return Err(bad("not an incfs image manifest (bad magic)"));
+        }
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(bad(&format!("unsupported format version {version}")));
+        }
+        let _flags = r.u32()?;
+        let nblobs = r.count(40)?;
+        let mut blobs = Vec::with_capacity(nblobs);
+        for _ in 0..nblobs {
+            blobs.push(Blob { id: r.hash()?, size: r.u64()? });
+        }
+        let ninodes = r.count(29)?;
+        let mut inodes = Vec::with_capacity(ninodes);
+        for _ in 0..ninodes {
+            let kind = r.u8()?;
+            let mode = r.u32()?;
+            let uid = r.u32()?;
+            let gid = r.u32()?;
+            let mtime_sec = r.u64()? as i64;
+            let mtime_nsec = r.u32()?;
+            let nx = r.count(6)?;
+            let mut xattrs = Vec::with_capacity(nx);
+            for _ in 0..nx {
+                let kl = r.u16()? as usize;
+                if kl == 0 || kl > XATTR_NAME_MAX {
+                    return Err(bad("xattr name length out of range"));
+                }
+                let k = r.take(kl)?.to_vec();
+                let vl = r.u32()? as usize;
+                if vl > XATTR_VALUE_MAX {
+                    return Err(bad("xattr value too long"));
+                }
+                xattrs.push((k, r.take(vl)?.to_vec()));
+            }
+            if !xattrs.windows(2).all(|p| p[0].0 < p[1].0) {
+                return Err(bad("xattrs not sorted or duplicated"));
+            }
+            let kind = match kind {
+                K_DIR => {
+                    let n = r.count(7)?;
+                    let mut entries = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let nl = r.u16()? as usize;
+                        let name = r.take(nl)?.to_vec();
+                        if !valid_name(&name) {
+                            return Err(bad("invalid directory entry name"));
+                        }
+                        entries.push(DirEntry { name, ino: r.u32()? });
+                    }
+                    if !entries.windows(2).all(|p| p[0].name < p[1].name) {
+                        return Err(bad("directory entries not sorted or duplicated"));
+                    }
+                    InodeKind::Dir(entries)
+                }
+                K_FILE => {
+                    let size = r.u64()?;
+                    let root = r.hash()?;
+                    let nblocks = size.div_ceil(BLOCK_SIZE as u64);
+                    if nblocks > u32::MAX as u64 || nblocks > (r.remaining() / 33) as u64 {
+                        return Err(bad("file block table truncated"));
+                    }
+                    let mut blocks = Vec::with_capacity(nblocks as usize);
+                    for _ in 0..nblocks {
+                        let k = BlockKind::from_u8(r.u8()?).ok_or_else(|| bad("unknown block kind"))?;
+                        let hash = r.hash()?;
+                        let (blob, offset, len) = if k == BlockKind::Zero {
+                            (0, 0, 0)
+                        } else {
+                            (r.u32()?, r.u64()?, r.u32()?)
+                        };
+                        if k != BlockKind::Zero {
+                            let b = blobs.get(blob as usize).ok_or_else(|| bad("block in unknown blob"))?;
+                            let end = offset.checked_add(len as u64);
+                            if len == 0 || len as usize > 2 * BLOCK_SIZE || end.is_none_or(|e| e > b.size) {
+                                return Err(bad("block location outside its blob"));
+                            }
+                        } else if hash != merkle::zero_leaf() {
+                            return Err(bad("zero block with a non-zero hash"));
+                        }
+                        blocks.push(BlockRef { hash, kind: k, blob, len, offset });
+                    }
+                    InodeKind::File(FileData { size, root, blocks })
+                }
+                K_SYMLINK => {
+                    let n = r.u32()? as usize;
+                    if n == 0 || n > PATH_MAX {
+                        return Err(bad("symlink target length out of range"));
+                    }
+                    InodeKind::Symlink(r.take(n)?.to_vec())
+                }
+                K_SPECIAL => InodeKind::Special { rdev: r.u64()? },
+                _ => return Err(bad("unknown inode kind")),
+            };
+            inodes.push(Inode { mode, uid, gid, mtime_sec, mtime_nsec, xattrs, kind });
+        }
+        if r.remaining() != 0 {
+            return Err(bad("trailing bytes"));
+        }
+        let m = Manifest { blobs, inodes };
+        m.check_tree()?;
+        Ok(m)
+    }
+
+    /// The directory graph must be a tree rooted at inode 0 (hard links are files only), and
+    /// every file's root hash must match its leaves.
+    fn check_tree(&self) -> Result<()> {
+        if !matches!(self.inodes.first(), Some(Inode { kind: InodeKind::Dir(_), .. })) {
+            return Err(bad("inode 0 is not a directory"));
+        }
+        let mut dir_refs = vec![0u32; self.inodes.len()];
+        for ino in &self.inodes {
+            if let InodeKind::Dir(entries) = &ino.kind {
+                for e in entries {
+                    let child = self.inodes.get(e.ino as usize).ok_or_else(|| bad("entry names unknown inode"))?;
+                    if e.ino == 0 {
+                        return Err(bad("entry names the root"));
+                    }
+                    if matches!(child.kind, InodeKind::Dir(_)) {
+                        dir_refs[e.ino as usize] += 1;
+                        if dir_refs[e.ino as usize] > 1 {
+                            return Err(bad("directory linked twice"));
+                        }
+                    }
+                }
+            }
+        }
+        // Every directory but the root is referenced once; reachable from the root (no cycle).
+        let mut seen = vec![false; self.inodes.len()];
+        let mut stack = vec![0u32];
+        seen[0] = true;
+        while let Some(d) = stack.pop() {
+            if let InodeKind::Dir(entries) = &self.inodes[d as usize].kind {
+                for e in entries {
+                    if matches!(self.inodes[e.ino as usize].kind, InodeKind::Dir(_)) {
+                        if seen[e.ino as usize] {
+                            return Err(bad("directory cycle"));
+                        }
+                        seen[e.ino as usize] = true;
+                        stack.push(e.ino);
+                    }
+                }
+            }
+        }
+        for (i, ino) in self.inodes.iter().enumerate() {
+            match &ino.kind {
+                InodeKind::Dir(_) if !seen[i] => return Err(bad("unreachable directory")),
+                InodeKind::File(f) => {
+                    let leaves: Vec<Hash> = f.blocks.iter().map(|b| b.hash).collect();
+                    if merkle::root_hash(&leaves) != f.root {
+                        return Err(bad("file root hash does not match its blocks"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty() && name.len() <= NAME_MAX && name != b"." && name != b".." && !name.contains(&b'/') && !name.contains(&0)
+}
+
+fn bad(what: &str) -> Error {
+    Error::Manifest(what.to_string())
+}
+
+fn put16(w: &mut Vec<u8>, v: u16) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+fn put32(w: &mut Vec<u8>, v: u32) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+fn put64(w: &mut Vec<u8>, v: u64) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(bad("truncated"));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        self.arr().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        self.arr().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Result<u64> {
+        self.arr().map(u64::from_le_bytes)
+    }
+    fn hash(&mut self) -> Result<Hash> {
+        self.arr()
+    }
+    /// A count of items each at least `min_size` bytes long: bounded by what remains.
+    fn count(&mut self, min_size: usize) -> Result<usize> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_size) > self.remaining() {
+            return Err(bad("count exceeds the bytes that follow"));
+        }
+        Ok(n)
+    }
+}
+
+/// A loaded, verified image with the lookups the filesystem and engine need.
+#[derive(Debug)]
+pub struct Image {
+    pub id: ImageId,
+    pub manifest: Manifest,
+    /// Parent of each directory inode (root's parent is itself); other inodes: u32::MAX.
+    pub parent: Vec<u32>,
+    /// Link count per inode.
+    pub nlink: Vec<u32>,
+}
+
+impl Image {
+    /// Verifies `bytes` hash to `id`, then decodes them.
+    pub fn from_manifest_bytes(id: ImageId, bytes: &[u8]) -> Result<Self> {
+        let actual = ImageId::of_manifest(bytes);
+        if actual != id {
+            return Err(Error::ImageIdMismatch { expected: id.to_string(), actual: actual.to_string() });
+        }
+        let manifest = Manifest::decode(bytes)?;
+        let n = manifest.inodes.len();
+        let mut parent = vec![u32::MAX; n];
+        let mut nlink = vec![0u32; n];
+        parent[0] = 0;
+        nlink[0] = 2;
+        for (i, ino) in manifest.inodes.iter().enumerate() {
+            if let InodeKind::Dir(entries) = &ino.kind {
+                for e in entries {
+                    let c = e.ino as usize;
+                    if matches!(manifest.inodes[c].kind, InodeKind::Dir(_)) {
+                        parent[c] = i as u32;
+                        nlink[c] += 2; // its entry and its own "."
+                        nlink[i] += 1; // the child's ".."
+                    } else {
+                        nlink[c] += 1;
+                    }
+                }
+            }
+        }
+        Ok(Image { id, manifest, parent, nlink })
+    }
+
+    pub fn inode(&self, ino: u32) -> Option<&Inode> {
+        self.manifest.inodes.get(ino as usize)
+    }
+
+    pub fn file(&self, ino: u32) -> Option<&FileData> {
+        match &self.inode(ino)?.kind {
+            InodeKind::File(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    pub fn lookup(&self, dir: u32, name: &[u8]) -> Option<u32> {
+        match &self.inode(dir)?.kind {
+            InodeKind::Dir(entries) => entries
+                .binary_search_by(|e| e.name.as_slice().cmp(name))
+                .ok()
+                .map(|i| entries[i].ino),
+            _ => None,
+        }
+    }
+
+    /// Resolves a '/'-separated path from the root (no symlinks followed).
+    pub fn resolve(&self, path: &[u8]) -> Option<u32> {
+        let mut cur = 0u32;
+        for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty() && *p != b".") {
+            cur = if part == b".." { self.parent[cur as usize] } else { self.lookup(cur, part)? };
+        }
+        Some(cur)
+    }
+
+    /// Total bytes of file data (each hard-linked file once).
+    pub fn data_size(&self) -> u64 {
+        self.files().map(|(_, f)| f.size).sum()
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = (u32, &FileData)> {
+        self.manifest.inodes.iter().enumerate().filter_map(|(i, ino)| match &ino.kind {
+            InodeKind::File(f) => Some((i as u32, f)),
+            _ => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let data = b"hello";
+        let h = merkle::leaf_hash(data);
+        let file = FileData {
+            size: 5,
+            root: h,
+            blocks: vec![BlockRef { hash: h, kind: BlockKind::Raw, blob: 0, len: 5, offset: 0 }],
+        };
+        let meta = |mode| Inode { mode, uid: 1, gid: 2, mtime_sec: 3, mtime_nsec: 4, xattrs: vec![], kind: InodeKind::Symlink(vec![]) };
+        Manifest {
+            blobs: vec![Blob { id: [7; 32], size: 5 }],
+            inodes: vec![
+                Inode { kind: InodeKind::Dir(vec![DirEntry { name: b"a".to_vec(), ino: 1 }, DirEntry { name: b"l".to_vec(), ino: 2 }]), ..meta(0o40755) },
+                Inode { kind: InodeKind::File(file), xattrs: vec![(b"user.x".to_vec(), b"y".to_vec())], ..meta(0o100644) },
+                Inode { kind: InodeKind::Symlink(b"a".to_vec()), ..meta(0o120777) },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_id() {
+        let m = sample();
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes).expect("decode"), m);
+        let id = ImageId::of_manifest(&bytes);
+        let img = Image::from_manifest_bytes(id, &bytes).expect("image");
+        assert_eq!(img.resolve(b"/a"), Some(1));
+        assert_eq!(img.resolve(b"l"), Some(2));
+        assert_eq!(img.nlink[0], 2);
+        assert!(Image::from_manifest_bytes(ImageId([0; 32]), &bytes).is_err());
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_an_error_not_a_panic() {
+        let bytes = sample().encode();
+        for n in 0..bytes.len() {
+            assert!(Manifest::decode(&bytes[..n]).is_err(), "truncated at {n}");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0xff;
+            let _ = Manifest::decode(&b); // must not panic
+        }
+    }
+
+    #[test]
+    fn rejects_cycles_and_bad_roots() {
+        let mut m = sample();
+        if let InodeKind::Dir(e) = &mut m.inodes[0].kind {
+            e.push(DirEntry { name: b"z".to_vec(), ino: 0 });
+        }
+        assert!(Manifest::decode(&m.encode()).is_err());
+        let mut m = sample();
+        if let InodeKind::File(f) = &mut m.inodes[1].kind {
+            f.root = [1; 32];
+        }
+        assert!(Manifest::decode(&m.encode()).is_err());
+    }
+}

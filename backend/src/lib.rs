@@ -1,0 +1,16 @@
+//! virtio-incfs host side: incremental images, the lazy block engine, and the devices that
+//! serve them to VM guests.
+//!
+//! Data flows one way: device (guest request) -> filesystem -> [`engine`] (cache -> fetch ->
+//! remote). The image format lives in [`image`]; stores and remotes in [`store`].
+
+pub mod cache;
+pub mod engine;
+pub mod error;
+pub mod image;
+pub mod inspect;
+pub mod pack;
+pub mod serve;
+pub mod store;
+
+pub use error::{Error, Result};

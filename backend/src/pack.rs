@@ -1,0 +1,388 @@
+//! `incfsd pack`: turns a directory tree into an image in a store.
+//!
+//! The walk is sequential and sorted (so the same tree always gives the same image id); block
+//! hashing and compression run in parallel on batches; blocks are appended to blobs in file
+//! order, so a file's blocks sit next to each other and one Range request fetches a run.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{self, File, Metadata};
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+use crate::image::{
+    merkle, Blob, BlockKind, BlockRef, DirEntry, FileData, Hash, ImageId, Inode, InodeKind, Manifest, BLOCK_SIZE, NAME_MAX,
+    XATTR_NAME_MAX, XATTR_VALUE_MAX,
+};
+use crate::store::Store;
+
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    /// zstd level.
+    pub level: i32,
+    /// A blob is closed once it reaches this many bytes.
+    pub blob_size: u64,
+    pub progress: bool,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions { level: 3, blob_size: 64 << 20, progress: false }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PackStats {
+    pub inodes: u64,
+    pub files: u64,
+    pub bytes_in: u64,
+    pub blocks: u64,
+    pub zero_blocks: u64,
+    pub dedup_blocks: u64,
+    pub stored_bytes: u64,
+    pub manifest_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Packs `src` into `store`; returns the image id.
+pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, PackStats)> {
+    let start = Instant::now();
+    store.create_dirs()?;
+    let meta = fs::symlink_metadata(src).ctx(|| format!("stat {}", src.display()))?;
+    if !meta.is_dir() {
+        return Err(Error::Invalid(format!("{} is not a directory", src.display())));
+    }
+    let mut walker = Walker::default();
+    walker.dir(src, &meta)?;
+    let Walker { mut inodes, files, .. } = walker;
+
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let bar = progress_bar(opts.progress, total);
+    let mut stats = PackStats { inodes: inodes.len() as u64, files: files.len() as u64, bytes_in: total, ..Default::default() };
+
+    let mut blobs = BlobWriter::new(store, opts.blob_size);
+    let mut seen: HashMap<Hash, BlockRef> = HashMap::new();
+    let mut per_file: Vec<Vec<BlockRef>> = files.iter().map(|f| Vec::with_capacity(blocks_of(f.size))).collect();
+
+    // Reading overlaps hashing and compression: a thread reads batches ahead.
+    let (tx, rx) = mpsc::sync_channel::<Result<Vec<Chunk>>>(2);
+    let paths: Vec<(PathBuf, u64)> = files.iter().map(|f| (f.path.clone(), f.size)).collect();
+    let reader = std::thread::spawn(move || read_batches(&paths, &tx));
+    for batch in rx {
+        let batch = batch?;
+        let jobs: Vec<(usize, &[u8])> = batch.iter().flat_map(|c| c.data.chunks(BLOCK_SIZE).map(move |b| (c.file, b))).collect();
+        let level = opts.level;
+        let encoded: Vec<Encoded> = jobs.par_iter().map(|(_, b)| encode_block(b, level)).collect();
+        for ((file, raw), enc) in jobs.iter().zip(encoded) {
+            stats.blocks += 1;
+            let r = match enc.stored {
+                None => {
+                    stats.zero_blocks += 1;
+                    BlockRef { hash: enc.hash, kind: BlockKind::Zero, blob: 0, len: 0, offset: 0 }
+                }
+                Some(_) if seen.contains_key(&enc.hash) => {
+                    stats.dedup_blocks += 1;
+                    seen[&enc.hash]
+                }
+                Some((kind, bytes)) => {
+                    let (blob, offset) = blobs.append(&bytes)?;
+                    stats.stored_bytes += bytes.len() as u64;
+                    let r = BlockRef { hash: enc.hash, kind, blob, len: bytes.len() as u32, offset };
+                    seen.insert(enc.hash, r);
+                    r
+                }
+            };
+            per_file[*file].push(r);
+            if let Some(b) = &bar {
+                b.inc(raw.len() as u64);
+            }
+        }
+    }
+    reader.join().map_err(|_| Error::Invalid("reader thread panicked".into()))??;
+    let blob_list = blobs.finish()?;
+
+    for (f, blocks) in files.iter().zip(per_file) {
+        if blocks.len() != blocks_of(f.size) {
+            return Err(Error::Invalid(format!("{} changed size while packing", f.path.display())));
+        }
+        let leaves: Vec<Hash> = blocks.iter().map(|b| b.hash).collect();
+        inodes[f.ino as usize].kind = InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), blocks });
+    }
+    let manifest = Manifest { blobs: blob_list, inodes };
+    let bytes = manifest.encode();
+    stats.manifest_bytes = bytes.len() as u64;
+    let id = ImageId::of_manifest(&bytes);
+    store.write_manifest(&id, &bytes)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    stats.seconds = start.elapsed().as_secs_f64();
+    Ok((id, stats))
+}
+
+fn blocks_of(size: u64) -> usize {
+    size.div_ceil(BLOCK_SIZE as u64) as usize
+}
+
+fn progress_bar(want: bool, total: u64) -> Option<indicatif::ProgressBar> {
+    if !want || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bytes_per_sec} [{bar:40}] {eta}") {
+        b.set_style(style);
+    }
+    Some(b)
+}
+
+struct Encoded {
+    hash: Hash,
+    /// None for an all-zero block.
+    stored: Option<(BlockKind, Vec<u8>)>,
+}
+
+fn encode_block(data: &[u8], level: i32) -> Encoded {
+    let hash = merkle::leaf_hash(data);
+    if data.iter().all(|&b| b == 0) {
+        return Encoded { hash, stored: None };
+    }
+    let stored = match zstd::bulk::compress(data, level) {
+        Ok(c) if c.len() < data.len() => (BlockKind::Zstd, c),
+        _ => (BlockKind::Raw, data.to_vec()),
+    };
+    Encoded { hash, stored: Some(stored) }
+}
+
+/// A run of whole blocks of one file (the last block of a file may be short).
+struct Chunk {
+    file: usize,
+    data: Vec<u8>,
+}
+
+const BATCH_BYTES: usize = 16 << 20;
+const CHUNK_BYTES: usize = 1 << 20;
+
+fn read_batches(files: &[(PathBuf, u64)], tx: &mpsc::SyncSender<Result<Vec<Chunk>>>) -> Result<()> {
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0;
+    let send = |batch: Vec<Chunk>| tx.send(Ok(batch)).map_err(|_| Error::Invalid("packer stopped".into()));
+    for (i, (path, size)) in files.iter().enumerate() {
+        let mut f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                let err = Error::io(format!("open {}", path.display()), e);
+                let _ = tx.send(Err(Error::Invalid(err.to_string())));
+                return Err(err);
+            }
+        };
+        let mut left = *size;
+        while left > 0 {
+            let n = left.min(CHUNK_BYTES as u64) as usize;
+            let mut data = vec![0u8; n];
+            if let Err(e) = f.read_exact(&mut data) {
+                let err = Error::io(format!("read {} (did it shrink while packing?)", path.display()), e);
+                let _ = tx.send(Err(Error::Invalid(err.to_string())));
+                return Err(err);
+            }
+            left -= n as u64;
+            batch_bytes += n;
+            batch.push(Chunk { file: i, data });
+            if batch_bytes >= BATCH_BYTES {
+                send(std::mem::take(&mut batch))?;
+                batch_bytes = 0;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        send(batch)?;
+    }
+    Ok(())
+}
+
+struct PendingFile {
+    ino: u32,
+    path: PathBuf,
+    size: u64,
+}
+
+#[derive(Default)]
+struct Walker {
+    inodes: Vec<Inode>,
+    files: Vec<PendingFile>,
+    /// (dev, ino) of multiply-linked files already seen: hard links share one inode.
+    links: HashMap<(u64, u64), u32>,
+}
+
+impl Walker {
+    fn push(&mut self, path: &Path, meta: &Metadata, kind: InodeKind) -> Result<u32> {
+        let idx = u32::try_from(self.inodes.len()).map_err(|_| Error::Invalid("too many inodes".into()))?;
+        self.inodes.push(Inode {
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime_sec: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec() as u32,
+            xattrs: read_xattrs(path)?,
+            kind,
+        });
+        Ok(idx)
+    }
+
+    fn dir(&mut self, path: &Path, meta: &Metadata) -> Result<u32> {
+        let idx = self.push(path, meta, InodeKind::Dir(Vec::new()))?;
+        let mut names: Vec<Vec<u8>> = fs::read_dir(path)
+            .ctx(|| format!("read directory {}", path.display()))?
+            .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
+            .collect::<std::io::Result<_>>()
+            .ctx(|| format!("read directory {}", path.display()))?;
+        names.sort();
+        let mut entries = Vec::with_capacity(names.len());
+        for name in names {
+            if name.len() > NAME_MAX {
+                return Err(Error::Invalid(format!("name too long in {}", path.display())));
+            }
+            let child = path.join(std::ffi::OsStr::from_bytes(&name));
+            let m = fs::symlink_metadata(&child).ctx(|| format!("stat {}", child.display()))?;
+            let ft = m.file_type();
+            let ino = if ft.is_dir() {
+                self.dir(&child, &m)?
+            } else if ft.is_file() {
+                let key = (m.dev(), m.ino());
+                match self.links.get(&key) {
+                    Some(&i) if m.nlink() > 1 => i,
+                    _ => {
+                        let i = self.push(&child, &m, InodeKind::File(FileData { size: 0, root: [0; 32], blocks: vec![] }))?;
+                        if m.nlink() > 1 {
+                            self.links.insert(key, i);
+                        }
+                        self.files.push(PendingFile { ino: i, path: child, size: m.len() });
+                        i
+                    }
+                }
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&child).ctx(|| format!("readlink {}", child.display()))?;
+                self.push(&child, &m, InodeKind::Symlink(target.as_os_str().as_bytes().to_vec()))?
+            } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() || ft.is_socket() {
+                self.push(&child, &m, InodeKind::Special { rdev: m.rdev() })?
+            } else {
+                return Err(Error::Invalid(format!("unsupported file type at {}", child.display())));
+            };
+            entries.push(DirEntry { name, ino });
+        }
+        self.inodes[idx as usize].kind = InodeKind::Dir(entries);
+        Ok(idx)
+    }
+}
+
+/// The extended attributes of a path (not following symlinks), sorted by name.
+fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Invalid("NUL in path".into()))?;
+    let names = xattr_call(|buf, len| unsafe { libc::llistxattr(c.as_ptr(), buf as *mut libc::c_char, len) })
+        .ctx(|| format!("list xattrs of {}", path.display()))?;
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if name.len() > XATTR_NAME_MAX {
+            continue;
+        }
+        let cn = CString::new(name).map_err(|_| Error::Invalid("NUL in xattr name".into()))?;
+        let value = match xattr_call(|buf, len| unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), buf as *mut libc::c_void, len) }) {
+            Ok(v) => v,
+            // Removed between list and get.
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+            Err(e) => return Err(Error::io(format!("read xattr of {}", path.display()), e)),
+        };
+        if value.len() > XATTR_VALUE_MAX {
+            return Err(Error::Invalid(format!("xattr value too large on {}", path.display())));
+        }
+        out.push((name.to_vec(), value));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Calls a size-probing xattr syscall until the buffer is large enough.
+fn xattr_call(f: impl Fn(*mut u8, usize) -> isize) -> std::io::Result<Vec<u8>> {
+    loop {
+        let n = f(std::ptr::null_mut(), 0);
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOTSUP) => Ok(Vec::new()),
+                _ => Err(e),
+            };
+        }
+        let mut buf = vec![0u8; n as usize];
+        let m = f(buf.as_mut_ptr(), buf.len());
+        if m >= 0 {
+            buf.truncate(m as usize);
+            return Ok(buf);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+    }
+}
+
+/// Appends stored blocks to blobs, closing each one at the size target; a blob is named by the
+/// SHA-256 of its bytes once it is complete.
+struct BlobWriter<'a> {
+    store: &'a Store,
+    target: u64,
+    cur: Option<OpenBlob>,
+    done: Vec<Blob>,
+}
+
+struct OpenBlob {
+    file: std::io::BufWriter<File>,
+    tmp: PathBuf,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<'a> BlobWriter<'a> {
+    fn new(store: &'a Store, target: u64) -> Self {
+        BlobWriter { store, target: target.max(BLOCK_SIZE as u64), cur: None, done: Vec::new() }
+    }
+
+    fn append(&mut self, data: &[u8]) -> Result<(u32, u64)> {
+        if self.cur.as_ref().is_some_and(|b| b.size + data.len() as u64 > self.target) {
+            self.close()?;
+        }
+        if self.cur.is_none() {
+            let (file, tmp) = self.store.temp_file("blobs")?;
+            self.cur = Some(OpenBlob { file: std::io::BufWriter::with_capacity(1 << 20, file), tmp, hasher: Sha256::new(), size: 0 });
+        }
+        let idx = self.done.len() as u32;
+        let b = self.cur.as_mut().ok_or_else(|| Error::Invalid("no open blob".into()))?;
+        b.file.write_all(data).ctx(|| format!("write {}", b.tmp.display()))?;
+        b.hasher.update(data);
+        let off = b.size;
+        b.size += data.len() as u64;
+        Ok((idx, off))
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if let Some(b) = self.cur.take() {
+            let file = b.file.into_inner().map_err(|e| Error::io(format!("write {}", b.tmp.display()), e.into_error()))?;
+            file.sync_all().ctx(|| format!("sync {}", b.tmp.display()))?;
+            let id: Hash = b.hasher.finalize().into();
+            self.store.commit_blob(&b.tmp, &id)?;
+            self.done.push(Blob { id, size: b.size });
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<Blob>> {
+        self.close()?;
+        Ok(self.done)
+    }
+}
