@@ -99,6 +99,8 @@ enum Outcome {
     /// Look in the cache again (stored, or someone else is on it).
     Retry,
     Corrupt,
+    /// Nobody waiting on it any more: the reader's deadline passed.
+    TimedOut,
     Failed(String),
 }
 
@@ -266,6 +268,7 @@ impl Engine {
                 match outcome {
                     Outcome::Retry => {}
                     Outcome::Corrupt => return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into())),
+                    Outcome::TimedOut => return Err(Error::Timeout),
                     Outcome::Failed(e) => return Err(Error::Remote(e)),
                 }
             }
@@ -374,7 +377,7 @@ impl Engine {
                 self.counters.waits_on_other_process.fetch_add(1, Relaxed);
                 let i = todo[0];
                 if Instant::now() >= deadline() {
-                    outcome[i] = Some(Outcome::Failed("timed out waiting for another process's fetch".into()));
+                    outcome[i] = Some(Outcome::TimedOut);
                     continue;
                 }
                 tokio::time::sleep(Duration::from_millis(3)).await;
@@ -432,14 +435,17 @@ impl Engine {
                     tracing::debug!("transient fetch failure, retrying: {e}");
                 }
             }
-            if Instant::now() + backoff >= deadline() {
+            // Keep trying until the last waiter gives up; a late reader extends the deadline.
+            let now = Instant::now();
+            let until = deadline();
+            if now >= until {
                 for o in outcome.iter_mut().filter(|o| o.is_none()) {
-                    *o = Some(Outcome::Failed("remote unavailable until the read timeout".into()));
+                    *o = Some(Outcome::TimedOut);
                 }
                 break;
             }
             self.counters.retries.fetch_add(1, Relaxed);
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(backoff.min(until - now)).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
         outcome.into_iter().map(|o| o.unwrap_or(Outcome::Retry)).collect()
@@ -545,6 +551,9 @@ impl Engine {
 }
 
 fn trim(mut buf: Vec<u8>, offset: u64, n: u64) -> Vec<u8> {
+    if n == 0 {
+        return Vec::new();
+    }
     let skip = (offset % BLOCK_SIZE as u64) as usize;
     buf.drain(..skip);
     buf.truncate(n as usize);
@@ -563,7 +572,9 @@ fn decode_verified(r: &BlockRef, stored: &[u8]) -> Option<Vec<u8>> {
             plain[..stored.len()].copy_from_slice(stored);
         }
         BlockKind::Zstd => {
-            zstd::bulk::decompress_to_buffer(stored, &mut plain[..]).ok()?;
+            // The decoder may scribble past what it returns: pad explicitly.
+            let n = zstd::bulk::decompress_to_buffer(stored, &mut plain[..]).ok()?;
+            plain[n..].fill(0);
         }
         BlockKind::Zero => {}
     }

@@ -1,0 +1,30 @@
+//! FUSE over virtio-fs (vhost-user-fs) for incfsd.
+//!
+//! - [`abi`]: the FUSE kernel ABI structs and constants.
+//! - [`filesystem`]: the [`FileSystem`] trait a read-only image implements.
+//! - [`dispatch`]: request decoding and reply encoding, independent of the transport.
+//! - [`virtio_fs`]: the vhost-user-fs device and [`serve`].
+//! - `frontend` (feature `frontend`): a synchronous vhost-user frontend playing QEMU's part,
+//!   for tests and benchmarks.
+//!
+//! Typical use by the daemon:
+//!
+//! ```text
+//! let fs: Arc<dyn FileSystem> = Arc::new(ImageFs::new(..));
+//! let mut server = VirtioFsServer::bind(&socket, fs, DeviceConfig::default(), rt.handle().clone())?;
+//! let stopper = server.stopper();           // stopper.stop() from a signal handler task
+//! while server.serve_one()? {}              // one frontend (QEMU) after another
+//! ```
+
+pub mod abi;
+pub mod dispatch;
+pub mod filesystem;
+#[cfg(feature = "frontend")]
+pub mod frontend;
+pub mod virtio_fs;
+
+pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
+pub use filesystem::{
+    Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply, StatFs,
+};
+pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFsServer};

@@ -1,0 +1,394 @@
+//! The image format and block engine against real HTTP servers (nginx, and a fault injector).
+
+mod support;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use incfs::cache::BlockCache;
+use incfs::engine::{Engine, EngineConfig};
+use incfs::image::{ImageId, InodeKind};
+use incfs::pack::{pack, PackOptions};
+use incfs::store::{Remote, Store};
+use support::*;
+
+const GIB: u64 = 1 << 30;
+
+fn pack_dir(src: &Path, store: &Path) -> ImageId {
+    pack(src, &Store::new(store), &PackOptions::default()).expect("pack").0
+}
+
+async fn open(url: &str, id: ImageId, cache: &Path, cfg: EngineConfig) -> Arc<Engine> {
+    let remote = Remote::open(url, cfg.attempt_timeout).expect("remote");
+    Engine::open(remote, id, Arc::new(BlockCache::open(cache).expect("cache")), cfg).await.expect("engine")
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let n = std::ffi::CString::new(name).expect("name");
+    // SAFETY: valid C strings and a valid buffer.
+    let r = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+/// Every edge case the format must handle, in one tree.
+fn edge_tree(root: &Path, many: usize) {
+    let w = |p: &str, d: &[u8]| {
+        let path = root.join(p);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(path, d).expect("write");
+    };
+    w("empty", b"");
+    for (i, n) in [1usize, 4095, 4096, 4097, 3 * 4096, (1 << 20) + 3].iter().enumerate() {
+        w(&format!("sizes/s{n}"), &pseudo_random(i as u64, *n));
+    }
+    w("text/compressible", &compressible(0, 3 << 20));
+    w("text/same-as-compressible", &compressible(0, 3 << 20));
+    // Data, then zero blocks, then data again.
+    let mut holes = pseudo_random(9, 8192);
+    holes.extend(vec![0u8; 5 * 4096]);
+    holes.extend(pseudo_random(10, 5000));
+    w("zeros/mixed", &holes);
+    w("zeros/all", &vec![0u8; 40000]);
+    // Over 4 GiB, sparse, with data at the start, across the 4 GiB line, and at the end.
+    let big = root.join("big/over4g");
+    fs::create_dir_all(big.parent().expect("parent")).expect("mkdir");
+    let f = fs::File::create(&big).expect("big");
+    let size = 4 * GIB + 12345;
+    f.set_len(size).expect("truncate");
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&pseudo_random(1, 10000), 0).expect("w");
+    f.write_all_at(&pseudo_random(2, 9000), 4 * GIB - 4000).expect("w");
+    f.write_all_at(&pseudo_random(3, 300), size - 300).expect("w");
+    // Long and non-UTF-8 names.
+    w(&"n".repeat(255), b"long name");
+    let odd = root.join(OsStr::from_bytes(b"caf\xe9-\xff\xfe"));
+    fs::write(&odd, b"latin-1 name").expect("odd");
+    // A deep tree.
+    let mut deep = root.join("deep");
+    for i in 0..100 {
+        deep = deep.join(format!("d{i}"));
+    }
+    fs::create_dir_all(&deep).expect("deep");
+    fs::write(deep.join("leaf"), b"at the bottom").expect("leaf");
+    // Links, modes, xattrs, an empty dir, a fifo.
+    std::os::unix::fs::symlink("../sizes/s4097", root.join("text/link")).expect("symlink");
+    std::os::unix::fs::symlink("/absolute/dangling", root.join("dangling")).expect("symlink");
+    fs::hard_link(root.join("sizes/s4097"), root.join("text/hardlink")).expect("hardlink");
+    fs::set_permissions(root.join("sizes/s1"), fs::Permissions::from_mode(0o4751)).expect("chmod");
+    set_xattr(&root.join("sizes/s1"), "user.incfs.test", b"value\0with nul");
+    set_xattr(&root.join("text"), "user.dir", b"d");
+    fs::create_dir_all(root.join("emptydir")).expect("emptydir");
+    let fifo = std::ffi::CString::new(root.join("fifo").as_os_str().as_bytes()).expect("fifo");
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+    // Many files in one directory (contents repeat: dedup keeps the store small).
+    let dir = root.join("many");
+    fs::create_dir_all(&dir).expect("many");
+    for i in 0..many {
+        fs::write(dir.join(format!("f{i:06}")), format!("file {} of many\n", i % 997)).expect("many file");
+    }
+}
+
+fn xattrs_of(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    // Use the packer's own reading via an image of one file would be circular; list directly.
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut names = vec![0u8; 4096];
+    // SAFETY: valid buffers.
+    let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0);
+    let mut out = Vec::new();
+    for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cn = std::ffi::CString::new(name).expect("name");
+        let mut v = vec![0u8; 65536];
+        // SAFETY: valid buffers.
+        let m = unsafe { libc::lgetxattr(p.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert!(m >= 0);
+        v.truncate(m as usize);
+        out.push((name.to_vec(), v));
+    }
+    out.sort();
+    out
+}
+
+/// Walks `src` and checks every entry against the image, reading every byte through `engine`.
+async fn compare_tree(engine: &Arc<Engine>, src: &Path, start: u32) -> usize {
+    let img = engine.image().clone();
+    let mut links: HashMap<(u64, u64), u32> = HashMap::new();
+    let mut stack = vec![(src.to_path_buf(), start)];
+    let mut checked = 0;
+    while let Some((path, ino)) = stack.pop() {
+        let m = fs::symlink_metadata(&path).expect("stat");
+        let node = img.inode(ino).expect("inode");
+        assert_eq!(node.mode, m.mode(), "{}", path.display());
+        assert_eq!((node.uid, node.gid), (m.uid(), m.gid()));
+        assert_eq!((node.mtime_sec, node.mtime_nsec as i64), (m.mtime(), m.mtime_nsec()), "{}", path.display());
+        assert_eq!(node.xattrs, xattrs_of(&path), "{}", path.display());
+        checked += 1;
+        match &node.kind {
+            InodeKind::Dir(entries) => {
+                let mut names: Vec<Vec<u8>> = fs::read_dir(&path).expect("readdir").map(|e| e.expect("e").file_name().as_bytes().to_vec()).collect();
+                names.sort();
+                assert_eq!(names, entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>());
+                for e in entries {
+                    stack.push((path.join(OsStr::from_bytes(&e.name)), e.ino));
+                }
+            }
+            InodeKind::File(f) => {
+                assert_eq!(f.size, m.len());
+                if m.nlink() > 1 {
+                    assert_eq!(*links.entry((m.dev(), m.ino())).or_insert(ino), ino, "hard links share an inode");
+                }
+                let file = fs::File::open(&path).expect("open");
+                let mut off = 0u64;
+                let mut want = vec![0u8; 1 << 20];
+                while off < f.size {
+                    let got = engine.read(ino, off, 1 << 20).await.expect("engine read");
+                    let n = got.len();
+                    assert!(n > 0);
+                    use std::os::unix::fs::FileExt;
+                    file.read_exact_at(&mut want[..n], off).expect("read source");
+                    assert!(got == want[..n], "{} differs at {off}", path.display());
+                    off += n as u64;
+                }
+                assert!(engine.read(ino, f.size, 4096).await.expect("eof read").is_empty());
+            }
+            InodeKind::Symlink(t) => assert_eq!(t.as_slice(), fs::read_link(&path).expect("readlink").as_os_str().as_bytes()),
+            InodeKind::Special { rdev } => assert_eq!(*rdev, m.rdev()),
+        }
+    }
+    checked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_of_every_edge_case_through_nginx() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    edge_tree(&src, 100_000);
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    // Deterministic: packing again (into another store) gives the same id.
+    assert_eq!(pack_dir(&src, &t.path().join("store2")), id);
+    let nginx = Nginx::start(&store, 0);
+    let engine = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
+    let checked = compare_tree(&engine, &src, 0).await;
+    assert!(checked > 100_000);
+    let c = &engine.counters;
+    assert_eq!(c.verify_failures.load(Relaxed), 0);
+    // Dedup: the two identical 3 MiB files and the 100k files with 997 contents fetched once.
+    let unique = engine.unique_blocks().len() as u64;
+    assert!(c.blocks_fetched.load(Relaxed) <= unique, "fetched {} of {unique} unique blocks", c.blocks_fetched.load(Relaxed));
+    // Only file data crossed the wire for blobs; the store holds no block twice.
+    let blob_total: u64 = fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
+    assert!(nginx.blob_bytes_sent() <= blob_total);
+    // Reading again is served from the cache.
+    let before = c.remote_requests.load(Relaxed);
+    let sizes = engine.image().resolve(b"sizes").expect("sizes");
+    compare_tree(&engine, &src.join("sizes"), sizes).await;
+    assert_eq!(c.remote_requests.load(Relaxed), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_small_read_of_a_large_file_fetches_at_most_the_readahead_window() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(42, 100 << 20);
+    fs::write(src.join("big"), &data).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    let readahead = 256 << 10;
+    let cfg = EngineConfig { readahead, ..EngineConfig::default() };
+    let engine = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let ino = engine.image().resolve(b"big").expect("big");
+    let off = 50 << 20;
+    let got = engine.read(ino, off + 100, 4096).await.expect("read");
+    assert_eq!(got, &data[(off + 100) as usize..(off + 100 + 4096) as usize]);
+    let fetched = engine.counters.bytes_fetched.load(Relaxed);
+    let sent = nginx.blob_bytes_sent();
+    println!("fetched {fetched} bytes, nginx sent {sent} bytes for one 4 KiB read of a 100 MiB file");
+    assert!(fetched <= readahead, "engine fetched {fetched}");
+    assert!(sent <= readahead, "server sent {sent}");
+    assert!(sent >= 8192, "the read spans two blocks");
+    assert_eq!(engine.counters.remote_requests.load(Relaxed), 1);
+}
+
+async fn fault_setup(t: &Path, cfg: EngineConfig) -> (FaultServer, Arc<Engine>, u32, Vec<u8>) {
+    let src = t.join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = compressible(7, 2 << 20);
+    fs::write(src.join("f"), &data).expect("write");
+    let store = t.join("store");
+    let id = pack_dir(&src, &store);
+    let server = FaultServer::start(&store).await;
+    let engine = open(&server.url(), id, &t.join("cache"), cfg).await;
+    let ino = engine.image().resolve(b"f").expect("f");
+    (server, engine, ino, data)
+}
+
+fn fast_cfg() -> EngineConfig {
+    EngineConfig { read_timeout: Duration::from_secs(5), attempt_timeout: Duration::from_millis(400), readahead: 64 << 10, ..EngineConfig::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_faults_are_retried_and_the_read_succeeds() {
+    let t = tempfile::tempdir().expect("tmp");
+    let (server, engine, ino, data) = fault_setup(t.path(), fast_cfg()).await;
+    let c = &engine.counters;
+    let cases = [
+        vec![Fault::Status(500), Fault::Status(503)],
+        vec![Fault::Reset],
+        vec![Fault::Stall(Duration::from_secs(2))],
+        vec![Fault::Status(500), Fault::Reset, Fault::Stall(Duration::from_secs(1))],
+    ];
+    for (i, faults) in cases.iter().enumerate() {
+        for f in faults {
+            server.push(*f);
+        }
+        let retries = c.retries.load(Relaxed);
+        let off = i as u64 * (256 << 10);
+        let got = engine.read(ino, off, 8192).await.unwrap_or_else(|e| panic!("case {i} {faults:?}: {e}"));
+        assert_eq!(got, &data[off as usize..off as usize + 8192], "case {i}");
+        assert_eq!(c.retries.load(Relaxed) - retries, faults.len() as u64, "case {i}");
+    }
+    assert_eq!(c.verify_failures.load(Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_data_is_never_served() {
+    let t = tempfile::tempdir().expect("tmp");
+    let (server, engine, ino, data) = fault_setup(t.path(), fast_cfg()).await;
+    let c = &engine.counters;
+    // Once corrupt: detected, fetched again, right bytes.
+    server.push(Fault::Corrupt);
+    let got = engine.read(ino, 0, 4096).await.expect("read after one corrupt answer");
+    assert_eq!(got, &data[..4096]);
+    assert!(c.verify_failures.load(Relaxed) >= 1);
+    // Always corrupt: the read fails with EBADMSG and nothing is stored.
+    server.set_always(Some(Fault::Corrupt));
+    let off = 1 << 20;
+    let err = match engine.read(ino, off, 4096).await {
+        Ok(_) => panic!("corrupt data must not be served"),
+        Err(e) => e,
+    };
+    assert_eq!(err.errno(), libc::EBADMSG, "{err}");
+    let (filled, _) = engine.fill_state(ino).expect("fill");
+    let f = engine.image().file(ino).expect("file");
+    assert!(engine.cache().lookup(&f.blocks[(off / 4096) as usize].hash).is_none());
+    let (ok, bad) = incfs::inspect::verify_cache(engine.cache()).expect("verify");
+    assert_eq!(bad, 0);
+    assert_eq!(ok, filled);
+    // Healthy again: the same read works.
+    server.set_always(None);
+    assert_eq!(engine.read(ino, off, 4096).await.expect("read"), &data[off as usize..off as usize + 4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_remote_fails_reads_with_etime_then_recovers() {
+    let t = tempfile::tempdir().expect("tmp");
+    let timeout = Duration::from_millis(1500);
+    let cfg = EngineConfig { read_timeout: timeout, ..fast_cfg() };
+    let (mut server, engine, ino, data) = fault_setup(t.path(), cfg).await;
+    server.down();
+    let start = Instant::now();
+    let err = engine.read(ino, 0, 4096).await.err().expect("remote is down");
+    let took = start.elapsed();
+    assert_eq!(err.errno(), libc::ETIME, "{err}");
+    assert!(took >= timeout && took < timeout + Duration::from_secs(2), "failed after {took:?}");
+    assert_eq!(engine.counters.timeouts.load(Relaxed), 1);
+    // A stalled remote is the same to the reader.
+    server.up().await;
+    server.set_always(Some(Fault::Stall(Duration::from_secs(30))));
+    let err = engine.read(ino, 8192, 4096).await.err().expect("remote stalls");
+    assert_eq!(err.errno(), libc::ETIME);
+    server.set_always(None);
+    assert_eq!(engine.read(ino, 0, 4096).await.expect("back"), &data[..4096]);
+    assert_eq!(engine.read(ino, 8192, 4096).await.expect("back"), &data[8192..12288]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_read_timeout_fails_at_once() {
+    let t = tempfile::tempdir().expect("tmp");
+    let cfg = EngineConfig { read_timeout: Duration::ZERO, ..fast_cfg() };
+    let (_server, engine, ino, _) = fault_setup(t.path(), cfg).await;
+    let err = engine.read(ino, 0, 4096).await.err().expect("nothing cached");
+    assert_eq!(err.errno(), libc::ETIME);
+}
+
+fn cat(url: &str, id: ImageId, cache: &Path, path: &str) -> std::process::Child {
+    Command::new(INCFSD)
+        .args(["cat", "--store", url, "--image", &id.to_string(), "--cache"])
+        .arg(cache)
+        .arg(path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("incfsd cat")
+}
+
+#[test]
+fn two_processes_share_one_cache_without_downloading_a_block_twice() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(5, 24 << 20);
+    fs::write(src.join("f"), &data).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    // Slow enough that both readers are fetching at the same time.
+    let nginx = Nginx::start(&store, 24 << 20);
+    let cache = t.path().join("cache");
+    let a = cat(&nginx.url, id, &cache, "f");
+    let b = cat(&nginx.url, id, &cache, "f");
+    for p in [a, b] {
+        let out = p.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout == data, "output differs");
+    }
+    // No byte range of any blob was sent twice.
+    let mut ranges = nginx.blob_ranges();
+    ranges.sort();
+    for w in ranges.windows(2) {
+        assert!(w[0].0 != w[1].0 || w[0].2 < w[1].1, "overlapping fetches {:?} {:?}", w[0], w[1]);
+    }
+    let sent = nginx.blob_bytes_sent();
+    assert!(sent <= data.len() as u64, "sent {sent} for {} bytes of data", data.len());
+    let out = Command::new(INCFSD).args(["cache", "verify"]).arg(&cache).output().expect("verify");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn kill_9_during_fills_leaves_only_verified_blocks() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(6, 32 << 20);
+    fs::write(src.join("f"), &data).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 16 << 20);
+    let cache = t.path().join("cache");
+    for delay_ms in [150u64, 400, 700, 1000] {
+        let mut p = cat(&nginx.url, id, &cache, "f");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        p.kill().expect("kill -9");
+        let _ = p.wait();
+        let out = Command::new(INCFSD).args(["cache", "verify"]).arg(&cache).output().expect("verify");
+        assert!(out.status.success(), "after kill at {delay_ms} ms: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let out = cat(&nginx.url, id, &cache, "f").wait_with_output().expect("cat");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == data);
+    let out = Command::new(INCFSD).args(["cache", "verify"]).arg(&cache).output().expect("verify");
+    assert!(out.status.success());
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -1,0 +1,265 @@
+//! Real servers for the integration tests: nginx serving a store (with an access log to count
+//! the bytes it sent), and an HTTP server that injects faults in front of a store.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+pub const INCFSD: &str = env!("CARGO_BIN_EXE_incfsd");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// nginx serving `root` on a loopback port, logging every request.
+pub struct Nginx {
+    child: Child,
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// `rate`: per-connection limit in bytes/s (nginx `limit_rate`), 0 for none.
+    pub fn start(root: &Path, rate: u64) -> Nginx {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists()).expect(
+            "nginx is not installed: run .ci/run or `apt-get install nginx-light`",
+        );
+        let dir = tempfile::tempdir().expect("tmp");
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off; master_process off; worker_processes 1; error_log {d}/error.log warn; pid {d}/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+  log_format counted '$status $body_bytes_sent \"$http_range\" $uri';
+  access_log {d}/access.log counted;
+  client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;
+  default_type application/octet-stream;
+  keepalive_requests 100000;
+  server {{ listen 127.0.0.1:{port}; root {root}; limit_rate {rate}; location / {{ }} }}
+}}",
+            root = root.display()
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let n = Nginx { child, url: format!("http://127.0.0.1:{port}"), dir };
+        wait_for_port(port);
+        n
+    }
+
+    /// (status, bytes sent, range, uri) per logged request.
+    pub fn log(&self) -> Vec<(u16, u64, String, String)> {
+        let text = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut it = l.splitn(3, ' ');
+                let status = it.next()?.parse().ok()?;
+                let bytes = it.next()?.parse().ok()?;
+                let rest = it.next()?;
+                let (range, uri) = rest.rsplit_once(' ')?;
+                Some((status, bytes, range.trim_matches('"').to_string(), uri.to_string()))
+            })
+            .collect()
+    }
+
+    /// Body bytes sent for blobs (file data), all requests together.
+    pub fn blob_bytes_sent(&self) -> u64 {
+        self.log().iter().filter(|r| r.3.starts_with("/blobs/")).map(|r| r.1).sum()
+    }
+
+    /// The byte ranges served per blob, for overlap checks.
+    pub fn blob_ranges(&self) -> Vec<(String, u64, u64)> {
+        self.log()
+            .iter()
+            .filter(|r| r.3.starts_with("/blobs/") && r.0 == 206)
+            .filter_map(|r| {
+                let (a, b) = r.2.strip_prefix("bytes=")?.split_once('-')?;
+                Some((r.3.clone(), a.parse().ok()?, b.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_port(port: u16) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "server on port {port} did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the fault server does with the next request for a blob.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    Status(u16),
+    /// Sends part of the body, then breaks the connection.
+    Reset,
+    /// Waits this long before answering.
+    Stall(Duration),
+    /// Flips a byte in every 64 of the body: every stored block is hit.
+    Corrupt,
+}
+
+#[derive(Default)]
+pub struct FaultState {
+    pub queue: Mutex<VecDeque<Fault>>,
+    /// Applied to every blob request while set (after the queue is empty).
+    pub always: Mutex<Option<Fault>>,
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// An HTTP server for a store that can be told to misbehave, stopped and started again.
+pub struct FaultServer {
+    pub state: Arc<FaultState>,
+    pub addr: SocketAddr,
+    store: PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl FaultServer {
+    pub async fn start(store: &Path) -> FaultServer {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut s = FaultServer { state: Arc::new(FaultState::default()), addr, store: store.to_path_buf(), task: None };
+        s.up().await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops listening: connections are refused.
+    pub fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    pub async fn up(&mut self) {
+        let state = self.state.clone();
+        let app = incfs::serve::router(&self.store).layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+            let state = state.clone();
+            async move { inject(state, req, next).await }
+        }));
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("rebind {}: {e}", self.addr),
+            }
+        };
+        self.task = Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }));
+    }
+
+    pub fn push(&self, f: Fault) {
+        self.state.queue.lock().expect("lock").push_back(f);
+    }
+
+    pub fn set_always(&self, f: Option<Fault>) {
+        *self.state.always.lock().expect("lock") = f;
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+async fn inject(state: Arc<FaultState>, req: Request, next: Next) -> Response {
+    let is_blob = req.uri().path().starts_with("/blobs/");
+    let fault = if is_blob {
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        let q = state.queue.lock().expect("lock").pop_front();
+        q.or(*state.always.lock().expect("lock"))
+    } else {
+        None
+    };
+    match fault {
+        Some(Fault::Status(s)) => return StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
+        Some(Fault::Stall(d)) => tokio::time::sleep(d).await,
+        _ => {}
+    }
+    let resp = next.run(req).await;
+    let (parts, body) = resp.into_parts();
+    let Ok(mut bytes) = axum::body::to_bytes(body, 1 << 30).await.map(|b| b.to_vec()) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    if is_blob {
+        state.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    }
+    match fault {
+        Some(Fault::Corrupt) => {
+            for b in bytes.iter_mut().step_by(64) {
+                *b ^= 0x5a;
+            }
+            Response::from_parts(parts, Body::from(bytes))
+        }
+        Some(Fault::Reset) => {
+            let half = bytes[..bytes.len() / 2].to_vec();
+            let stream = futures::stream::iter(vec![Ok(bytes::Bytes::from(half)), Err(std::io::Error::other("injected reset"))]);
+            Response::from_parts(parts, Body::from_stream(stream))
+        }
+        _ => Response::from_parts(parts, Body::from(bytes)),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Text-like bytes that compress well.
+pub fn compressible(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut i = seed;
+    while out.len() < len {
+        out.extend_from_slice(format!("line {i} of a compressible file\n").as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
