@@ -5,10 +5,13 @@
 //! remote). The image format lives in [`image`]; stores and remotes in [`store`].
 
 pub mod cache;
+pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod fs;
 pub mod image;
 pub mod inspect;
+pub mod metrics;
 pub mod pack;
 pub mod serve;
 pub mod store;

@@ -14,7 +14,7 @@ use incfs::cache::BlockCache;
 use incfs::engine::{Engine, EngineConfig};
 use incfs::image::ImageId;
 use incfs::store::{Remote, Store};
-use incfs::{inspect, pack, serve, Error, Result};
+use incfs::{daemon, inspect, pack, serve, Error, Result};
 
 #[derive(Parser)]
 #[command(name = "incfsd", version, about = "Serve incremental images to VM guests, fetching blocks lazily")]
@@ -55,6 +55,30 @@ enum Cmd {
         #[arg(long)]
         stats: bool,
         path: String,
+    },
+    /// Serve an image to a VM as a vhost-user virtio-fs device.
+    Run {
+        /// vhost-user socket to listen on (QEMU connects to it).
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(flatten)]
+        src: ImageArgs,
+        #[arg(long)]
+        cache: PathBuf,
+        /// Mount tag, for the record (QEMU takes the tag from its own command line).
+        #[arg(long, default_value = "incfs")]
+        tag: String,
+        #[command(flatten)]
+        fetch: FetchArgs,
+        /// Threads serving the queues (and fetching).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Request queues offered (QEMU's num-request-queues may be up to this).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=63))]
+        queues: u32,
+        /// Serve counters in Prometheus format on this address (GET /metrics).
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
     },
     /// Print an image's tree with sizes (and how much of each file is cached).
     Inspect {
@@ -175,6 +199,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 }
                 Ok::<_, Error>(())
+            })?;
+        }
+        Cmd::Run { socket, src, cache, tag, fetch, threads, queues, metrics } => {
+            tracing::info!(%tag, "starting");
+            daemon::run(daemon::RunConfig {
+                socket,
+                store: src.store,
+                image: src.image,
+                cache,
+                engine: fetch.config(),
+                queues: queues as usize,
+                threads,
+                metrics,
             })?;
         }
         Cmd::Inspect { src, cache } => {
