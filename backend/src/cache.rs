@@ -1,30 +1,36 @@
 //! The on-disk block cache, shared by every daemon on a host.
 //!
 //! Blocks are keyed by their leaf hash (SHA-256 of the 4096-byte plaintext), so identical
-//! blocks of different files and different images are stored once. Layout of the directory:
+//! blocks of different files and different images are stored once. The directory:
 //!
 //! ```text
-//! header     magic, version, next_slot (u64 @16): slots handed out so far
-//! blocks     slot i = plaintext at i*4096
+//! header     magic, version and the shared counters below (u64s, see H_*)
+//! blocks     slot i = plaintext at i*4096 (freed slots are hole-punched)
 //! slots      slot i = 48-byte record at i*48: hash[32], state u32, atime u32, flags u32, 0 u32
-//! lock       open-file-description locks only (no data): byte 0 guards slot allocation,
-//!            byte 1 is held shared by writers and exclusively by gc, bytes from 4096 on
-//!            are per-hash-bucket fetch locks (cross-process single flight)
+//! log        40-byte insert records (hash[32], slot u64), appended in allocation order;
+//!            processes tail it to learn what others stored
+//! free       a stack of u64 slot numbers freed by eviction, reused by inserts
+//! lock       open-file-description locks only: byte 0 guards allocation and the header,
+//!            byte 1 is held shared by writers and exclusively by gc, byte 2 by the one
+//!            evicting process, bytes from 4096 are per-hash-bucket fetch locks
 //! manifests/ verified image manifests, so a restart needs no remote
 //! ```
 //!
-//! Safety argument: a slot's record is written only after its data, and only for data that
-//! was verified against its hash. A process killed mid-write leaves a slot whose record is
-//! still empty: never served. Readers check the record *after* copying the data (eviction
-//! clears the record before it frees the data), so a block evicted under a reader is seen as
-//! a miss, never as wrong bytes. OFD locks vanish with the process that held them, so a
-//! killed daemon never wedges the others.
+//! Why it is safe:
+//! - A slot's record is written only after its data, and only for verified data; the log
+//!   record after both. A process killed mid-insert leaves a slot whose record is empty:
+//!   never served (and reclaimed by `gc`).
+//! - Readers check a slot's record *after* copying its data, and eviction marks the record
+//!   before it frees the data, so a block evicted (or its slot reused) under a reader is seen
+//!   as a miss, never as wrong bytes. Evicted slots are reused only after their data is freed.
+//! - OFD locks vanish with the process that held them: a killed daemon never wedges others.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,76 +38,157 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::{Hash, ImageId, BLOCK_SIZE};
 
 const MAGIC: &[u8; 8] = b"INCFSCAC";
-const VERSION: u32 = 1;
-const NEXT_SLOT_OFF: u64 = 16;
+const VERSION: u32 = 2;
+// Header fields (u64 at these offsets).
+const H_NEXT_SLOT: u64 = 16;
+const H_LOG_END: u64 = 24;
+const H_LIVE: u64 = 32;
+const H_NFREE: u64 = 40;
+const H_HITS: u64 = 48;
+const H_MISSES: u64 = 56;
+const H_EPOCH: u64 = 64;
+const H_FETCHED: u64 = 72;
+const HEADER_LEN: usize = 80;
+
 const META: usize = 48;
-const STATE_EMPTY: u32 = 0;
+const LOG_REC: usize = 40;
+/// State 0 is an empty record: allocated, not (yet) written.
 const STATE_VALID: u32 = 1;
 const STATE_EVICTED: u32 = 2;
+const FLAG_PINNED: u32 = 1;
+
 const LOCK_ALLOC: i64 = 0;
 const LOCK_WRITERS: i64 = 1;
+const LOCK_EVICT: i64 = 2;
 const LOCK_BUCKETS_BASE: i64 = 4096;
 const LOCK_BUCKETS: u32 = 1 << 20;
-/// Slots scanned per read when catching up with other processes' inserts.
-const SCAN_CHUNK: u64 = 4096;
+
+/// Access times are written back at most this often per block (seconds).
+const TOUCH_EVERY: u32 = 2;
+/// Eviction frees down to this share of the limit, so it runs in batches.
+const LOW_WATER_PERCENT: u64 = 90;
+
+#[derive(Clone, Debug, Default)]
+pub struct CacheOptions {
+    /// Keep the cache at most this many bytes of blocks (None: unbounded).
+    pub limit_bytes: Option<u64>,
+}
 
 pub struct BlockCache {
     dir: PathBuf,
     header: File,
     blocks: File,
     slots: File,
+    log: File,
+    free: File,
     lock: File,
+    limit_slots: Option<u64>,
     index: RwLock<Index>,
     /// OFD locks are per open file, not per thread: these keep this process's own threads
     /// apart where the kernel lock cannot.
     alloc: Mutex<()>,
+    evicting: Mutex<()>,
     buckets_held: Mutex<HashMap<u32, u32>>,
+}
+
+struct Entry {
+    slot: u64,
+    /// When this process last wrote the slot's access time.
+    touched: AtomicU32,
 }
 
 #[derive(Default)]
 struct Index {
-    map: HashMap<Hash, u64>,
-    /// Every slot below this has been looked at once.
-    scanned: u64,
-    /// Slots that were empty when scanned: being written by someone, or orphaned by a crash.
-    holes: Vec<u64>,
+    map: HashMap<Hash, Entry>,
+    epoch: u64,
+    /// Bytes of the log read so far.
+    log_pos: u64,
+    /// Log records that were still being written when read (all zero): read again later.
+    pending: Vec<u64>,
 }
 
-/// What the cache holds, for `cache status` and metrics.
+/// What the cache holds, for `cache status`.
 #[derive(Debug, Default, Clone)]
 pub struct CacheUsage {
     pub slots: u64,
     pub valid: u64,
+    pub pinned: u64,
     pub evicted: u64,
     pub empty: u64,
+    pub free_listed: u64,
     pub disk_bytes: u64,
     pub manifests: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub fetched: u64,
+}
+
+/// What `gc` did.
+#[derive(Debug, Default, Clone)]
+pub struct GcReport {
+    pub orphans_reclaimed: u64,
+    pub evicted: u64,
+    pub log_records_before: u64,
+    pub log_records_after: u64,
 }
 
 fn now_secs() -> u32 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
 }
 
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Header values read or written together under the allocation lock.
+#[derive(Default)]
+struct Header {
+    next_slot: u64,
+    log_end: u64,
+    live: u64,
+    nfree: u64,
+    hits: u64,
+    misses: u64,
+    epoch: u64,
+    fetched: u64,
+}
+
 impl BlockCache {
-    /// Opens (creating if needed) a cache directory. Safe to call from many processes at once.
+    /// Opens (creating if needed) a cache directory. Safe from many processes at once.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, CacheOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, opts: CacheOptions) -> Result<Self> {
         fs::create_dir_all(dir.join("manifests")).ctx(|| format!("create cache {}", dir.display()))?;
         let open = |name: &str| {
             let p = dir.join(name);
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).ctx(|| format!("open {}", p.display()))
         };
-        let header = open("header")?;
         let cache = BlockCache {
             dir: dir.to_path_buf(),
+            header: open("header")?,
             blocks: open("blocks")?,
             slots: open("slots")?,
+            log: open("log")?,
+            free: open("free")?,
             lock: open("lock")?,
-            header,
+            limit_slots: opts.limit_bytes.map(|b| (b / BLOCK_SIZE as u64).max(1)),
             index: RwLock::new(Index::default()),
             alloc: Mutex::new(()),
+            evicting: Mutex::new(()),
             buckets_held: Mutex::new(HashMap::new()),
         };
-        cache.init_header()?;
+        cache.with_header(|h, fresh| {
+            let _ = h;
+            Ok(fresh)
+        })?;
         cache.refresh()?;
         Ok(cache)
     }
@@ -110,89 +197,104 @@ impl BlockCache {
         &self.dir
     }
 
-    fn init_header(&self) -> Result<()> {
+    /// Runs `f` on the header under the allocation lock, writing it back afterwards.
+    /// `f` also learns whether the header was just created.
+    fn with_header<T>(&self, f: impl FnOnce(&mut Header, bool) -> std::io::Result<T>) -> Result<T> {
         let _g = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
         ofd_lock(&self.lock, LOCK_ALLOC, true, true).ctx(|| "lock cache header".into())?;
         let res = (|| {
-            let mut h = [0u8; 24];
-            let n = read_full_at(&self.header, &mut h, 0)?;
-            if n == 0 {
-                let mut init = [0u8; 24];
-                init[..8].copy_from_slice(MAGIC);
-                init[8..12].copy_from_slice(&VERSION.to_le_bytes());
-                self.header.write_all_at(&init, 0)?;
-                return Ok(());
-            }
-            if n < 24 || &h[..8] != MAGIC || u32::from_le_bytes([h[8], h[9], h[10], h[11]]) != VERSION {
+            let mut b = [0u8; HEADER_LEN];
+            let n = read_full_at(&self.header, &mut b, 0)?;
+            let fresh = n == 0;
+            if !fresh && (n < HEADER_LEN || &b[..8] != MAGIC || le32(&b[8..12]) != VERSION) {
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not an incfs cache of this version"));
             }
-            Ok(())
+            let mut h = Header {
+                next_slot: le64(&b[H_NEXT_SLOT as usize..]),
+                log_end: le64(&b[H_LOG_END as usize..]),
+                live: le64(&b[H_LIVE as usize..]),
+                nfree: le64(&b[H_NFREE as usize..]),
+                hits: le64(&b[H_HITS as usize..]),
+                misses: le64(&b[H_MISSES as usize..]),
+                epoch: le64(&b[H_EPOCH as usize..]),
+                fetched: le64(&b[H_FETCHED as usize..]),
+            };
+            let out = f(&mut h, fresh)?;
+            let mut w = [0u8; HEADER_LEN];
+            w[..8].copy_from_slice(MAGIC);
+            w[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            for (off, v) in [
+                (H_NEXT_SLOT, h.next_slot),
+                (H_LOG_END, h.log_end),
+                (H_LIVE, h.live),
+                (H_NFREE, h.nfree),
+                (H_HITS, h.hits),
+                (H_MISSES, h.misses),
+                (H_EPOCH, h.epoch),
+                (H_FETCHED, h.fetched),
+            ] {
+                w[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            self.header.write_all_at(&w, 0)?;
+            Ok(out)
         })();
         let _ = ofd_unlock(&self.lock, LOCK_ALLOC);
         res.ctx(|| format!("cache header in {}", self.dir.display()))
     }
 
-    fn next_slot(&self) -> std::io::Result<u64> {
+    fn read_header_field(&self, off: u64) -> Result<u64> {
         let mut b = [0u8; 8];
-        self.header.read_exact_at(&mut b, NEXT_SLOT_OFF)?;
-        Ok(u64::from_le_bytes(b))
+        match read_full_at(&self.header, &mut b, off).ctx(|| "read cache header".into())? {
+            8 => Ok(u64::from_le_bytes(b)),
+            _ => Ok(0),
+        }
     }
 
-    /// Learns about blocks other processes have added since the last look.
+    /// Learns about blocks other processes have stored since the last look.
     pub fn refresh(&self) -> Result<()> {
-        let end = self.next_slot().ctx(|| "read cache header".into())?;
+        let epoch = self.read_header_field(H_EPOCH)?;
+        let end = self.read_header_field(H_LOG_END)?;
         let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
-        // Re-check slots that were being written last time.
-        if !idx.holes.is_empty() {
-            let holes = std::mem::take(&mut idx.holes);
-            for s in holes {
-                match self.read_meta(s) {
-                    Ok(Some((STATE_VALID, h))) => {
-                        idx.map.insert(h, s);
-                    }
-                    Ok(Some((STATE_EMPTY, _))) => idx.holes.push(s),
-                    _ => {}
+        if epoch != idx.epoch {
+            // gc rewrote the log: start over.
+            *idx = Index { epoch, ..Index::default() };
+        }
+        if !idx.pending.is_empty() {
+            let pending = std::mem::take(&mut idx.pending);
+            for pos in pending {
+                let mut rec = [0u8; LOG_REC];
+                if read_full_at(&self.log, &mut rec, pos).ctx(|| "read cache log".into())? == LOG_REC && rec != [0u8; LOG_REC] {
+                    add_log_record(&mut idx.map, &rec);
+                } else {
+                    idx.pending.push(pos);
                 }
             }
         }
-        let mut buf = vec![0u8; SCAN_CHUNK as usize * META];
-        while idx.scanned < end {
-            let start = idx.scanned;
-            let n = (end - start).min(SCAN_CHUNK);
-            let bytes = &mut buf[..n as usize * META];
-            let got = read_full_at(&self.slots, bytes, start * META as u64).ctx(|| "read cache slots".into())?;
-            for i in 0..n {
-                let off = i as usize * META;
-                let rec = &bytes[off..off + META];
-                let state = if off + META <= got { u32::from_le_bytes([rec[32], rec[33], rec[34], rec[35]]) } else { STATE_EMPTY };
-                match state {
-                    STATE_VALID => {
-                        let mut h = [0u8; 32];
-                        h.copy_from_slice(&rec[..32]);
-                        idx.map.insert(h, start + i);
-                    }
-                    STATE_EMPTY => idx.holes.push(start + i),
-                    _ => {}
+        let mut buf = vec![0u8; 4096 * LOG_REC];
+        while idx.log_pos < end {
+            let start = idx.log_pos;
+            let want = ((end - start) as usize).min(buf.len());
+            let got = read_full_at(&self.log, &mut buf[..want], start).ctx(|| "read cache log".into())?;
+            let got = got - got % LOG_REC;
+            for (i, rec) in buf[..want].chunks_exact(LOG_REC).enumerate() {
+                let pos = start + (i * LOG_REC) as u64;
+                if i * LOG_REC >= got || rec.iter().all(|&b| b == 0) {
+                    idx.pending.push(pos);
+                } else {
+                    add_log_record(&mut idx.map, rec);
                 }
             }
-            idx.scanned = start + n;
+            idx.log_pos = start + (want - want % LOG_REC) as u64;
+            if want < LOG_REC {
+                break;
+            }
         }
         Ok(())
     }
 
-    fn read_meta(&self, slot: u64) -> std::io::Result<Option<(u32, Hash)>> {
-        let mut rec = [0u8; META];
-        if read_full_at(&self.slots, &mut rec, slot * META as u64)? < META {
-            return Ok(None);
-        }
-        let mut h = [0u8; 32];
-        h.copy_from_slice(&rec[..32]);
-        Ok(Some((u32::from_le_bytes([rec[32], rec[33], rec[34], rec[35]]), h)))
-    }
-
     /// The slot holding `hash`, as far as this process knows.
     pub fn lookup(&self, hash: &Hash) -> Option<u64> {
-        self.index.read().unwrap_or_else(|e| e.into_inner()).map.get(hash).copied()
+        self.index.read().unwrap_or_else(|e| e.into_inner()).map.get(hash).map(|e| e.slot)
     }
 
     /// Like lookup, but first catches up with other processes when the hash is unknown.
@@ -217,7 +319,7 @@ impl BlockCache {
         if ok {
             for (i, h) in hashes.iter().enumerate() {
                 let rec = &meta[i * META..(i + 1) * META];
-                if &rec[..32] != h || u32::from_le_bytes([rec[32], rec[33], rec[34], rec[35]]) != STATE_VALID {
+                if &rec[..32] != h || le32(&rec[32..36]) != STATE_VALID {
                     ok = false;
                     break;
                 }
@@ -226,63 +328,278 @@ impl BlockCache {
         if !ok {
             let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
             for (i, h) in hashes.iter().enumerate() {
-                if idx.map.get(h) == Some(&(first + i as u64)) {
+                if idx.map.get(h).map(|e| e.slot) == Some(first + i as u64) {
                     idx.map.remove(h);
                 }
             }
+            return Ok(false);
         }
-        Ok(ok)
+        self.touch(hashes, &meta);
+        Ok(true)
     }
 
-    /// Stores verified blocks (each exactly 4096 bytes, already checked against its hash) in
-    /// consecutive slots; returns the first slot. Callers must only pass verified data.
-    pub fn insert_verified(&self, blocks: &[(Hash, &[u8])]) -> Result<u64> {
+    /// Writes back access times for LRU, at most every TOUCH_EVERY seconds per block.
+    fn touch(&self, hashes: &[Hash], meta: &[u8]) {
+        let now = now_secs();
+        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
+        for (i, h) in hashes.iter().enumerate() {
+            let Some(e) = idx.map.get(h) else { continue };
+            let on_disk = le32(&meta[i * META + 36..i * META + 40]);
+            let seen = e.touched.load(Relaxed).max(on_disk);
+            if now.saturating_sub(seen) >= TOUCH_EVERY {
+                e.touched.store(now, Relaxed);
+                let _ = self.slots.write_all_at(&now.to_le_bytes(), e.slot * META as u64 + 36);
+            }
+        }
+    }
+
+    /// Stores verified blocks (each exactly 4096 bytes, already checked against its hash).
+    /// Callers must only pass verified data. Evicts afterwards if over the limit.
+    pub fn insert_verified(&self, blocks: &[(Hash, &[u8])]) -> Result<()> {
         if blocks.is_empty() {
+            return Ok(());
+        }
+        if blocks.iter().any(|(_, b)| b.len() != BLOCK_SIZE) {
+            return Err(Error::Invalid("cache blocks are 4096 bytes".into()));
+        }
+        ofd_lock(&self.lock, LOCK_WRITERS, false, true).ctx(|| "lock cache for writing".into())?;
+        let res = self.insert_locked(blocks);
+        let _ = ofd_unlock(&self.lock, LOCK_WRITERS);
+        res?;
+        self.evict_if_needed()?;
+        Ok(())
+    }
+
+    fn insert_locked(&self, blocks: &[(Hash, &[u8])]) -> Result<()> {
+        let n = blocks.len() as u64;
+        // Reuse freed slots first, then grow.
+        let (slots, log_pos) = self.with_header(|h, _| {
+            let k = h.nfree.min(n);
+            let mut slots = Vec::with_capacity(n as usize);
+            if k > 0 {
+                let mut b = vec![0u8; k as usize * 8];
+                self.free.read_exact_at(&mut b, (h.nfree - k) * 8)?;
+                slots.extend(b.chunks_exact(8).map(le64));
+                h.nfree -= k;
+            }
+            slots.extend(h.next_slot..h.next_slot + (n - k));
+            h.next_slot += n - k;
+            let log_pos = h.log_end;
+            h.log_end += n * LOG_REC as u64;
+            h.live += n;
+            h.fetched += n;
+            Ok((slots, log_pos))
+        })?;
+        let t = now_secs();
+        // Data first (one write per run of consecutive slots), then records, then the log.
+        let mut i = 0;
+        while i < slots.len() {
+            let mut j = i + 1;
+            while j < slots.len() && slots[j] == slots[j - 1] + 1 {
+                j += 1;
+            }
+            let data: Vec<u8> = blocks[i..j].iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            self.blocks.write_all_at(&data, slots[i] * BLOCK_SIZE as u64).ctx(|| "write cache blocks".into())?;
+            i = j;
+        }
+        for (s, (h, _)) in slots.iter().zip(blocks) {
+            let mut rec = [0u8; META];
+            rec[..32].copy_from_slice(h);
+            rec[32..36].copy_from_slice(&STATE_VALID.to_le_bytes());
+            rec[36..40].copy_from_slice(&t.to_le_bytes());
+            self.slots.write_all_at(&rec, s * META as u64).ctx(|| "write cache slots".into())?;
+        }
+        let mut log = Vec::with_capacity(blocks.len() * LOG_REC);
+        for (s, (h, _)) in slots.iter().zip(blocks) {
+            log.extend_from_slice(h);
+            log.extend_from_slice(&s.to_le_bytes());
+        }
+        self.log.write_all_at(&log, log_pos).ctx(|| "write cache log".into())?;
+        let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+        for (s, (h, _)) in slots.iter().zip(blocks) {
+            idx.map.insert(*h, Entry { slot: *s, touched: AtomicU32::new(t) });
+        }
+        Ok(())
+    }
+
+    /// Evicts least recently used blocks while the cache is over its limit (one process at
+    /// a time; the others go on).
+    pub fn evict_if_needed(&self) -> Result<u64> {
+        let Some(limit) = self.limit_slots else { return Ok(0) };
+        if self.read_header_field(H_LIVE)? <= limit {
             return Ok(0);
         }
-        let n = blocks.len() as u64;
-        ofd_lock(&self.lock, LOCK_WRITERS, false, true).ctx(|| "lock cache for writing".into())?;
-        let res = self.insert_locked(blocks, n);
-        let _ = ofd_unlock(&self.lock, LOCK_WRITERS);
+        let Ok(_g) = self.evicting.try_lock() else { return Ok(0) };
+        match ofd_lock(&self.lock, LOCK_EVICT, true, false) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => return Ok(0),
+            Err(e) => return Err(Error::io("lock cache for eviction", e)),
+        }
+        let res = self.evict_to(limit * LOW_WATER_PERCENT / 100);
+        let _ = ofd_unlock(&self.lock, LOCK_EVICT);
         res
     }
 
-    fn insert_locked(&self, blocks: &[(Hash, &[u8])], n: u64) -> Result<u64> {
-        let first = {
-            let _g = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
-            ofd_lock(&self.lock, LOCK_ALLOC, true, true).ctx(|| "lock cache allocator".into())?;
-            let r = self.next_slot().and_then(|s| {
-                self.header.write_all_at(&(s + n).to_le_bytes(), NEXT_SLOT_OFF)?;
-                Ok(s)
-            });
-            let _ = ofd_unlock(&self.lock, LOCK_ALLOC);
-            r.ctx(|| "allocate cache slots".into())?
-        };
-        let mut data = Vec::with_capacity(blocks.len() * BLOCK_SIZE);
-        let mut meta = Vec::with_capacity(blocks.len() * META);
-        let t = now_secs();
-        for (h, b) in blocks {
-            if b.len() != BLOCK_SIZE {
-                return Err(Error::Invalid("cache blocks are 4096 bytes".into()));
+    /// Evicts the least recently used unpinned blocks until at most `target` remain.
+    fn evict_to(&self, target: u64) -> Result<u64> {
+        let live = self.read_header_field(H_LIVE)?;
+        if live <= target {
+            return Ok(0);
+        }
+        let mut cand: Vec<(u32, u64)> = Vec::new();
+        self.scan_records(|slot, rec| {
+            if le32(&rec[32..36]) == STATE_VALID && le32(&rec[40..44]) & FLAG_PINNED == 0 {
+                cand.push((le32(&rec[36..40]), slot));
             }
-            data.extend_from_slice(b);
-            meta.extend_from_slice(h);
-            meta.extend_from_slice(&STATE_VALID.to_le_bytes());
-            meta.extend_from_slice(&t.to_le_bytes());
-            meta.extend_from_slice(&[0u8; 8]);
+        })?;
+        let need = ((live - target) as usize).min(cand.len());
+        if need == 0 {
+            return Ok(0);
         }
-        // Data first, then the records that make it visible.
-        self.blocks.write_all_at(&data, first * BLOCK_SIZE as u64).ctx(|| "write cache blocks".into())?;
-        self.slots.write_all_at(&meta, first * META as u64).ctx(|| "write cache slots".into())?;
+        // Oldest access first; ties by slot, so older inserts go first.
+        cand.select_nth_unstable(need - 1);
+        let mut victims: Vec<u64> = cand[..need].iter().map(|&(_, s)| s).collect();
+        victims.sort_unstable();
+        self.free_slots(&victims)?;
+        Ok(victims.len() as u64)
+    }
+
+    /// Marks slots evicted, frees their data, then hands them to the free list.
+    fn free_slots(&self, victims: &[u64]) -> Result<()> {
+        for &s in victims {
+            self.slots.write_all_at(&STATE_EVICTED.to_le_bytes(), s * META as u64 + 32).ctx(|| "write cache slots".into())?;
+        }
+        let mut i = 0;
+        while i < victims.len() {
+            let mut j = i + 1;
+            while j < victims.len() && victims[j] == victims[j - 1] + 1 {
+                j += 1;
+            }
+            punch_hole(&self.blocks, victims[i] * BLOCK_SIZE as u64, (j - i) as u64 * BLOCK_SIZE as u64);
+            i = j;
+        }
+        let list: Vec<u8> = victims.iter().flat_map(|s| s.to_le_bytes()).collect();
+        self.with_header(|h, _| {
+            self.free.write_all_at(&list, h.nfree * 8)?;
+            h.nfree += victims.len() as u64;
+            h.live = h.live.saturating_sub(victims.len() as u64);
+            Ok(())
+        })?;
         let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
-        for (i, (h, _)) in blocks.iter().enumerate() {
-            idx.map.insert(*h, first + i as u64);
+        idx.map.retain(|_, e| victims.binary_search(&e.slot).is_err());
+        Ok(())
+    }
+
+    fn scan_records(&self, mut f: impl FnMut(u64, &[u8])) -> Result<()> {
+        let end = self.read_header_field(H_NEXT_SLOT)?;
+        let chunk = 8192u64;
+        let mut buf = vec![0u8; chunk as usize * META];
+        let mut s = 0;
+        while s < end {
+            let n = (end - s).min(chunk);
+            let bytes = &mut buf[..n as usize * META];
+            let got = read_full_at(&self.slots, bytes, s * META as u64).ctx(|| "read cache slots".into())?;
+            bytes[got..].fill(0);
+            for i in 0..n as usize {
+                f(s + i as u64, &bytes[i * META..(i + 1) * META]);
+            }
+            s += n;
         }
-        Ok(first)
+        Ok(())
+    }
+
+    /// Keeps these blocks through eviction (a prefetch list). Returns how many were cached.
+    pub fn pin(&self, hashes: &[Hash], pinned: bool) -> Result<u64> {
+        let flag = if pinned { FLAG_PINNED } else { 0 };
+        let mut n = 0;
+        for h in hashes {
+            if let Some(s) = self.lookup_fresh(h)? {
+                self.slots.write_all_at(&flag.to_le_bytes(), s * META as u64 + 40).ctx(|| "write cache slots".into())?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Adds this process's hit and miss counts to the cache-wide totals.
+    pub fn add_stats(&self, hits: u64, misses: u64) -> Result<()> {
+        if hits == 0 && misses == 0 {
+            return Ok(());
+        }
+        self.with_header(|h, _| {
+            h.hits += hits;
+            h.misses += misses;
+            Ok(())
+        })
+    }
+
+    /// Offline maintenance, safe while daemons run: reclaims slots left by killed writers,
+    /// evicts down to `limit_bytes` if given, and rewrites the log without dead records.
+    pub fn gc(&self, limit_bytes: Option<u64>) -> Result<GcReport> {
+        let mut rep = GcReport::default();
+        // Exclusive: no insert is in flight, so an empty record below next_slot that is not
+        // on the free list belongs to a writer that died.
+        ofd_lock(&self.lock, LOCK_WRITERS, true, true).ctx(|| "lock cache for gc".into())?;
+        let _g = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        ofd_lock(&self.lock, LOCK_EVICT, true, true).ctx(|| "lock cache for gc".into())?;
+        let res = (|| {
+            let nfree = self.read_header_field(H_NFREE)?;
+            let mut b = vec![0u8; nfree as usize * 8];
+            self.free.read_exact_at(&mut b, 0).ctx(|| "read cache free list".into())?;
+            let mut listed: Vec<u64> = b.chunks_exact(8).map(le64).collect();
+            listed.sort_unstable();
+            let mut orphans = Vec::new();
+            let mut valid = Vec::new();
+            self.scan_records(|slot, rec| match le32(&rec[32..36]) {
+                STATE_VALID => {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(&rec[..32]);
+                    valid.push((h, slot));
+                }
+                STATE_EVICTED => {}
+                _ if listed.binary_search(&slot).is_err() => orphans.push(slot),
+                _ => {}
+            })?;
+            if !orphans.is_empty() {
+                // Orphans were never counted live; free_slots subtracts, so add them first.
+                self.with_header(|h, _| {
+                    h.live += orphans.len() as u64;
+                    Ok(())
+                })?;
+                self.free_slots(&orphans)?;
+            }
+            rep.orphans_reclaimed = orphans.len() as u64;
+            if let Some(l) = limit_bytes {
+                rep.evicted = self.evict_to(l / BLOCK_SIZE as u64)?;
+            }
+            // Rewrite the log from the records still valid, under a new epoch.
+            let mut live = Vec::new();
+            self.scan_records(|slot, rec| {
+                if le32(&rec[32..36]) == STATE_VALID {
+                    live.extend_from_slice(&rec[..32]);
+                    live.extend_from_slice(&slot.to_le_bytes());
+                }
+            })?;
+            rep.log_records_before = self.read_header_field(H_LOG_END)? / LOG_REC as u64;
+            rep.log_records_after = (live.len() / LOG_REC) as u64;
+            let tmp = self.dir.join(format!("log.gc.{}", std::process::id()));
+            fs::write(&tmp, &live).ctx(|| format!("write {}", tmp.display()))?;
+            self.with_header(|h, _| {
+                fs::rename(&tmp, self.dir.join("log"))?;
+                h.log_end = live.len() as u64;
+                h.epoch += 1;
+                Ok(())
+            })?;
+            let _ = valid;
+            Ok(())
+        })();
+        let _ = ofd_unlock(&self.lock, LOCK_EVICT);
+        let _ = ofd_unlock(&self.lock, LOCK_WRITERS);
+        res.map(|()| rep)
     }
 
     fn bucket(hash: &Hash) -> u32 {
-        u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]) % LOCK_BUCKETS
+        le32(&hash[..4]) % LOCK_BUCKETS
     }
 
     /// Tries to become the one process on this host fetching `hash`. Non-blocking.
@@ -334,25 +651,25 @@ impl BlockCache {
 
     /// Counts slots by state by reading every record (for status, not the hot path).
     pub fn usage(&self) -> Result<CacheUsage> {
-        let end = self.next_slot().ctx(|| "read cache header".into())?;
-        let mut u = CacheUsage { slots: end, ..Default::default() };
-        let mut buf = vec![0u8; SCAN_CHUNK as usize * META];
-        let mut s = 0;
-        while s < end {
-            let n = (end - s).min(SCAN_CHUNK);
-            let bytes = &mut buf[..n as usize * META];
-            let got = read_full_at(&self.slots, bytes, s * META as u64).ctx(|| "read cache slots".into())?;
-            for i in 0..n as usize {
-                let rec = &bytes[i * META..(i + 1) * META];
-                match if (i + 1) * META <= got { u32::from_le_bytes([rec[32], rec[33], rec[34], rec[35]]) } else { STATE_EMPTY } {
-                    STATE_VALID => u.valid += 1,
-                    STATE_EVICTED => u.evicted += 1,
-                    _ => u.empty += 1,
+        let mut u = CacheUsage {
+            slots: self.read_header_field(H_NEXT_SLOT)?,
+            free_listed: self.read_header_field(H_NFREE)?,
+            hits: self.read_header_field(H_HITS)?,
+            misses: self.read_header_field(H_MISSES)?,
+            fetched: self.read_header_field(H_FETCHED)?,
+            ..Default::default()
+        };
+        self.scan_records(|_, rec| match le32(&rec[32..36]) {
+            STATE_VALID => {
+                u.valid += 1;
+                if le32(&rec[40..44]) & FLAG_PINNED != 0 {
+                    u.pinned += 1;
                 }
             }
-            s += n;
-        }
-        for f in [&self.blocks, &self.slots] {
+            STATE_EVICTED => u.evicted += 1,
+            _ => u.empty += 1,
+        })?;
+        for f in [&self.blocks, &self.slots, &self.log, &self.free] {
             if let Ok(m) = f.metadata() {
                 use std::os::unix::fs::MetadataExt;
                 u.disk_bytes += m.blocks() * 512;
@@ -364,20 +681,31 @@ impl BlockCache {
 
     /// Every valid slot: (slot, hash). For verification tools and tests.
     pub fn valid_slots(&self) -> Result<Vec<(u64, Hash)>> {
-        let end = self.next_slot().ctx(|| "read cache header".into())?;
         let mut out = Vec::new();
-        for s in 0..end {
-            if let Some((STATE_VALID, h)) = self.read_meta(s).ctx(|| "read cache slots".into())? {
-                out.push((s, h));
+        self.scan_records(|slot, rec| {
+            if le32(&rec[32..36]) == STATE_VALID {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&rec[..32]);
+                out.push((slot, h));
             }
-        }
+        })?;
         Ok(out)
     }
 
     /// Reads one slot's data without validation (for `cache verify`).
     pub fn raw_block(&self, slot: u64, out: &mut [u8; BLOCK_SIZE]) -> Result<()> {
-        self.blocks.read_exact_at(out, slot * BLOCK_SIZE as u64).ctx(|| "read cache block".into())
+        let n = read_full_at(&self.blocks, out, slot * BLOCK_SIZE as u64).ctx(|| "read cache block".into())?;
+        out[n..].fill(0);
+        Ok(())
     }
+}
+
+fn add_log_record(map: &mut HashMap<Hash, Entry>, rec: &[u8]) {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&rec[..32]);
+    let slot = le64(&rec[32..40]);
+    // Optimistic: the slot's record is checked on every read.
+    map.insert(h, Entry { slot, touched: AtomicU32::new(0) });
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
@@ -393,9 +721,19 @@ fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     Ok(done)
 }
 
+/// Frees the disk space of a range (reads then return zeroes, which no record vouches for).
+fn punch_hole(f: &File, off: u64, len: u64) {
+    // SAFETY: fallocate on a valid fd with plain integer arguments.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off as i64, len as i64) };
+    if r != 0 {
+        tracing::debug!("punch hole: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// An open-file-description lock on one byte (released when this process's file is closed,
 /// including when the process dies).
 fn ofd_lock(f: &File, byte: i64, exclusive: bool, wait: bool) -> std::io::Result<()> {
+    // SAFETY: flock is plain old data; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = if exclusive { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
@@ -416,6 +754,7 @@ fn ofd_lock(f: &File, byte: i64, exclusive: bool, wait: bool) -> std::io::Result
 }
 
 fn ofd_unlock(f: &File, byte: i64) -> std::io::Result<()> {
+    // SAFETY: as above.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_UNLCK as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
@@ -435,52 +774,115 @@ mod tests {
     use super::*;
     use crate::image::merkle::leaf_hash;
 
-    fn block(v: u8) -> (Hash, Vec<u8>) {
-        let d = vec![v; BLOCK_SIZE];
+    fn block(v: u32) -> (Hash, Vec<u8>) {
+        let mut d = vec![0u8; BLOCK_SIZE];
+        d[..4].copy_from_slice(&v.to_le_bytes());
+        d[4] = 1;
         (leaf_hash(&d), d)
+    }
+
+    fn insert(c: &BlockCache, vals: std::ops::Range<u32>) -> Vec<Hash> {
+        let blocks: Vec<(Hash, Vec<u8>)> = vals.map(block).collect();
+        let refs: Vec<(Hash, &[u8])> = blocks.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+        c.insert_verified(&refs).expect("insert");
+        blocks.iter().map(|(h, _)| *h).collect()
+    }
+
+    fn read(c: &BlockCache, h: &Hash) -> Option<Vec<u8>> {
+        let s = c.lookup_fresh(h).expect("lookup")?;
+        let mut out = vec![0u8; BLOCK_SIZE];
+        c.read_run(s, &[*h], &mut out).expect("read").then_some(out)
     }
 
     #[test]
     fn insert_read_and_reopen() {
         let dir = tempfile::tempdir().expect("tmp");
         let c = BlockCache::open(dir.path()).expect("open");
-        let (h1, d1) = block(1);
-        let (h2, d2) = block(2);
-        let first = c.insert_verified(&[(h1, &d1), (h2, &d2)]).expect("insert");
-        assert_eq!(c.lookup(&h2), Some(first + 1));
+        let hs = insert(&c, 1..3);
+        let first = c.lookup(&hs[0]).expect("slot");
+        assert_eq!(c.lookup(&hs[1]), Some(first + 1));
         let mut out = vec![0u8; 2 * BLOCK_SIZE];
-        assert!(c.read_run(first, &[h1, h2], &mut out).expect("read"));
-        assert_eq!(&out[..BLOCK_SIZE], &d1[..]);
-        // A second handle (another process, in effect) sees it after refresh.
+        assert!(c.read_run(first, &hs, &mut out).expect("read"));
+        assert_eq!(out[..BLOCK_SIZE], block(1).1[..]);
+        // A second handle (another process, in effect) learns of it from the log.
         let c2 = BlockCache::open(dir.path()).expect("open");
-        assert_eq!(c2.lookup_fresh(&h1).expect("fresh"), Some(first));
-        let (h3, d3) = block(3);
-        c2.insert_verified(&[(h3, &d3)]).expect("insert");
-        assert_eq!(c.lookup(&h3), None);
-        assert!(c.lookup_fresh(&h3).expect("fresh").is_some());
+        assert_eq!(c2.lookup(&hs[0]), Some(first));
+        let h3 = insert(&c2, 3..4);
+        assert_eq!(c.lookup(&h3[0]), None);
+        assert!(c.lookup_fresh(&h3[0]).expect("fresh").is_some());
     }
 
     #[test]
-    fn wrong_hash_is_a_miss() {
+    fn wrong_hash_or_slot_is_a_miss() {
         let dir = tempfile::tempdir().expect("tmp");
         let c = BlockCache::open(dir.path()).expect("open");
-        let (h1, d1) = block(1);
-        let s = c.insert_verified(&[(h1, &d1)]).expect("insert");
+        let hs = insert(&c, 1..2);
+        let s = c.lookup(&hs[0]).expect("slot");
         let mut out = vec![0u8; BLOCK_SIZE];
         assert!(!c.read_run(s, &[[9; 32]], &mut out).expect("read"));
-        assert!(!c.read_run(s + 5, &[h1], &mut out).expect("read past end"));
+        assert!(!c.read_run(s + 5, &hs, &mut out).expect("read past end"));
     }
 
     #[test]
-    fn orphan_slots_are_never_served() {
+    fn orphans_are_never_served_and_gc_reclaims_them() {
         let dir = tempfile::tempdir().expect("tmp");
         let c = BlockCache::open(dir.path()).expect("open");
-        // Simulate a writer killed after allocating and writing data but before its record.
-        c.header.write_all_at(&5u64.to_le_bytes(), NEXT_SLOT_OFF).expect("alloc");
-        c.blocks.write_all_at(&[7u8; BLOCK_SIZE], 0).expect("data");
+        insert(&c, 1..3);
+        // A writer killed after allocating 5 slots and writing data, before its records.
+        c.with_header(|h, _| {
+            h.next_slot += 5;
+            h.log_end += 5 * LOG_REC as u64;
+            Ok(())
+        })
+        .expect("alloc");
+        c.blocks.write_all_at(&[7u8; BLOCK_SIZE], 2 * BLOCK_SIZE as u64).expect("data");
         let c2 = BlockCache::open(dir.path()).expect("open");
-        assert!(c2.valid_slots().expect("slots").is_empty());
+        assert_eq!(c2.valid_slots().expect("slots").len(), 2);
         assert_eq!(c2.usage().expect("usage").empty, 5);
+        let rep = c2.gc(None).expect("gc");
+        assert_eq!(rep.orphans_reclaimed, 5);
+        assert_eq!(rep.log_records_after, 2);
+        // The reclaimed slots are reused; everyone sees the new log epoch.
+        let hs = insert(&c2, 10..13);
+        for (v, h) in (10..13).zip(&hs) {
+            assert!(c2.lookup(h).expect("slot") < 7);
+            assert_eq!(read(&c, h).expect("other handle reads it"), block(v).1);
+        }
+        assert_eq!(c2.usage().expect("usage").valid, 5);
+    }
+
+    #[test]
+    fn lru_eviction_keeps_the_cache_under_its_limit_and_spares_pinned_and_recent_blocks() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let limit = 20 * BLOCK_SIZE as u64;
+        let c = BlockCache::open_with(dir.path(), CacheOptions { limit_bytes: Some(limit) }).expect("open");
+        let old = insert(&c, 0..10);
+        assert_eq!(c.pin(&old[..2], true).expect("pin"), 2);
+        // Make blocks 2..10 look old, 0..2 too (they are pinned).
+        for s in 0..10u64 {
+            c.slots.write_all_at(&1u32.to_le_bytes(), s * META as u64 + 36).expect("age");
+        }
+        let newer = insert(&c, 10..25);
+        let u = c.usage().expect("usage");
+        assert!(u.valid <= 20, "{u:?}");
+        assert!(read(&c, &old[0]).is_some() && read(&c, &old[1]).is_some(), "pinned blocks stay");
+        assert!(read(&c, &old[5]).is_none(), "old blocks go first");
+        for h in &newer {
+            assert!(read(&c, h).is_some(), "recent blocks stay");
+        }
+        // Freed slots are reused: the files do not grow past the limit's worth of slots
+        // (plus one batch: eviction runs after each insert).
+        for b in 0..10 {
+            insert(&c, 100 + b * 4..104 + b * 4);
+        }
+        let u = c.usage().expect("usage");
+        assert!(u.valid <= 20 && u.slots <= 26, "{u:?}");
+        let c2 = BlockCache::open(dir.path()).expect("open");
+        for (slot, h) in c2.valid_slots().expect("valid") {
+            let mut b = [0u8; BLOCK_SIZE];
+            c2.raw_block(slot, &mut b).expect("raw");
+            assert_eq!(leaf_hash(&b), h);
+        }
     }
 
     #[test]

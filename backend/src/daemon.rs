@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use incfs_fuse::{DeviceConfig, VirtioFsServer};
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, CacheOptions};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::fs::ImageFs;
@@ -21,6 +21,8 @@ pub struct RunConfig {
     pub store: String,
     pub image: ImageId,
     pub cache: PathBuf,
+    /// Shared cache size limit in bytes (LRU eviction), None for unbounded.
+    pub cache_size: Option<u64>,
     pub engine: EngineConfig,
     /// Request queues offered to the guest.
     pub queues: usize,
@@ -37,7 +39,7 @@ pub fn run(cfg: RunConfig) -> Result<()> {
         .build()
         .map_err(|e| Error::io("start runtime", e))?;
     let remote = Remote::open(&cfg.store, cfg.engine.attempt_timeout)?;
-    let cache = Arc::new(BlockCache::open(&cfg.cache)?);
+    let cache = Arc::new(BlockCache::open_with(&cfg.cache, CacheOptions { limit_bytes: cfg.cache_size })?);
     let engine = rt.block_on(Engine::open(remote, cfg.image, cache, cfg.engine.clone()))?;
     let img = engine.image();
     tracing::info!(image = %img.id, inodes = img.manifest.inodes.len(), bytes = img.data_size(), "image loaded");

@@ -132,6 +132,14 @@ pub struct Engine {
     cfg: EngineConfig,
     inflight: Mutex<HashMap<Hash, Arc<InFlight>>>,
     pub counters: Counters,
+    /// Hits and misses already added to the cache-wide totals.
+    flushed: Mutex<(u64, u64)>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.flush_stats();
+    }
 }
 
 impl Engine {
@@ -139,7 +147,17 @@ impl Engine {
     /// against its id.
     pub async fn open(remote: Remote, id: ImageId, cache: Arc<BlockCache>, cfg: EngineConfig) -> Result<Arc<Self>> {
         let image = Arc::new(load_image(&remote, &id, &cache, cfg.read_timeout.max(Duration::from_secs(30))).await?);
-        Ok(Arc::new(Engine { image, remote, cache, cfg, inflight: Mutex::new(HashMap::new()), counters: Counters::default() }))
+        Ok(Arc::new(Engine { image, remote, cache, cfg, inflight: Mutex::new(HashMap::new()), counters: Counters::default(), flushed: Mutex::new((0, 0)) }))
+    }
+
+    /// Adds this engine's hits and misses since the last call to the cache-wide totals
+    /// (shown by `incfsd cache status`).
+    pub fn flush_stats(&self) {
+        let mut f = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
+        let (h, m) = (self.counters.cache_hits.load(Relaxed), self.counters.cache_misses.load(Relaxed));
+        if self.cache.add_stats(h - f.0, m - f.1).is_ok() {
+            *f = (h, m);
+        }
     }
 
     pub fn image(&self) -> &Arc<Image> {
@@ -219,7 +237,10 @@ impl Engine {
         if !self.copy_cached(f, first, last, &mut buf)?.is_empty() {
             return Ok(None);
         }
-        self.counters.reads.fetch_add(1, Relaxed);
+        // A daemon that only hits still shows up in the cache-wide ratio now and then.
+        if self.counters.reads.fetch_add(1, Relaxed) % 8192 == 8191 {
+            self.flush_stats();
+        }
         self.counters.cache_hits.fetch_add((last - first) as u64, Relaxed);
         Ok(Some(trim(buf, offset, n)))
     }
@@ -491,6 +512,7 @@ impl Engine {
             self.counters.blocks_fetched.fetch_add(good.len() as u64, Relaxed);
             let refs: Vec<(Hash, &[u8])> = good.iter().map(|(h, d)| (*h, d.as_slice())).collect();
             self.cache.insert_verified(&refs).map_err(|e| FetchError::Transient(format!("cache: {e}")))?;
+            self.flush_stats();
             s = e;
         }
         Ok(bad)
@@ -604,4 +626,23 @@ async fn load_image(remote: &Remote, id: &ImageId, cache: &BlockCache, patience:
     let image = Image::from_manifest_bytes(*id, &bytes)?;
     cache.save_manifest(id, &bytes)?;
     Ok(image)
+}
+
+// --- Pending-read support for the guest control channel (backend/src/control.rs). ---
+// Kept in its own block at the end of the file so it stays apart from the fetch machinery.
+impl Engine {
+    /// Indexes of the blocks of a read of `len` bytes at `offset` that are not in the cache
+    /// (zero blocks are never missing). Never waits; a read past the end has none.
+    pub fn missing_blocks(&self, ino: u32, offset: u64, len: u32) -> Result<Vec<u32>> {
+        let f = self.file(ino)?;
+        let (_, first, last) = Self::span(f, offset, len);
+        Ok((first..last).filter(|&b| f.blocks[b].kind != BlockKind::Zero && self.cache.lookup(&f.blocks[b].hash).is_none()).map(|b| b as u32).collect())
+    }
+
+    /// Block range [first, last) a read of `len` bytes at `offset` covers, clamped to the file.
+    pub fn block_span(&self, ino: u32, offset: u64, len: u32) -> Result<(u32, u32)> {
+        let f = self.file(ino)?;
+        let (_, first, last) = Self::span(f, offset, len);
+        Ok((first as u32, last as u32))
+    }
 }

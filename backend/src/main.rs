@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use incfs::cache::BlockCache;
-use incfs::engine::{Engine, EngineConfig};
+use incfs::cache::{BlockCache, CacheOptions};
+use incfs::engine::{Engine, EngineConfig, FillSource};
 use incfs::image::ImageId;
 use incfs::store::{Remote, Store};
 use incfs::{daemon, inspect, pack, serve, Error, Result};
@@ -79,6 +79,41 @@ enum Cmd {
         /// Serve counters in Prometheus format on this address (GET /metrics).
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// Where missing blocks come from: `remote` (fetched by the daemon) or `guest` (only a
+        /// guest data loader supplies them through `.fill`; see docs/pending-reads.md).
+        #[arg(long, default_value = "remote", value_parser = ["remote", "guest"])]
+        fill_from: String,
+    },
+    /// Serve one file of an image (a raw disk image) to a VM as a vhost-user-blk device.
+    Blk {
+        /// vhost-user socket to listen on (QEMU connects to it).
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(flatten)]
+        src: ImageArgs,
+        /// The disk image's path inside the image, e.g. system.img.
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        cache: PathBuf,
+        /// Per-VM copy-on-write overlay file (created if missing); without it the disk is
+        /// read-only.
+        #[arg(long)]
+        overlay: Option<PathBuf>,
+        #[command(flatten)]
+        fetch: FetchArgs,
+        /// Request queues offered (QEMU's num-queues may be up to this).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        queues: u32,
+        /// Threads serving the queues (and fetching).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Logical block size reported to the guest (512 with 4 KiB physical, or 4096).
+        #[arg(long, default_value_t = 512)]
+        logical_block_size: u32,
+        /// Serve counters in Prometheus format on this address (GET /metrics).
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
     },
     /// Print an image's tree with sizes (and how much of each file is cached).
     Inspect {
@@ -100,6 +135,13 @@ enum CacheCmd {
     Status { dir: PathBuf },
     /// Re-hash every cached block against its record; exit 1 if any is wrong.
     Verify { dir: PathBuf },
+    /// Reclaim space left by killed daemons, evict down to --size, compact the index.
+    /// Safe while daemons run.
+    Gc {
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -119,6 +161,29 @@ struct FetchArgs {
     /// Largest fetch, missing blocks included.
     #[arg(long, default_value_t = 512)]
     readahead_kb: u64,
+    /// Keep the shared cache under this size (e.g. 512M, 20G), evicting least recently
+    /// used blocks. Unbounded if not given.
+    #[arg(long, value_parser = parse_size)]
+    cache_size: Option<u64>,
+}
+
+/// "4096", "64K", "512M", "20G", "1T" (powers of 1024).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?} (K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mul)).filter(|&n| n >= 4096).ok_or_else(|| format!("{s:?} is not a size of at least 4096 bytes"))
 }
 
 impl FetchArgs {
@@ -149,9 +214,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| Error::io("start runtime", e))
 }
 
-async fn open_engine(src: &ImageArgs, cache: &std::path::Path, cfg: EngineConfig) -> Result<Arc<Engine>> {
+async fn open_engine(src: &ImageArgs, cache: &std::path::Path, cache_size: Option<u64>, cfg: EngineConfig) -> Result<Arc<Engine>> {
     let remote = Remote::open(&src.store, cfg.attempt_timeout)?;
-    let cache = Arc::new(BlockCache::open(cache)?);
+    let cache = Arc::new(BlockCache::open_with(cache, CacheOptions { limit_bytes: cache_size })?);
     Engine::open(remote, src.image, cache, cfg).await
 }
 
@@ -179,7 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Cat { src, cache, fetch, stats, path } => {
             let rt = runtime()?;
             rt.block_on(async {
-                let engine = open_engine(&src, &cache, fetch.config()).await?;
+                let engine = open_engine(&src, &cache, fetch.cache_size, fetch.config()).await?;
                 let ino = engine.image().resolve(path.as_bytes()).ok_or_else(|| Error::NotFound(path.clone()))?;
                 let size = engine.image().file(ino).ok_or_else(|| Error::Invalid(format!("{path} is not a regular file")))?.size;
                 let mut out = std::io::stdout().lock();
@@ -201,18 +266,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok::<_, Error>(())
             })?;
         }
-        Cmd::Run { socket, src, cache, tag, fetch, threads, queues, metrics } => {
+        Cmd::Run { socket, src, cache, tag, fetch, threads, queues, metrics, fill_from } => {
             tracing::info!(%tag, "starting");
             daemon::run(daemon::RunConfig {
                 socket,
                 store: src.store,
                 image: src.image,
                 cache,
-                engine: fetch.config(),
+                cache_size: fetch.cache_size,
+                engine: EngineConfig {
+                    // `guest`: the daemon never fetches file data; misses wait for `.fill`.
+                    fill: if fill_from == "guest" { FillSource::Supplied } else { FillSource::Remote },
+                    ..fetch.config()
+                },
                 queues: queues as usize,
                 threads,
                 metrics,
             })?;
+        }
+        Cmd::Blk { socket, src, path, cache, overlay, fetch, queues, threads, logical_block_size, metrics } => {
+            let engine = fetch.config();
+            let device = incfs::blk::DeviceConfig {
+                queues: queues as usize,
+                threads: threads.clamp(1, queues as usize),
+                logical_block_size,
+                opt_io: engine.readahead.min(1 << 20) as u32,
+                ..incfs::blk::DeviceConfig::default()
+            };
+            let cfg = incfs::blk::BlkConfig { socket, store: src.store, image: src.image, path, cache, cache_size: fetch.cache_size, overlay, engine, device, metrics };
+            incfs::blk::run(cfg)?;
         }
         Cmd::Inspect { src, cache } => {
             let rt = runtime()?;
@@ -221,7 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Some(c) => c.clone(),
                     None => std::env::temp_dir().join(format!("incfsd-inspect-{}", std::process::id())),
                 };
-                let engine = open_engine(&src, &dir, EngineConfig::default()).await;
+                let engine = open_engine(&src, &dir, None, EngineConfig::default()).await;
                 if cache.is_none() {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
@@ -231,7 +313,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Cache { cmd: CacheCmd::Status { dir } } => {
             let u = BlockCache::open(&dir)?.usage()?;
-            println!("blocks {}\nslots {}\nevicted {}\nempty {}\ndisk_bytes {}\nimages {}", u.valid, u.slots, u.evicted, u.empty, u.disk_bytes, u.manifests);
+            let lookups = u.hits + u.misses;
+            let ratio = if lookups == 0 { 0.0 } else { u.hits as f64 / lookups as f64 };
+            println!("size_bytes {}", u.valid * 4096);
+            println!("blocks {}\npinned {}\nslots {}\nfree_slots {}\nempty_slots {}\ndisk_bytes {}", u.valid, u.pinned, u.slots, u.free_listed, u.empty, u.disk_bytes);
+            println!("images {}\nhits {}\nmisses {}\nhit_ratio {ratio:.4}\nblocks_stored_total {}", u.manifests, u.hits, u.misses, u.fetched);
+        }
+        Cmd::Cache { cmd: CacheCmd::Gc { dir, size } } => {
+            let r = BlockCache::open(&dir)?.gc(size)?;
+            println!(
+                "reclaimed {} orphaned slots, evicted {} blocks, index {} -> {} records",
+                r.orphans_reclaimed, r.evicted, r.log_records_before, r.log_records_after
+            );
         }
         Cmd::Cache { cmd: CacheCmd::Verify { dir } } => {
             let (ok, bad) = inspect::verify_cache(&BlockCache::open(&dir)?)?;
