@@ -30,7 +30,6 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -93,8 +92,6 @@ pub struct BlockCache {
 
 struct Entry {
     slot: u64,
-    /// When this process last wrote the slot's access time.
-    touched: AtomicU32,
 }
 
 #[derive(Default)]
@@ -297,6 +294,12 @@ impl BlockCache {
         self.index.read().unwrap_or_else(|e| e.into_inner()).map.get(hash).map(|e| e.slot)
     }
 
+    /// Slots of several blocks under one lock (the warm read path).
+    pub fn lookup_many<'a>(&self, hashes: impl Iterator<Item = &'a Hash>, out: &mut Vec<Option<u64>>) {
+        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
+        out.extend(hashes.map(|h| idx.map.get(h).map(|e| e.slot)));
+    }
+
     /// Like lookup, but first catches up with other processes when the hash is unknown.
     pub fn lookup_fresh(&self, hash: &Hash) -> Result<Option<u64>> {
         if let Some(s) = self.lookup(hash) {
@@ -334,21 +337,17 @@ impl BlockCache {
             }
             return Ok(false);
         }
-        self.touch(hashes, &meta);
+        self.touch(first, &meta);
         Ok(true)
     }
 
-    /// Writes back access times for LRU, at most every TOUCH_EVERY seconds per block.
-    fn touch(&self, hashes: &[Hash], meta: &[u8]) {
+    /// Writes back access times for LRU, at most every TOUCH_EVERY seconds per block: the
+    /// records just read carry the last time, so deciding costs no lookup.
+    fn touch(&self, first: u64, meta: &[u8]) {
         let now = now_secs();
-        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
-        for (i, h) in hashes.iter().enumerate() {
-            let Some(e) = idx.map.get(h) else { continue };
-            let on_disk = le32(&meta[i * META + 36..i * META + 40]);
-            let seen = e.touched.load(Relaxed).max(on_disk);
-            if now.saturating_sub(seen) >= TOUCH_EVERY {
-                e.touched.store(now, Relaxed);
-                let _ = self.slots.write_all_at(&now.to_le_bytes(), e.slot * META as u64 + 36);
+        for (i, rec) in meta.chunks_exact(META).enumerate() {
+            if now.saturating_sub(le32(&rec[36..40])) >= TOUCH_EVERY {
+                let _ = self.slots.write_all_at(&now.to_le_bytes(), (first + i as u64) * META as u64 + 36);
             }
         }
     }
@@ -417,7 +416,7 @@ impl BlockCache {
         self.log.write_all_at(&log, log_pos).ctx(|| "write cache log".into())?;
         let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
         for (s, (h, _)) in slots.iter().zip(blocks) {
-            idx.map.insert(*h, Entry { slot: *s, touched: AtomicU32::new(t) });
+            idx.map.insert(*h, Entry { slot: *s });
         }
         Ok(())
     }
@@ -705,7 +704,7 @@ fn add_log_record(map: &mut HashMap<Hash, Entry>, rec: &[u8]) {
     h.copy_from_slice(&rec[..32]);
     let slot = le64(&rec[32..40]);
     // Optimistic: the slot's record is checked on every read.
-    map.insert(h, Entry { slot, touched: AtomicU32::new(0) });
+    map.insert(h, Entry { slot });
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {

@@ -191,40 +191,43 @@ impl Engine {
     /// indexes of the blocks that are missing.
     fn copy_cached(&self, f: &FileData, first: usize, last: usize, buf: &mut [u8]) -> Result<Vec<usize>> {
         let mut missing = Vec::new();
-        let mut b = first;
-        while b < last {
-            let r = &f.blocks[b];
-            let at = (b - first) * BLOCK_SIZE;
-            if r.kind == BlockKind::Zero {
+        let blocks = &f.blocks[first..last];
+        let mut slots = Vec::with_capacity(blocks.len());
+        self.cache.lookup_many(blocks.iter().map(|r| &r.hash), &mut slots);
+        let mut i = 0;
+        while i < blocks.len() {
+            let at = i * BLOCK_SIZE;
+            if blocks[i].kind == BlockKind::Zero {
                 buf[at..at + BLOCK_SIZE].fill(0);
-                b += 1;
+                i += 1;
                 continue;
             }
-            let Some(slot) = self.cache.lookup(&r.hash) else {
-                missing.push(b);
-                b += 1;
+            let Some(slot) = slots[i] else {
+                missing.push(first + i);
+                i += 1;
                 continue;
             };
             // Extend over blocks stored in the following slots: one copy for the run.
             let mut n = 1;
-            while b + n < last && f.blocks[b + n].kind != BlockKind::Zero && self.cache.lookup(&f.blocks[b + n].hash) == Some(slot + n as u64) {
+            while i + n < blocks.len() && blocks[i + n].kind != BlockKind::Zero && slots[i + n] == Some(slot + n as u64) {
                 n += 1;
             }
-            let hashes: Vec<Hash> = f.blocks[b..b + n].iter().map(|r| r.hash).collect();
+            let hashes: Vec<Hash> = blocks[i..i + n].iter().map(|r| r.hash).collect();
             if !self.cache.read_run(slot, &hashes, &mut buf[at..at + n * BLOCK_SIZE])? {
                 // Evicted meanwhile: try block by block, then count the rest missing.
-                for i in 0..n {
-                    let h = f.blocks[b + i].hash;
+                for k in 0..n {
+                    let h = hashes[k];
+                    let dst = &mut buf[at + k * BLOCK_SIZE..at + (k + 1) * BLOCK_SIZE];
                     let ok = match self.cache.lookup(&h) {
-                        Some(s) => self.cache.read_run(s, &[h], &mut buf[at + i * BLOCK_SIZE..at + (i + 1) * BLOCK_SIZE])?,
+                        Some(s) => self.cache.read_run(s, &[h], dst)?,
                         None => false,
                     };
                     if !ok {
-                        missing.push(b + i);
+                        missing.push(first + i + k);
                     }
                 }
             }
-            b += n;
+            i += n;
         }
         Ok(missing)
     }

@@ -1,0 +1,292 @@
+//! Warm-cache benchmark over vhost-user + FUSE with no guest: incfsd against virtiofsd
+//! serving the same tree, and N incfsd daemons sharing one cache.
+//!
+//! cargo run --release -p incfs-backend --example bench -- [--virtiofsd PATH] [--seconds S]
+//!
+//! Prints one line per figure with the baseline beside it. Every daemon is driven the same
+//! way: one frontend per daemon, one request in flight, on one request queue.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use incfs_fuse::frontend::{FrontendConfig, FuseFrontend};
+
+struct Args {
+    work: PathBuf,
+    virtiofsd: Option<PathBuf>,
+    seconds: f64,
+    incfsd: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        work: std::env::temp_dir().join("incfs-bench"),
+        virtiofsd: ["/root/.cargo/bin/virtiofsd", "/usr/local/bin/virtiofsd"].iter().map(PathBuf::from).find(|p| p.exists()),
+        seconds: 3.0,
+        incfsd: std::env::current_exe().ok().and_then(|p| Some(p.parent()?.parent()?.join("incfsd"))).unwrap_or_else(|| "incfsd".into()),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--work" => a.work = v.into(),
+            "--virtiofsd" => a.virtiofsd = Some(v.into()),
+            "--seconds" => a.seconds = v.parse().expect("--seconds"),
+            "--incfsd" => a.incfsd = v.into(),
+            _ => panic!("unknown option {k}"),
+        }
+    }
+    a
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+const BIG: u64 = 256 << 20;
+const SMALL_DIRS: usize = 20;
+const SMALL_PER_DIR: usize = 100;
+const WIDE: usize = 5000;
+
+/// The tree: one large file, 2000 small files in 20 directories, one 5000-entry directory.
+fn make_tree(src: &Path) {
+    if src.join(".done").exists() {
+        return;
+    }
+    let _ = std::fs::remove_dir_all(src);
+    std::fs::create_dir_all(src.join("wide")).expect("mkdir");
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let big: Vec<u8> = (0..BIG / 8).flat_map(|_| xorshift(&mut x).to_le_bytes()).collect();
+    std::fs::write(src.join("big"), big).expect("big");
+    for d in 0..SMALL_DIRS {
+        let dir = src.join(format!("small/d{d:02}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for f in 0..SMALL_PER_DIR {
+            let len = 4096 + (xorshift(&mut x) % 12288) as usize;
+            let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ x) as u8).collect();
+            std::fs::write(dir.join(format!("f{f:03}")), data).expect("small");
+        }
+    }
+    for i in 0..WIDE {
+        std::fs::write(src.join(format!("wide/entry-{i:05}")), b"").expect("wide");
+    }
+    std::fs::write(src.join(".done"), b"").expect("done");
+}
+
+fn incfsd(a: &Args, args: &[&str]) -> String {
+    let out = Command::new(&a.incfsd).args(args).stderr(Stdio::inherit()).output().expect("run incfsd");
+    assert!(out.status.success(), "incfsd {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string()
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn wait_socket(p: &Path) {
+    let t = Instant::now();
+    while !p.exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_incfsd(a: &Args, store: &Path, id: &str, cache: &Path, n: usize) -> Daemon {
+    let socket = a.work.join(format!("incfsd-{n}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new(&a.incfsd)
+        .args(["run", "--threads", "1", "--queues", "1", "--image", id, "--store"])
+        .arg(store)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start incfsd");
+    wait_socket(&socket);
+    Daemon { child, socket }
+}
+
+fn start_virtiofsd(bin: &Path, src: &Path, work: &Path) -> Daemon {
+    let socket = work.join("virtiofsd.sock");
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new(bin)
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(src)
+        .args(["--cache", "always", "--sandbox", "none", "--seccomp", "none", "--thread-pool-size", "0"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start virtiofsd");
+    wait_socket(&socket);
+    Daemon { child, socket }
+}
+
+fn connect(d: &Daemon) -> FuseFrontend {
+    let mut f = FuseFrontend::connect_with(&d.socket, FrontendConfig { slots: 4, ..FrontendConfig::default() }).expect("connect");
+    f.init().expect("FUSE INIT");
+    f
+}
+
+fn lookup_path(f: &mut FuseFrontend, path: &str) -> u64 {
+    path.split('/').fold(1, |ino, name| f.lookup(ino, name.as_bytes()).expect("lookup").nodeid)
+}
+
+/// (operations, bytes) done in `secs` seconds.
+fn workload(f: &mut FuseFrontend, which: &str, secs: f64, seed: u64) -> (u64, u64) {
+    let stop = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut ops, mut bytes) = (0u64, 0u64);
+    let mut x = seed | 1;
+    match which {
+        "seq-128k" | "rand-4k" => {
+            let ino = lookup_path(f, "big");
+            let (fh, _) = f.open(ino, libc::O_RDONLY as u32).expect("open");
+            let mut off = 0;
+            while Instant::now() < stop {
+                for _ in 0..64 {
+                    let (o, n) = if which == "seq-128k" {
+                        off = (off + (128 << 10)) % BIG;
+                        (off, 128 << 10)
+                    } else {
+                        ((xorshift(&mut x) % (BIG / 4096)) * 4096, 4096)
+                    };
+                    let d = f.read(ino, fh, o, n).expect("read");
+                    assert_eq!(d.len(), n as usize);
+                    ops += 1;
+                    bytes += d.len() as u64;
+                }
+            }
+            let _ = f.release(ino, fh);
+        }
+        "lookup-getattr" => {
+            while Instant::now() < stop {
+                let d = xorshift(&mut x) as usize % SMALL_DIRS;
+                let dir = lookup_path(f, &format!("small/d{d:02}"));
+                for _ in 0..32 {
+                    let i = xorshift(&mut x) as usize % SMALL_PER_DIR;
+                    let e = f.lookup(dir, format!("f{i:03}").as_bytes()).expect("lookup");
+                    f.getattr(e.nodeid).expect("getattr");
+                    let _ = f.forget(e.nodeid, 1);
+                    ops += 1;
+                }
+            }
+        }
+        "readdir" => {
+            let ino = lookup_path(f, "wide");
+            while Instant::now() < stop {
+                let (fh, _) = f.opendir(ino).expect("opendir");
+                let mut cookie = 0;
+                loop {
+                    let ents = f.readdir(ino, fh, cookie, 64 << 10).expect("readdir");
+                    let Some(last) = ents.last() else { break };
+                    cookie = last.off;
+                    ops += ents.len() as u64;
+                }
+                let _ = f.releasedir(ino, fh);
+            }
+        }
+        _ => unreachable!(),
+    }
+    (ops, bytes)
+}
+
+fn rate(which: &str, (ops, bytes): (u64, u64), secs: f64) -> (f64, &'static str) {
+    match which {
+        "seq-128k" => (bytes as f64 / 1e6 / secs, "MB/s"),
+        "readdir" => (ops as f64 / secs, "entries/s"),
+        _ => (ops as f64 / secs, "ops/s"),
+    }
+}
+
+const WORKLOADS: [&str; 4] = ["seq-128k", "rand-4k", "lookup-getattr", "readdir"];
+
+fn main() {
+    let a = args();
+    std::fs::create_dir_all(&a.work).expect("work dir");
+    let src = a.work.join("src");
+    make_tree(&src);
+    let store = a.work.join("store");
+    let id = incfsd(&a, &["pack", src.to_str().expect("utf8"), "--store", store.to_str().expect("utf8")]);
+    // Warm the shared cache: every block once.
+    let cache = a.work.join("cache");
+    for p in ["big"] {
+        let out = Command::new(&a.incfsd).args(["cat", "--image", &id, "--store"]).arg(&store).arg("--cache").arg(&cache).arg(p).output().expect("cat");
+        assert!(out.status.success());
+    }
+    {
+        let d = start_incfsd(&a, &store, &id, &cache, 0);
+        let mut f = connect(&d);
+        for dd in 0..SMALL_DIRS {
+            for i in 0..SMALL_PER_DIR {
+                let ino = lookup_path(&mut f, &format!("small/d{dd:02}/f{i:03}"));
+                let (fh, _) = f.open(ino, 0).expect("open");
+                f.read(ino, fh, 0, 1 << 16).expect("read");
+            }
+        }
+    }
+    let secs = a.seconds;
+    println!("# warm cache, one request in flight per daemon, {secs} s per figure");
+    println!("{:<16} {:>14} {:>14} {:>8}", "workload", "incfsd", "virtiofsd", "ratio");
+    for w in WORKLOADS {
+        let ours = {
+            let d = start_incfsd(&a, &store, &id, &cache, 0);
+            let mut f = connect(&d);
+            workload(&mut f, w, secs, 7)
+        };
+        let (r, unit) = rate(w, ours, secs);
+        let base = a.virtiofsd.as_ref().map(|bin| {
+            let d = start_virtiofsd(bin, &src, &a.work);
+            let mut f = connect(&d);
+            rate(w, workload(&mut f, w, secs, 7), secs).0
+        });
+        match base {
+            Some(b) => println!("{w:<16} {r:>9.0} {unit:<4} {b:>9.0} {unit:<4} {:>7.2}x", r / b),
+            None => println!("{w:<16} {r:>9.0} {unit:<4} {:>14} {:>8}", "(no virtiofsd)", "-"),
+        }
+    }
+    println!();
+    println!("# N incfsd daemons on one warm cache at once (aggregate), baseline: 1 daemon");
+    println!("{:<16} {:>8} {:>14} {:>14} {:>8}", "workload", "daemons", "aggregate", "per daemon", "scaling");
+    for w in ["seq-128k", "rand-4k"] {
+        let mut one = 0.0;
+        for n in [1usize, 2, 4] {
+            let daemons: Vec<Daemon> = (0..n).map(|i| start_incfsd(&a, &store, &id, &cache, i)).collect();
+            let socks: Vec<Arc<PathBuf>> = daemons.iter().map(|d| Arc::new(d.socket.clone())).collect();
+            let threads: Vec<_> = socks
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let w = w.to_string();
+                    std::thread::spawn(move || {
+                        let mut f = FuseFrontend::connect_with(&s, FrontendConfig { slots: 4, ..FrontendConfig::default() }).expect("connect");
+                        f.init().expect("init");
+                        workload(&mut f, &w, secs, 11 + i as u64)
+                    })
+                })
+                .collect();
+            let total = threads.into_iter().map(|t| t.join().expect("thread")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let (r, unit) = rate(w, total, secs);
+            if n == 1 {
+                one = r;
+            }
+            println!("{w:<16} {n:>8} {r:>9.0} {unit:<4} {:>9.0} {unit:<4} {:>7.2}x", r / n as f64, r / one);
+            drop(daemons);
+        }
+    }
+}

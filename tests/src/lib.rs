@@ -1,0 +1,483 @@
+//! Harness for the end-to-end tests: a work directory, generated trees, packing, nginx or
+//! `incfsd serve` as the remote, `incfsd run` as the vhost-user backend, and `qemu/run-vm`
+//! booting a real guest. Failures panic with a message saying what to do: this is test code.
+//!
+//! Binaries it needs:
+//! - `incfsd`: `$INCFSD`, else `<workspace>/target/release/incfsd`
+//!   (build it with `cargo build --release -p incfs-backend`).
+//! - `guest-check` (static, for the guest): `$GUEST_CHECK`, else built on first use with
+//!   `cargo build --release --bin guest-check --target x86_64-unknown-linux-gnu` and
+//!   `RUSTFLAGS=-C target-feature=+crt-static` into `<workspace>/target/guest-check/`.
+//! - `qemu/setup` is run once per test process (idempotent, about 1 s when done).
+
+pub mod check;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+pub fn incfsd_bin() -> PathBuf {
+    let p = std::env::var_os("INCFSD").map(PathBuf::from).unwrap_or_else(|| workspace().join("target/release/incfsd"));
+    assert!(
+        p.is_file(),
+        "incfsd binary not found at {}: run `cargo build --release -p incfs-backend` or set INCFSD=/path/to/incfsd",
+        p.display()
+    );
+    warn_if_stale(&p);
+    p
+}
+
+/// The tests run whatever binary is there; say so when it is older than the backend sources.
+fn warn_if_stale(bin: &Path) {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+        let newest = ["backend/src", "backend/fuse/src"].iter().filter_map(|d| newest_mtime(&workspace().join(d))).max();
+        if let (Some(b), Some(n)) = (built, newest) {
+            if n > b {
+                eprintln!("warning: {} is older than the backend sources: `cargo build --release -p incfs-backend`", bin.display());
+            }
+        }
+    });
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            if m.is_dir() {
+                newest_mtime(&e.path())
+            } else {
+                m.modified().ok()
+            }
+        })
+        .max()
+}
+
+/// The static guest helper, built once per test process unless `$GUEST_CHECK` names one.
+pub fn guest_check_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("GUEST_CHECK") {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "GUEST_CHECK={} does not exist", p.display());
+            return p;
+        }
+        let target_dir = workspace().join("target/guest-check");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "--release", "-p", "incfs-e2e", "--bin", "guest-check", "--target", "x86_64-unknown-linux-gnu"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .status()
+            .expect("run cargo to build guest-check");
+        assert!(status.success(), "building the static guest-check failed");
+        target_dir.join("x86_64-unknown-linux-gnu/release/guest-check")
+    })
+    .clone()
+}
+
+/// Runs `qemu/setup` once per process.
+pub fn qemu_setup() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let out = Command::new(workspace().join("qemu/setup")).output().expect("run qemu/setup");
+        assert!(out.status.success(), "qemu/setup failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    });
+}
+
+/// Guests run one at a time: the machine has few cores, TCG is CPU-bound, and the timing
+/// checks (read timeouts) should not depend on what the other tests are doing.
+pub fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A fresh directory under the system temp dir; removed on drop unless the test is failing
+/// (then its path is printed, to look at the logs inside).
+pub struct WorkDir {
+    pub path: PathBuf,
+}
+
+impl WorkDir {
+    pub fn new(name: &str) -> WorkDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("incfs-e2e-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        WorkDir { path }
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("keeping work dir {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Deterministic incompressible bytes (xorshift64), fast enough for hundreds of MiB.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Text-like bytes that compress well.
+pub fn text(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut i = seed;
+    while out.len() < len {
+        out.extend_from_slice(format!("line {i} of a text file\n").as_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `data` at `root/rel`, creating parent directories.
+pub fn write_file(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+    }
+    std::fs::write(&p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+}
+
+/// `incfsd pack SRC --store STORE`; returns the image id (its last stdout line).
+pub fn pack(src: &Path, store: &Path) -> String {
+    let out = Command::new(incfsd_bin()).arg("pack").arg(src).arg("--store").arg(store).output().expect("run incfsd pack");
+    assert!(out.status.success(), "incfsd pack failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout.lines().last().expect("incfsd pack printed no image id").trim().to_string()
+}
+
+/// Total size of the files under `dir` (for "fraction of the image" checks on the store).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())).flatten() {
+        let m = e.metadata().expect("metadata");
+        total += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
+    }
+    total
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub fn wait_for_port(port: u16, what: &str) {
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what} did not start listening on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// nginx serving a store directory on a free loopback port, with an access log of the body
+/// bytes it sent (`$body_bytes_sent`) per request.
+pub struct Nginx {
+    _proc: Proc,
+    pub url: String,
+    log: PathBuf,
+}
+
+impl Nginx {
+    pub fn start(root: &Path, work: &Path) -> Nginx {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("nginx is not installed: `apt-get install nginx-light`");
+        let dir = work.join("nginx");
+        std::fs::create_dir_all(&dir).expect("nginx dir");
+        let port = free_port();
+        let d = dir.display();
+        let conf = format!(
+            "daemon off; master_process off; worker_processes 1; error_log {d}/error.log warn; pid {d}/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+  log_format counted '$status $body_bytes_sent $uri';
+  access_log {d}/access.log counted;
+  client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;
+  default_type application/octet-stream;
+  keepalive_requests 100000;
+  server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}
+}}",
+            root = root.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let n = Nginx { _proc: Proc { child, name: "nginx".into() }, url: format!("http://127.0.0.1:{port}"), log: dir.join("access.log") };
+        wait_for_port(port, "nginx");
+        n
+    }
+
+    /// (status, body bytes, uri) per logged request. nginx writes the log line when the
+    /// response is done, so call this after the reads.
+    pub fn requests(&self) -> Vec<(u16, u64, String)> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut it = l.splitn(3, ' ');
+                Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Body bytes sent for blobs (file data).
+    pub fn blob_bytes_sent(&self) -> u64 {
+        self.requests().iter().filter(|r| r.2.starts_with("/blobs/")).map(|r| r.1).sum()
+    }
+}
+
+/// `incfsd serve STORE` on a fixed loopback port, so it can be stopped and started again at
+/// the same address (the daemon keeps its URL).
+pub struct Serve {
+    proc: Option<Proc>,
+    store: PathBuf,
+    pub port: u16,
+}
+
+impl Serve {
+    pub fn start(store: &Path) -> Serve {
+        let mut s = Serve { proc: None, store: store.to_path_buf(), port: free_port() };
+        s.up();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn up(&mut self) {
+        assert!(self.proc.is_none(), "incfsd serve is already running");
+        let child = Command::new(incfsd_bin())
+            .arg("serve")
+            .arg(&self.store)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start incfsd serve");
+        self.proc = Some(Proc { child, name: "incfsd serve".into() });
+        wait_for_port(self.port, "incfsd serve");
+    }
+
+    /// Kills the server: new connections are refused, open ones are reset.
+    pub fn down(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// `incfsd run`: the vhost-user-fs backend under test, with its metrics endpoint on a free
+/// port. Its stderr is collected and printed if the test fails.
+pub struct Daemon {
+    proc: Proc,
+    pub socket: PathBuf,
+    pub metrics_port: u16,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// `store`: URL or directory. `extra`: more `incfsd run` flags (e.g. `--read-timeout-ms`).
+    pub fn start(work: &Path, store: &str, image: &str, extra: &[&str]) -> Daemon {
+        let socket = work.join("incfsd.sock");
+        let metrics_port = free_port();
+        let mut child = Command::new(incfsd_bin())
+            .arg("run")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--store", store, "--image", image])
+            .arg("--cache")
+            .arg(work.join("cache"))
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start incfsd run");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let pipe = child.stderr.take().expect("stderr pipe");
+        let sink = stderr.clone();
+        // Keep draining stderr for the daemon's whole life so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if line.starts_with("incfsd: serving image") {
+                    let _ = ready_tx.send(());
+                }
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let d = Daemon { proc: Proc { child, name: "incfsd run".into() }, socket, metrics_port, stderr };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!("incfsd run did not print its ready line within 30 s; stderr:\n{}", d.stderr());
+        }
+        d
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// The Prometheus counters and gauges, by name.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let body = http_get(self.metrics_port, "/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One metric; panics if the daemon does not export it.
+    pub fn metric(&self, name: &str) -> u64 {
+        let m = self.metrics();
+        *m.get(name).unwrap_or_else(|| panic!("no metric {name} in {m:?}")) as u64
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.proc.kill();
+        if std::thread::panicking() {
+            eprintln!("---- incfsd run stderr ----\n{}---- end ----", self.stderr());
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback; returns the body (panics unless 200).
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect to port {port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("send request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read response");
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or_else(|| panic!("bad HTTP response: {resp:?}"));
+    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "GET {path}: {head}");
+    body.to_string()
+}
+
+/// What a guest run produced.
+pub struct VmRun {
+    /// The guest script's exit status (run-vm: 124 timeout, 1 no marker, 2 usage).
+    pub status: i32,
+    pub console: String,
+    pub seconds: f64,
+}
+
+impl VmRun {
+    pub fn results(&self) -> Vec<Vec<String>> {
+        check::result_lines(&self.console)
+    }
+}
+
+/// Boots a guest with the daemon's socket as tag `incfs`, the guest helper at
+/// /bin/guest-check and `script` as /run.sh. `on_line` sees each console line as it arrives
+/// (for tests that act on the host while the guest runs).
+pub fn run_vm(work: &Path, daemon: &Daemon, script: &str, timeout_s: u32, mut on_line: impl FnMut(&str)) -> VmRun {
+    qemu_setup();
+    let script_path = work.join("run.sh");
+    std::fs::write(&script_path, script).expect("write guest script");
+    let start = Instant::now();
+    let mut child = Command::new(workspace().join("qemu/run-vm"))
+        .arg("--fs")
+        .arg(format!("{}:incfs", daemon.socket.display()))
+        .arg("--script")
+        .arg(&script_path)
+        .arg("--add")
+        .arg(format!("{}:/bin/guest-check", guest_check_bin().display()))
+        .args(["--timeout", &timeout_s.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start qemu/run-vm");
+    let mut console = String::new();
+    let mut out = BufReader::new(child.stdout.take().expect("stdout pipe"));
+    let mut buf = Vec::new();
+    // Lines as bytes: the console may carry stray non-UTF-8 bytes.
+    while out.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end_matches(['\n', '\r']);
+        println!("guest| {line}");
+        on_line(line);
+        console.push_str(line);
+        console.push('\n');
+        buf.clear();
+    }
+    let status = child.wait().expect("wait for run-vm").code().unwrap_or(-1);
+    let seconds = start.elapsed().as_secs_f64();
+    println!("guest run: status {status}, {seconds:.1} s");
+    VmRun { status, console, seconds }
+}
