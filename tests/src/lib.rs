@@ -342,7 +342,13 @@ pub struct Daemon {
 impl Daemon {
     /// `store`: URL or directory. `extra`: more `incfsd run` flags (e.g. `--read-timeout-ms`).
     pub fn start(work: &Path, store: &str, image: &str, extra: &[&str]) -> Daemon {
-        let socket = work.join("incfsd.sock");
+        Self::start_with(&work.join("incfsd.sock"), &work.join("cache"), store, image, extra)
+    }
+
+    /// Like `start`, with the socket and the cache directory chosen (several daemons
+    /// sharing one cache).
+    pub fn start_with(socket: &Path, cache: &Path, store: &str, image: &str, extra: &[&str]) -> Daemon {
+        let socket = socket.to_path_buf();
         let metrics_port = free_port();
         let mut child = Command::new(incfsd_bin())
             .arg("run")
@@ -350,7 +356,7 @@ impl Daemon {
             .arg(&socket)
             .args(["--store", store, "--image", image])
             .arg("--cache")
-            .arg(work.join("cache"))
+            .arg(cache)
             .arg("--metrics")
             .arg(format!("127.0.0.1:{metrics_port}"))
             .args(extra)
