@@ -3,13 +3,17 @@
 //! FUSE inode numbers are image inode indexes plus one (the root is 1): stable for the life of
 //! the mount and shared by hard links. The image never changes, so the guest may cache names,
 //! attributes and pages for as long as it likes.
+//!
+//! Control inodes (bit 62 set, see [`crate::control`]) are the incfs-style special files
+//! (`.pending_reads`, `.log`, `.fill`, ...); they are dispatched to [`Control`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use incfs_fuse::{abi, Attr, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs};
+use incfs_fuse::{abi, Attr, Context, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs};
 use sha2::{Digest, Sha256};
 
+use crate::control::{Control, Lookup};
 use crate::engine::Engine;
 use crate::image::{BlockKind, Image, Inode, InodeKind, BLOCK_SIZE};
 
@@ -22,11 +26,23 @@ pub const XATTR_INCFS_SIZE: &[u8] = b"user.incfs.size";
 
 pub struct ImageFs {
     engine: Arc<Engine>,
+    control: Arc<Control>,
 }
 
 impl ImageFs {
     pub fn new(engine: Arc<Engine>) -> Self {
-        ImageFs { engine }
+        let control = Control::new(engine.clone());
+        ImageFs { engine, control }
+    }
+
+    /// The control channel (pending reads, read log, fill).
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    fn image_entry(&self, idx: u32, entry_timeout: Duration) -> Entry {
+        let attr = self.attr(idx, &self.image().manifest.inodes[idx as usize]);
+        Entry { ino: attr.ino, generation: 0, attr, entry_timeout, attr_timeout: TTL }
     }
 
     fn image(&self) -> &Image {
@@ -106,16 +122,28 @@ fn dtype(mode: u32) -> u32 {
 
 impl FileSystem for ImageFs {
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno> {
+        if Control::is_control(parent) {
+            return match self.control.lookup(parent, name)? {
+                Lookup::Control(e) => Ok(e),
+                Lookup::Image { idx, entry_timeout } => Ok(self.image_entry(idx, entry_timeout)),
+            };
+        }
         let (p, node) = self.node(parent)?;
         if !matches!(node.kind, InodeKind::Dir(_)) {
             return Err(libc::ENOTDIR);
         }
-        let c = self.image().lookup(p, name).ok_or(libc::ENOENT)?;
-        let attr = self.attr(c, &self.image().manifest.inodes[c as usize]);
-        Ok(Entry { ino: attr.ino, generation: 0, attr, entry_timeout: TTL, attr_timeout: TTL })
+        match self.image().lookup(p, name) {
+            Some(c) => Ok(self.image_entry(c, TTL)),
+            // The image's own entries win: control names only fill the gaps at the root.
+            None if parent == abi::ROOT_ID => self.control.lookup_root(name),
+            None => Err(libc::ENOENT),
+        }
     }
 
     fn getattr(&self, ino: u64) -> Result<(Attr, Duration), Errno> {
+        if Control::is_control(ino) {
+            return self.control.getattr(ino);
+        }
         let (i, node) = self.node(ino)?;
         Ok((self.attr(i, node), TTL))
     }
@@ -128,6 +156,9 @@ impl FileSystem for ImageFs {
     }
 
     fn open(&self, ino: u64, flags: u32) -> Result<(u64, u32), Errno> {
+        if Control::is_control(ino) {
+            return self.control.open(ino, flags);
+        }
         let (_, node) = self.node(ino)?;
         if (flags as i32) & libc::O_ACCMODE != libc::O_RDONLY || (flags as i32) & libc::O_TRUNC != 0 {
             return Err(libc::EROFS);
@@ -140,25 +171,47 @@ impl FileSystem for ImageFs {
         }
     }
 
-    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32) -> Reply<Vec<u8>> {
+    fn read(&self, ino: u64, fh: u64, offset: u64, size: u32, ctx: &Context) -> Reply<Vec<u8>> {
+        if Control::is_control(ino) {
+            return self.control.read(ino, fh, offset, size, ctx);
+        }
         let idx = match self.node(ino) {
             Ok((i, Inode { kind: InodeKind::File(_), .. })) => i,
             Ok((_, Inode { kind: InodeKind::Dir(_), .. })) => return Reply::err(libc::EISDIR),
             Ok(_) => return Reply::err(libc::EINVAL),
             Err(e) => return Reply::err(e),
         };
-        // Cached blocks are answered inline; a miss parks the request on the runtime.
+        self.control.note_read(idx, offset, size, ctx.uid);
+        // Cached blocks are answered inline; a miss registers pending reads (one per missing
+        // block, for `.pending_reads`) and parks the request on the runtime.
         match self.engine.read_cached(idx, offset, size) {
             Ok(Some(data)) => Reply::ok(data),
-            Ok(None) => {
-                let engine = self.engine.clone();
-                Reply::pending(async move { engine.read(idx, offset, size).await.map_err(|e| e.errno()) })
+            Ok(None) => Reply::Pending(self.control.park_read(idx, offset, size, ctx.uid)),
+            Err(e) => {
+                let first = (offset / BLOCK_SIZE as u64).min(u32::MAX as u64) as u32;
+                self.control.read_failed(self.control.file_id_of(idx), first, e.errno(), ctx.uid);
+                Reply::err(e.errno())
             }
-            Err(e) => Reply::err(e.errno()),
+        }
+    }
+
+    fn write(&self, ino: u64, fh: u64, _offset: u64, data: &[u8], ctx: &Context) -> Reply<u32> {
+        if Control::is_control(ino) {
+            return self.control.write(ino, fh, data, ctx);
+        }
+        Reply::err(libc::EROFS)
+    }
+
+    fn release(&self, ino: u64, fh: u64) {
+        if Control::is_control(ino) {
+            self.control.release(fh);
         }
     }
 
     fn opendir(&self, ino: u64, _flags: u32) -> Result<(u64, u32), Errno> {
+        if Control::is_control(ino) {
+            return self.control.opendir(ino);
+        }
         match self.node(ino)?.1.kind {
             // Listings never change either.
             InodeKind::Dir(_) => Ok((0, abi::FOPEN_KEEP_CACHE | abi::FOPEN_CACHE_DIR)),
@@ -167,6 +220,11 @@ impl FileSystem for ImageFs {
     }
 
     fn readdir(&self, ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {
+        if Control::is_control(ino) {
+            return self.control.readdir(ino, offset, sink);
+        }
+        // The root lists only the image: control files are reachable by name but hidden, so
+        // tree walks and comparisons of the mount see exactly the image.
         let (i, node) = self.node(ino)?;
         let InodeKind::Dir(entries) = &node.kind else { return Err(libc::ENOTDIR) };
         // Cookies: 1 = ".", 2 = "..", 3 + k = entries[k].
@@ -202,6 +260,9 @@ impl FileSystem for ImageFs {
     }
 
     fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
+        if Control::is_control(ino) {
+            return Err(libc::ENODATA);
+        }
         let (i, node) = self.node(ino)?;
         if let InodeKind::File(f) = &node.kind {
             if name == XATTR_INCFS_ID {
@@ -215,6 +276,9 @@ impl FileSystem for ImageFs {
     }
 
     fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, Errno> {
+        if Control::is_control(ino) {
+            return Ok(Vec::new());
+        }
         let (_, node) = self.node(ino)?;
         let mut names: Vec<Vec<u8>> = node.xattrs.iter().map(|(k, _)| k.clone()).collect();
         if matches!(node.kind, InodeKind::File(_)) {
@@ -226,6 +290,9 @@ impl FileSystem for ImageFs {
 
     /// Holes are the all-zero blocks the image does not store.
     fn lseek(&self, ino: u64, _fh: u64, offset: u64, whence: u32) -> Result<u64, Errno> {
+        if Control::is_control(ino) {
+            return Err(libc::EINVAL);
+        }
         let (_, node) = self.node(ino)?;
         let InodeKind::File(f) = &node.kind else { return Err(libc::EINVAL) };
         if offset >= f.size {

@@ -4,7 +4,9 @@
 //! Data flows one way: device (guest request) -> filesystem -> [`engine`] (cache -> fetch ->
 //! remote). The image format lives in [`image`]; stores and remotes in [`store`].
 
+pub mod blk;
 pub mod cache;
+pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod error;

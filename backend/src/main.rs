@@ -102,8 +102,9 @@ enum Cmd {
         overlay: Option<PathBuf>,
         #[command(flatten)]
         fetch: FetchArgs,
-        /// Request queues offered (QEMU's num-queues may be up to this).
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        /// Request queues offered. QEMU's num-queues must be at most this; its default is the
+        /// guest's vCPU count.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
         queues: u32,
         /// Threads serving the queues (and fetching).
         #[arg(long, default_value_t = 2)]

@@ -598,7 +598,11 @@ impl Dispatcher {
             };
             fit(reply, unique, capacity, libc::EIO)
         };
-        match self.fs.read(req.hdr.nodeid, read.fh, read.offset, size) {
+        let ctx = caller(req);
+        match self
+            .fs
+            .read(req.hdr.nodeid, read.fh, read.offset, size, &ctx)
+        {
             Reply::Ready(r) => match finish(r) {
                 Some(r) => Response::Ready(r),
                 None => Response::None,
@@ -634,7 +638,11 @@ impl Dispatcher {
             };
             fit(reply, unique, capacity, libc::EIO)
         };
-        match self.fs.write(req.hdr.nodeid, write.fh, write.offset, data) {
+        let ctx = caller(req);
+        match self
+            .fs
+            .write(req.hdr.nodeid, write.fh, write.offset, data, &ctx)
+        {
             Reply::Ready(r) => match finish(r) {
                 Some(r) => Response::Ready(r),
                 None => Response::None,
@@ -791,11 +799,7 @@ impl Dispatcher {
         let Some((a, _)) = read_struct::<abi::AccessIn>(req.body) else {
             return error_reply(unique, libc::EINVAL);
         };
-        let ctx = Context {
-            uid: req.hdr.uid,
-            gid: req.hdr.gid,
-            pid: req.hdr.pid,
-        };
+        let ctx = caller(req);
         match self.fs.access(req.hdr.nodeid, a.mask, &ctx) {
             Ok(()) => ok_reply(unique, &[], Vec::new()),
             Err(e) => error_reply(unique, e),
@@ -874,6 +878,15 @@ impl DirSink for CollectSink {
     }
 }
 
+/// The guest caller of a request, from its header.
+fn caller(req: &Request<'_>) -> Context {
+    Context {
+        uid: req.hdr.uid,
+        gid: req.hdr.gid,
+        pid: req.hdr.pid,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -919,7 +932,14 @@ mod tests {
                 _ => Err(libc::ENOENT),
             }
         }
-        fn read(&self, _ino: u64, _fh: u64, offset: u64, size: u32) -> Reply<Vec<u8>> {
+        fn read(
+            &self,
+            _ino: u64,
+            _fh: u64,
+            offset: u64,
+            size: u32,
+            _ctx: &Context,
+        ) -> Reply<Vec<u8>> {
             let data = b"0123456789";
             let start = (offset as usize).min(data.len());
             let end = (start + size as usize).min(data.len());

@@ -219,11 +219,11 @@ pub trait FileSystem: Send + Sync + 'static {
     }
 
     /// Reads up to `size` bytes at `offset` (`size` is already bounded by max_pages). A short
-    /// result means end of file.
-    fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Reply<Vec<u8>>;
+    /// result means end of file. `ctx` is the guest caller (who waits on a missing block).
+    fn read(&self, ino: u64, fh: u64, offset: u64, size: u32, ctx: &Context) -> Reply<Vec<u8>>;
 
     /// Writes `data` at `offset`, returning how many bytes were taken.
-    fn write(&self, _ino: u64, _fh: u64, _offset: u64, _data: &[u8]) -> Reply<u32> {
+    fn write(&self, _ino: u64, _fh: u64, _offset: u64, _data: &[u8], _ctx: &Context) -> Reply<u32> {
         Reply::err(libc::EROFS)
     }
 

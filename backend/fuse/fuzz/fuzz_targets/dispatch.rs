@@ -32,7 +32,7 @@ impl FileSystem for Trivial {
             _ => Err(libc::ENOENT),
         }
     }
-    fn read(&self, _ino: u64, _fh: u64, offset: u64, size: u32) -> Reply<Vec<u8>> {
+    fn read(&self, _ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &incfs_fuse::Context) -> Reply<Vec<u8>> {
         // Deliberately return up to size + 1 bytes: the dispatcher must clamp.
         let n = (size as usize + 1).min(8192);
         if offset % 2 == 1 {

@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use incfs_fuse::{
-    Attr, DeviceConfig, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs, VirtioFsServer,
+    Attr, Context, DeviceConfig, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs,
+    VirtioFsServer,
 };
 
 pub const ROOT: u64 = 1;
@@ -207,7 +208,7 @@ impl FileSystem for TestFs {
         Ok((ino * 100, incfs_fuse::abi::FOPEN_KEEP_CACHE))
     }
 
-    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32) -> Reply<Vec<u8>> {
+    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &Context) -> Reply<Vec<u8>> {
         match ino {
             FILE => Reply::ok(slice_at(&self.data, offset, size)),
             INNER => Reply::ok(slice_at(b"abc", offset, size)),

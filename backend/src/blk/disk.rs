@@ -1,0 +1,256 @@
+//! The disk a vhost-user-blk device serves: one regular file of an image, read through the
+//! block engine, with an optional copy-on-write overlay on top.
+//!
+//! The disk's size is the file's size rounded up to 4 KiB; bytes past the end of the file
+//! read as zeros. Every operation has a synchronous form that never waits for the network
+//! (`None` when base blocks are missing: the device then parks the request) and an async one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::image::BLOCK_SIZE;
+
+use super::overlay::{Overlay, BLOCK};
+
+#[derive(Default, Debug)]
+pub struct DiskCounters {
+    pub reads: AtomicU64,
+    pub reads_parked: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub writes: AtomicU64,
+    pub writes_parked: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub write_zeroes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl DiskCounters {
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let c = |a: &AtomicU64| a.load(Relaxed);
+        vec![
+            ("blk_reads", c(&self.reads)),
+            ("blk_reads_parked", c(&self.reads_parked)),
+            ("blk_read_bytes", c(&self.read_bytes)),
+            ("blk_writes", c(&self.writes)),
+            ("blk_writes_parked", c(&self.writes_parked)),
+            ("blk_write_bytes", c(&self.write_bytes)),
+            ("blk_flushes", c(&self.flushes)),
+            ("blk_discards", c(&self.discards)),
+            ("blk_write_zeroes", c(&self.write_zeroes)),
+            ("blk_errors", c(&self.errors)),
+        ]
+    }
+}
+
+pub struct Disk {
+    engine: Arc<Engine>,
+    ino: u32,
+    /// Size of the file in the image.
+    file_size: u64,
+    /// Size of the disk: the file's size rounded up to 4 KiB.
+    size: u64,
+    overlay: Option<Overlay>,
+    /// Serial number (GET_ID): the start of the image id.
+    serial: [u8; 20],
+    pub counters: DiskCounters,
+}
+
+impl Disk {
+    /// The disk backed by file `path` of the engine's image.
+    pub fn new(engine: Arc<Engine>, path: &str, overlay: Option<&std::path::Path>) -> Result<Disk> {
+        let img = engine.image().clone();
+        let ino = img.resolve(path.as_bytes()).ok_or_else(|| Error::NotFound(format!("{path} in image {}", img.id)))?;
+        let f = img.file(ino).ok_or_else(|| Error::Invalid(format!("{path} is not a regular file")))?;
+        let file_size = f.size;
+        let size = file_size.div_ceil(BLOCK) * BLOCK;
+        if size == 0 {
+            return Err(Error::Invalid(format!("{path} is empty")));
+        }
+        let overlay = match overlay {
+            Some(p) => Some(Overlay::open(p, size, &img.id, path)?),
+            None => None,
+        };
+        let mut serial = [0u8; 20];
+        let id = img.id.to_string();
+        let n = id.len().min(20);
+        serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Disk { engine, ino, file_size, size, overlay, serial, counters: DiskCounters::default() })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    pub fn overlay(&self) -> Option<&Overlay> {
+        self.overlay.as_ref()
+    }
+
+    pub fn serial(&self) -> &[u8; 20] {
+        &self.serial
+    }
+
+    /// Base content of [offset, offset+buf.len()) from the cache only; false if a block is
+    /// missing.
+    fn base_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let n = self.in_file(offset, buf.len());
+        buf[n..].fill(0);
+        if n == 0 {
+            return Ok(true);
+        }
+        match self.engine.read_cached(self.ino, offset, n as u32)? {
+            Some(d) if d.len() == n => {
+                buf[..n].copy_from_slice(&d);
+                Ok(true)
+            }
+            Some(_) => Err(Error::Invalid("short read from the engine".into())),
+            None => Ok(false),
+        }
+    }
+
+    async fn base(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let n = self.in_file(offset, buf.len());
+        buf[n..].fill(0);
+        if n == 0 {
+            return Ok(());
+        }
+        let d = self.engine.read(self.ino, offset, n as u32).await?;
+        if d.len() != n {
+            return Err(Error::Invalid("short read from the engine".into()));
+        }
+        buf[..n].copy_from_slice(&d);
+        Ok(())
+    }
+
+    /// How many of `len` bytes at `offset` lie inside the file.
+    fn in_file(&self, offset: u64, len: usize) -> usize {
+        self.file_size.saturating_sub(offset).min(len as u64) as usize
+    }
+
+    /// Pieces of a read: (offset, len, overlaid).
+    fn pieces(&self, offset: u64, len: usize) -> Vec<(u64, usize, bool)> {
+        let end = offset + len as u64;
+        match &self.overlay {
+            None => vec![(offset, len, false)],
+            Some(o) => o
+                .runs(offset, len as u64)
+                .into_iter()
+                .map(|(a, z, ov)| {
+                    let (s, e) = ((a * BLOCK).max(offset), (z * BLOCK).min(end));
+                    (s, (e - s) as usize, ov)
+                })
+                .collect(),
+        }
+    }
+
+    /// Reads without waiting: None if base blocks are missing from the cache.
+    pub fn read_now(&self, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; len];
+        for (s, n, ov) in self.pieces(offset, len) {
+            let at = (s - offset) as usize;
+            let part = &mut buf[at..at + n];
+            if ov {
+                self.overlay.as_ref().map(|o| o.read(s, part)).transpose()?;
+            } else if !self.base_cached(s, part)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(buf))
+    }
+
+    /// Reads, fetching missing base blocks (until the engine's read timeout).
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        for (s, n, ov) in self.pieces(offset, len) {
+            let at = (s - offset) as usize;
+            let part = &mut buf[at..at + n];
+            if ov {
+                self.overlay.as_ref().map(|o| o.read(s, part)).transpose()?;
+            } else {
+                self.base(s, part).await?;
+            }
+        }
+        Ok(buf)
+    }
+
+    fn overlay_or_ro(&self) -> Result<&Overlay> {
+        self.overlay.as_ref().ok_or_else(|| Error::Invalid("the disk is read-only (no overlay)".into()))
+    }
+
+    /// Base content of the partly written blocks a write needs; None if not cached.
+    fn bases_now(&self, need: &[u64]) -> Result<Option<HashMap<u64, Vec<u8>>>> {
+        let mut m = HashMap::new();
+        for &b in need {
+            let mut v = vec![0u8; BLOCK_SIZE];
+            if !self.base_cached(b * BLOCK, &mut v)? {
+                return Ok(None);
+            }
+            m.insert(b, v);
+        }
+        Ok(Some(m))
+    }
+
+    async fn bases(&self, need: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
+        let mut m = HashMap::new();
+        for &b in need {
+            let mut v = vec![0u8; BLOCK_SIZE];
+            self.base(b * BLOCK, &mut v).await?;
+            m.insert(b, v);
+        }
+        Ok(m)
+    }
+
+    /// Writes without waiting; Ok(false) if a partial block's base must be fetched first.
+    pub fn write_now(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        let o = self.overlay_or_ro()?;
+        match self.bases_now(&o.needs_base(offset, data.len() as u64))? {
+            Some(bases) => o.write(offset, data, &bases).map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let o = self.overlay_or_ro()?;
+        let bases = self.bases(&o.needs_base(offset, data.len() as u64)).await?;
+        o.write(offset, data, &bases)
+    }
+
+    /// WRITE_ZEROES without waiting; Ok(false) if a base must be fetched first.
+    pub fn write_zeroes_now(&self, offset: u64, len: u64) -> Result<bool> {
+        let o = self.overlay_or_ro()?;
+        match self.bases_now(&o.needs_base(offset, len))? {
+            Some(bases) => o.write_zeroes(offset, len, &bases).map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let o = self.overlay_or_ro()?;
+        let bases = self.bases(&o.needs_base(offset, len)).await?;
+        o.write_zeroes(offset, len, &bases)
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.overlay_or_ro()?.discard(offset, len)
+    }
+
+    /// Makes completed writes durable (blocking: call off the queue thread).
+    pub fn flush(&self) -> Result<()> {
+        match &self.overlay {
+            Some(o) => o.flush(),
+            None => Ok(()),
+        }
+    }
+}
