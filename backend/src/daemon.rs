@@ -14,6 +14,7 @@ use crate::fs::ImageFs;
 use crate::image::ImageId;
 use crate::metrics;
 use crate::store::Remote;
+use crate::trace;
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -29,6 +30,57 @@ pub struct RunConfig {
     /// Threads serving the queues, and as many runtime workers for fetches.
     pub threads: usize,
     pub metrics: Option<SocketAddr>,
+    /// Record the order of first reads here.
+    pub record_trace: Option<PathBuf>,
+    pub prefetch: Prefetch,
+}
+
+/// Which trace to replay from start-up.
+#[derive(Clone, Debug)]
+pub enum Prefetch {
+    None,
+    /// The one published beside the image (STORE/traces/ID), if any.
+    Published,
+    File(PathBuf),
+}
+
+/// Starts replaying a trace in the background.
+async fn start_prefetch(engine: &Arc<Engine>, remote: &Remote, how: &Prefetch) -> Result<()> {
+    let text = match how {
+        Prefetch::None => return Ok(()),
+        Prefetch::File(p) => tokio::fs::read_to_string(p).await.map_err(|e| Error::io(format!("read trace {}", p.display()), e))?,
+        Prefetch::Published => match remote.trace(&engine.image().id).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!("no published trace: {e}");
+                return Ok(());
+            }
+        },
+    };
+    let (ranges, skipped) = trace::parse(engine.image(), &text)?;
+    let blocks: u64 = ranges.iter().map(|r| r.2 as u64).sum();
+    tracing::info!(runs = ranges.len(), blocks, skipped, "prefetching a trace");
+    let e = engine.clone();
+    tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        let asked = e.prefetch(ranges).await;
+        tracing::info!(asked, secs = start.elapsed().as_secs_f64(), "trace prefetch issued");
+    });
+    Ok(())
+}
+
+/// Writes the recorded trace now and then, and once more at the end.
+fn write_trace(engine: &Engine, path: &std::path::Path, last_len: &mut usize) {
+    let Some((len, text)) = engine.recorded_trace() else { return };
+    if len == *last_len {
+        return;
+    }
+    let tmp = path.with_extension("tmp");
+    match std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => *last_len = len,
+        Err(e) => tracing::warn!("writing trace {}: {e}", path.display()),
+    }
 }
 
 pub fn run(cfg: RunConfig) -> Result<()> {
@@ -43,6 +95,20 @@ pub fn run(cfg: RunConfig) -> Result<()> {
     let engine = rt.block_on(Engine::open(remote, cfg.image, cache, cfg.engine.clone()))?;
     let img = engine.image();
     tracing::info!(image = %img.id, inodes = img.manifest.inodes.len(), bytes = img.data_size(), "image loaded");
+
+    if let Some(path) = cfg.record_trace.clone() {
+        engine.start_recording();
+        let e = engine.clone();
+        rt.spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                write_trace(&e, &path, &mut last);
+            }
+        });
+    }
+    let remote_for_prefetch = Remote::open(&cfg.store, cfg.engine.attempt_timeout)?;
+    rt.block_on(start_prefetch(&engine, &remote_for_prefetch, &cfg.prefetch))?;
 
     if let Some(addr) = cfg.metrics {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
@@ -69,6 +135,10 @@ pub fn run(cfg: RunConfig) -> Result<()> {
             Err(e) => return Err(Error::Invalid(format!("vhost-user: {e}"))),
         }
     }
+    if let Some(path) = &cfg.record_trace {
+        write_trace(&engine, path, &mut 0);
+    }
+    engine.flush_stats();
     for (k, v) in engine.counters.snapshot() {
         tracing::info!("{k} {v}");
     }

@@ -19,6 +19,7 @@ use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::image::{merkle, BlockKind, BlockRef, FileData, Hash, Image, ImageId, BLOCK_SIZE};
 use crate::store::{FetchError, Remote};
+use crate::trace::{self, Recorder};
 
 /// Where missing blocks come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +71,8 @@ pub struct Counters {
     pub timeouts: AtomicU64,
     pub blocks_supplied: AtomicU64,
     pub waits_on_other_process: AtomicU64,
+    /// Blocks requested by trace replay (fetched unless already cached or in flight).
+    pub prefetch_blocks: AtomicU64,
 }
 
 impl Counters {
@@ -89,6 +92,7 @@ impl Counters {
             ("timeouts", c(&self.timeouts)),
             ("blocks_supplied", c(&self.blocks_supplied)),
             ("waits_on_other_process", c(&self.waits_on_other_process)),
+            ("prefetch_blocks", c(&self.prefetch_blocks)),
         ]
     }
 }
@@ -134,6 +138,8 @@ pub struct Engine {
     pub counters: Counters,
     /// Hits and misses already added to the cache-wide totals.
     flushed: Mutex<(u64, u64)>,
+    /// Set by `start_recording`: first touches of blocks, for `--record-trace`.
+    recorder: std::sync::OnceLock<Recorder>,
 }
 
 impl Drop for Engine {
@@ -147,7 +153,7 @@ impl Engine {
     /// against its id.
     pub async fn open(remote: Remote, id: ImageId, cache: Arc<BlockCache>, cfg: EngineConfig) -> Result<Arc<Self>> {
         let image = Arc::new(load_image(&remote, &id, &cache, cfg.read_timeout.max(Duration::from_secs(30))).await?);
-        Ok(Arc::new(Engine { image, remote, cache, cfg, inflight: Mutex::new(HashMap::new()), counters: Counters::default(), flushed: Mutex::new((0, 0)) }))
+        Ok(Arc::new(Engine { image, remote, cache, cfg, inflight: Mutex::new(HashMap::new()), counters: Counters::default(), flushed: Mutex::new((0, 0)), recorder: std::sync::OnceLock::new() }))
     }
 
     /// Adds this engine's hits and misses since the last call to the cache-wide totals
@@ -236,6 +242,9 @@ impl Engine {
     pub fn read_cached(&self, ino: u32, offset: u64, len: u32) -> Result<Option<Vec<u8>>> {
         let f = self.file(ino)?;
         let (n, first, last) = Self::span(f, offset, len);
+        if let Some(r) = self.recorder.get() {
+            r.note(ino, first, last);
+        }
         let mut buf = vec![0u8; (last - first) * BLOCK_SIZE];
         if !self.copy_cached(f, first, last, &mut buf)?.is_empty() {
             return Ok(None);
@@ -268,6 +277,9 @@ impl Engine {
     async fn read_inner(self: &Arc<Self>, ino: u32, offset: u64, len: u32) -> Result<Vec<u8>> {
         let f = self.file(ino)?;
         let (n, first, last) = Self::span(f, offset, len);
+        if let Some(r) = self.recorder.get() {
+            r.note(ino, first, last);
+        }
         let mut buf = vec![0u8; (last - first) * BLOCK_SIZE];
         let deadline = Instant::now() + self.cfg.read_timeout;
         let mut missing = self.copy_cached(f, first, last, &mut buf)?;
@@ -572,6 +584,57 @@ impl Engine {
     /// The distinct blocks of the image that must come from a remote (zero blocks excluded).
     pub fn unique_blocks(&self) -> HashSet<Hash> {
         self.image.files().flat_map(|(_, f)| f.blocks.iter()).filter(|r| r.kind != BlockKind::Zero).map(|r| r.hash).collect()
+    }
+}
+
+// --- Record and replay: traces of first reads, prefetched in order by later runs. ---
+impl Engine {
+    /// From now on, note the first read of every block (see `recorded`).
+    pub fn start_recording(&self) {
+        let _ = self.recorder.set(Recorder::new(&self.image));
+    }
+
+    /// The trace so far, in the text format of `trace`, or None when not recording.
+    pub fn recorded_trace(&self) -> Option<(usize, String)> {
+        let r = self.recorder.get()?;
+        Some((r.len(), trace::format(&self.image, &r.ranges())))
+    }
+
+    /// Fetches the blocks of `ranges` in order, in the background of demand reads: at most
+    /// `PREFETCH_RUNS` fetches of its own in flight, while a demand miss starts its fetch at
+    /// once (or joins the prefetch of its block). Returns the blocks it asked for.
+    pub async fn prefetch(self: &Arc<Self>, ranges: Vec<trace::Range>) -> u64 {
+        const PREFETCH_RUNS: usize = 2;
+        let window = (self.cfg.readahead as usize / BLOCK_SIZE).max(64);
+        let slots = Arc::new(tokio::sync::Semaphore::new(PREFETCH_RUNS));
+        let mut asked = 0u64;
+        for (ino, first, count) in ranges {
+            let Ok(f) = self.file(ino) else { continue };
+            let end = (first as usize + count as usize).min(f.blocks.len());
+            let mut at = first as usize;
+            while at < end {
+                let piece_end = (at + window).min(end);
+                let missing: Vec<usize> = (at..piece_end)
+                    .filter(|&b| f.blocks[b].kind != BlockKind::Zero && self.cache.lookup(&f.blocks[b].hash).is_none())
+                    .collect();
+                at = piece_end;
+                if missing.is_empty() {
+                    continue;
+                }
+                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                asked += missing.len() as u64;
+                self.counters.prefetch_blocks.fetch_add(missing.len() as u64, Relaxed);
+                let waits = self.request(ino, f, &missing, piece_end, Instant::now() + Duration::from_secs(60));
+                tokio::spawn(async move {
+                    for w in waits {
+                        let mut rx = w.done.subscribe();
+                        let _ = rx.wait_for(|o| o.is_some()).await;
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        asked
     }
 }
 

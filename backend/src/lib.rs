@@ -17,5 +17,6 @@ pub mod metrics;
 pub mod pack;
 pub mod serve;
 pub mod store;
+pub mod trace;
 
 pub use error::{Error, Result};

@@ -36,6 +36,10 @@ enum Cmd {
         /// Close a blob once it reaches this size.
         #[arg(long, default_value_t = 64)]
         blob_size_mb: u64,
+        /// Publish this read trace (from `run --record-trace`) with the image, as
+        /// STORE/traces/ID: daemons prefetch it from start-up.
+        #[arg(long)]
+        trace: Option<PathBuf>,
     },
     /// Serve a store over HTTP (single-range GET).
     Serve {
@@ -83,6 +87,16 @@ enum Cmd {
         /// guest data loader supplies them through `.fill`; see docs/pending-reads.md).
         #[arg(long, default_value = "remote", value_parser = ["remote", "guest"])]
         fill_from: String,
+        /// Record the order of first reads to this file (rewritten every 2 s and at exit).
+        #[arg(long)]
+        record_trace: Option<PathBuf>,
+        /// Prefetch the blocks of this trace in order, in the background, from start-up.
+        /// Without it, a trace published with the image (STORE/traces/ID) is used.
+        #[arg(long)]
+        prefetch_trace: Option<PathBuf>,
+        /// Do not prefetch a trace published with the image.
+        #[arg(long)]
+        no_prefetch: bool,
     },
     /// Serve one file of an image (a raw disk image) to a VM as a vhost-user-blk device.
     Blk {
@@ -223,9 +237,18 @@ async fn open_engine(src: &ImageArgs, cache: &std::path::Path, cache_size: Optio
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Pack { src, store, level, blob_size_mb } => {
+        Cmd::Pack { src, store, level, blob_size_mb, trace } => {
             let opts = pack::PackOptions { level, blob_size: blob_size_mb.max(1) << 20, progress: true };
-            let (id, s) = pack::pack(&src, &Store::new(store), &opts)?;
+            let store = Store::new(store);
+            let (id, s) = pack::pack(&src, &store, &opts)?;
+            if let Some(t) = trace {
+                let text = std::fs::read_to_string(&t).map_err(|e| Error::io(format!("read {}", t.display()), e))?;
+                let bytes = std::fs::read(store.root.join("images").join(id.to_string())).map_err(|e| Error::io("read manifest", e))?;
+                let image = incfs::image::Image::from_manifest_bytes(id, &bytes)?;
+                let (ranges, skipped) = incfs::trace::parse(&image, &text)?;
+                store.write_trace(&id, &incfs::trace::format(&image, &ranges))?;
+                eprintln!("published a trace of {} runs ({skipped} lines for paths not in this image skipped)", ranges.len());
+            }
             eprintln!(
                 "packed {} inodes, {} files, {} bytes in {:.2}s ({:.1} MB/s): {} blocks ({} zero, {} duplicate), {} bytes stored, manifest {} bytes",
                 s.inodes,
@@ -267,7 +290,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok::<_, Error>(())
             })?;
         }
-        Cmd::Run { socket, src, cache, tag, fetch, threads, queues, metrics, fill_from } => {
+        Cmd::Run { socket, src, cache, tag, fetch, threads, queues, metrics, fill_from, record_trace, prefetch_trace, no_prefetch } => {
             tracing::info!(%tag, "starting");
             daemon::run(daemon::RunConfig {
                 socket,
@@ -283,6 +306,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 queues: queues as usize,
                 threads,
                 metrics,
+                record_trace,
+                prefetch: if no_prefetch { daemon::Prefetch::None } else { prefetch_trace.map_or(daemon::Prefetch::Published, daemon::Prefetch::File) },
             })?;
         }
         Cmd::Blk { socket, src, path, cache, overlay, fetch, queues, threads, logical_block_size, metrics } => {

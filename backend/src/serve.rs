@@ -13,6 +13,7 @@ pub fn router(store: &Path) -> Router {
     Router::new()
         .nest_service("/images", ServeDir::new(store.join("images")))
         .nest_service("/blobs", ServeDir::new(store.join("blobs")))
+        .nest_service("/traces", ServeDir::new(store.join("traces")))
 }
 
 /// Serves until the process is stopped. `on_bound` gets the bound address (port 0 picks one).

@@ -54,6 +54,16 @@ impl Store {
         fs::rename(tmp, &dst).ctx(|| format!("rename to {}", dst.display()))
     }
 
+    /// A prefetch trace for an image, served beside it (advisory: not part of the image id).
+    pub fn write_trace(&self, id: &ImageId, text: &str) -> Result<()> {
+        let dir = self.root.join("traces");
+        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        let (f, tmp) = self.temp_file("trace")?;
+        f.write_all_at(text.as_bytes(), 0).ctx(|| format!("write {}", tmp.display()))?;
+        let dst = dir.join(id.to_string());
+        fs::rename(&tmp, &dst).ctx(|| format!("rename to {}", dst.display()))
+    }
+
     pub fn write_manifest(&self, id: &ImageId, bytes: &[u8]) -> Result<()> {
         let (f, tmp) = self.temp_file("image")?;
         f.write_all_at(bytes, 0).ctx(|| format!("write {}", tmp.display()))?;
@@ -128,6 +138,28 @@ impl Remote {
                 Ok(body.to_vec())
             }
         }
+    }
+
+    /// The prefetch trace published beside an image, if any.
+    pub async fn trace(&self, id: &ImageId) -> Result<Option<String>, FetchError> {
+        let rel = format!("traces/{id}");
+        let bytes = match self {
+            Remote::Dir(root) => match tokio::fs::read(root.join(&rel)).await {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(FetchError::Transient(format!("read {rel}: {e}"))),
+            },
+            Remote::Http { base, client } => {
+                let url = format!("{base}/{rel}");
+                let resp = client.get(&url).send().await.map_err(|e| FetchError::Transient(format!("GET {url}: {e}")))?;
+                match resp.status() {
+                    reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::FORBIDDEN => return Ok(None),
+                    s if !s.is_success() => return Err(classify(s, &url)),
+                    _ => resp.bytes().await.map_err(|e| FetchError::Transient(format!("GET {url}: {e}")))?.to_vec(),
+                }
+            }
+        };
+        String::from_utf8(bytes).map(Some).map_err(|_| FetchError::Permanent(format!("{rel} is not text")))
     }
 
     /// Bytes [offset, offset+len) of a blob.

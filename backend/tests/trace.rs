@@ -1,0 +1,137 @@
+//! Record and replay: one run records the order of first reads; later runs prefetch those
+//! blocks from start-up, before anyone asks, from a trace file or one published with the image.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use incfs_fuse::frontend::FuseFrontend;
+use support::*;
+
+const ROOT: u64 = 1;
+
+struct Daemon {
+    child: Child,
+    metrics: u16,
+}
+
+impl Daemon {
+    fn start(url: &str, id: &str, cache: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let metrics = free_port();
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(INCFSD)
+            .args(["run", "--image", id, "--store", url, "--metrics", &format!("127.0.0.1:{metrics}"), "--cache"])
+            .arg(cache)
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("incfsd run");
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child, metrics }
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").expect("send");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    /// SIGTERM: the daemon writes its trace and exits.
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(t.elapsed() < Duration::from_secs(10), "daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(f: &mut FuseFrontend, name: &str, off: u64, len: u32) -> Vec<u8> {
+    let e = f.lookup(ROOT, name.as_bytes()).expect("lookup");
+    let (fh, _) = f.open(e.nodeid, 0).expect("open");
+    f.read(e.nodeid, fh, off, len).expect("read")
+}
+
+/// The workload: a few files, parts of them, in an order unlike the tree's.
+fn workload(f: &mut FuseFrontend, files: &[Vec<u8>]) {
+    f.init().expect("init");
+    for (i, off, len) in [(17usize, 0u64, 65536u32), (3, 8192, 4096), (30, 0, 200_000), (3, 0, 4096)] {
+        let got = read(f, &format!("f{i:02}"), off, len);
+        let end = (off as usize + len as usize).min(files[i].len());
+        assert!(got == files[i][off as usize..end], "f{i:02} at {off}");
+    }
+}
+
+#[test]
+fn a_recorded_trace_is_prefetched_by_later_runs() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let files: Vec<Vec<u8>> = (0..40).map(|i| pseudo_random(i, 256 << 10)).collect();
+    for (i, d) in files.iter().enumerate() {
+        std::fs::write(src.join(format!("f{i:02}")), d).expect("write");
+    }
+    let store = t.path().join("store");
+    let id = incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let nginx = Nginx::start(&store, 0);
+    let sock = t.path().join("fs.sock");
+    let trace = t.path().join("trace.txt");
+
+    // 1. Record.
+    let d = Daemon::start(&nginx.url, &id, &t.path().join("c1"), &sock, &["--record-trace", trace.to_str().expect("utf8"), "--no-prefetch"]);
+    workload(&mut FuseFrontend::connect(&sock).expect("connect"), &files);
+    let demand_requests = d.metric("incfs_remote_requests_total");
+    d.stop();
+    let text = std::fs::read_to_string(&trace).expect("trace written at exit");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    println!("{text}");
+    assert_eq!(lines, ["f17\t0\t16", "f03\t2\t1", "f30\t0\t49", "f03\t0\t1"], "first reads, in order");
+
+    // 2. Replay from the file into a fresh cache: the blocks arrive before anyone reads.
+    let wait_prefetched = |d: &Daemon| {
+        let t0 = Instant::now();
+        while d.metric("incfs_blocks_fetched_total") < 16 + 1 + 49 + 1 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "prefetch did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let d = Daemon::start(&nginx.url, &id, &t.path().join("c2"), &sock, &["--prefetch-trace", trace.to_str().expect("utf8")]);
+    wait_prefetched(&d);
+    assert_eq!(d.metric("incfs_reads_total"), 0, "nobody has read yet");
+    workload(&mut FuseFrontend::connect(&sock).expect("connect"), &files);
+    assert_eq!(d.metric("incfs_cache_misses_total"), 0, "every read was prefetched");
+    assert!(d.metric("incfs_remote_requests_total") <= demand_requests + 1);
+    drop(d);
+
+    // 3. Published with the image: used by default, ignored with --no-prefetch.
+    let out = Command::new(INCFSD).args(["pack", src.to_str().expect("utf8"), "--store", store.to_str().expect("utf8"), "--trace", trace.to_str().expect("utf8")]).output().expect("pack");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id, "same tree, same image id");
+    assert!(store.join("traces").join(&id).exists());
+    let d = Daemon::start(&nginx.url, &id, &t.path().join("c3"), &sock, &[]);
+    wait_prefetched(&d);
+    drop(d);
+    let d = Daemon::start(&nginx.url, &id, &t.path().join("c4"), &sock, &["--no-prefetch"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.metric("incfs_blocks_fetched_total"), 0);
+}
