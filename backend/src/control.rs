@@ -456,6 +456,11 @@ impl Control {
         lock(&self.handles).remove(&fh);
     }
 
+    /// The guest unmounted or went away: its handles will never be released one by one.
+    pub fn drop_handles(&self) {
+        lock(&self.handles).clear();
+    }
+
     pub fn read(self: &Arc<Self>, ino: u64, fh: u64, offset: u64, size: u32, _ctx: &Context) -> Reply<Vec<u8>> {
         let timeout = match lock(&self.handles).get(&fh) {
             Some(h) if h.ino == ino => h.timeout,

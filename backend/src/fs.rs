@@ -121,6 +121,10 @@ fn dtype(mode: u32) -> u32 {
 }
 
 impl FileSystem for ImageFs {
+    fn destroy(&self) {
+        self.control.drop_handles();
+    }
+
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno> {
         if Control::is_control(parent) {
             return match self.control.lookup(parent, name)? {
