@@ -41,6 +41,8 @@ pub struct EngineConfig {
     /// Fetches of a block that keep failing verification give up after this many.
     pub corrupt_attempts: u32,
     pub fill: FillSource,
+    /// Let readahead continue into the files packed after the one being read.
+    pub cross_file_readahead: bool,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +53,7 @@ impl Default for EngineConfig {
             attempt_timeout: Duration::from_secs(5),
             corrupt_attempts: 3,
             fill: FillSource::Remote,
+            cross_file_readahead: true,
         }
     }
 }
@@ -349,12 +352,22 @@ impl Engine {
                 if self.cfg.fill == FillSource::Supplied {
                     continue;
                 }
-                // A run: this block, then neighbours stored right after it that nobody has.
+                // A run: this block, then neighbours stored right after it that nobody has,
+                // past the end of the file into the files packed after it (small files of a
+                // directory are read together: one round trip instead of one per file).
                 let mut run = vec![(f.blocks[b], fl)];
                 let limit = window.max(read_end.saturating_sub(b));
-                let mut next = b + 1;
-                while run.len() < limit && next < f.blocks.len() {
-                    let r = f.blocks[next];
+                let (mut cur_ino, mut cur, mut next) = (ino, f, b + 1);
+                while run.len() < limit {
+                    if next >= cur.blocks.len() {
+                        let n = self.image.next_file.get(cur_ino as usize).copied().unwrap_or(u32::MAX);
+                        match (self.cfg.cross_file_readahead, self.image.file(n)) {
+                            (true, Some(nf)) => (cur_ino, cur, next) = (n, nf, 0),
+                            _ => break,
+                        }
+                        continue;
+                    }
+                    let r = cur.blocks[next];
                     if !run[run.len() - 1].0.adjoins(&r) || map.contains_key(&r.hash) || self.cache.lookup(&r.hash).is_some() {
                         break;
                     }
@@ -366,7 +379,6 @@ impl Engine {
                 runs.push(run);
             }
         }
-        let _ = ino;
         for run in runs {
             let me = self.clone();
             tokio::spawn(async move { me.fetch_run(run).await });

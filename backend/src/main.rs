@@ -180,6 +180,10 @@ struct FetchArgs {
     /// used blocks. Unbounded if not given.
     #[arg(long, value_parser = parse_size)]
     cache_size: Option<u64>,
+    /// Stop readahead at the end of the file being read (by default it continues into the
+    /// files packed after it, within the same window).
+    #[arg(long)]
+    no_cross_file_readahead: bool,
 }
 
 /// "4096", "64K", "512M", "20G", "1T" (powers of 1024).
@@ -206,6 +210,7 @@ impl FetchArgs {
         EngineConfig {
             read_timeout: Duration::from_millis(self.read_timeout_ms),
             readahead: self.readahead_kb.max(4) << 10,
+            cross_file_readahead: !self.no_cross_file_readahead,
             ..EngineConfig::default()
         }
     }

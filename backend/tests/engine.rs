@@ -392,3 +392,36 @@ fn kill_9_during_fills_leaves_only_verified_blocks() {
     assert!(out.status.success());
     println!("{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_continues_into_the_files_packed_next() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let files: Vec<Vec<u8>> = (0..20).map(|i| pseudo_random(70 + i, 8192)).collect();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(src.join(format!("m{i:02}.py")), d).expect("write");
+    }
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    for (cross, cache) in [(true, "c1"), (false, "c2")] {
+        let cfg = EngineConfig { readahead: 64 << 10, cross_file_readahead: cross, ..EngineConfig::default() };
+        let e = open(&nginx.url, id, &t.path().join(cache), cfg).await;
+        let ino = |i: usize| e.image().resolve(format!("m{i:02}.py").as_bytes()).expect("file");
+        assert_eq!(e.read(ino(0), 0, 8192).await.expect("read"), files[0]);
+        assert_eq!(e.counters.remote_requests.load(Relaxed), 1);
+        let fetched = e.counters.blocks_fetched.load(Relaxed);
+        if cross {
+            // A 64 KiB window: this file and the next seven, in one request.
+            assert_eq!(fetched, 16);
+            for i in 1..8 {
+                assert_eq!(e.read_cached(ino(i), 0, 8192).expect("cached"), Some(files[i].clone()), "m{i:02} came along");
+            }
+            assert_eq!(e.read_cached(ino(8), 0, 8192).expect("cached"), None, "but no further");
+        } else {
+            assert_eq!(fetched, 2);
+            assert_eq!(e.read_cached(ino(1), 0, 8192).expect("cached"), None);
+        }
+    }
+}

@@ -461,6 +461,9 @@ pub struct Image {
     pub parent: Vec<u32>,
     /// Link count per inode.
     pub nlink: Vec<u32>,
+    /// For each file inode, the next file inode in inode order, which is the packer's blob
+    /// order (u32::MAX for the last one and for non-files): readahead may continue there.
+    pub next_file: Vec<u32>,
 }
 
 impl Image {
@@ -490,7 +493,17 @@ impl Image {
                 }
             }
         }
-        Ok(Image { id, manifest, parent, nlink })
+        let mut next_file = vec![u32::MAX; n];
+        let mut prev: Option<usize> = None;
+        for (i, ino) in manifest.inodes.iter().enumerate() {
+            if matches!(ino.kind, InodeKind::File(_)) {
+                if let Some(p) = prev {
+                    next_file[p] = i as u32;
+                }
+                prev = Some(i);
+            }
+        }
+        Ok(Image { id, manifest, parent, nlink, next_file })
     }
 
     pub fn inode(&self, ino: u32) -> Option<&Inode> {
