@@ -214,6 +214,64 @@ fn rate(which: &str, (ops, bytes): (u64, u64), secs: f64) -> (f64, &'static str)
     }
 }
 
+/// Packing throughput with every core, one core, and `tar | zstd -3` on every core as what a
+/// user would otherwise run to publish a tree.
+fn pack_figures(a: &Args, src: &Path) {
+    let bytes: u64 = walk_bytes(src);
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    let mut pack_with = |threads: Option<&str>| {
+        let store = a.work.join("pack-bench");
+        let _ = std::fs::remove_dir_all(&store);
+        let mut c = Command::new(&a.incfsd);
+        c.arg("pack").arg(src).arg("--store").arg(&store).stdout(Stdio::null()).stderr(Stdio::null());
+        if let Some(n) = threads {
+            c.env("RAYON_NUM_THREADS", n);
+        }
+        let secs = time(&mut || assert!(c.status().expect("pack").success()));
+        let _ = std::fs::remove_dir_all(&store);
+        bytes as f64 / 1e6 / secs
+    };
+    let all = pack_with(None);
+    let one = pack_with(Some("1"));
+    let zstd = Command::new("sh")
+        .arg("-c")
+        .arg(format!("tar -C {} -cf - . | zstd -3 -T0 -q -o /dev/null -f", src.display()))
+        .stderr(Stdio::null())
+        .status()
+        .ok()
+        .filter(|s| s.success())
+        .map(|_| ());
+    println!("# packing {:.0} MB ({} cores)", bytes as f64 / 1e6, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("{:<16} {:>9.0} MB/s  1 core {:>6.0} MB/s {:>7.2}x", "pack", all, one, all / one);
+    if zstd.is_some() {
+        let cmd = format!("tar -C {} -cf - . | zstd -3 -T0 -q -o /dev/null -f", src.display());
+        let secs = time(&mut || {
+            let _ = Command::new("sh").arg("-c").arg(&cmd).status();
+        });
+        let z = bytes as f64 / 1e6 / secs;
+        println!("{:<16} {:>9.0} MB/s  tar|zstd -3 {:>6.0} MB/s {:>7.2}x", "pack", all, z, all / z);
+    }
+    println!();
+}
+
+fn walk_bytes(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => walk_bytes(&e.path()),
+                    Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 const WORKLOADS: [&str; 4] = ["seq-128k", "rand-4k", "lookup-getattr", "readdir"];
 
 fn main() {
@@ -223,6 +281,7 @@ fn main() {
     make_tree(&src);
     let store = a.work.join("store");
     let id = incfsd(&a, &["pack", src.to_str().expect("utf8"), "--store", store.to_str().expect("utf8")]);
+    pack_figures(&a, &src);
     // Warm the shared cache: every block once.
     let cache = a.work.join("cache");
     for p in ["big"] {
