@@ -155,11 +155,23 @@ fn encode_block(data: &[u8], level: i32) -> Encoded {
         return Encoded { hash: merkle::zero_leaf(), stored: None };
     }
     let hash = merkle::leaf_hash(data);
-    let stored = match zstd::bulk::compress(data, level) {
-        Ok(c) if c.len() < data.len() => (BlockKind::Zstd, c),
+    let compressed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
+        }
+        c.as_mut().and_then(|(_, z)| z.compress(data).ok())
+    });
+    let stored = match compressed {
+        Some(c) if c.len() < data.len() => (BlockKind::Zstd, c),
         _ => (BlockKind::Raw, data.to_vec()),
     };
     Encoded { hash, stored: Some(stored) }
+}
+
+thread_local! {
+    /// One zstd context per packing thread: setting one up costs more than compressing a block.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// A run of whole blocks of one file (the last block of a file may be short).
@@ -340,6 +352,8 @@ struct BlobWriter<'a> {
     target: u64,
     cur: Option<OpenBlob>,
     done: Vec<Blob>,
+    /// Closed blobs whose writeback was started; made durable together in `finish`.
+    unsynced: Vec<File>,
 }
 
 struct OpenBlob {
@@ -351,7 +365,7 @@ struct OpenBlob {
 
 impl<'a> BlobWriter<'a> {
     fn new(store: &'a Store, target: u64) -> Self {
-        BlobWriter { store, target: target.max(BLOCK_SIZE as u64), cur: None, done: Vec::new() }
+        BlobWriter { store, target: target.max(BLOCK_SIZE as u64), cur: None, done: Vec::new(), unsynced: Vec::new() }
     }
 
     fn append(&mut self, data: &[u8]) -> Result<(u32, u64)> {
@@ -374,16 +388,26 @@ impl<'a> BlobWriter<'a> {
     fn close(&mut self) -> Result<()> {
         if let Some(b) = self.cur.take() {
             let file = b.file.into_inner().map_err(|e| Error::io(format!("write {}", b.tmp.display()), e.into_error()))?;
-            file.sync_all().ctx(|| format!("sync {}", b.tmp.display()))?;
+            // Start writing it back now, while packing goes on; wait for it in `finish`.
+            // SAFETY: a valid fd and plain integer arguments.
+            unsafe { libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
             let id: Hash = b.hasher.finalize().into();
             self.store.commit_blob(&b.tmp, &id)?;
             self.done.push(Blob { id, size: b.size });
+            self.unsynced.push(file);
         }
         Ok(())
     }
 
+    /// Closes the last blob and makes every blob durable: the manifest that names them is
+    /// written only after this.
     fn finish(mut self) -> Result<Vec<Blob>> {
         self.close()?;
+        for f in &self.unsynced {
+            f.sync_data().ctx(|| "sync blobs".into())?;
+        }
+        let blobs = self.store.root.join("blobs");
+        File::open(&blobs).and_then(|d| d.sync_all()).ctx(|| format!("sync {}", blobs.display()))?;
         Ok(self.done)
     }
 }
