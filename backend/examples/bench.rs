@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 use incfs_fuse::frontend::{FrontendConfig, FuseFrontend};
 
 struct Args {
+    /// Drive this already running daemon with one workload, then exit (for profiling).
+    socket: Option<PathBuf>,
+    workload: String,
     work: PathBuf,
     virtiofsd: Option<PathBuf>,
     seconds: f64,
@@ -22,6 +25,8 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
+        socket: None,
+        workload: "rand-4k".into(),
         work: std::env::temp_dir().join("incfs-bench"),
         virtiofsd: ["/root/.cargo/bin/virtiofsd", "/usr/local/bin/virtiofsd"].iter().map(PathBuf::from).find(|p| p.exists()),
         seconds: 3.0,
@@ -35,6 +40,8 @@ fn args() -> Args {
             "--virtiofsd" => a.virtiofsd = Some(v.into()),
             "--seconds" => a.seconds = v.parse().expect("--seconds"),
             "--incfsd" => a.incfsd = v.into(),
+            "--socket" => a.socket = Some(v.into()),
+            "--workload" => a.workload = v,
             _ => panic!("unknown option {k}"),
         }
     }
@@ -223,7 +230,7 @@ fn pack_figures(a: &Args, src: &Path) {
         f();
         t.elapsed().as_secs_f64()
     };
-    let mut pack_with = |threads: Option<&str>| {
+    let pack_with = |threads: Option<&str>| {
         let store = a.work.join("pack-bench");
         let _ = std::fs::remove_dir_all(&store);
         let mut c = Command::new(&a.incfsd);
@@ -276,6 +283,15 @@ const WORKLOADS: [&str; 4] = ["seq-128k", "rand-4k", "lookup-getattr", "readdir"
 
 fn main() {
     let a = args();
+    if let Some(socket) = &a.socket {
+        let d = Daemon { child: Command::new("true").spawn().expect("true"), socket: socket.clone() };
+        let mut f = connect(&d);
+        let w = a.workload.as_str();
+        let (r, unit) = rate(w, workload(&mut f, w, a.seconds, 7), a.seconds);
+        println!("{w} {r:.0} {unit}");
+        std::mem::forget(d);
+        return;
+    }
     std::fs::create_dir_all(&a.work).expect("work dir");
     let src = a.work.join("src");
     make_tree(&src);

@@ -143,6 +143,11 @@ pub struct Engine {
     flushed: Mutex<(u64, u64)>,
     /// Set by `start_recording`: first touches of blocks, for `--record-trace`.
     recorder: std::sync::OnceLock<Recorder>,
+    /// Per block of the image (indexed from `block_base`), the cache slot it was last found
+    /// in, plus one (0: unknown). Spares the warm path a hash lookup per block; only a hint,
+    /// since the cache checks every slot's record on read.
+    slot_hints: Box<[AtomicU64]>,
+    block_base: Vec<u64>,
 }
 
 impl Drop for Engine {
@@ -156,7 +161,16 @@ impl Engine {
     /// against its id.
     pub async fn open(remote: Remote, id: ImageId, cache: Arc<BlockCache>, cfg: EngineConfig) -> Result<Arc<Self>> {
         let image = Arc::new(load_image(&remote, &id, &cache, cfg.read_timeout.max(Duration::from_secs(30))).await?);
-        Ok(Arc::new(Engine { image, remote, cache, cfg, inflight: Mutex::new(HashMap::new()), counters: Counters::default(), flushed: Mutex::new((0, 0)), recorder: std::sync::OnceLock::new() }))
+        let mut block_base = vec![u64::MAX; image.manifest.inodes.len()];
+        let mut total = 0u64;
+        for (i, f) in image.files() {
+            block_base[i as usize] = total;
+            total += f.blocks.len() as u64;
+        }
+        let slot_hints = (0..total).map(|_| AtomicU64::new(0)).collect();
+        Ok(Arc::new(Engine {
+            slot_hints,
+            block_base, image, remote, cache, cfg, inflight: Mutex::new(HashMap::new()), counters: Counters::default(), flushed: Mutex::new((0, 0)), recorder: std::sync::OnceLock::new() }))
     }
 
     /// Adds this engine's hits and misses since the last call to the cache-wide totals
@@ -198,11 +212,24 @@ impl Engine {
 
     /// Copies the cached blocks [first, last) of `f` into `buf` (whole blocks); returns the
     /// indexes of the blocks that are missing.
-    fn copy_cached(&self, f: &FileData, first: usize, last: usize, buf: &mut [u8]) -> Result<Vec<usize>> {
+    fn copy_cached(&self, ino: u32, f: &FileData, first: usize, last: usize, buf: &mut [u8]) -> Result<Vec<usize>> {
         let mut missing = Vec::new();
         let blocks = &f.blocks[first..last];
-        let mut slots = Vec::with_capacity(blocks.len());
-        self.cache.lookup_many(blocks.iter().map(|r| &r.hash), &mut slots);
+        let base = self.block_base.get(ino as usize).copied().unwrap_or(u64::MAX);
+        let hint = |i: usize| (base != u64::MAX).then(|| self.slot_hints.get((base + (first + i) as u64) as usize)).flatten();
+        // Hinted slots first; the index only for blocks without a hint.
+        let mut slots: Vec<Option<u64>> = (0..blocks.len()).map(|i| hint(i).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1)).collect();
+        let unhinted: Vec<usize> = (0..blocks.len()).filter(|&i| slots[i].is_none() && blocks[i].kind != BlockKind::Zero).collect();
+        if !unhinted.is_empty() {
+            let mut found = Vec::with_capacity(unhinted.len());
+            self.cache.lookup_many(unhinted.iter().map(|&i| &blocks[i].hash), &mut found);
+            for (&i, s) in unhinted.iter().zip(found) {
+                slots[i] = s;
+                if let (Some(h), Some(s)) = (hint(i), s) {
+                    h.store(s + 1, Relaxed);
+                }
+            }
+        }
         let mut i = 0;
         while i < blocks.len() {
             let at = i * BLOCK_SIZE;
@@ -223,8 +250,12 @@ impl Engine {
             }
             let hashes: Vec<Hash> = blocks[i..i + n].iter().map(|r| r.hash).collect();
             if !self.cache.read_run(slot, &hashes, &mut buf[at..at + n * BLOCK_SIZE])? {
-                // Evicted meanwhile: try block by block, then count the rest missing.
+                // A stale hint, or evicted meanwhile: forget the hints, ask the index block by
+                // block, and count the rest missing.
                 for k in 0..n {
+                    if let Some(h) = hint(i + k) {
+                        h.store(0, Relaxed);
+                    }
                     let h = hashes[k];
                     let dst = &mut buf[at + k * BLOCK_SIZE..at + (k + 1) * BLOCK_SIZE];
                     let ok = match self.cache.lookup(&h) {
@@ -249,7 +280,7 @@ impl Engine {
             r.note(ino, first, last);
         }
         let mut buf = vec![0u8; (last - first) * BLOCK_SIZE];
-        if !self.copy_cached(f, first, last, &mut buf)?.is_empty() {
+        if !self.copy_cached(ino, f, first, last, &mut buf)?.is_empty() {
             return Ok(None);
         }
         // A daemon that only hits still shows up in the cache-wide ratio now and then.
@@ -285,7 +316,7 @@ impl Engine {
         }
         let mut buf = vec![0u8; (last - first) * BLOCK_SIZE];
         let deadline = Instant::now() + self.cfg.read_timeout;
-        let mut missing = self.copy_cached(f, first, last, &mut buf)?;
+        let mut missing = self.copy_cached(ino, f, first, last, &mut buf)?;
         self.counters.cache_hits.fetch_add((last - first - missing.len()) as u64, Relaxed);
         self.counters.cache_misses.fetch_add(missing.len() as u64, Relaxed);
         if missing.is_empty() {
@@ -297,12 +328,22 @@ impl Engine {
         }
         loop {
             let waits = self.request(ino, f, &missing, last, deadline);
-            for w in waits {
+            for (hash, w) in waits {
                 let mut rx = w.done.subscribe();
-                let outcome = match tokio::time::timeout_at(deadline, rx.wait_for(|o| o.is_some())).await {
-                    Err(_) => return Err(Error::Timeout),
-                    Ok(Err(_)) => Outcome::Retry, // sender dropped: look again
-                    Ok(Ok(o)) => o.clone().unwrap_or(Outcome::Retry),
+                let outcome = loop {
+                    // Blocks supplied by a guest may come through another daemon on this
+                    // cache: look again now and then rather than only when woken.
+                    let slice = match self.cfg.fill {
+                        FillSource::Supplied => deadline.min(Instant::now() + Duration::from_millis(200)),
+                        FillSource::Remote => deadline,
+                    };
+                    match tokio::time::timeout_at(slice, rx.wait_for(|o| o.is_some())).await {
+                        Err(_) if Instant::now() >= deadline => return Err(Error::Timeout),
+                        Err(_) if matches!(self.cache.lookup_fresh(&hash), Ok(Some(_))) => break Outcome::Retry,
+                        Err(_) => continue,
+                        Ok(Err(_)) => break Outcome::Retry, // sender dropped: look again
+                        Ok(Ok(o)) => break o.clone().unwrap_or(Outcome::Retry),
+                    }
                 };
                 match outcome {
                     Outcome::Retry => {}
@@ -315,7 +356,7 @@ impl Engine {
             let mut still = Vec::new();
             for &b in &missing {
                 let at = (b - first) * BLOCK_SIZE;
-                if !self.copy_cached(f, b, b + 1, &mut buf[at..at + BLOCK_SIZE])?.is_empty() {
+                if !self.copy_cached(ino, f, b, b + 1, &mut buf[at..at + BLOCK_SIZE])?.is_empty() {
                     still.push(b);
                 }
             }
@@ -333,7 +374,7 @@ impl Engine {
     }
 
     /// Joins or starts fetches for the missing blocks; returns what to wait on.
-    fn request(self: &Arc<Self>, ino: u32, f: &FileData, missing: &[usize], read_end: usize, deadline: Instant) -> Vec<Arc<InFlight>> {
+    fn request(self: &Arc<Self>, ino: u32, f: &FileData, missing: &[usize], read_end: usize, deadline: Instant) -> Vec<(Hash, Arc<InFlight>)> {
         let mut waits = Vec::with_capacity(missing.len());
         let mut runs = Vec::new();
         let window = (self.cfg.readahead as usize / BLOCK_SIZE).max(1);
@@ -343,12 +384,17 @@ impl Engine {
                 let h = f.blocks[b].hash;
                 if let Some(fl) = map.get(&h) {
                     fl.extend(deadline);
-                    waits.push(fl.clone());
+                    waits.push((h, fl.clone()));
+                    continue;
+                }
+                // Stored since the caller looked (a supplier stores before it takes this
+                // lock to wake waiters): nothing to wait for.
+                if self.cache.lookup(&h).is_some() {
                     continue;
                 }
                 let fl = InFlight::new(deadline);
                 map.insert(h, fl.clone());
-                waits.push(fl.clone());
+                waits.push((h, fl.clone()));
                 if self.cfg.fill == FillSource::Supplied {
                     continue;
                 }
@@ -638,7 +684,7 @@ impl Engine {
                 self.counters.prefetch_blocks.fetch_add(missing.len() as u64, Relaxed);
                 let waits = self.request(ino, f, &missing, piece_end, Instant::now() + Duration::from_secs(60));
                 tokio::spawn(async move {
-                    for w in waits {
+                    for (_, w) in waits {
                         let mut rx = w.done.subscribe();
                         let _ = rx.wait_for(|o| o.is_some()).await;
                     }
