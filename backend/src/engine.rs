@@ -747,6 +747,7 @@ async fn load_image(remote: &Remote, id: &ImageId, cache: &BlockCache, patience:
             }
         }
     };
+    let bytes = crate::image::manifest_from_stored(bytes)?;
     let image = Image::from_manifest_bytes(*id, &bytes)?;
     cache.save_manifest(id, &bytes)?;
     Ok(image)

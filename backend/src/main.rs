@@ -249,7 +249,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(t) = trace {
                 let text = std::fs::read_to_string(&t).map_err(|e| Error::io(format!("read {}", t.display()), e))?;
                 let bytes = std::fs::read(store.root.join("images").join(id.to_string())).map_err(|e| Error::io("read manifest", e))?;
-                let image = incfs::image::Image::from_manifest_bytes(id, &bytes)?;
+                let image = incfs::image::Image::from_manifest_bytes(id, &incfs::image::manifest_from_stored(bytes)?)?;
                 let (ranges, skipped) = incfs::trace::parse(&image, &text)?;
                 store.write_trace(&id, &incfs::trace::format(&image, &ranges))?;
                 eprintln!("published a trace of {} runs ({skipped} lines for paths not in this image skipped)", ranges.len());

@@ -64,9 +64,10 @@ impl Store {
         fs::rename(&tmp, &dst).ctx(|| format!("rename to {}", dst.display()))
     }
 
+    /// Stores a manifest (compressed; its id stays the SHA-256 of the canonical bytes).
     pub fn write_manifest(&self, id: &ImageId, bytes: &[u8]) -> Result<()> {
         let (f, tmp) = self.temp_file("image")?;
-        f.write_all_at(bytes, 0).ctx(|| format!("write {}", tmp.display()))?;
+        f.write_all_at(&crate::image::store_manifest(bytes), 0).ctx(|| format!("write {}", tmp.display()))?;
         f.sync_all().ctx(|| format!("sync {}", tmp.display()))?;
         let dst = self.root.join("images").join(id.to_string());
         fs::rename(&tmp, &dst).ctx(|| format!("rename to {}", dst.display()))
@@ -117,6 +118,7 @@ impl Remote {
         }
     }
 
+    /// A manifest as stored (see `image::manifest_from_stored`).
     pub async fn manifest(&self, id: &ImageId) -> Result<Vec<u8>, FetchError> {
         let rel = format!("images/{id}");
         match self {

@@ -22,6 +22,34 @@ pub const XATTR_VALUE_MAX: usize = 65536;
 
 pub type Hash = [u8; 32];
 
+/// A stored manifest is the canonical bytes, or those bytes in one zstd frame.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+/// Largest manifest a reader accepts (after decompression).
+pub const MANIFEST_MAX: u64 = 1 << 31;
+/// zstd level for stored manifests: block hashes do not compress, everything else does.
+const MANIFEST_LEVEL: i32 = 12;
+
+/// The bytes to store for a manifest.
+pub fn store_manifest(canonical: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(canonical, MANIFEST_LEVEL).ok().filter(|c| c.len() < canonical.len()).unwrap_or_else(|| canonical.to_vec())
+}
+
+/// The canonical manifest bytes from stored ones (decompressed if need be, never past
+/// MANIFEST_MAX).
+pub fn manifest_from_stored(stored: Vec<u8>) -> Result<Vec<u8>> {
+    if !stored.starts_with(&ZSTD_MAGIC) {
+        return Ok(stored);
+    }
+    use std::io::Read;
+    let dec = zstd::stream::read::Decoder::new(stored.as_slice()).map_err(|e| Error::Manifest(format!("zstd: {e}")))?;
+    let mut out = Vec::new();
+    dec.take(MANIFEST_MAX + 1).read_to_end(&mut out).map_err(|e| Error::Manifest(format!("zstd: {e}")))?;
+    if out.len() as u64 > MANIFEST_MAX {
+        return Err(Error::Manifest("manifest larger than 2 GiB".into()));
+    }
+    Ok(out)
+}
+
 /// SHA-256 of the manifest bytes: names an image and, through the manifest, every byte of it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ImageId(pub Hash);
@@ -583,6 +611,18 @@ mod tests {
         assert_eq!(img.resolve(b"l"), Some(2));
         assert_eq!(img.nlink[0], 2);
         assert!(Image::from_manifest_bytes(ImageId([0; 32]), &bytes).is_err());
+    }
+
+    #[test]
+    fn stored_manifests_may_be_compressed() {
+        let bytes = sample().encode();
+        let stored = store_manifest(&bytes);
+        assert_eq!(manifest_from_stored(stored).expect("decode"), bytes);
+        assert_eq!(manifest_from_stored(bytes.clone()).expect("raw"), bytes);
+        let mut bad = store_manifest(&[7u8; 10000]);
+        let n = bad.len();
+        bad.truncate(n - 3);
+        assert!(manifest_from_stored(bad).is_err());
     }
 
     #[test]
