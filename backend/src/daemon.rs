@@ -70,8 +70,26 @@ async fn start_prefetch(engine: &Arc<Engine>, remote: &Remote, how: &Prefetch) -
     Ok(())
 }
 
+/// Starts recording first reads (rewriting `record` every 2 s) and replaying a trace, as
+/// configured; shared by the virtio-fs and the block daemon. Call `write_trace` at the end.
+pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc<Engine>, store: &str, record: Option<PathBuf>, prefetch: &Prefetch) -> Result<()> {
+    if let Some(path) = record {
+        engine.start_recording();
+        let e = engine.clone();
+        rt.spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                write_trace(&e, &path, &mut last);
+            }
+        });
+    }
+    let remote = Remote::open(store, engine.config().attempt_timeout)?;
+    rt.block_on(start_prefetch(engine, &remote, prefetch))
+}
+
 /// Writes the recorded trace now and then, and once more at the end.
-fn write_trace(engine: &Engine, path: &std::path::Path, last_len: &mut usize) {
+pub(crate) fn write_trace(engine: &Engine, path: &std::path::Path, last_len: &mut usize) {
     let Some((len, text)) = engine.recorded_trace() else { return };
     if len == *last_len {
         return;
@@ -96,19 +114,7 @@ pub fn run(cfg: RunConfig) -> Result<()> {
     let img = engine.image();
     tracing::info!(image = %img.id, inodes = img.manifest.inodes.len(), bytes = img.data_size(), "image loaded");
 
-    if let Some(path) = cfg.record_trace.clone() {
-        engine.start_recording();
-        let e = engine.clone();
-        rt.spawn(async move {
-            let mut last = 0;
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                write_trace(&e, &path, &mut last);
-            }
-        });
-    }
-    let remote_for_prefetch = Remote::open(&cfg.store, cfg.engine.attempt_timeout)?;
-    rt.block_on(start_prefetch(&engine, &remote_for_prefetch, &cfg.prefetch))?;
+    start_record_and_replay(&rt, &engine, &cfg.store, cfg.record_trace.clone(), &cfg.prefetch)?;
 
     if let Some(addr) = cfg.metrics {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;

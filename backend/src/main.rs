@@ -87,16 +87,8 @@ enum Cmd {
         /// guest data loader supplies them through `.fill`; see docs/pending-reads.md).
         #[arg(long, default_value = "remote", value_parser = ["remote", "guest"])]
         fill_from: String,
-        /// Record the order of first reads to this file (rewritten every 2 s and at exit).
-        #[arg(long)]
-        record_trace: Option<PathBuf>,
-        /// Prefetch the blocks of this trace in order, in the background, from start-up.
-        /// Without it, a trace published with the image (STORE/traces/ID) is used.
-        #[arg(long)]
-        prefetch_trace: Option<PathBuf>,
-        /// Do not prefetch a trace published with the image.
-        #[arg(long)]
-        no_prefetch: bool,
+        #[command(flatten)]
+        trace: TraceArgs,
     },
     /// Serve one file of an image (a raw disk image) to a VM as a vhost-user-blk device.
     Blk {
@@ -129,6 +121,8 @@ enum Cmd {
         /// Serve counters in Prometheus format on this address (GET /metrics).
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        #[command(flatten)]
+        trace: TraceArgs,
     },
     /// Print an image's tree with sizes (and how much of each file is cached).
     Inspect {
@@ -157,6 +151,31 @@ enum CacheCmd {
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
     },
+}
+
+/// Record and replay of first reads.
+#[derive(Args)]
+struct TraceArgs {
+    /// Record the order of first reads to this file (rewritten every 2 s and at exit).
+    #[arg(long)]
+    record_trace: Option<PathBuf>,
+    /// Prefetch the blocks of this trace in order, in the background, from start-up.
+    /// Without it, a trace published with the image (STORE/traces/ID) is used.
+    #[arg(long)]
+    prefetch_trace: Option<PathBuf>,
+    /// Do not prefetch a trace published with the image.
+    #[arg(long)]
+    no_prefetch: bool,
+}
+
+impl TraceArgs {
+    fn prefetch(&self) -> daemon::Prefetch {
+        match (&self.prefetch_trace, self.no_prefetch) {
+            (_, true) => daemon::Prefetch::None,
+            (Some(p), false) => daemon::Prefetch::File(p.clone()),
+            (None, false) => daemon::Prefetch::Published,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -295,7 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok::<_, Error>(())
             })?;
         }
-        Cmd::Run { socket, src, cache, tag, fetch, threads, queues, metrics, fill_from, record_trace, prefetch_trace, no_prefetch } => {
+        Cmd::Run { socket, src, cache, tag, fetch, threads, queues, metrics, fill_from, trace } => {
             tracing::info!(%tag, "starting");
             daemon::run(daemon::RunConfig {
                 socket,
@@ -311,11 +330,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 queues: queues as usize,
                 threads,
                 metrics,
-                record_trace,
-                prefetch: if no_prefetch { daemon::Prefetch::None } else { prefetch_trace.map_or(daemon::Prefetch::Published, daemon::Prefetch::File) },
+                prefetch: trace.prefetch(),
+                record_trace: trace.record_trace,
             })?;
         }
-        Cmd::Blk { socket, src, path, cache, overlay, fetch, queues, threads, logical_block_size, metrics } => {
+        Cmd::Blk { socket, src, path, cache, overlay, fetch, queues, threads, logical_block_size, metrics, trace } => {
             let engine = fetch.config();
             let device = incfs::blk::DeviceConfig {
                 queues: queues as usize,
@@ -324,7 +343,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 opt_io: engine.readahead.min(1 << 20) as u32,
                 ..incfs::blk::DeviceConfig::default()
             };
-            let cfg = incfs::blk::BlkConfig { socket, store: src.store, image: src.image, path, cache, cache_size: fetch.cache_size, overlay, engine, device, metrics };
+            let cfg = incfs::blk::BlkConfig {
+                socket,
+                store: src.store,
+                image: src.image,
+                path,
+                cache,
+                cache_size: fetch.cache_size,
+                overlay,
+                engine,
+                device,
+                metrics,
+                prefetch: trace.prefetch(),
+                record_trace: trace.record_trace,
+            };
             incfs::blk::run(cfg)?;
         }
         Cmd::Inspect { src, cache } => {

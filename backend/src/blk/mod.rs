@@ -40,6 +40,10 @@ pub struct BlkConfig {
     pub engine: EngineConfig,
     pub device: DeviceConfig,
     pub metrics: Option<SocketAddr>,
+    /// Record the order of first reads here (reads served by the overlay are not engine
+    /// reads and are not recorded).
+    pub record_trace: Option<PathBuf>,
+    pub prefetch: crate::daemon::Prefetch,
 }
 
 /// Prometheus text: the engine's counters, then the device's.
@@ -82,6 +86,7 @@ pub fn run(cfg: BlkConfig) -> Result<()> {
     let engine = rt.block_on(Engine::open(remote, cfg.image, cache, cfg.engine.clone()))?;
     let disk = Arc::new(Disk::new(engine, &cfg.path, cfg.overlay.as_deref())?);
     tracing::info!(image = %cfg.image, path = %cfg.path, bytes = disk.size(), writable = disk.writable(), "disk loaded");
+    crate::daemon::start_record_and_replay(&rt, disk.engine(), &cfg.store, cfg.record_trace.clone(), &cfg.prefetch)?;
 
     if let Some(addr) = cfg.metrics {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
@@ -116,6 +121,9 @@ pub fn run(cfg: BlkConfig) -> Result<()> {
     // Whatever the guest wrote and did not flush is kept as well as we can.
     if let Err(e) = disk.flush() {
         tracing::warn!("final overlay flush: {e}");
+    }
+    if let Some(path) = &cfg.record_trace {
+        crate::daemon::write_trace(disk.engine(), path, &mut 0);
     }
     for (k, v) in disk.engine().counters.snapshot().into_iter().chain(disk.counters.snapshot()) {
         tracing::info!("{k} {v}");
