@@ -19,6 +19,7 @@
 pub mod abi;
 pub mod dispatch;
 pub mod filesystem;
+pub mod server;
 #[cfg(feature = "frontend")]
 pub mod frontend;
 pub mod virtio_fs;

@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use thiserror::Error;
 use tokio::runtime::Handle;
@@ -36,11 +36,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::abi::{InHeader, OutHeader};
 use crate::dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 use crate::filesystem::FileSystem;
+pub use crate::server::ServerStopper;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -524,49 +524,6 @@ impl VhostUserBackend for FsBackend {
     }
 }
 
-/// Stops a [`VirtioFsServer`] from another thread: disconnects the frontend being served and
-/// makes `serve_one` return `Ok(false)` from then on (also while it waits for a frontend).
-#[derive(Clone)]
-pub struct ServerStopper {
-    inner: Arc<StopState>,
-}
-
-struct StopState {
-    stopped: AtomicBool,
-    /// Wakes a `serve_one` waiting for a connection.
-    event: EventFd,
-    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
-}
-
-impl ServerStopper {
-    fn new() -> std::io::Result<Self> {
-        Ok(ServerStopper {
-            inner: Arc::new(StopState {
-                stopped: AtomicBool::new(false),
-                event: EventFd::new(EFD_NONBLOCK)?,
-                connection: Mutex::new(None),
-            }),
-        })
-    }
-
-    /// Stops the server.
-    pub fn stop(&self) {
-        self.inner.stopped.store(true, Ordering::Release);
-        if let Err(e) = self.inner.event.write(1) {
-            warn!(error = %e, "cannot wake the server");
-        }
-        if let Ok(guard) = self.inner.connection.lock() {
-            if let Some(h) = guard.as_ref() {
-                h.shutdown();
-            }
-        }
-    }
-
-    pub fn is_stopped(&self) -> bool {
-        self.inner.stopped.load(Ordering::Acquire)
-    }
-}
-
 /// A vhost-user-fs server listening on a socket, serving one frontend at a time.
 pub struct VirtioFsServer {
     listener: Listener,
@@ -625,38 +582,7 @@ impl VirtioFsServer {
 
     /// Blocks until a frontend connects or the server is stopped; true if one is waiting.
     fn wait_for_frontend(&self) -> Result<bool> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.stopper.inner.event.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        loop {
-            if self.stopper.is_stopped() {
-                return Ok(false);
-            }
-            // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::Io(e));
-            }
-            if self.stopper.is_stopped() {
-                return Ok(false);
-            }
-            if fds[0].revents != 0 {
-                return Ok(true);
-            }
-        }
+        self.stopper.wait_for_frontend(self.listener.as_raw_fd()).map_err(Error::Io)
     }
 
     /// Waits for one frontend, serves it until it disconnects, and returns `Ok(true)`; call
@@ -679,17 +605,13 @@ impl VirtioFsServer {
             .start(&mut self.listener)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         info!("vhost-user frontend connected");
-        if let Ok(mut slot) = self.stopper.inner.connection.lock() {
-            *slot = daemon.shutdown_handle();
-        }
+        self.stopper.set_connection(daemon.shutdown_handle());
         // A stop() that raced with the connection setup.
         if self.stopper.is_stopped() {
             daemon.request_shutdown();
         }
         let result = daemon.wait();
-        if let Ok(mut slot) = self.stopper.inner.connection.lock() {
-            *slot = None;
-        }
+        self.stopper.set_connection(None);
         // Whatever is still parked must not complete into a ring that is gone.
         backend.bump_all();
         backend.dispatcher.reset();

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
@@ -25,7 +25,8 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use incfs_fuse::server::ServerStopper;
 
 use super::disk::Disk;
 use super::request::{self as rq, Limits, Request, Support};
@@ -541,40 +542,6 @@ impl VhostUserBackend for BlkBackend {
     }
 }
 
-/// Stops a [`BlkServer`] from another thread.
-#[derive(Clone)]
-pub struct ServerStopper {
-    inner: Arc<StopState>,
-}
-
-struct StopState {
-    stopped: AtomicBool,
-    event: EventFd,
-    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
-}
-
-impl ServerStopper {
-    fn new() -> std::io::Result<Self> {
-        Ok(ServerStopper { inner: Arc::new(StopState { stopped: AtomicBool::new(false), event: EventFd::new(EFD_NONBLOCK)?, connection: Mutex::new(None) }) })
-    }
-
-    pub fn stop(&self) {
-        self.inner.stopped.store(true, Ordering::Release);
-        if let Err(e) = self.inner.event.write(1) {
-            warn!(error = %e, "cannot wake the server");
-        }
-        if let Ok(guard) = self.inner.connection.lock() {
-            if let Some(h) = guard.as_ref() {
-                h.shutdown();
-            }
-        }
-    }
-
-    pub fn is_stopped(&self) -> bool {
-        self.inner.stopped.load(Ordering::Acquire)
-    }
-}
-
 /// A vhost-user-blk server on a socket, serving one frontend at a time.
 pub struct BlkServer {
     listener: Listener,
@@ -607,30 +574,7 @@ impl BlkServer {
     }
 
     fn wait_for_frontend(&self) -> Result<bool> {
-        let mut fds = [
-            libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.stopper.inner.event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
-        loop {
-            if self.stopper.is_stopped() {
-                return Ok(false);
-            }
-            // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::io("poll", e));
-            }
-            if self.stopper.is_stopped() {
-                return Ok(false);
-            }
-            if fds[0].revents != 0 {
-                return Ok(true);
-            }
-        }
+        self.stopper.wait_for_frontend(self.listener.as_raw_fd()).map_err(|e| Error::io("wait for a frontend", e))
     }
 
     /// Waits for one frontend, serves it until it disconnects, returns Ok(true); Ok(false)
@@ -644,16 +588,12 @@ impl BlkServer {
         let mut daemon = VhostUserDaemon::new("incfs-vhost-user-blk".to_string(), backend.clone(), mem).map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
         daemon.start(&mut self.listener).map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
         info!("vhost-user-blk frontend connected");
-        if let Ok(mut slot) = self.stopper.inner.connection.lock() {
-            *slot = daemon.shutdown_handle();
-        }
+        self.stopper.set_connection(daemon.shutdown_handle());
         if self.stopper.is_stopped() {
             daemon.request_shutdown();
         }
         let result = daemon.wait();
-        if let Ok(mut slot) = self.stopper.inner.connection.lock() {
-            *slot = None;
-        }
+        self.stopper.set_connection(None);
         backend.bump_all();
         drop(daemon);
         info!("vhost-user-blk frontend disconnected");
