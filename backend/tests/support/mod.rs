@@ -133,6 +133,8 @@ pub struct FaultState {
     pub always: Mutex<Option<Fault>>,
     pub requests: AtomicU64,
     pub bytes: AtomicU64,
+    /// Set while the server is down: connections accepted before then are cut too.
+    pub dead: std::sync::atomic::AtomicBool,
 }
 
 /// An HTTP server for a store that can be told to misbehave, stopped and started again.
@@ -155,14 +157,17 @@ impl FaultServer {
         format!("http://{}", self.addr)
     }
 
-    /// Stops listening: connections are refused.
+    /// Stops listening: new connections are refused, and requests on connections a client
+    /// kept alive from before are cut off.
     pub fn down(&mut self) {
+        self.state.dead.store(true, Ordering::SeqCst);
         if let Some(t) = self.task.take() {
             t.abort();
         }
     }
 
     pub async fn up(&mut self) {
+        self.state.dead.store(false, Ordering::SeqCst);
         let state = self.state.clone();
         let app = incfs::serve::router(&self.store).layer(axum::middleware::from_fn(move |req: Request, next: Next| {
             let state = state.clone();
@@ -201,6 +206,10 @@ impl Drop for FaultServer {
 }
 
 async fn inject(state: Arc<FaultState>, req: Request, next: Next) -> Response {
+    if state.dead.load(Ordering::SeqCst) {
+        let stream = futures::stream::iter(vec![Err::<bytes::Bytes, _>(std::io::Error::other("server is down"))]);
+        return (StatusCode::SERVICE_UNAVAILABLE, Body::from_stream(stream)).into_response();
+    }
     let is_blob = req.uri().path().starts_with("/blobs/");
     let fault = if is_blob {
         state.requests.fetch_add(1, Ordering::Relaxed);
