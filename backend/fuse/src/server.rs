@@ -1,11 +1,14 @@
 //! What every vhost-user device server here shares: a stop handle that ends the connection
-//! being served and any wait for the next one, from another thread.
+//! being served and any wait for the next one, from another thread; per-queue generations
+//! that keep parked replies out of stopped rings; and the queue event loop.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tracing::warn;
+use tracing::{debug, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Stops a server: disconnects the frontend being served and makes its `serve_one` return
@@ -78,6 +81,85 @@ impl ServerStopper {
             if fds[0].revents != 0 {
                 return Ok(true);
             }
+        }
+    }
+}
+
+/// One queue's generation: bumped when the queue is stopped or the device reset, so a reply
+/// parked under an older generation is dropped instead of written into a ring that is gone.
+pub struct QueueState {
+    pub generation: std::sync::atomic::AtomicU64,
+}
+
+/// The generations of every queue of a device.
+pub struct Queues(Vec<Arc<QueueState>>);
+
+impl Queues {
+    pub fn new(n: usize) -> Self {
+        Queues((0..n).map(|_| Arc::new(QueueState { generation: std::sync::atomic::AtomicU64::new(0) })).collect())
+    }
+
+    pub fn get(&self, q: usize) -> Option<&Arc<QueueState>> {
+        self.0.get(q)
+    }
+
+    /// Invalidates what is parked on queue `q` (VHOST_USER_GET_VRING_BASE stops it).
+    pub fn stop(&self, q: usize) {
+        if let Some(s) = self.0.get(q) {
+            s.generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Invalidates everything parked (reset, disconnect).
+    pub fn stop_all(&self) {
+        for s in &self.0 {
+            s.generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Global index of the `local`-th queue of the worker thread whose queue mask is `mask`.
+pub fn global_queue(masks: &[u64], thread_id: usize, local: usize) -> Option<usize> {
+    let mask = *masks.get(thread_id)?;
+    (0..64).filter(|q| mask & (1u64 << q) != 0).nth(local)
+}
+
+/// Runs `process` on a kicked queue. With EVENT_IDX, notifications are off while it runs and
+/// it runs again if the guest added requests meanwhile. Errors come from rings the guest
+/// placed badly: logged, not returned, since an error would end the worker thread and every
+/// queue it serves.
+pub fn drain_queue(vring: &VringRwLock, event_idx: bool, qidx: usize, mut process: impl FnMut() -> std::io::Result<()>) {
+    if !event_idx {
+        if let Err(e) = process() {
+            debug!(queue = qidx, error = %e, "queue processing failed");
+        }
+        return;
+    }
+    loop {
+        if let Err(e) = vring.disable_notification() {
+            debug!(queue = qidx, error = %e, "disable_notification failed");
+        }
+        if let Err(e) = process() {
+            debug!(queue = qidx, error = %e, "queue processing failed");
+        }
+        match vring.enable_notification() {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                debug!(queue = qidx, error = %e, "enable_notification failed");
+                break;
+            }
+        }
+    }
+}
+
+/// The event a worker thread waits on to exit.
+pub fn exit_event() -> Option<(EventConsumer, EventNotifier)> {
+    match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+        Ok(pair) => Some(pair),
+        Err(e) => {
+            warn!(error = %e, "cannot create exit event");
+            None
         }
     }
 }

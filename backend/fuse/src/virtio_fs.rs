@@ -14,7 +14,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -34,13 +34,14 @@ use vm_memory::{
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+    EventConsumer, EventNotifier,
 };
 
 use crate::abi::{InHeader, OutHeader};
 use crate::dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 use crate::filesystem::FileSystem;
 pub use crate::server::ServerStopper;
+use crate::server::{drain_queue, exit_event, global_queue, QueueState, Queues};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -230,13 +231,6 @@ fn write_reply(
     u32::try_from(written).ok()
 }
 
-/// Per-queue state shared with parked requests.
-struct QueueState {
-    /// Bumped when the queue is stopped or the device reset: parked replies from an older
-    /// generation are dropped.
-    generation: AtomicU64,
-}
-
 /// What a completion needs, cloneable into a tokio task.
 #[derive(Clone)]
 struct Completer {
@@ -294,19 +288,13 @@ struct FsBackend {
     rt: Handle,
     mem: Mem,
     event_idx: AtomicBool,
-    queues: Vec<Arc<QueueState>>,
+    queues: Queues,
     masks: Vec<u64>,
 }
 
 impl FsBackend {
     fn new(fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle, mem: Mem) -> Self {
-        let queues = (0..cfg.num_queues())
-            .map(|_| {
-                Arc::new(QueueState {
-                    generation: AtomicU64::new(0),
-                })
-            })
-            .collect();
+        let queues = Queues::new(cfg.num_queues());
         FsBackend {
             dispatcher: Arc::new(Dispatcher::new(fs, cfg.fuse)),
             masks: cfg.thread_masks(),
@@ -316,19 +304,6 @@ impl FsBackend {
             event_idx: AtomicBool::new(false),
             queues,
         }
-    }
-
-    /// Invalidates all parked requests.
-    fn bump_all(&self) {
-        for q in &self.queues {
-            q.generation.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Global queue index of the `local`-th queue of thread `thread_id`.
-    fn global_queue(&self, thread_id: usize, local: usize) -> Option<usize> {
-        let mask = *self.masks.get(thread_id)?;
-        (0..64).filter(|q| mask & (1u64 << q) != 0).nth(local)
     }
 
     fn process_queue(&self, vring: &VringRwLock, qidx: usize) -> std::io::Result<()> {
@@ -457,7 +432,7 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn reset_device(&self) {
-        self.bump_all();
+        self.queues.stop_all();
         self.dispatcher.reset();
     }
 
@@ -466,19 +441,11 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!(error = %e, "cannot create exit event");
-                None
-            }
-        }
+        exit_event()
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        if let Some(q) = self.queues.get(queue_index as usize) {
-            q.generation.fetch_add(1, Ordering::AcqRel);
-        }
+        self.queues.stop(queue_index as usize);
         Ok(())
     }
 
@@ -493,33 +460,11 @@ impl VhostUserBackend for FsBackend {
             return Ok(());
         }
         let local = usize::from(device_event);
-        let (Some(vring), Some(qidx)) = (vrings.get(local), self.global_queue(thread_id, local))
+        let (Some(vring), Some(qidx)) = (vrings.get(local), global_queue(&self.masks, thread_id, local))
         else {
             return Ok(());
         };
-        // Errors here come from rings the guest placed badly. They are logged, not returned:
-        // an error would end the worker thread and with it every queue it serves.
-        if self.event_idx.load(Ordering::Acquire) {
-            // Keep draining until the guest added nothing while notifications were off.
-            loop {
-                if let Err(e) = vring.disable_notification() {
-                    debug!(queue = qidx, error = %e, "disable_notification failed");
-                }
-                if let Err(e) = self.process_queue(vring, qidx) {
-                    debug!(queue = qidx, error = %e, "queue processing failed");
-                }
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        debug!(queue = qidx, error = %e, "enable_notification failed");
-                        break;
-                    }
-                }
-            }
-        } else if let Err(e) = self.process_queue(vring, qidx) {
-            debug!(queue = qidx, error = %e, "queue processing failed");
-        }
+        drain_queue(vring, self.event_idx.load(Ordering::Acquire), qidx, || self.process_queue(vring, qidx));
         Ok(())
     }
 }
@@ -613,7 +558,7 @@ impl VirtioFsServer {
         let result = daemon.wait();
         self.stopper.set_connection(None);
         // Whatever is still parked must not complete into a ring that is gone.
-        backend.bump_all();
+        backend.queues.stop_all();
         backend.dispatcher.reset();
         // Dropping the daemon stops and joins its queue threads.
         drop(daemon);

@@ -13,7 +13,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
@@ -24,9 +24,10 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT}
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 pub use incfs_fuse::server::ServerStopper;
+use incfs_fuse::server::{drain_queue, exit_event, global_queue, QueueState, Queues};
 
 use super::disk::Disk;
 use super::request::{self as rq, Limits, Request, Support};
@@ -148,10 +149,6 @@ pub fn config_space(cfg: &DeviceConfig, disk: &Disk) -> [u8; CONFIG_LEN] {
     c
 }
 
-struct QueueState {
-    generation: AtomicU64,
-}
-
 /// What a completion needs, cloneable into a tokio task.
 #[derive(Clone)]
 struct Completer {
@@ -222,7 +219,7 @@ struct BlkBackend {
     rt: Handle,
     mem: Mem,
     event_idx: AtomicBool,
-    queues: Vec<Arc<QueueState>>,
+    queues: Queues,
     masks: Vec<u64>,
 }
 
@@ -234,24 +231,13 @@ impl BlkBackend {
             limits: cfg.limits(disk.size()),
             support: Support { writable: w, discard: w, write_zeroes: w },
             masks: cfg.thread_masks(),
-            queues: (0..cfg.queues).map(|_| Arc::new(QueueState { generation: AtomicU64::new(0) })).collect(),
+            queues: Queues::new(cfg.queues),
             disk,
             cfg,
             rt,
             mem,
             event_idx: AtomicBool::new(false),
         }
-    }
-
-    fn bump_all(&self) {
-        for q in &self.queues {
-            q.generation.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
-    fn global_queue(&self, thread_id: usize, local: usize) -> Option<usize> {
-        let mask = *self.masks.get(thread_id)?;
-        (0..64).filter(|q| mask & (1u64 << q) != 0).nth(local)
     }
 
     fn process_queue(&self, vring: &VringRwLock, qidx: usize) -> std::io::Result<()> {
@@ -484,7 +470,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn reset_device(&self) {
-        self.bump_all();
+        self.queues.stop_all();
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -492,19 +478,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!(error = %e, "cannot create exit event");
-                None
-            }
-        }
+        exit_event()
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        if let Some(q) = self.queues.get(queue_index as usize) {
-            q.generation.fetch_add(1, Ordering::AcqRel);
-        }
+        self.queues.stop(queue_index as usize);
         Ok(())
     }
 
@@ -513,31 +491,10 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         let local = usize::from(device_event);
-        let (Some(vring), Some(qidx)) = (vrings.get(local), self.global_queue(thread_id, local)) else {
+        let (Some(vring), Some(qidx)) = (vrings.get(local), global_queue(&self.masks, thread_id, local)) else {
             return Ok(());
         };
-        // Errors come from rings the guest placed badly: logged, not returned (an error would
-        // end the worker thread and every queue it serves).
-        if self.event_idx.load(Ordering::Acquire) {
-            loop {
-                if let Err(e) = vring.disable_notification() {
-                    debug!(queue = qidx, error = %e, "disable_notification failed");
-                }
-                if let Err(e) = self.process_queue(vring, qidx) {
-                    debug!(queue = qidx, error = %e, "queue processing failed");
-                }
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        debug!(queue = qidx, error = %e, "enable_notification failed");
-                        break;
-                    }
-                }
-            }
-        } else if let Err(e) = self.process_queue(vring, qidx) {
-            debug!(queue = qidx, error = %e, "queue processing failed");
-        }
+        drain_queue(vring, self.event_idx.load(Ordering::Acquire), qidx, || self.process_queue(vring, qidx));
         Ok(())
     }
 }
@@ -594,7 +551,7 @@ impl BlkServer {
         }
         let result = daemon.wait();
         self.stopper.set_connection(None);
-        backend.bump_all();
+        backend.queues.stop_all();
         drop(daemon);
         info!("vhost-user-blk frontend disconnected");
         match result {
