@@ -182,10 +182,8 @@ impl BlockCache {
             evicting: Mutex::new(()),
             buckets_held: Mutex::new(HashMap::new()),
         };
-        cache.with_header(|h, fresh| {
-            let _ = h;
-            Ok(fresh)
-        })?;
+        // Creates the header if this is a new cache, checks it otherwise.
+        cache.with_header(|_, _| Ok(()))?;
         cache.refresh()?;
         Ok(cache)
     }
@@ -548,14 +546,8 @@ impl BlockCache {
             let mut listed: Vec<u64> = b.chunks_exact(8).map(le64).collect();
             listed.sort_unstable();
             let mut orphans = Vec::new();
-            let mut valid = Vec::new();
             self.scan_records(|slot, rec| match le32(&rec[32..36]) {
-                STATE_VALID => {
-                    let mut h = [0u8; 32];
-                    h.copy_from_slice(&rec[..32]);
-                    valid.push((h, slot));
-                }
-                STATE_EVICTED => {}
+                STATE_VALID | STATE_EVICTED => {}
                 _ if listed.binary_search(&slot).is_err() => orphans.push(slot),
                 _ => {}
             })?;
@@ -589,7 +581,6 @@ impl BlockCache {
                 h.epoch += 1;
                 Ok(())
             })?;
-            let _ = valid;
             Ok(())
         })();
         let _ = ofd_unlock(&self.lock, LOCK_EVICT);

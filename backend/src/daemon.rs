@@ -5,15 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use incfs_fuse::server::ServerStopper;
 use incfs_fuse::{DeviceConfig, VirtioFsServer};
 
-use crate::cache::{BlockCache, CacheOptions};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::fs::ImageFs;
 use crate::image::ImageId;
 use crate::metrics;
-use crate::store::Remote;
 use crate::trace;
 
 #[derive(Clone, Debug)]
@@ -45,11 +44,11 @@ pub enum Prefetch {
 }
 
 /// Starts replaying a trace in the background.
-async fn start_prefetch(engine: &Arc<Engine>, remote: &Remote, how: &Prefetch) -> Result<()> {
+async fn start_prefetch(engine: &Arc<Engine>, how: &Prefetch) -> Result<()> {
     let text = match how {
         Prefetch::None => return Ok(()),
         Prefetch::File(p) => tokio::fs::read_to_string(p).await.map_err(|e| Error::io(format!("read trace {}", p.display()), e))?,
-        Prefetch::Published => match remote.trace(&engine.image().id).await {
+        Prefetch::Published => match engine.remote().trace(&engine.image().id).await {
             Ok(Some(t)) => t,
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -72,7 +71,7 @@ async fn start_prefetch(engine: &Arc<Engine>, remote: &Remote, how: &Prefetch) -
 
 /// Starts recording first reads (rewriting `record` every 2 s) and replaying a trace, as
 /// configured; shared by the virtio-fs and the block daemon. Call `write_trace` at the end.
-pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc<Engine>, store: &str, record: Option<PathBuf>, prefetch: &Prefetch) -> Result<()> {
+pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc<Engine>, record: Option<PathBuf>, prefetch: &Prefetch) -> Result<()> {
     if let Some(path) = record {
         engine.start_recording();
         let e = engine.clone();
@@ -84,8 +83,18 @@ pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc
             }
         });
     }
-    let remote = Remote::open(store, engine.config().attempt_timeout)?;
-    rt.block_on(start_prefetch(engine, &remote, prefetch))
+    rt.block_on(start_prefetch(engine, prefetch))
+}
+
+/// Stops `server` on SIGINT or SIGTERM.
+pub(crate) fn stop_on_signals(rt: &tokio::runtime::Runtime, server: ServerStopper) {
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received, stopping");
+        server.stop();
+    });
 }
 
 /// Writes the recorded trace now and then, and once more at the end.
@@ -108,13 +117,11 @@ pub fn run(cfg: RunConfig) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::io("start runtime", e))?;
-    let remote = Remote::open(&cfg.store, cfg.engine.attempt_timeout)?;
-    let cache = Arc::new(BlockCache::open_with(&cfg.cache, CacheOptions { limit_bytes: cfg.cache_size })?);
-    let engine = rt.block_on(Engine::open(remote, cfg.image, cache, cfg.engine.clone()))?;
+    let engine = rt.block_on(Engine::connect(&cfg.store, cfg.image, &cfg.cache, cfg.cache_size, cfg.engine.clone()))?;
     let img = engine.image();
     tracing::info!(image = %img.id, inodes = img.manifest.inodes.len(), bytes = img.data_size(), "image loaded");
 
-    start_record_and_replay(&rt, &engine, &cfg.store, cfg.record_trace.clone(), &cfg.prefetch)?;
+    start_record_and_replay(&rt, &engine, cfg.record_trace.clone(), &cfg.prefetch)?;
 
     if let Some(addr) = cfg.metrics {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
@@ -124,14 +131,7 @@ pub fn run(cfg: RunConfig) -> Result<()> {
     let fs = Arc::new(ImageFs::new(engine.clone()));
     let dev = DeviceConfig { request_queues: cfg.queues.max(1), threads: cfg.threads.clamp(1, cfg.queues.max(1)), ..DeviceConfig::default() };
     let mut server = VirtioFsServer::bind(&cfg.socket, fs, dev, rt.handle().clone()).map_err(|e| Error::Invalid(e.to_string()))?;
-    let stopper = server.stopper();
-    rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("signal received, stopping");
-        stopper.stop();
-    });
+    stop_on_signals(&rt, server.stopper());
     // Ready: tests and scripts wait for this line before starting the VM.
     eprintln!("incfsd: serving image {} on {}", cfg.image, cfg.socket.display());
     loop {

@@ -183,6 +183,18 @@ impl Engine {
         }
     }
 
+    /// Opens `store` (a directory or an http(s) URL) and the cache directory `cache` (with an
+    /// optional size limit), then the image: what every command and daemon does first.
+    pub async fn connect(store: &str, id: ImageId, cache: &std::path::Path, cache_size: Option<u64>, cfg: EngineConfig) -> Result<Arc<Self>> {
+        let remote = Remote::open(store, cfg.attempt_timeout)?;
+        let cache = Arc::new(BlockCache::open_with(cache, crate::cache::CacheOptions { limit_bytes: cache_size })?);
+        Self::open(remote, id, cache, cfg).await
+    }
+
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
     pub fn image(&self) -> &Arc<Image> {
         &self.image
     }
@@ -649,7 +661,7 @@ impl Engine {
 impl Engine {
     /// From now on, note the first read of every block (see `recorded`).
     pub fn start_recording(&self) {
-        let _ = self.recorder.set(Recorder::new(&self.image));
+        let _ = self.recorder.set(Recorder::new(self.block_base.clone(), self.slot_hints.len() as u64));
     }
 
     /// The trace so far, in the text format of `trace`, or None when not recording.

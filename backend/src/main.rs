@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use incfs::cache::{BlockCache, CacheOptions};
+use incfs::cache::BlockCache;
 use incfs::engine::{Engine, EngineConfig, FillSource};
 use incfs::image::ImageId;
-use incfs::store::{Remote, Store};
+use incfs::store::Store;
 use incfs::{daemon, inspect, pack, serve, Error, Result};
 
 #[derive(Parser)]
@@ -254,9 +254,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn open_engine(src: &ImageArgs, cache: &std::path::Path, cache_size: Option<u64>, cfg: EngineConfig) -> Result<Arc<Engine>> {
-    let remote = Remote::open(&src.store, cfg.attempt_timeout)?;
-    let cache = Arc::new(BlockCache::open_with(cache, CacheOptions { limit_bytes: cache_size })?);
-    Engine::open(remote, src.image, cache, cfg).await
+    Engine::connect(&src.store, src.image, cache, cache_size, cfg).await
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

@@ -31,13 +31,9 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(image: &Image) -> Self {
-        let mut base = vec![u64::MAX; image.manifest.inodes.len()];
-        let mut total = 0u64;
-        for (i, f) in image.files() {
-            base[i as usize] = total;
-            total += f.blocks.len() as u64;
-        }
+    /// `base`: each inode's first global block index (u64::MAX for non-files), as the engine
+    /// numbers them; `total`: blocks of the image.
+    pub fn new(base: Vec<u64>, total: u64) -> Self {
         Recorder { base, seen: (0..total.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), order: Mutex::new(Vec::new()) }
     }
 

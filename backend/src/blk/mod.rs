@@ -17,11 +17,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::cache::{BlockCache, CacheOptions};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::image::ImageId;
-use crate::store::Remote;
 
 pub use device::{BlkServer, DeviceConfig, ServerStopper};
 pub use disk::Disk;
@@ -81,12 +79,10 @@ pub fn run(cfg: BlkConfig) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| Error::io("start runtime", e))?;
-    let remote = Remote::open(&cfg.store, cfg.engine.attempt_timeout)?;
-    let cache = Arc::new(BlockCache::open_with(&cfg.cache, CacheOptions { limit_bytes: cfg.cache_size })?);
-    let engine = rt.block_on(Engine::open(remote, cfg.image, cache, cfg.engine.clone()))?;
+    let engine = rt.block_on(Engine::connect(&cfg.store, cfg.image, &cfg.cache, cfg.cache_size, cfg.engine.clone()))?;
     let disk = Arc::new(Disk::new(engine, &cfg.path, cfg.overlay.as_deref())?);
     tracing::info!(image = %cfg.image, path = %cfg.path, bytes = disk.size(), writable = disk.writable(), "disk loaded");
-    crate::daemon::start_record_and_replay(&rt, disk.engine(), &cfg.store, cfg.record_trace.clone(), &cfg.prefetch)?;
+    crate::daemon::start_record_and_replay(&rt, disk.engine(), cfg.record_trace.clone(), &cfg.prefetch)?;
 
     if let Some(addr) = cfg.metrics {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
@@ -94,14 +90,7 @@ pub fn run(cfg: BlkConfig) -> Result<()> {
     }
 
     let mut server = BlkServer::bind(&cfg.socket, disk.clone(), cfg.device, rt.handle().clone())?;
-    let stopper = server.stopper();
-    rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("signal received, stopping");
-        stopper.stop();
-    });
+    crate::daemon::stop_on_signals(&rt, server.stopper());
     // Ready: tests and scripts wait for this line before starting the VM.
     eprintln!(
         "incfsd: serving {} of image {} ({} bytes, {}) on {}",
