@@ -1,6 +1,8 @@
 //! The control channel (docs/pending-reads.md) driven through the FileSystem trait, as the
 //! FUSE dispatcher would: pending reads, long polls, fills, the read log and the counters.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use incfs::image::ImageId;
 use incfs::pack::{pack, PackOptions};
 use incfs::store::{Remote, Store};
 use incfs_fuse::{abi, Context, DirEntry, DirSink, Errno, FileSystem, Reply};
+use support::pseudo_random;
 
 const ROOT: u64 = 1;
 
@@ -21,27 +24,13 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-/// Deterministic incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 async fn setup(fill: FillSource, read_timeout: Duration) -> Setup {
     let dir = tempfile::tempdir().expect("tmp");
     let src = dir.path().join("src");
     std::fs::create_dir_all(src.join("sub")).expect("mkdir");
-    let data = noise(7, 5 * 4096 + 100);
+    let data = pseudo_random(7, 5 * 4096 + 100);
     std::fs::write(src.join("a"), &data).expect("write");
-    std::fs::write(src.join("sub/b"), noise(8, 3000)).expect("write");
+    std::fs::write(src.join("sub/b"), pseudo_random(8, 3000)).expect("write");
     // All zero blocks: always present, never fetched.
     std::fs::write(src.join("zeros"), vec![0u8; 4096 * 64]).expect("write");
     let store = dir.path().join("store");
@@ -365,7 +354,7 @@ async fn namespace_index_incomplete_and_hidden_root() {
     assert!(fs.lookup(incomplete, idz.as_bytes()).is_err());
     let e = fs.lookup(incomplete, idb.as_bytes()).expect("b incomplete");
     assert_eq!((e.ino, e.entry_timeout), (b, Duration::ZERO));
-    let data_b = noise(8, 3000);
+    let data_b = pseudo_random(8, 3000);
     let (f, ffh) = open_ctl(fs, ".fill", libc::O_WRONLY);
     let rec = fill_record(&file_id(fs, b), 0, 0, &data_b);
     assert_eq!(done(fs.write(f, ffh, 0, &rec, &ctx(0))).await, Ok(rec.len() as u32));

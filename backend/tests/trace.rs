@@ -3,68 +3,13 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use incfs_fuse::frontend::FuseFrontend;
 use support::*;
 
 const ROOT: u64 = 1;
-
-struct Daemon {
-    child: Child,
-    metrics: u16,
-}
-
-impl Daemon {
-    fn start(url: &str, id: &str, cache: &Path, socket: &Path, extra: &[&str]) -> Daemon {
-        let metrics = free_port();
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(INCFSD)
-            .args(["run", "--image", id, "--store", url, "--metrics", &format!("127.0.0.1:{metrics}"), "--cache"])
-            .arg(cache)
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("incfsd run");
-        let t = Instant::now();
-        while !socket.exists() {
-            assert!(t.elapsed() < Duration::from_secs(20), "socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child, metrics }
-    }
-
-    fn metric(&self, name: &str) -> u64 {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
-        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").expect("send");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("read");
-        body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}"))
-    }
-
-    /// SIGTERM: the daemon writes its trace and exits.
-    fn stop(mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        while self.child.try_wait().expect("wait").is_none() {
-            assert!(t.elapsed() < Duration::from_secs(10), "daemon did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn read(f: &mut FuseFrontend, name: &str, off: u64, len: u32) -> Vec<u8> {
     let e = f.lookup(ROOT, name.as_bytes()).expect("lookup");
@@ -98,7 +43,7 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
     let trace = t.path().join("trace.txt");
 
     // 1. Record.
-    let d = Daemon::start(&nginx.url, &id, &t.path().join("c1"), &sock, &["--record-trace", trace.to_str().expect("utf8"), "--no-prefetch"]);
+    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c1"), &sock, &["--record-trace", trace.to_str().expect("utf8"), "--no-prefetch"]);
     workload(&mut FuseFrontend::connect(&sock).expect("connect"), &files);
     let demand_requests = d.metric("incfs_remote_requests_total");
     d.stop();
@@ -108,14 +53,14 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
     assert_eq!(lines, ["f17\t0\t16", "f03\t2\t1", "f30\t0\t49", "f03\t0\t1"], "first reads, in order");
 
     // 2. Replay from the file into a fresh cache: the blocks arrive before anyone reads.
-    let wait_prefetched = |d: &Daemon| {
+    let wait_prefetched = |d: &RunDaemon| {
         let t0 = Instant::now();
         while d.metric("incfs_blocks_fetched_total") < 16 + 1 + 49 + 1 {
             assert!(t0.elapsed() < Duration::from_secs(20), "prefetch did not finish");
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    let d = Daemon::start(&nginx.url, &id, &t.path().join("c2"), &sock, &["--prefetch-trace", trace.to_str().expect("utf8")]);
+    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c2"), &sock, &["--prefetch-trace", trace.to_str().expect("utf8")]);
     wait_prefetched(&d);
     assert_eq!(d.metric("incfs_reads_total"), 0, "nobody has read yet");
     workload(&mut FuseFrontend::connect(&sock).expect("connect"), &files);
@@ -128,10 +73,10 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id, "same tree, same image id");
     assert!(store.join("traces").join(&id).exists());
-    let d = Daemon::start(&nginx.url, &id, &t.path().join("c3"), &sock, &[]);
+    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c3"), &sock, &[]);
     wait_prefetched(&d);
     drop(d);
-    let d = Daemon::start(&nginx.url, &id, &t.path().join("c4"), &sock, &["--no-prefetch"]);
+    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c4"), &sock, &["--no-prefetch"]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(d.metric("incfs_blocks_fetched_total"), 0);
 }

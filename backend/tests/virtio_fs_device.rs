@@ -5,9 +5,7 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use incfs_fuse::abi;
 use incfs_fuse::frontend::{DescSpec, FuseFrontend, FuseReply};
@@ -15,38 +13,6 @@ use support::*;
 use vm_memory::ByteValued;
 
 const ROOT: u64 = 1;
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(store: &Path, id: &str, cache: &Path, socket: &Path, extra: &[&str]) -> Daemon {
-    let child = Command::new(INCFSD)
-        .args(["run", "--image", id, "--store"])
-        .arg(store)
-        .arg("--cache")
-        .arg(cache)
-        .arg("--socket")
-        .arg(socket)
-        .args(extra)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("incfsd run");
-    let t = Instant::now();
-    while !socket.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "socket never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon { child, socket: socket.to_path_buf() }
-}
 
 fn tree(src: &Path) -> (Vec<u8>, Vec<u8>) {
     std::fs::create_dir_all(src.join("dir/empty")).expect("mkdir");
@@ -76,7 +42,7 @@ fn every_opcode_against_a_real_image() {
     let (data, sparse) = tree(&src);
     let store = t.path().join("store");
     let id = incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
-    let d = start(&store, &id, &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
+    let d = RunDaemon::start(store.to_str().expect("utf8"), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
     let mut f = FuseFrontend::connect(&d.socket).expect("connect");
     let init = f.init().expect("INIT");
     assert!(init.max_pages >= 32, "max_pages {}", init.max_pages);
@@ -195,7 +161,7 @@ fn a_frontend_may_reconnect_and_inode_numbers_stay_stable() {
     let (data, _) = tree(&src);
     let store = t.path().join("store");
     let id = incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
-    let d = start(&store, &id, &t.path().join("cache"), &t.path().join("fs.sock"), &["--queues", "2"]);
+    let d = RunDaemon::start(store.to_str().expect("utf8"), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &["--queues", "2"]);
     let first = {
         let mut f = FuseFrontend::connect(&d.socket).expect("connect");
         f.init().expect("init");

@@ -19,6 +19,64 @@ use axum::response::{IntoResponse, Response};
 
 pub const INCFSD: &str = env!("CARGO_BIN_EXE_incfsd");
 
+/// `incfsd run` on a socket, with metrics on a free port; killed on drop.
+pub struct RunDaemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub metrics: u16,
+}
+
+impl RunDaemon {
+    /// Starts the daemon and waits for its socket. `store`: directory or URL.
+    pub fn start(store: &str, id: &str, cache: &Path, socket: &Path, extra: &[&str]) -> RunDaemon {
+        let metrics = free_port();
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(INCFSD)
+            .args(["run", "--image", id, "--store", store, "--metrics", &format!("127.0.0.1:{metrics}"), "--cache"])
+            .arg(cache)
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("incfsd run");
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RunDaemon { child, socket: socket.to_path_buf(), metrics }
+    }
+
+    /// One counter from /metrics.
+    pub fn metric(&self, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").expect("send");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    /// SIGTERM, and wait for the daemon to exit (it writes its trace first).
+    pub fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(t.elapsed() < Duration::from_secs(10), "daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
