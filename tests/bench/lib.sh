@@ -40,6 +40,8 @@ bench_init() {  # NAME: creates $work, sets the exit trap
 log() { printf '%s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+source "$(dirname "${BASH_SOURCE[0]}")/need.sh"
+
 now() { printf '%s\n' "$EPOCHREALTIME"; }
 # fsub A B -> A - B with 3 decimals; fdiv A B -> A / B with 2 decimals
 fsub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
