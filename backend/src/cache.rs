@@ -30,8 +30,13 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use incfs_fuse::DirectBuf;
 
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Hash, ImageId, BLOCK_SIZE};
@@ -78,6 +83,8 @@ pub struct BlockCache {
     header: File,
     blocks: File,
     slots: File,
+    /// `slots` mapped, for the read path (None if it could not be mapped).
+    records: Option<RecordMap>,
     log: File,
     free: File,
     lock: File,
@@ -168,11 +175,13 @@ impl BlockCache {
             let p = dir.join(name);
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).ctx(|| format!("open {}", p.display()))
         };
+        let slots = open("slots")?;
         let cache = BlockCache {
             dir: dir.to_path_buf(),
             header: open("header")?,
             blocks: open("blocks")?,
-            slots: open("slots")?,
+            records: RecordMap::new(&slots),
+            slots,
             log: open("log")?,
             free: open("free")?,
             lock: open("lock")?,
@@ -311,32 +320,84 @@ impl BlockCache {
     /// slot still holds the expected hash. False (and the stale entries forgotten) if any slot
     /// was evicted or reused meanwhile.
     pub fn read_run(&self, first: u64, hashes: &[Hash], out: &mut [u8]) -> Result<bool> {
-        let n = hashes.len();
-        debug_assert_eq!(out.len(), n * BLOCK_SIZE);
+        debug_assert_eq!(out.len(), hashes.len() * BLOCK_SIZE);
         let got = read_full_at(&self.blocks, out, first * BLOCK_SIZE as u64).ctx(|| "read cache blocks".into())?;
-        let mut meta = vec![0u8; n * META];
-        let mgot = read_full_at(&self.slots, &mut meta, first * META as u64).ctx(|| "read cache slots".into())?;
-        let mut ok = got == out.len() && mgot == meta.len();
-        if ok {
-            for (i, h) in hashes.iter().enumerate() {
-                let rec = &meta[i * META..(i + 1) * META];
-                if &rec[..32] != h || le32(&rec[32..36]) != STATE_VALID {
-                    ok = false;
-                    break;
-                }
-            }
-        }
-        if !ok {
-            let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
-            for (i, h) in hashes.iter().enumerate() {
-                if idx.map.get(h).map(|e| e.slot) == Some(first + i as u64) {
-                    idx.map.remove(h);
-                }
-            }
+        if got != out.len() {
+            self.forget_run(first, hashes.iter());
             return Ok(false);
         }
-        self.touch(first, &meta);
-        Ok(true)
+        self.check_run(first, hashes.iter())
+    }
+
+    /// Like `read_run`, straight into a guest's buffer: the first `len` bytes of the run
+    /// (`len` may end inside the last block) go to [at, at + len) of `out`.
+    pub fn read_run_into<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone,
+        out: &mut DirectBuf<'_>,
+        at: usize,
+        len: usize,
+    ) -> Result<bool> {
+        debug_assert!(len <= hashes.len() * BLOCK_SIZE);
+        let got = out.read_from(&self.blocks, first * BLOCK_SIZE as u64, at, len).ctx(|| "read cache blocks".into())?;
+        if got != len {
+            self.forget_run(first, hashes);
+            return Ok(false);
+        }
+        self.check_run(first, hashes)
+    }
+
+    /// After the data of a run was copied: checks that every slot still holds its hash (and
+    /// notes the access), or forgets the run and reports a miss.
+    fn check_run<'a>(&self, first: u64, hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone) -> Result<bool> {
+        let n = hashes.len();
+        let ok = match self.records.as_ref().and_then(|m| m.run(&self.slots, first, n)) {
+            Some(run) => {
+                fence(Ordering::Acquire);
+                let now = now_secs();
+                hashes.clone().enumerate().all(|(i, h)| run.check_and_touch(i, h, now))
+            }
+            None => {
+                let mut meta = vec![0u8; n * META];
+                let got = read_full_at(&self.slots, &mut meta, first * META as u64).ctx(|| "read cache slots".into())?;
+                let ok = got == meta.len()
+                    && hashes
+                        .clone()
+                        .zip(meta.chunks_exact(META))
+                        .all(|(h, rec)| le32(&rec[32..36]) == STATE_VALID && &rec[..32] == h);
+                if ok {
+                    self.touch(first, &meta);
+                }
+                ok
+            }
+        };
+        if !ok {
+            self.forget_run(first, hashes);
+        }
+        Ok(ok)
+    }
+
+    /// Sets a slot's state: the last word of a record written, so a reader that sees
+    /// VALID sees the whole record (readers load the state first).
+    fn set_state(&self, slot: u64, state: u32) -> Result<()> {
+        match self.records.as_ref().and_then(|m| m.run(&self.slots, slot, 1)) {
+            Some(run) => {
+                run.state(0).store(state.to_le(), Ordering::Release);
+                Ok(())
+            }
+            None => self.slots.write_all_at(&state.to_le_bytes(), slot * META as u64 + 32).ctx(|| "write cache slots".into()),
+        }
+    }
+
+    /// Drops index entries that point into a run found stale.
+    fn forget_run<'a>(&self, first: u64, hashes: impl Iterator<Item = &'a Hash>) {
+        let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+        for (i, h) in hashes.enumerate() {
+            if idx.map.get(h).map(|e| e.slot) == Some(first + i as u64) {
+                idx.map.remove(h);
+            }
+        }
     }
 
     /// Writes back access times for LRU, at most every TOUCH_EVERY seconds per block: the
@@ -399,12 +460,14 @@ impl BlockCache {
             self.blocks.write_all_at(&data, slots[i] * BLOCK_SIZE as u64).ctx(|| "write cache blocks".into())?;
             i = j;
         }
+        // Each record with an empty state first, then the state: never a VALID state
+        // beside a half-written hash.
         for (s, (h, _)) in slots.iter().zip(blocks) {
             let mut rec = [0u8; META];
             rec[..32].copy_from_slice(h);
-            rec[32..36].copy_from_slice(&STATE_VALID.to_le_bytes());
             rec[36..40].copy_from_slice(&t.to_le_bytes());
             self.slots.write_all_at(&rec, s * META as u64).ctx(|| "write cache slots".into())?;
+            self.set_state(*s, STATE_VALID)?;
         }
         let mut log = Vec::with_capacity(blocks.len() * LOG_REC);
         for (s, (h, _)) in slots.iter().zip(blocks) {
@@ -464,7 +527,7 @@ impl BlockCache {
     /// Marks slots evicted, frees their data, then hands them to the free list.
     fn free_slots(&self, victims: &[u64]) -> Result<()> {
         for &s in victims {
-            self.slots.write_all_at(&STATE_EVICTED.to_le_bytes(), s * META as u64 + 32).ctx(|| "write cache slots".into())?;
+            self.set_state(s, STATE_EVICTED)?;
         }
         let mut i = 0;
         while i < victims.len() {
@@ -687,6 +750,110 @@ impl BlockCache {
         let n = read_full_at(&self.blocks, out, slot * BLOCK_SIZE as u64).ctx(|| "read cache block".into())?;
         out[n..].fill(0);
         Ok(())
+    }
+}
+
+/// Address space reserved for the mapped slots file: 64 GiB of records cover 5.7 TB of
+/// blocks. Records past it are read with pread.
+const RECORD_MAP_BYTES: u64 = 1 << 36;
+
+/// The slots file mapped shared, so that checking and touching records on the read path
+/// costs no system call. The mapping is reserved once with room to grow, because the file
+/// only ever grows (nothing truncates it); a record is touched only once the file is known
+/// to reach it, since a page past the end of a mapped file is SIGBUS. Other processes write
+/// the same file with pwrite: mapped and written pages are the same page cache pages.
+struct RecordMap {
+    base: NonNull<u8>,
+    /// File bytes known to exist.
+    covered: AtomicU64,
+}
+
+// SAFETY: the mapping is only accessed through atomics, like memory shared with other
+// processes must be.
+unsafe impl Send for RecordMap {}
+unsafe impl Sync for RecordMap {}
+
+/// Records [first, first + n) of a [`RecordMap`], known to be inside the file.
+struct RecordRun<'a> {
+    at: *mut u8,
+    _map: PhantomData<&'a RecordMap>,
+}
+
+impl RecordMap {
+    fn new(file: &File) -> Option<Self> {
+        // SAFETY: a fresh shared mapping of our own fd; nothing else is at that address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RECORD_MAP_BYTES as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            tracing::debug!("cannot map cache slots: {}", std::io::Error::last_os_error());
+            return None;
+        }
+        Some(RecordMap { base: NonNull::new(p.cast())?, covered: AtomicU64::new(0) })
+    }
+
+    /// Records [first, first + n), if mapped and inside the file.
+    fn run(&self, file: &File, first: u64, n: usize) -> Option<RecordRun<'_>> {
+        let end = first.checked_add(n as u64)?.checked_mul(META as u64)?;
+        if end > RECORD_MAP_BYTES {
+            return None;
+        }
+        if end > self.covered.load(Ordering::Acquire) {
+            let len = file.metadata().ok()?.len();
+            self.covered.fetch_max(len, Ordering::AcqRel);
+            if end > len {
+                return None;
+            }
+        }
+        // SAFETY: end <= RECORD_MAP_BYTES, so the offset is inside the mapping.
+        let at = unsafe { self.base.as_ptr().add((first * META as u64) as usize) };
+        Some(RecordRun { at, _map: PhantomData })
+    }
+}
+
+impl Drop for RecordMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; no RecordRun outlives the map.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), RECORD_MAP_BYTES as usize) };
+    }
+}
+
+impl RecordRun<'_> {
+    /// A 32-bit word of record i, as stored (little-endian).
+    fn word32(&self, i: usize, off: usize) -> &AtomicU32 {
+        // SAFETY: record i of the run is inside the mapping and the file; records are
+        // 48-byte aligned in a page-aligned mapping, so `off` (a multiple of 4) is aligned.
+        unsafe { AtomicU32::from_ptr(self.at.add(i * META + off).cast()) }
+    }
+
+    fn state(&self, i: usize) -> &AtomicU32 {
+        self.word32(i, 32)
+    }
+
+    /// Whether record i holds `hash` and is valid (state first: see `set_state`); notes the
+    /// access time at most every TOUCH_EVERY seconds.
+    fn check_and_touch(&self, i: usize, hash: &Hash, now: u32) -> bool {
+        if u32::from_le(self.state(i).load(Ordering::Acquire)) != STATE_VALID {
+            return false;
+        }
+        let same = hash
+            .chunks_exact(4)
+            .enumerate()
+            .all(|(k, w)| self.word32(i, k * 4).load(Ordering::Relaxed).to_ne_bytes() == w);
+        if same {
+            let atime = self.word32(i, 36);
+            if now.saturating_sub(u32::from_le(atime.load(Ordering::Relaxed))) >= TOUCH_EVERY {
+                atime.store(now.to_le(), Ordering::Relaxed);
+            }
+        }
+        same
     }
 }
 

@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use incfs_fuse::DirectBuf;
+
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::image::{merkle, BlockKind, BlockRef, FileData, Hash, Image, ImageId, BLOCK_SIZE};
@@ -222,26 +224,48 @@ impl Engine {
         (end - offset, first, last)
     }
 
-    /// Copies the cached blocks [first, last) of `f` into `buf` (whole blocks); returns the
-    /// indexes of the blocks that are missing.
-    fn copy_cached(&self, ino: u32, f: &FileData, first: usize, last: usize, buf: &mut [u8]) -> Result<Vec<usize>> {
-        let mut missing = Vec::new();
+    /// The slot hint of block `block` of file `ino`, if the image has one.
+    fn hint(&self, ino: u32, block: usize) -> Option<&AtomicU64> {
+        let base = *self.block_base.get(ino as usize)?;
+        self.slot_hints.get(usize::try_from(base).ok()?.checked_add(block)?)
+    }
+
+    /// Where the cache holds blocks [first, last) of `f` (None: missing, or a zero block).
+    /// Hinted slots first; the index only for blocks without a hint.
+    fn cached_slots(&self, ino: u32, f: &FileData, first: usize, last: usize) -> Vec<Option<u64>> {
         let blocks = &f.blocks[first..last];
-        let base = self.block_base.get(ino as usize).copied().unwrap_or(u64::MAX);
-        let hint = |i: usize| (base != u64::MAX).then(|| self.slot_hints.get((base + (first + i) as u64) as usize)).flatten();
-        // Hinted slots first; the index only for blocks without a hint.
-        let mut slots: Vec<Option<u64>> = (0..blocks.len()).map(|i| hint(i).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1)).collect();
+        let mut slots: Vec<Option<u64>> =
+            (first..last).map(|b| self.hint(ino, b).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1)).collect();
         let unhinted: Vec<usize> = (0..blocks.len()).filter(|&i| slots[i].is_none() && blocks[i].kind != BlockKind::Zero).collect();
         if !unhinted.is_empty() {
             let mut found = Vec::with_capacity(unhinted.len());
             self.cache.lookup_many(unhinted.iter().map(|&i| &blocks[i].hash), &mut found);
             for (&i, s) in unhinted.iter().zip(found) {
                 slots[i] = s;
-                if let (Some(h), Some(s)) = (hint(i), s) {
+                if let (Some(h), Some(s)) = (self.hint(ino, first + i), s) {
                     h.store(s + 1, Relaxed);
                 }
             }
         }
+        slots
+    }
+
+    /// How many blocks from `i` on are stored in consecutive slots (one copy for them all).
+    fn slot_run(blocks: &[BlockRef], slots: &[Option<u64>], i: usize, slot: u64) -> usize {
+        let mut n = 1;
+        while i + n < blocks.len() && blocks[i + n].kind != BlockKind::Zero && slots[i + n] == Some(slot + n as u64) {
+            n += 1;
+        }
+        n
+    }
+
+    /// Copies the cached blocks [first, last) of `f` into `buf` (whole blocks); returns the
+    /// indexes of the blocks that are missing.
+    fn copy_cached(&self, ino: u32, f: &FileData, first: usize, last: usize, buf: &mut [u8]) -> Result<Vec<usize>> {
+        let mut missing = Vec::new();
+        let blocks = &f.blocks[first..last];
+        let slots = self.cached_slots(ino, f, first, last);
+        let hint = |i: usize| self.hint(ino, first + i);
         let mut i = 0;
         while i < blocks.len() {
             let at = i * BLOCK_SIZE;
@@ -255,11 +279,7 @@ impl Engine {
                 i += 1;
                 continue;
             };
-            // Extend over blocks stored in the following slots: one copy for the run.
-            let mut n = 1;
-            while i + n < blocks.len() && blocks[i + n].kind != BlockKind::Zero && slots[i + n] == Some(slot + n as u64) {
-                n += 1;
-            }
+            let n = Self::slot_run(blocks, &slots, i, slot);
             let hashes: Vec<Hash> = blocks[i..i + n].iter().map(|r| r.hash).collect();
             if !self.cache.read_run(slot, &hashes, &mut buf[at..at + n * BLOCK_SIZE])? {
                 // A stale hint, or evicted meanwhile: forget the hints, ask the index block by
@@ -295,12 +315,57 @@ impl Engine {
         if !self.copy_cached(ino, f, first, last, &mut buf)?.is_empty() {
             return Ok(None);
         }
+        self.count_hit(last - first);
+        Ok(Some(trim(buf, offset, n)))
+    }
+
+    /// Reads from the cache only, straight into a guest's buffer: Some(bytes) when the read
+    /// starts on a block boundary and every block is cached, None otherwise (then nothing
+    /// is counted and the caller reads the ordinary way). Never waits.
+    pub fn read_cached_into(&self, ino: u32, offset: u64, len: u32, out: &mut DirectBuf<'_>) -> Result<Option<u32>> {
+        let f = self.file(ino)?;
+        if offset % BLOCK_SIZE as u64 != 0 {
+            return Ok(None);
+        }
+        let (n, first, last) = Self::span(f, offset, len);
+        let n = n as usize;
+        let blocks = &f.blocks[first..last];
+        let slots = self.cached_slots(ino, f, first, last);
+        let io = |e| Error::io("read into guest buffer", e);
+        let mut i = 0;
+        while i < blocks.len() {
+            let at = i * BLOCK_SIZE;
+            if blocks[i].kind == BlockKind::Zero {
+                out.zero(at, BLOCK_SIZE.min(n - at)).map_err(io)?;
+                i += 1;
+                continue;
+            }
+            let Some(slot) = slots[i] else { return Ok(None) };
+            let k = Self::slot_run(blocks, &slots, i, slot);
+            let bytes = (k * BLOCK_SIZE).min(n - at);
+            if !self.cache.read_run_into(slot, blocks[i..i + k].iter().map(|r| &r.hash), out, at, bytes)? {
+                for b in first + i..first + i + k {
+                    if let Some(h) = self.hint(ino, b) {
+                        h.store(0, Relaxed);
+                    }
+                }
+                return Ok(None);
+            }
+            i += k;
+        }
+        if let Some(r) = self.recorder.get() {
+            r.note(ino, first, last);
+        }
+        self.count_hit(last - first);
+        Ok(Some(n as u32))
+    }
+
+    fn count_hit(&self, blocks: usize) {
         // A daemon that only hits still shows up in the cache-wide ratio now and then.
         if self.counters.reads.fetch_add(1, Relaxed) % 8192 == 8191 {
             self.flush_stats();
         }
-        self.counters.cache_hits.fetch_add((last - first) as u64, Relaxed);
-        Ok(Some(trim(buf, offset, n)))
+        self.counters.cache_hits.fetch_add(blocks as u64, Relaxed);
     }
 
     /// Reads verified plaintext, waiting for missing blocks until the read timeout.

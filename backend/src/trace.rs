@@ -100,7 +100,7 @@ fn paths(image: &Image) -> Vec<Option<Vec<u8>>> {
 fn escape(path: &[u8]) -> String {
     let mut s = String::with_capacity(path.len());
     for &b in path {
-        if b == b'%' || b < 0x20 || b >= 0x7f {
+        if b == b'%' || !(0x20..0x7f).contains(&b) {
             s.push_str(&format!("%{b:02X}"));
         } else {
             s.push(b as char);

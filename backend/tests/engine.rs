@@ -18,6 +18,7 @@ use incfs::engine::{Engine, EngineConfig};
 use incfs::image::{ImageId, InodeKind};
 use incfs::pack::{pack, PackOptions};
 use incfs::store::{Remote, Store};
+use incfs_fuse::DirectBuf;
 use support::*;
 
 const GIB: u64 = 1 << 30;
@@ -300,7 +301,7 @@ async fn a_dead_remote_fails_reads_with_etime_then_recovers() {
     let (mut server, engine, ino, data) = fault_setup(t.path(), cfg).await;
     server.down();
     let start = Instant::now();
-    let err = engine.read(ino, 0, 4096).await.err().expect("remote is down");
+    let err = engine.read(ino, 0, 4096).await.expect_err("remote is down");
     let took = start.elapsed();
     assert_eq!(err.errno(), libc::ETIME, "{err}");
     assert!(took >= timeout && took < timeout + Duration::from_secs(2), "failed after {took:?}");
@@ -308,7 +309,7 @@ async fn a_dead_remote_fails_reads_with_etime_then_recovers() {
     // A stalled remote is the same to the reader.
     server.up().await;
     server.set_always(Some(Fault::Stall(Duration::from_secs(30))));
-    let err = engine.read(ino, 8192, 4096).await.err().expect("remote stalls");
+    let err = engine.read(ino, 8192, 4096).await.expect_err("remote stalls");
     assert_eq!(err.errno(), libc::ETIME);
     server.set_always(None);
     assert_eq!(engine.read(ino, 0, 4096).await.expect("back"), &data[..4096]);
@@ -320,7 +321,7 @@ async fn zero_read_timeout_fails_at_once() {
     let t = tempfile::tempdir().expect("tmp");
     let cfg = EngineConfig { read_timeout: Duration::ZERO, ..fast_cfg() };
     let (_server, engine, ino, _) = fault_setup(t.path(), cfg).await;
-    let err = engine.read(ino, 0, 4096).await.err().expect("nothing cached");
+    let err = engine.read(ino, 0, 4096).await.expect_err("nothing cached");
     assert_eq!(err.errno(), libc::ETIME);
 }
 
@@ -415,8 +416,8 @@ async fn readahead_continues_into_the_files_packed_next() {
         if cross {
             // A 64 KiB window: this file and the next seven, in one request.
             assert_eq!(fetched, 16);
-            for i in 1..8 {
-                assert_eq!(e.read_cached(ino(i), 0, 8192).expect("cached"), Some(files[i].clone()), "m{i:02} came along");
+            for (i, f) in files.iter().enumerate().take(8).skip(1) {
+                assert_eq!(e.read_cached(ino(i), 0, 8192).expect("cached").as_ref(), Some(f), "m{i:02} came along");
             }
             assert_eq!(e.read_cached(ino(8), 0, 8192).expect("cached"), None, "but no further");
         } else {
@@ -424,4 +425,70 @@ async fn readahead_continues_into_the_files_packed_next() {
             assert_eq!(e.read_cached(ino(1), 0, 8192).expect("cached"), None);
         }
     }
+}
+
+/// Reads `len` at `off` from the cache straight into a buffer scattered like a guest's
+/// pages (a 16-byte out_header descriptor, then odd pieces), returning the data part.
+fn read_direct(e: &Engine, ino: u32, off: u64, len: u32) -> Option<Vec<u8>> {
+    let mut mem = vec![0xeeu8; len as usize + 7000];
+    let p = mem.as_mut_ptr();
+    let pieces = [(0, 1000), (1000, 3096), (4096, mem.len() - 4096)];
+    // SAFETY: disjoint pieces of `mem`, which outlives the buffer.
+    let mut buf = unsafe { DirectBuf::new(pieces.iter().map(|&(at, n)| (p.add(at), n)).collect()) };
+    let n = e.read_cached_into(ino, off, len, &mut buf).expect("direct read")?;
+    drop(buf);
+    assert!(mem[n as usize..].iter().all(|&b| b == 0xee), "nothing written past the data");
+    Some(mem[..n as usize].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_go_straight_into_guest_buffers_and_stale_slots_fall_back() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(9, 300_123);
+    fs::write(src.join("data"), &data).expect("write");
+    // 64 KiB, a 1 MiB hole (zero blocks, never stored), 10 KiB.
+    let mut sparse = pseudo_random(10, 64 << 10);
+    sparse.resize((64 << 10) + (1 << 20), 0);
+    sparse.extend(pseudo_random(11, 10 << 10));
+    fs::write(src.join("sparse"), &sparse).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    let cache = t.path().join("cache");
+    let e = open(&nginx.url, id, &cache, EngineConfig::default()).await;
+    let ino = e.image().resolve(b"data").expect("data");
+    let sp = e.image().resolve(b"sparse").expect("sparse");
+
+    assert_eq!(read_direct(&e, ino, 0, 131072), None, "not cached yet: the ordinary path");
+    for (i, d) in [(ino, &data), (sp, &sparse)] {
+        assert_eq!(&e.read(i, 0, 1 << 20).await.expect("fetch"), &d[..(1 << 20).min(d.len())]);
+        assert!(e.read(i, 1 << 20, 1 << 20).await.is_ok());
+    }
+    let reads = e.counters.reads.load(Relaxed);
+    for (off, len) in [(0u64, 131072u32), (4096, 4096), (8192, 1), (262144, 131072), (294912, 8192), (299008, 4096)] {
+        let end = (off as usize + len as usize).min(data.len());
+        assert_eq!(read_direct(&e, ino, off, len).as_deref(), Some(&data[off as usize..end]), "{off}+{len}");
+    }
+    assert_eq!(read_direct(&e, ino, 98 * 4096, 4096).as_deref(), Some(&[][..]), "past the end: empty");
+    assert_eq!(read_direct(&e, ino, 100, 4096), None, "unaligned: the ordinary path");
+    for off in [0u64, 61440, 1 << 20, (64 << 10) + (1 << 20)] {
+        let end = (off as usize + (256 << 10)).min(sparse.len());
+        assert_eq!(read_direct(&e, sp, off, 256 << 10).as_deref(), Some(&sparse[off as usize..end]), "sparse at {off}");
+    }
+    assert_eq!(e.counters.reads.load(Relaxed), reads + 11, "direct hits are counted as reads");
+
+    // Another process evicts block 1 (its record says so) after we learnt its slot: the
+    // direct read sees it after copying and leaves the read to the ordinary path, which
+    // fetches it again.
+    let h = e.image().file(ino).expect("file").blocks[1].hash;
+    let slot = e.cache().lookup(&h).expect("cached");
+    let slots = fs::OpenOptions::new().write(true).open(cache.join("slots")).expect("slots");
+    std::os::unix::fs::FileExt::write_all_at(&slots, &2u32.to_le_bytes(), slot * 48 + 32).expect("evict");
+    assert_eq!(read_direct(&e, ino, 0, 131072), None, "a stale slot is a miss");
+    let fetched = e.counters.blocks_fetched.load(Relaxed);
+    assert_eq!(e.read(ino, 0, 131072).await.expect("read"), &data[..131072]);
+    assert!(e.counters.blocks_fetched.load(Relaxed) > fetched, "refetched");
+    assert_eq!(read_direct(&e, ino, 0, 131072).as_deref(), Some(&data[..131072]));
 }

@@ -15,6 +15,7 @@ use tracing::{debug, trace, warn};
 use vm_memory::ByteValued;
 
 use crate::abi::{self, read_struct, InHeader, OutHeader};
+use crate::direct::DirectBuf;
 use crate::filesystem::{Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply};
 
 const PAGE_SIZE: u32 = 4096;
@@ -231,6 +232,11 @@ struct Request<'a> {
     body: &'a [u8],
 }
 
+/// Whether `req` claims to be a READ (cheap; [`Dispatcher::read_direct`] checks the rest).
+pub fn is_read(req: &[u8]) -> bool {
+    read_struct::<InHeader>(req).is_some_and(|(h, _)| h.opcode == abi::FUSE_READ)
+}
+
 /// Per-connection FUSE session: negotiated state plus the filesystem.
 pub struct Dispatcher {
     fs: Arc<dyn FileSystem>,
@@ -372,6 +378,42 @@ impl Dispatcher {
             }
         };
         self.ready(r, unique, out_capacity)
+    }
+
+    /// Answers a well-formed READ by having the filesystem read straight into `out` (the
+    /// whole writable area of the chain), when it can without waiting. Returns the reply
+    /// length; `None` for anything else, which then goes through [`Dispatcher::dispatch`]
+    /// (and gets its errors from there).
+    pub fn read_direct(&self, req: &[u8], out: &mut DirectBuf<'_>) -> Option<u32> {
+        let (hdr, _) = read_struct::<InHeader>(req)?;
+        let len = hdr.len as usize;
+        if hdr.opcode != abi::FUSE_READ
+            || len < size_of::<InHeader>()
+            || len > req.len()
+            || !self.is_initialized()
+        {
+            return None;
+        }
+        let (read, _) = read_struct::<abi::ReadIn>(&req[size_of::<InHeader>()..len])?;
+        let head = size_of::<OutHeader>();
+        if read.size > self.cfg.max_read() || (read.size as usize).saturating_add(head) > out.len() {
+            return None;
+        }
+        let ctx = caller(&Request { hdr, body: &[] });
+        out.set_base(head);
+        let n = self
+            .fs
+            .read_direct(hdr.nodeid, read.fh, read.offset, read.size, &ctx, out);
+        out.set_base(0);
+        let n = n.filter(|&n| n <= read.size)?;
+        let total = head as u32 + n;
+        let hdr = OutHeader {
+            len: total,
+            error: 0,
+            unique: hdr.unique,
+        };
+        out.write(0, hdr.as_slice()).ok()?;
+        Some(total)
     }
 
     fn ready(&self, reply: ReplyBuf, unique: u64, capacity: usize) -> Response {
@@ -945,6 +987,25 @@ mod tests {
             let end = (start + size as usize).min(data.len());
             Reply::ok(data[start..end].to_vec())
         }
+        /// Direct only from even offsets, to show the fallback.
+        fn read_direct(
+            &self,
+            _ino: u64,
+            _fh: u64,
+            offset: u64,
+            size: u32,
+            _ctx: &Context,
+            buf: &mut DirectBuf<'_>,
+        ) -> Option<u32> {
+            if offset % 2 == 1 {
+                return None;
+            }
+            let data = b"0123456789";
+            let start = (offset as usize).min(data.len());
+            let end = (start + size as usize).min(data.len());
+            buf.write(0, &data[start..end]).ok()?;
+            Some((end - start) as u32)
+        }
         fn readdir(
             &self,
             ino: u64,
@@ -1124,6 +1185,39 @@ mod tests {
         // Truncated read_in.
         let r = ready(d.dispatch(&req(abi::FUSE_READ, 4, 2, &[0u8; 20]), 4096));
         assert_eq!(out_hdr(&r).error, -libc::EINVAL);
+    }
+
+    #[test]
+    fn read_direct_writes_header_and_data_or_declines() {
+        let d = session();
+        let read = |off: u64, size: u32| {
+            let body = abi::ReadIn {
+                offset: off,
+                size,
+                ..Default::default()
+            };
+            req(abi::FUSE_READ, 4, 2, body.as_slice())
+        };
+        let direct = |d: &Dispatcher, r: &[u8], cap: usize| {
+            let mut mem = vec![0xeeu8; cap];
+            let n = d.read_direct(r, &mut DirectBuf::from_slice(&mut mem));
+            (n, mem)
+        };
+        let (n, mem) = direct(&d, &read(2, 4096), 8192);
+        assert_eq!(n, Some(24));
+        assert_eq!(out_hdr(&mem[..24]).len, 24);
+        assert_eq!(out_hdr(&mem[..24]).unique, 4);
+        assert_eq!(&mem[16..24], b"23456789");
+        assert_eq!(mem[24], 0xee);
+        // Declined: the filesystem cannot, the buffer is too small, too large a read, not
+        // a READ, a truncated read_in, or no session yet.
+        assert_eq!(direct(&d, &read(3, 4096), 8192).0, None);
+        assert_eq!(direct(&d, &read(0, 4096), 4096).0, None);
+        assert_eq!(direct(&d, &read(0, (1 << 20) + 4096), 2 << 20).0, None);
+        assert_eq!(direct(&d, &req(abi::FUSE_GETATTR, 4, 2, &[0; 16]), 8192).0, None);
+        assert_eq!(direct(&d, &req(abi::FUSE_READ, 4, 2, &[0; 20]), 8192).0, None);
+        let fresh = Dispatcher::new(Arc::new(Tiny), FuseConfig::default());
+        assert_eq!(direct(&fresh, &read(0, 4096), 8192).0, None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crate::abi;
+use crate::direct::DirectBuf;
 
 /// A positive `libc` errno value (`libc::ENOENT`, ...).
 pub type Errno = i32;
@@ -221,6 +222,22 @@ pub trait FileSystem: Send + Sync + 'static {
     /// Reads up to `size` bytes at `offset` (`size` is already bounded by max_pages). A short
     /// result means end of file. `ctx` is the guest caller (who waits on a missing block).
     fn read(&self, ino: u64, fh: u64, offset: u64, size: u32, ctx: &Context) -> Reply<Vec<u8>>;
+
+    /// Zero-copy READ: reads up to `size` bytes at `offset` straight into the guest's buffer
+    /// `buf` (at least `size` bytes) and returns how many, if that can be done now without
+    /// waiting. `None` sends the request to [`FileSystem::read`], whose reply overwrites
+    /// whatever this wrote into `buf`; so does any error (`read` reports it).
+    fn read_direct(
+        &self,
+        _ino: u64,
+        _fh: u64,
+        _offset: u64,
+        _size: u32,
+        _ctx: &Context,
+        _buf: &mut DirectBuf<'_>,
+    ) -> Option<u32> {
+        None
+    }
 
     /// Writes `data` at `offset`, returning how many bytes were taken.
     fn write(&self, _ino: u64, _fh: u64, _offset: u64, _data: &[u8], _ctx: &Context) -> Reply<u32> {

@@ -2,6 +2,7 @@
 //!
 //! - [`abi`]: the FUSE kernel ABI structs and constants.
 //! - [`filesystem`]: the [`FileSystem`] trait a read-only image implements.
+//! - [`direct`]: zero-copy READ replies into guest memory.
 //! - [`dispatch`]: request decoding and reply encoding, independent of the transport.
 //! - [`virtio_fs`]: the vhost-user-fs device and [`serve`].
 //! - `frontend` (feature `frontend`): a synchronous vhost-user frontend playing QEMU's part,
@@ -17,6 +18,7 @@
 //! ```
 
 pub mod abi;
+pub mod direct;
 pub mod dispatch;
 pub mod filesystem;
 pub mod server;
@@ -24,6 +26,7 @@ pub mod server;
 pub mod frontend;
 pub mod virtio_fs;
 
+pub use direct::DirectBuf;
 pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 pub use filesystem::{
     Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply, StatFs,

@@ -38,6 +38,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::abi::{InHeader, OutHeader};
+use crate::direct::DirectBuf;
 use crate::dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 use crate::filesystem::FileSystem;
 pub use crate::server::ServerStopper;
@@ -281,6 +282,51 @@ impl Completer {
     }
 }
 
+impl Completer {
+    /// Completes a READ in place if `read` can fill the guest's buffers directly: under the
+    /// vring lock (like [`Completer::complete`]) the writable descriptors are handed to `read`
+    /// as host memory, and on success the chain goes on the used ring. Returns whether the
+    /// chain was answered; if not, nothing the guest can see has happened and the request
+    /// takes the ordinary path.
+    fn complete_direct(
+        &self,
+        head: u16,
+        writable: &[(GuestAddress, usize)],
+        read: impl FnOnce(&mut DirectBuf<'_>) -> Option<u32>,
+    ) -> bool {
+        let mut state = self.vring.get_mut();
+        if self.queue.generation.load(Ordering::Acquire) != self.generation
+            || !state.get_queue().ready()
+        {
+            // The ordinary path drops the reply.
+            return false;
+        }
+        // The guard keeps these mappings alive until the read is done, whatever the
+        // frontend does to the memory table meanwhile.
+        let mem = self.mem.memory();
+        let mut segs = Vec::with_capacity(writable.len());
+        for &(addr, len) in writable {
+            // A descriptor across two memory regions is not one host range: ordinary path.
+            let Ok(slice) = mem.get_slice(addr, len) else {
+                return false;
+            };
+            segs.push((slice.ptr_guard_mut().as_ptr(), len));
+        }
+        // SAFETY: parse_chain checked every descriptor lies in guest memory, get_slice
+        // mapped each to host memory that `mem` keeps mapped for this scope, and the device
+        // owns the descriptors until add_used. Guest descriptors could overlap each other;
+        // that only garbles what this guest reads, never host memory.
+        let mut buf = unsafe { DirectBuf::new(segs) };
+        let Some(len) = read(&mut buf) else {
+            return false;
+        };
+        if let Err(e) = state.add_used(head, len) {
+            warn!(head, error = %e, "add_used failed");
+        }
+        true
+    }
+}
+
 /// The vhost-user backend for one frontend connection.
 struct FsBackend {
     dispatcher: Arc<Dispatcher>,
@@ -340,6 +386,15 @@ impl FsBackend {
                 }
             };
             drop(mem);
+            if !chain.oversize
+                && crate::dispatch::is_read(&chain.request)
+                && completer.complete_direct(chain.head, &chain.writable, |buf| {
+                    self.dispatcher.read_direct(&chain.request, buf)
+                })
+            {
+                used_any = true;
+                continue;
+            }
             let response = if chain.oversize {
                 oversize_response(&chain.request, chain.out_capacity)
             } else {

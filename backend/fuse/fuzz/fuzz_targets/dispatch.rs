@@ -1,5 +1,6 @@
 //! Feeds arbitrary bytes to the FUSE dispatcher as one request (after a real INIT), with an
-//! arbitrary writable-buffer size, and checks the reply invariants.
+//! arbitrary writable-buffer size, both through the zero-copy READ path and the ordinary
+//! one, and checks the reply invariants.
 #![no_main]
 
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use incfs_fuse::abi::{self, OutHeader};
 use incfs_fuse::{
-    Attr, DirEntry, DirSink, Dispatcher, Entry, Errno, FileSystem, FuseConfig, Reply, ReplyBuf,
+    Attr, DirEntry, DirSink, DirectBuf, Dispatcher, Entry, Errno, FileSystem, FuseConfig, Reply, ReplyBuf,
     Response,
 };
 use libfuzzer_sys::fuzz_target;
@@ -40,6 +41,12 @@ impl FileSystem for Trivial {
         } else {
             Reply::ok(vec![7u8; n])
         }
+    }
+    fn read_direct(&self, _ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &incfs_fuse::Context, buf: &mut DirectBuf<'_>) -> Option<u32> {
+        // Writes everything it may, then claims one byte more on offsets that are 2 mod 4:
+        // the dispatcher must refuse that.
+        buf.write(0, &vec![7u8; size as usize]).ok()?;
+        (offset % 4 != 3).then_some(size + (offset % 4 == 2) as u32)
     }
     fn readdir(&self, _ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {
         let names: [&[u8]; 3] = [b".", b"..", b"f"];
@@ -83,6 +90,16 @@ fuzz_target!(|data: &[u8]| {
     .to_vec();
     init_req.extend_from_slice(init.as_slice());
     assert!(matches!(d.dispatch(&init_req, 4096), Response::Ready(_)));
+
+    // The zero-copy READ path first, as the device tries it: within the buffer, a header
+    // that tells the truth, or nothing at all.
+    let mut out = vec![0u8; capacity];
+    if let Some(n) = d.read_direct(req, &mut DirectBuf::from_slice(&mut out)) {
+        let n = n as usize;
+        assert!(n >= 16 && n <= capacity, "direct reply {n} of {capacity}");
+        let (hdr, _) = abi::read_struct::<OutHeader>(&out).expect("out header");
+        assert_eq!((hdr.len as usize, hdr.error), (n, 0));
+    }
 
     match d.dispatch(req, capacity) {
         Response::None => {}
