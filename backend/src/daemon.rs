@@ -31,7 +31,15 @@ pub struct RunConfig {
     pub metrics: Option<SocketAddr>,
     /// Record the order of first reads here.
     pub record_trace: Option<PathBuf>,
-    pub prefetch: Prefetch,
+    pub background: Background,
+}
+
+/// What a daemon fetches on its own from start-up, in this order; demand reads always go
+/// first.
+#[derive(Clone, Debug)]
+pub struct Background {
+    pub trace: Prefetch,
+    pub fetch_all: Option<FetchAll>,
 }
 
 /// Which trace to replay from start-up.
@@ -43,35 +51,36 @@ pub enum Prefetch {
     File(PathBuf),
 }
 
-/// Starts replaying a trace in the background.
-async fn start_prefetch(engine: &Arc<Engine>, how: &Prefetch) -> Result<()> {
+/// Fetch every block of the image, at most `rate` bytes per second (None: no cap).
+#[derive(Clone, Debug)]
+pub struct FetchAll {
+    pub rate: Option<u64>,
+}
+
+/// The trace to replay, read and checked now so that a bad one fails start-up.
+async fn load_trace(engine: &Arc<Engine>, how: &Prefetch) -> Result<Vec<trace::Range>> {
     let text = match how {
-        Prefetch::None => return Ok(()),
+        Prefetch::None => return Ok(Vec::new()),
         Prefetch::File(p) => tokio::fs::read_to_string(p).await.map_err(|e| Error::io(format!("read trace {}", p.display()), e))?,
         Prefetch::Published => match engine.remote().trace(&engine.image().id).await {
             Ok(Some(t)) => t,
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(Vec::new()),
             Err(e) => {
                 tracing::warn!("no published trace: {e}");
-                return Ok(());
+                return Ok(Vec::new());
             }
         },
     };
     let (ranges, skipped) = trace::parse(engine.image(), &text)?;
     let blocks: u64 = ranges.iter().map(|r| r.2 as u64).sum();
     tracing::info!(runs = ranges.len(), blocks, skipped, "prefetching a trace");
-    let e = engine.clone();
-    tokio::spawn(async move {
-        let start = std::time::Instant::now();
-        let asked = e.prefetch(ranges).await;
-        tracing::info!(asked, secs = start.elapsed().as_secs_f64(), "trace prefetch issued");
-    });
-    Ok(())
+    Ok(ranges)
 }
 
-/// Starts recording first reads (rewriting `record` every 2 s) and replaying a trace, as
-/// configured; shared by the virtio-fs and the block daemon. Call `write_trace` at the end.
-pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc<Engine>, record: Option<PathBuf>, prefetch: &Prefetch) -> Result<()> {
+/// Starts recording first reads (rewriting `record` every 2 s), then the background
+/// fetches, as configured; shared by the virtio-fs and the block daemon. Call
+/// `write_trace` at the end.
+pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc<Engine>, record: Option<PathBuf>, background: &Background) -> Result<()> {
     if let Some(path) = record {
         engine.start_recording();
         let e = engine.clone();
@@ -83,7 +92,21 @@ pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc
             }
         });
     }
-    rt.block_on(start_prefetch(engine, prefetch))
+    let ranges = rt.block_on(load_trace(engine, &background.trace))?;
+    let fetch_all = background.fetch_all.clone();
+    let e = engine.clone();
+    rt.spawn(async move {
+        let start = std::time::Instant::now();
+        if !ranges.is_empty() {
+            let asked = e.prefetch(ranges, None).await;
+            tracing::info!(asked, secs = start.elapsed().as_secs_f64(), "trace prefetch issued");
+        }
+        if let Some(FetchAll { rate }) = fetch_all {
+            let asked = e.fetch_all(rate).await;
+            tracing::info!(asked, secs = start.elapsed().as_secs_f64(), rate, "whole-image fetch issued");
+        }
+    });
+    Ok(())
 }
 
 /// Stops `server` on SIGINT or SIGTERM.
@@ -121,7 +144,7 @@ pub fn run(cfg: RunConfig) -> Result<()> {
     let img = engine.image();
     tracing::info!(image = %img.id, inodes = img.manifest.inodes.len(), bytes = img.data_size(), "image loaded");
 
-    start_record_and_replay(&rt, &engine, cfg.record_trace.clone(), &cfg.prefetch)?;
+    start_record_and_replay(&rt, &engine, cfg.record_trace.clone(), &cfg.background)?;
 
     if let Some(addr) = cfg.metrics {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;

@@ -153,7 +153,7 @@ enum CacheCmd {
     },
 }
 
-/// Record and replay of first reads.
+/// Record and replay of first reads, and fetching the whole image in the background.
 #[derive(Args)]
 struct TraceArgs {
     /// Record the order of first reads to this file (rewritten every 2 s and at exit).
@@ -166,15 +166,25 @@ struct TraceArgs {
     /// Do not prefetch a trace published with the image.
     #[arg(long)]
     no_prefetch: bool,
+    /// After the trace, fetch every block of the image in the background (demand reads
+    /// still go first), so the VM keeps running if the remote goes away later.
+    #[arg(long)]
+    fetch_all: bool,
+    /// Cap for --fetch-all: it pauses while the daemon's downloads, demand reads included,
+    /// run above this many bytes per second (suffixes K, M, G), e.g. 10M.
+    #[arg(long, value_parser = parse_size, requires = "fetch_all")]
+    fetch_all_rate: Option<u64>,
 }
 
 impl TraceArgs {
-    fn prefetch(&self) -> daemon::Prefetch {
-        match (&self.prefetch_trace, self.no_prefetch) {
+    fn background(&self) -> daemon::Background {
+        let trace = match (&self.prefetch_trace, self.no_prefetch) {
             (_, true) => daemon::Prefetch::None,
             (Some(p), false) => daemon::Prefetch::File(p.clone()),
             (None, false) => daemon::Prefetch::Published,
-        }
+        };
+        let fetch_all = self.fetch_all.then(|| daemon::FetchAll { rate: self.fetch_all_rate.filter(|&r| r > 0) });
+        daemon::Background { trace, fetch_all }
     }
 }
 
@@ -328,7 +338,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 queues: queues as usize,
                 threads,
                 metrics,
-                prefetch: trace.prefetch(),
+                background: trace.background(),
                 record_trace: trace.record_trace,
             })?;
         }
@@ -352,7 +362,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 engine,
                 device,
                 metrics,
-                prefetch: trace.prefetch(),
+                background: trace.background(),
                 record_trace: trace.record_trace,
             };
             incfs::blk::run(cfg)?;

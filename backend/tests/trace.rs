@@ -89,3 +89,60 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(d.metric("incfs_blocks_fetched_total"), 0);
 }
+
+/// Waits until the daemon has fetched `blocks` blocks; returns how long that took.
+fn wait_fetched(d: &RunDaemon, blocks: u64, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    while d.metric("incfs_blocks_fetched_total") < blocks {
+        assert!(t0.elapsed() < limit, "only {} of {blocks} blocks after {limit:?}", d.metric("incfs_blocks_fetched_total"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn fetch_all_brings_the_whole_image_in_the_background_under_its_rate_cap() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    // 8 MiB that does not compress, in 32 files.
+    let files: Vec<Vec<u8>> = (0..32).map(|i| pseudo_random(100 + i, 256 << 10)).collect();
+    for (i, d) in files.iter().enumerate() {
+        std::fs::write(src.join(format!("f{i:02}")), d).expect("write");
+    }
+    let blocks = 32 * 64;
+    let store = t.path().join("store");
+    let id = incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let nginx = Nginx::start(&store, 0);
+    let sock = t.path().join("fs.sock");
+
+    // No cap: everything arrives with nobody reading, then every read hits.
+    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c1"), &sock, &["--no-prefetch", "--fetch-all"]);
+    let uncapped = wait_fetched(&d, blocks, Duration::from_secs(30));
+    assert_eq!(d.metric("incfs_reads_total"), 0);
+    let mut f = FuseFrontend::connect(&sock).expect("connect");
+    f.init().expect("init");
+    for (i, want) in files.iter().enumerate() {
+        assert!(&read(&mut f, &format!("f{i:02}"), 0, 256 << 10) == want, "f{i:02}");
+    }
+    assert_eq!(d.metric("incfs_cache_misses_total"), 0, "all fetched before the reads");
+    assert_eq!(d.metric("incfs_blocks_fetched_total"), blocks, "each block once");
+    drop(f);
+    drop(d);
+
+    // At 2 MiB/s the 8 MiB take at least 3.5 s: the cap lets two fetches of at most two
+    // 256 KiB windows each go ahead of it.
+    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c2"), &sock, &["--no-prefetch", "--fetch-all", "--fetch-all-rate", "2M", "--readahead-kb", "64"]);
+    let capped = wait_fetched(&d, blocks, Duration::from_secs(30));
+    println!("whole image: {uncapped:?} uncapped, {capped:?} at 2 MiB/s");
+    assert!(capped >= Duration::from_millis(3500), "8 MiB in {capped:?} at 2 MiB/s");
+    // A demand read is not held back by the cap: a fresh cache, a read at once.
+    drop(d);
+    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c3"), &sock, &["--no-prefetch", "--fetch-all", "--fetch-all-rate", "4K"]);
+    let mut f = FuseFrontend::connect(&sock).expect("connect");
+    f.init().expect("init");
+    let t0 = Instant::now();
+    assert!(read(&mut f, "f31", 0, 256 << 10) == files[31]);
+    assert!(t0.elapsed() < Duration::from_secs(5), "demand read took {:?}", t0.elapsed());
+    assert!(d.metric("incfs_blocks_fetched_total") < blocks, "the background fetch is crawling");
+}

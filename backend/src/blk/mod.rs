@@ -41,7 +41,7 @@ pub struct BlkConfig {
     /// Record the order of first reads here (reads served by the overlay are not engine
     /// reads and are not recorded).
     pub record_trace: Option<PathBuf>,
-    pub prefetch: crate::daemon::Prefetch,
+    pub background: crate::daemon::Background,
 }
 
 /// Prometheus text: the engine's counters, then the device's.
@@ -82,7 +82,7 @@ pub fn run(cfg: BlkConfig) -> Result<()> {
     let engine = rt.block_on(Engine::connect(&cfg.store, cfg.image, &cfg.cache, cfg.cache_size, cfg.engine.clone()))?;
     let disk = Arc::new(Disk::new(engine, &cfg.path, cfg.overlay.as_deref())?);
     tracing::info!(image = %cfg.image, path = %cfg.path, bytes = disk.size(), writable = disk.writable(), "disk loaded");
-    crate::daemon::start_record_and_replay(&rt, disk.engine(), cfg.record_trace.clone(), &cfg.prefetch)?;
+    crate::daemon::start_record_and_replay(&rt, disk.engine(), cfg.record_trace.clone(), &cfg.background)?;
 
     if let Some(addr) = cfg.metrics {
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
