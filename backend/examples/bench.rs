@@ -1,10 +1,12 @@
 //! Warm-cache benchmark over vhost-user + FUSE with no guest: incfsd against virtiofsd
 //! serving the same tree, and N incfsd daemons sharing one cache.
 //!
-//! cargo run --release -p incfs-backend --example bench -- [--virtiofsd PATH] [--seconds S]
+//! cargo run --release -p incfs-backend --example bench -- [--virtiofsd PATH] [--seconds S] [--rounds N]
 //!
-//! Prints one line per figure with the baseline beside it. Every daemon is driven the same
-//! way: one frontend per daemon, one request in flight, on one request queue.
+//! Prints one line per figure with the baseline beside it (the median of --rounds rounds, the
+//! daemons taking turns to go first, each round listed). Every daemon is driven the same
+//! way: one frontend per daemon, one request in flight, on one request queue, with EVENT_IDX
+//! negotiated as QEMU guests do.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,8 @@ struct Args {
     work: PathBuf,
     virtiofsd: Option<PathBuf>,
     seconds: f64,
+    /// Rounds per comparison figure (the median is reported).
+    rounds: usize,
     incfsd: PathBuf,
 }
 
@@ -30,6 +34,7 @@ fn args() -> Args {
         work: std::env::temp_dir().join("incfs-bench"),
         virtiofsd: ["/root/.cargo/bin/virtiofsd", "/usr/local/bin/virtiofsd"].iter().map(PathBuf::from).find(|p| p.exists()),
         seconds: 3.0,
+        rounds: 5,
         incfsd: std::env::current_exe().ok().and_then(|p| Some(p.parent()?.parent()?.join("incfsd"))).unwrap_or_else(|| "incfsd".into()),
     };
     let mut it = std::env::args().skip(1);
@@ -39,6 +44,7 @@ fn args() -> Args {
             "--work" => a.work = v.into(),
             "--virtiofsd" => a.virtiofsd = Some(v.into()),
             "--seconds" => a.seconds = v.parse().expect("--seconds"),
+            "--rounds" => a.rounds = v.parse().expect("--rounds"),
             "--incfsd" => a.incfsd = v.into(),
             "--socket" => a.socket = Some(v.into()),
             "--workload" => a.workload = v,
@@ -146,7 +152,7 @@ fn start_virtiofsd(bin: &Path, src: &Path, work: &Path) -> Daemon {
 }
 
 fn connect(d: &Daemon) -> FuseFrontend {
-    let mut f = FuseFrontend::connect_with(&d.socket, FrontendConfig { slots: 4, ..FrontendConfig::default() }).expect("connect");
+    let mut f = FuseFrontend::connect_with(&d.socket, FrontendConfig { slots: 4, event_idx: true, ..FrontendConfig::default() }).expect("connect");
     f.init().expect("FUSE INIT");
     f
 }
@@ -211,6 +217,16 @@ fn workload(f: &mut FuseFrontend, which: &str, secs: f64, seed: u64) -> (u64, u6
         _ => unreachable!(),
     }
     (ops, bytes)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn rate(which: &str, (ops, bytes): (u64, u64), secs: f64) -> (f64, &'static str) {
@@ -314,23 +330,42 @@ fn main() {
         }
     }
     let secs = a.seconds;
-    println!("# warm cache, one request in flight per daemon, {secs} s per figure");
-    println!("{:<16} {:>14} {:>14} {:>8}", "workload", "incfsd", "virtiofsd", "ratio");
+    let rounds = a.rounds.max(1);
+    println!("# warm cache, one request in flight per daemon, {secs} s per figure, median of {rounds} rounds (daemons alternate who goes first)");
+    println!("{:<16} {:>14} {:>14} {:>8}   rounds (incfsd/virtiofsd)", "workload", "incfsd", "virtiofsd", "ratio");
     for w in WORKLOADS {
-        let ours = {
+        let ours = |seed| {
             let d = start_incfsd(&a, &store, &id, &cache, 0);
             let mut f = connect(&d);
-            workload(&mut f, w, secs, 7)
+            rate(w, workload(&mut f, w, secs, seed), secs).0
         };
-        let (r, unit) = rate(w, ours, secs);
-        let base = a.virtiofsd.as_ref().map(|bin| {
+        let base = |bin: &PathBuf, seed| {
             let d = start_virtiofsd(bin, &src, &a.work);
             let mut f = connect(&d);
-            rate(w, workload(&mut f, w, secs, 7), secs).0
-        });
-        match base {
-            Some(b) => println!("{w:<16} {r:>9.0} {unit:<4} {b:>9.0} {unit:<4} {:>7.2}x", r / b),
-            None => println!("{w:<16} {r:>9.0} {unit:<4} {:>14} {:>8}", "(no virtiofsd)", "-"),
+            rate(w, workload(&mut f, w, secs, seed), secs).0
+        };
+        let (mut rs, mut bs) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let seed = 7 + round as u64;
+            match &a.virtiofsd {
+                Some(bin) if round % 2 == 1 => {
+                    bs.push(base(bin, seed));
+                    rs.push(ours(seed));
+                }
+                Some(bin) => {
+                    rs.push(ours(seed));
+                    bs.push(base(bin, seed));
+                }
+                None => rs.push(ours(seed)),
+            }
+        }
+        let unit = rate(w, (0, 0), 1.0).1;
+        let (r, b) = (median(&rs), median(&bs));
+        let each: Vec<String> = rs.iter().zip(bs.iter().chain(std::iter::repeat(&f64::NAN))).map(|(x, y)| format!("{x:.0}/{y:.0}")).collect();
+        if bs.is_empty() {
+            println!("{w:<16} {r:>9.0} {unit:<4} {:>14} {:>8}", "(no virtiofsd)", "-");
+        } else {
+            println!("{w:<16} {r:>9.0} {unit:<4} {b:>9.0} {unit:<4} {:>7.2}x   {}", r / b, each.join(" "));
         }
     }
     println!();
@@ -347,7 +382,7 @@ fn main() {
                 .map(|(i, s)| {
                     let w = w.to_string();
                     std::thread::spawn(move || {
-                        let mut f = FuseFrontend::connect_with(&s, FrontendConfig { slots: 4, ..FrontendConfig::default() }).expect("connect");
+                        let mut f = FuseFrontend::connect_with(&s, FrontendConfig { slots: 4, event_idx: true, ..FrontendConfig::default() }).expect("connect");
                         f.init().expect("init");
                         workload(&mut f, &w, secs, 11 + i as u64)
                     })

@@ -28,6 +28,8 @@ pub struct RunConfig {
     pub queues: usize,
     /// Threads serving the queues, and as many runtime workers for fetches.
     pub threads: usize,
+    /// Longest adaptive poll of a queue that ran dry.
+    pub poll_max: std::time::Duration,
     pub metrics: Option<SocketAddr>,
     /// Record the order of first reads here.
     pub record_trace: Option<PathBuf>,
@@ -152,7 +154,7 @@ pub fn run(cfg: RunConfig) -> Result<()> {
     }
 
     let fs = Arc::new(ImageFs::new(engine.clone()));
-    let dev = DeviceConfig { request_queues: cfg.queues.max(1), threads: cfg.threads.clamp(1, cfg.queues.max(1)), ..DeviceConfig::default() };
+    let dev = DeviceConfig { request_queues: cfg.queues.max(1), threads: cfg.threads.clamp(1, cfg.queues.max(1)), poll_max: cfg.poll_max, ..DeviceConfig::default() };
     let mut server = VirtioFsServer::bind(&cfg.socket, fs, dev, rt.handle().clone()).map_err(|e| Error::Invalid(e.to_string()))?;
     stop_on_signals(&rt, server.stopper());
     // Ready: tests and scripts wait for this line before starting the VM.

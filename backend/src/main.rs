@@ -77,6 +77,8 @@ enum Cmd {
         /// Threads serving the queues (and fetching).
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        #[arg(long, default_value_t = DEFAULT_POLL_US, help = POLL_HELP)]
+        poll_us: u64,
         /// Request queues offered (QEMU's num-request-queues may be up to this).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=63))]
         queues: u32,
@@ -115,6 +117,8 @@ enum Cmd {
         /// Threads serving the queues (and fetching).
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        #[arg(long, default_value_t = DEFAULT_POLL_US, help = POLL_HELP)]
+        poll_us: u64,
         /// Logical block size reported to the guest (512 with 4 KiB physical, or 4096).
         #[arg(long, default_value_t = 512)]
         logical_block_size: u32,
@@ -196,6 +200,9 @@ struct ImageArgs {
     #[arg(long)]
     image: ImageId,
 }
+
+const DEFAULT_POLL_US: u64 = incfs_fuse::server::DEFAULT_POLL_MAX.as_micros() as u64;
+const POLL_HELP: &str = "Longest time a queue thread keeps polling a queue that ran dry before it sleeps, in microseconds (adaptive, as QEMU's iothread poll-max-ns; 0: never poll)";
 
 #[derive(Args, Clone)]
 struct FetchArgs {
@@ -322,7 +329,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok::<_, Error>(())
             })?;
         }
-        Cmd::Run { socket, src, cache, tag, fetch, threads, queues, metrics, fill_from, trace } => {
+        Cmd::Run { socket, src, cache, tag, fetch, threads, poll_us, queues, metrics, fill_from, trace } => {
             tracing::info!(%tag, "starting");
             daemon::run(daemon::RunConfig {
                 socket,
@@ -337,18 +344,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 queues: queues as usize,
                 threads,
+                poll_max: std::time::Duration::from_micros(poll_us),
                 metrics,
                 background: trace.background(),
                 record_trace: trace.record_trace,
             })?;
         }
-        Cmd::Blk { socket, src, path, cache, overlay, fetch, queues, threads, logical_block_size, metrics, trace } => {
+        Cmd::Blk { socket, src, path, cache, overlay, fetch, queues, threads, poll_us, logical_block_size, metrics, trace } => {
             let engine = fetch.config();
             let device = incfs::blk::DeviceConfig {
                 queues: queues as usize,
                 threads: threads.clamp(1, queues as usize),
                 logical_block_size,
                 opt_io: engine.readahead.min(1 << 20) as u32,
+                poll_max: std::time::Duration::from_micros(poll_us),
                 ..incfs::blk::DeviceConfig::default()
             };
             let cfg = incfs::blk::BlkConfig {

@@ -6,7 +6,8 @@
 //! one per request in flight. Requests are submitted (descriptors + avail ring), the queue is
 //! kicked, and completions are collected from the used ring after waiting on the call eventfd.
 //! EVENT_IDX is negotiated only on request (`FrontendConfig::event_idx`); the frontend then
-//! publishes `used_event` before it sleeps, and kicks on every submission regardless.
+//! publishes `used_event` before it sleeps, and kicks only when the daemon's `avail_event`
+//! asks for it, as a guest driver does.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -177,6 +178,10 @@ struct VirtQueue {
     call: EventFd,
     free_descs: Vec<u16>,
     avail_idx: u16,
+    /// avail_idx at the last kick decision (EVENT_IDX suppression).
+    kicked_idx: u16,
+    /// Kicks actually sent.
+    kicks: u64,
     last_used: u16,
     in_flight: HashMap<u16, InFlight>,
 }
@@ -282,6 +287,8 @@ impl FuseFrontend {
                 call: EventFd::new(EFD_NONBLOCK)?,
                 free_descs: (0..cfg.queue_size).rev().collect(),
                 avail_idx: 0,
+                kicked_idx: 0,
+                kicks: 0,
                 last_used: 0,
                 in_flight: HashMap::new(),
             };
@@ -453,10 +460,33 @@ impl FuseFrontend {
         self.submit_descs(q, &descs)
     }
 
-    /// Notifies the daemon that queue `q` has new buffers.
+    /// Notifies the daemon that queue `q` has new buffers. With EVENT_IDX, only when the
+    /// daemon asked for it (its avail_event lies among the buffers added since the last
+    /// kick), as a guest driver does.
     pub fn kick(&mut self, q: usize) -> Result<()> {
-        self.queue(q)?.kick.write(1)?;
+        let event_idx = self.event_idx;
+        let mem = &self.mem;
+        let vq = self.queues.get_mut(q).and_then(|v| v.as_mut()).ok_or(FrontendError::Full)?;
+        let (new, old) = (vq.avail_idx, vq.kicked_idx);
+        vq.kicked_idx = new;
+        if event_idx {
+            fence(Ordering::SeqCst);
+            let avail_event: u16 = mem
+                .load(GuestAddress(vq.used + 4 + 8 * u64::from(vq.size)), Ordering::Acquire)
+                .map_err(mem_err)?;
+            let event = u16::from_le(avail_event);
+            if new.wrapping_sub(event).wrapping_sub(1) >= new.wrapping_sub(old) {
+                return Ok(());
+            }
+        }
+        vq.kick.write(1)?;
+        vq.kicks += 1;
         Ok(())
+    }
+
+    /// Kicks sent on queue `q` so far (fewer than submissions when the daemon polls).
+    pub fn kicks(&self, q: usize) -> u64 {
+        self.queues.get(q).and_then(|v| v.as_ref()).map_or(0, |v| v.kicks)
     }
 
     /// Number of requests in flight on queue `q`.

@@ -1,13 +1,17 @@
 //! What every vhost-user device server here shares: a stop handle that ends the connection
 //! being served and any wait for the next one, from another thread; per-queue generations
-//! that keep parked replies out of stopped rings; and the queue event loop.
+//! that keep parked replies out of stopped rings; and the queue event loop with its adaptive
+//! polling.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -85,18 +89,90 @@ impl ServerStopper {
     }
 }
 
-/// One queue's generation: bumped when the queue is stopped or the device reset, so a reply
-/// parked under an older generation is dropped instead of written into a ring that is gone.
+/// One queue's state shared by its worker thread and the tasks completing its requests.
 pub struct QueueState {
-    pub generation: std::sync::atomic::AtomicU64,
+    /// Bumped when the queue is stopped or the device reset, so a reply parked under an
+    /// older generation is dropped instead of written into a ring that is gone.
+    pub generation: AtomicU64,
+    pub poll: QueuePoll,
 }
 
-/// The generations of every queue of a device.
+/// Adaptive polling of a queue that ran dry, as QEMU's iothreads do (poll-max-ns): for a
+/// while the worker thread keeps looking at the ring, notifications still off, instead of
+/// sleeping. A request the guest adds meanwhile is picked up without its kick and our
+/// wake-up, the two costliest steps of a round trip when the host is otherwise idle. The
+/// window grows when the queue was woken soon after it slept and drops to nothing when it
+/// slept longer than the maximum, so an idle queue, or one whose guest is slow anyway,
+/// costs no CPU.
+pub struct QueuePoll {
+    max_ns: u64,
+    cur_ns: AtomicU64,
+    /// When the worker last went to sleep on this queue (ns since `epoch`), 0 if awake.
+    slept_at: AtomicU64,
+    epoch: Instant,
+}
+
+/// Default longest poll window. QEMU's iothreads default to 32 us; a frontend or guest that
+/// must itself be woken to send the next request takes about that long on a virtualized host.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(50);
+
+/// First window after a short sleep.
+const POLL_START_NS: u64 = 4_000;
+
+impl QueuePoll {
+    pub fn new(max: Duration) -> Self {
+        QueuePoll {
+            max_ns: u64::try_from(max.as_nanos()).unwrap_or(u64::MAX),
+            cur_ns: AtomicU64::new(0),
+            slept_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// A kick woke the worker: size the next window by how long it slept.
+    fn woke(&self) {
+        let at = self.slept_at.swap(0, Ordering::Relaxed);
+        if at == 0 || self.max_ns == 0 {
+            return;
+        }
+        let slept = self.now_ns().saturating_sub(at);
+        let cur = self.cur_ns.load(Ordering::Relaxed);
+        let next = if slept <= self.max_ns { (cur * 2).clamp(POLL_START_NS, self.max_ns) } else { 0 };
+        self.cur_ns.store(next, Ordering::Relaxed);
+    }
+
+    /// Looks for new work for up to the current window; true if some came.
+    fn spin(&self, has_work: &impl Fn() -> bool) -> bool {
+        let window = self.cur_ns.load(Ordering::Relaxed);
+        if window == 0 {
+            return false;
+        }
+        let end = self.now_ns().saturating_add(window);
+        while self.now_ns() < end {
+            if has_work() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    }
+
+    fn sleeping(&self) {
+        self.slept_at.store(self.now_ns(), Ordering::Relaxed);
+    }
+}
+
+/// The state of every queue of a device.
 pub struct Queues(Vec<Arc<QueueState>>);
 
 impl Queues {
-    pub fn new(n: usize) -> Self {
-        Queues((0..n).map(|_| Arc::new(QueueState { generation: std::sync::atomic::AtomicU64::new(0) })).collect())
+    /// `poll_max`: longest adaptive poll window (zero: never poll).
+    pub fn new(n: usize, poll_max: Duration) -> Self {
+        Queues((0..n).map(|_| Arc::new(QueueState { generation: AtomicU64::new(0), poll: QueuePoll::new(poll_max) })).collect())
     }
 
     pub fn get(&self, q: usize) -> Option<&Arc<QueueState>> {
@@ -124,23 +200,36 @@ pub fn global_queue(masks: &[u64], thread_id: usize, local: usize) -> Option<usi
     (0..64).filter(|q| mask & (1u64 << q) != 0).nth(local)
 }
 
-/// Runs `process` on a kicked queue. With EVENT_IDX, notifications are off while it runs and
-/// it runs again if the guest added requests meanwhile. Errors come from rings the guest
-/// placed badly: logged, not returned, since an error would end the worker thread and every
-/// queue it serves.
-pub fn drain_queue(vring: &VringRwLock, event_idx: bool, qidx: usize, mut process: impl FnMut() -> std::io::Result<()>) {
+/// Runs `process` on a kicked queue. With EVENT_IDX, notifications are off while it runs, it
+/// runs again if the guest added requests meanwhile, and before re-enabling notifications it
+/// polls the ring for a while (see [`QueuePoll`]). Errors come from rings the guest placed
+/// badly: logged, not returned, since an error would end the worker thread and every queue
+/// it serves.
+pub fn drain_queue<M>(vring: &VringRwLock, event_idx: bool, qidx: usize, queue: &QueueState, mem: &M, mut process: impl FnMut() -> std::io::Result<()>)
+where
+    M: GuestAddressSpace,
+{
     if !event_idx {
         if let Err(e) = process() {
             debug!(queue = qidx, error = %e, "queue processing failed");
         }
         return;
     }
+    queue.poll.woke();
+    let has_work = || {
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        q.ready() && q.avail_idx(&*mem.memory(), Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
+    };
     loop {
         if let Err(e) = vring.disable_notification() {
             debug!(queue = qidx, error = %e, "disable_notification failed");
         }
         if let Err(e) = process() {
             debug!(queue = qidx, error = %e, "queue processing failed");
+        }
+        if queue.poll.spin(&has_work) {
+            continue;
         }
         match vring.enable_notification() {
             Ok(true) => continue,
@@ -151,6 +240,7 @@ pub fn drain_queue(vring: &VringRwLock, event_idx: bool, qidx: usize, mut proces
             }
         }
     }
+    queue.poll.sleeping();
 }
 
 /// The event a worker thread waits on to exit.
@@ -161,5 +251,42 @@ pub fn exit_event() -> Option<(EventConsumer, EventNotifier)> {
             warn!(error = %e, "cannot create exit event");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_window_grows_after_short_sleeps_and_drops_after_a_long_one() {
+        let p = QueuePoll::new(Duration::from_secs(1));
+        let window = || p.cur_ns.load(Ordering::Relaxed);
+        assert!(!p.spin(&|| panic!("no window yet: never looks")));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            p.sleeping();
+            p.woke();
+            seen.push(window());
+        }
+        assert_eq!(seen, [4_000, 8_000, 16_000, 32_000], "doubling from 4 us");
+        assert!(p.spin(&|| true), "work seen while polling");
+        let t = Instant::now();
+        assert!(!p.spin(&|| false));
+        assert!(t.elapsed() >= Duration::from_micros(32), "polled the whole window");
+        // Asleep longer than the maximum: polling would have been wasted.
+        let p = QueuePoll::new(Duration::from_micros(100));
+        p.cur_ns.store(100_000, Ordering::Relaxed);
+        p.sleeping();
+        std::thread::sleep(Duration::from_millis(2));
+        p.woke();
+        assert_eq!(p.cur_ns.load(Ordering::Relaxed), 0);
+        // A kick without a sleep recorded (the first one) changes nothing; no maximum, no polling.
+        p.woke();
+        assert_eq!(p.cur_ns.load(Ordering::Relaxed), 0);
+        let off = QueuePoll::new(Duration::ZERO);
+        off.sleeping();
+        off.woke();
+        assert_eq!(off.cur_ns.load(Ordering::Relaxed), 0);
     }
 }

@@ -42,7 +42,7 @@ use crate::direct::DirectBuf;
 use crate::dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 use crate::filesystem::FileSystem;
 pub use crate::server::ServerStopper;
-use crate::server::{drain_queue, exit_event, global_queue, QueueState, Queues};
+use crate::server::{drain_queue, exit_event, global_queue, QueueState, Queues, DEFAULT_POLL_MAX};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -78,6 +78,9 @@ pub struct DeviceConfig {
     pub event_idx: bool,
     /// FUSE limits offered at INIT.
     pub fuse: FuseConfig,
+    /// Longest adaptive poll of a queue that ran dry (zero: never poll); see
+    /// `incfs_fuse::server::QueuePoll`.
+    pub poll_max: std::time::Duration,
 }
 
 impl Default for DeviceConfig {
@@ -88,6 +91,7 @@ impl Default for DeviceConfig {
             threads: 1,
             event_idx: true,
             fuse: FuseConfig::default(),
+            poll_max: DEFAULT_POLL_MAX,
         }
     }
 }
@@ -340,7 +344,7 @@ struct FsBackend {
 
 impl FsBackend {
     fn new(fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle, mem: Mem) -> Self {
-        let queues = Queues::new(cfg.num_queues());
+        let queues = Queues::new(cfg.num_queues(), cfg.poll_max);
         FsBackend {
             dispatcher: Arc::new(Dispatcher::new(fs, cfg.fuse)),
             masks: cfg.thread_masks(),
@@ -519,7 +523,8 @@ impl VhostUserBackend for FsBackend {
         else {
             return Ok(());
         };
-        drain_queue(vring, self.event_idx.load(Ordering::Acquire), qidx, || self.process_queue(vring, qidx));
+        let Some(queue) = self.queues.get(qidx) else { return Ok(()) };
+        drain_queue(vring, self.event_idx.load(Ordering::Acquire), qidx, queue, &self.mem, || self.process_queue(vring, qidx));
         Ok(())
     }
 }

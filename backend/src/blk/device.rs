@@ -27,7 +27,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 pub use incfs_fuse::server::ServerStopper;
-use incfs_fuse::server::{drain_queue, exit_event, global_queue, QueueState, Queues};
+use incfs_fuse::server::{drain_queue, exit_event, global_queue, QueueState, Queues, DEFAULT_POLL_MAX};
 
 use super::disk::Disk;
 use super::request::{self as rq, Limits, Request, Support};
@@ -63,6 +63,9 @@ pub struct DeviceConfig {
     pub seg_max: u32,
     /// Preferred I/O size hint (bytes), e.g. the engine's readahead.
     pub opt_io: u32,
+    /// Longest adaptive poll of a queue that ran dry (zero: never poll); see
+    /// `incfs_fuse::server::QueuePoll`.
+    pub poll_max: std::time::Duration,
 }
 
 impl Default for DeviceConfig {
@@ -76,6 +79,7 @@ impl Default for DeviceConfig {
             size_max: 64 << 10,
             seg_max: 126,
             opt_io: 128 << 10,
+            poll_max: DEFAULT_POLL_MAX,
         }
     }
 }
@@ -231,7 +235,7 @@ impl BlkBackend {
             limits: cfg.limits(disk.size()),
             support: Support { writable: w, discard: w, write_zeroes: w },
             masks: cfg.thread_masks(),
-            queues: Queues::new(cfg.queues),
+            queues: Queues::new(cfg.queues, cfg.poll_max),
             disk,
             cfg,
             rt,
@@ -494,7 +498,8 @@ impl VhostUserBackend for BlkBackend {
         let (Some(vring), Some(qidx)) = (vrings.get(local), global_queue(&self.masks, thread_id, local)) else {
             return Ok(());
         };
-        drain_queue(vring, self.event_idx.load(Ordering::Acquire), qidx, || self.process_queue(vring, qidx));
+        let Some(queue) = self.queues.get(qidx) else { return Ok(()) };
+        drain_queue(vring, self.event_idx.load(Ordering::Acquire), qidx, queue, &self.mem, || self.process_queue(vring, qidx));
         Ok(())
     }
 }
