@@ -112,9 +112,11 @@ pub struct QueuePoll {
     epoch: Instant,
 }
 
-/// Default longest poll window. QEMU's iothreads default to 32 us; a frontend or guest that
-/// must itself be woken to send the next request takes about that long on a virtualized host.
-pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(50);
+/// Default longest poll window. QEMU's iothreads default to 32 us, but their other side is
+/// a vCPU of the same process; ours is a guest (or frontend) that must itself be woken to
+/// send the next request, which took 50-100 us on the virtualized hosts measured
+/// (docs/benchmarks.md). The window adapts below this, so an idle queue costs nothing.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(100);
 
 /// First window after a short sleep.
 const POLL_START_NS: u64 = 4_000;
@@ -145,8 +147,10 @@ impl QueuePoll {
         self.cur_ns.store(next, Ordering::Relaxed);
     }
 
-    /// Looks for new work for up to the current window; true if some came.
-    fn spin(&self, has_work: &impl Fn() -> bool) -> bool {
+    /// Looks for new work for up to the current window; true if some came. Gives up early
+    /// when `elsewhere` reports work for another queue of the thread, which must not wait
+    /// for this one's window.
+    fn spin(&self, has_work: &impl Fn() -> bool, elsewhere: &impl Fn() -> bool) -> bool {
         let window = self.cur_ns.load(Ordering::Relaxed);
         if window == 0 {
             return false;
@@ -155,6 +159,9 @@ impl QueuePoll {
         while self.now_ns() < end {
             if has_work() {
                 return true;
+            }
+            if elsewhere() {
+                return false;
             }
             std::hint::spin_loop();
         }
@@ -202,11 +209,19 @@ pub fn global_queue(masks: &[u64], thread_id: usize, local: usize) -> Option<usi
 
 /// Runs `process` on a kicked queue. With EVENT_IDX, notifications are off while it runs, it
 /// runs again if the guest added requests meanwhile, and before re-enabling notifications it
-/// polls the ring for a while (see [`QueuePoll`]). Errors come from rings the guest placed
+/// polls the ring for a while (see [`QueuePoll`]); `siblings` are all the vrings of the
+/// worker thread, `vring` among them. Errors come from rings the guest placed
 /// badly: logged, not returned, since an error would end the worker thread and every queue
 /// it serves.
-pub fn drain_queue<M>(vring: &VringRwLock, event_idx: bool, qidx: usize, queue: &QueueState, mem: &M, mut process: impl FnMut() -> std::io::Result<()>)
-where
+pub fn drain_queue<M>(
+    vring: &VringRwLock,
+    siblings: &[VringRwLock],
+    event_idx: bool,
+    qidx: usize,
+    queue: &QueueState,
+    mem: &M,
+    mut process: impl FnMut() -> std::io::Result<()>,
+) where
     M: GuestAddressSpace,
 {
     if !event_idx {
@@ -216,11 +231,14 @@ where
         return;
     }
     queue.poll.woke();
-    let has_work = || {
-        let state = vring.get_ref();
+    let pending = |v: &VringRwLock| {
+        let state = v.get_ref();
         let q = state.get_queue();
         q.ready() && q.avail_idx(&*mem.memory(), Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())
     };
+    let has_work = || pending(vring);
+    // The other queues of this worker thread (`siblings` holds them all, `vring` included).
+    let elsewhere = || siblings.iter().any(|v| !std::ptr::eq(v, vring) && pending(v));
     loop {
         if let Err(e) = vring.disable_notification() {
             debug!(queue = qidx, error = %e, "disable_notification failed");
@@ -228,7 +246,7 @@ where
         if let Err(e) = process() {
             debug!(queue = qidx, error = %e, "queue processing failed");
         }
-        if queue.poll.spin(&has_work) {
+        if queue.poll.spin(&has_work, &elsewhere) {
             continue;
         }
         match vring.enable_notification() {
@@ -262,7 +280,8 @@ mod tests {
     fn poll_window_grows_after_short_sleeps_and_drops_after_a_long_one() {
         let p = QueuePoll::new(Duration::from_secs(1));
         let window = || p.cur_ns.load(Ordering::Relaxed);
-        assert!(!p.spin(&|| panic!("no window yet: never looks")));
+        let never = || false;
+        assert!(!p.spin(&|| panic!("no window yet: never looks"), &never));
         let mut seen = Vec::new();
         for _ in 0..4 {
             p.sleeping();
@@ -270,10 +289,11 @@ mod tests {
             seen.push(window());
         }
         assert_eq!(seen, [4_000, 8_000, 16_000, 32_000], "doubling from 4 us");
-        assert!(p.spin(&|| true), "work seen while polling");
+        assert!(p.spin(&|| true, &never), "work seen while polling");
         let t = Instant::now();
-        assert!(!p.spin(&|| false));
+        assert!(!p.spin(&never, &never));
         assert!(t.elapsed() >= Duration::from_micros(32), "polled the whole window");
+        assert!(!p.spin(&never, &|| true), "another queue has work: stop at once");
         // Asleep longer than the maximum: polling would have been wasted.
         let p = QueuePoll::new(Duration::from_micros(100));
         p.cur_ns.store(100_000, Ordering::Relaxed);

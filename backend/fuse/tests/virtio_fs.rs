@@ -738,6 +738,38 @@ fn adaptive_polling_saves_kicks_and_loses_no_request() {
     assert!(wide <= 100 && wide < none / 2, "kicks: {kicks_by_window:?}");
 }
 
+/// A thread polling one queue does not make another queue it serves wait for the window.
+#[test]
+fn polling_one_queue_does_not_hold_up_another() {
+    let cfg = DeviceConfig { request_queues: 2, threads: 1, poll_max: Duration::from_millis(50), ..Default::default() };
+    let mut h = Harness::start(cfg, 1);
+    let fcfg = FrontendConfig { request_queues: 2, event_idx: true, ..Default::default() };
+    let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
+    f.init().expect("init");
+    let (fh, _) = f.open(FILE, 0).expect("open");
+    let data = file_data();
+    let read_on = |f: &mut FuseFrontend, q: usize, off: u64| {
+        let body = abi::ReadIn { fh, offset: off, size: 100, ..Default::default() };
+        let r = f.batch(q, &[(abi::FUSE_READ, FILE, body.as_slice().to_vec(), 116)]).expect("read");
+        assert_eq!(r[0].body, &data[off as usize..off as usize + 100]);
+    };
+    // Grow queue 1's window to its maximum with requests close together.
+    for i in 0..50 {
+        read_on(&mut f, 1, i);
+    }
+    // Alternate queues: each request on queue 2 comes while queue 1 is being polled.
+    let t = Instant::now();
+    for i in 0..40 {
+        read_on(&mut f, 1 + (i % 2) as usize, i);
+    }
+    // Waiting out the window each time would take 20 x 50 ms = 1 s.
+    assert!(t.elapsed() < Duration::from_millis(500), "40 requests took {:?}", t.elapsed());
+    drop(f);
+    for r in h.join() {
+        assert!(r.expect("serve_one"), "served a frontend");
+    }
+}
+
 /// After a frontend disconnects, serve_one returns and the next one is served.
 #[test]
 fn reconnect() {

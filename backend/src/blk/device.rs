@@ -499,7 +499,7 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let Some(queue) = self.queues.get(qidx) else { return Ok(()) };
-        drain_queue(vring, self.event_idx.load(Ordering::Acquire), qidx, queue, &self.mem, || self.process_queue(vring, qidx));
+        drain_queue(vring, vrings, self.event_idx.load(Ordering::Acquire), qidx, queue, &self.mem, || self.process_queue(vring, qidx));
         Ok(())
     }
 }
