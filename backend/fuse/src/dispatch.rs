@@ -938,6 +938,14 @@ mod tests {
     /// One directory (1) holding "f" (2, 10 bytes).
     struct Tiny;
 
+    /// What a read of "f" returns.
+    fn tiny_data(offset: u64, size: u32) -> &'static [u8] {
+        let data = b"0123456789";
+        let start = (offset as usize).min(data.len());
+        let end = (start + size as usize).min(data.len());
+        &data[start..end]
+    }
+
     impl FileSystem for Tiny {
         fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno> {
             if parent == 1 && name == b"f" {
@@ -982,10 +990,7 @@ mod tests {
             size: u32,
             _ctx: &Context,
         ) -> Reply<Vec<u8>> {
-            let data = b"0123456789";
-            let start = (offset as usize).min(data.len());
-            let end = (start + size as usize).min(data.len());
-            Reply::ok(data[start..end].to_vec())
+            Reply::ok(tiny_data(offset, size).to_vec())
         }
         /// Direct only from even offsets, to show the fallback.
         fn read_direct(
@@ -1000,11 +1005,9 @@ mod tests {
             if offset % 2 == 1 {
                 return None;
             }
-            let data = b"0123456789";
-            let start = (offset as usize).min(data.len());
-            let end = (start + size as usize).min(data.len());
-            buf.write(0, &data[start..end]).ok()?;
-            Some((end - start) as u32)
+            let data = tiny_data(offset, size);
+            buf.write(0, data).ok()?;
+            Some(data.len() as u32)
         }
         fn readdir(
             &self,
