@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -173,36 +174,82 @@ impl QueuePoll {
     }
 }
 
-/// The state of every queue of a device.
-pub struct Queues(Vec<Arc<QueueState>>);
+/// The queues of a device: their states, which worker thread serves which (one bit per
+/// queue in each thread's mask), and whether EVENT_IDX was negotiated.
+pub struct Queues {
+    states: Vec<Arc<QueueState>>,
+    masks: Vec<u64>,
+    event_idx: AtomicBool,
+}
 
 impl Queues {
-    /// `poll_max`: longest adaptive poll window (zero: never poll).
-    pub fn new(n: usize, poll_max: Duration) -> Self {
-        Queues((0..n).map(|_| Arc::new(QueueState { generation: AtomicU64::new(0), poll: QueuePoll::new(poll_max) })).collect())
+    /// `n` queues served by threads with these `masks`; `poll_max`: longest adaptive poll
+    /// window (zero: never poll).
+    pub fn new(n: usize, masks: Vec<u64>, poll_max: Duration) -> Self {
+        Queues {
+            states: (0..n).map(|_| Arc::new(QueueState { generation: AtomicU64::new(0), poll: QueuePoll::new(poll_max) })).collect(),
+            masks,
+            event_idx: AtomicBool::new(false),
+        }
     }
 
     pub fn get(&self, q: usize) -> Option<&Arc<QueueState>> {
-        self.0.get(q)
+        self.states.get(q)
+    }
+
+    /// For `VhostUserBackend::queues_per_thread`.
+    pub fn masks(&self) -> Vec<u64> {
+        self.masks.clone()
+    }
+
+    pub fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    pub fn event_idx(&self) -> bool {
+        self.event_idx.load(Ordering::Acquire)
     }
 
     /// Invalidates what is parked on queue `q` (VHOST_USER_GET_VRING_BASE stops it).
     pub fn stop(&self, q: usize) {
-        if let Some(s) = self.0.get(q) {
+        if let Some(s) = self.states.get(q) {
             s.generation.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// Invalidates everything parked (reset, disconnect).
     pub fn stop_all(&self) {
-        for s in &self.0 {
+        for s in &self.states {
             s.generation.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// `VhostUserBackend::handle_event` of a device: the kicked queue (the `device_event`-th
+    /// of worker `thread_id`, whose vrings are `vrings`) is drained with
+    /// `process(vring, global queue index)`.
+    pub fn handle_event<M: GuestAddressSpace>(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+        mem: &M,
+        mut process: impl FnMut(&VringRwLock, usize) -> std::io::Result<()>,
+    ) {
+        if evset != EventSet::IN {
+            return;
+        }
+        let local = usize::from(device_event);
+        let (Some(vring), Some(qidx)) = (vrings.get(local), global_queue(&self.masks, thread_id, local)) else {
+            return;
+        };
+        let Some(queue) = self.get(qidx) else { return };
+        drain_queue(vring, vrings, self.event_idx(), qidx, queue, mem, || process(vring, qidx));
     }
 }
 
 /// Global index of the `local`-th queue of the worker thread whose queue mask is `mask`.
-pub fn global_queue(masks: &[u64], thread_id: usize, local: usize) -> Option<usize> {
+fn global_queue(masks: &[u64], thread_id: usize, local: usize) -> Option<usize> {
     let mask = *masks.get(thread_id)?;
     (0..64).filter(|q| mask & (1u64 << q) != 0).nth(local)
 }
@@ -213,7 +260,7 @@ pub fn global_queue(masks: &[u64], thread_id: usize, local: usize) -> Option<usi
 /// worker thread, `vring` among them. Errors come from rings the guest placed
 /// badly: logged, not returned, since an error would end the worker thread and every queue
 /// it serves.
-pub fn drain_queue<M>(
+fn drain_queue<M>(
     vring: &VringRwLock,
     siblings: &[VringRwLock],
     event_idx: bool,

@@ -14,7 +14,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -42,7 +42,7 @@ use crate::direct::DirectBuf;
 use crate::dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 use crate::filesystem::FileSystem;
 pub use crate::server::ServerStopper;
-use crate::server::{drain_queue, exit_event, global_queue, QueueState, Queues, DEFAULT_POLL_MAX};
+use crate::server::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -337,21 +337,17 @@ struct FsBackend {
     cfg: DeviceConfig,
     rt: Handle,
     mem: Mem,
-    event_idx: AtomicBool,
     queues: Queues,
-    masks: Vec<u64>,
 }
 
 impl FsBackend {
     fn new(fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle, mem: Mem) -> Self {
-        let queues = Queues::new(cfg.num_queues(), cfg.poll_max);
+        let queues = Queues::new(cfg.num_queues(), cfg.thread_masks(), cfg.poll_max);
         FsBackend {
             dispatcher: Arc::new(Dispatcher::new(fs, cfg.fuse)),
-            masks: cfg.thread_masks(),
             cfg,
             rt,
             mem,
-            event_idx: AtomicBool::new(false),
             queues,
         }
     }
@@ -360,7 +356,7 @@ impl FsBackend {
         let Some(queue) = self.queues.get(qidx) else {
             return Ok(());
         };
-        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let event_idx = self.queues.event_idx();
         let max_in = self.cfg.fuse.max_request_len();
         let mut used_any = false;
         loop {
@@ -482,7 +478,7 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+        self.queues.set_event_idx(enabled);
     }
 
     fn update_memory(&self, _mem: Mem) -> std::io::Result<()> {
@@ -496,7 +492,7 @@ impl VhostUserBackend for FsBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        self.masks.clone()
+        self.queues.masks()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -515,16 +511,7 @@ impl VhostUserBackend for FsBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> std::io::Result<()> {
-        if evset != EventSet::IN {
-            return Ok(());
-        }
-        let local = usize::from(device_event);
-        let (Some(vring), Some(qidx)) = (vrings.get(local), global_queue(&self.masks, thread_id, local))
-        else {
-            return Ok(());
-        };
-        let Some(queue) = self.queues.get(qidx) else { return Ok(()) };
-        drain_queue(vring, vrings, self.event_idx.load(Ordering::Acquire), qidx, queue, &self.mem, || self.process_queue(vring, qidx));
+        self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| self.process_queue(vring, qidx));
         Ok(())
     }
 }

@@ -13,7 +13,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
@@ -27,7 +27,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 pub use incfs_fuse::server::ServerStopper;
-use incfs_fuse::server::{drain_queue, exit_event, global_queue, QueueState, Queues, DEFAULT_POLL_MAX};
+use incfs_fuse::server::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
 
 use super::disk::Disk;
 use super::request::{self as rq, Limits, Request, Support};
@@ -222,9 +222,7 @@ struct BlkBackend {
     support: Support,
     rt: Handle,
     mem: Mem,
-    event_idx: AtomicBool,
     queues: Queues,
-    masks: Vec<u64>,
 }
 
 impl BlkBackend {
@@ -234,13 +232,11 @@ impl BlkBackend {
             config: config_space(&cfg, &disk),
             limits: cfg.limits(disk.size()),
             support: Support { writable: w, discard: w, write_zeroes: w },
-            masks: cfg.thread_masks(),
-            queues: Queues::new(cfg.queues, cfg.poll_max),
+            queues: Queues::new(cfg.queues, cfg.thread_masks(), cfg.poll_max),
             disk,
             cfg,
             rt,
             mem,
-            event_idx: AtomicBool::new(false),
         }
     }
 
@@ -248,7 +244,7 @@ impl BlkBackend {
         let Some(queue) = self.queues.get(qidx) else {
             return Ok(());
         };
-        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let event_idx = self.queues.event_idx();
         let mut used_any = false;
         loop {
             let mem = self.mem.memory();
@@ -466,7 +462,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+        self.queues.set_event_idx(enabled);
     }
 
     fn update_memory(&self, _mem: Mem) -> std::io::Result<()> {
@@ -478,7 +474,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        self.masks.clone()
+        self.queues.masks()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -491,15 +487,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], thread_id: usize) -> std::io::Result<()> {
-        if evset != EventSet::IN {
-            return Ok(());
-        }
-        let local = usize::from(device_event);
-        let (Some(vring), Some(qidx)) = (vrings.get(local), global_queue(&self.masks, thread_id, local)) else {
-            return Ok(());
-        };
-        let Some(queue) = self.queues.get(qidx) else { return Ok(()) };
-        drain_queue(vring, vrings, self.event_idx.load(Ordering::Acquire), qidx, queue, &self.mem, || self.process_queue(vring, qidx));
+        self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| self.process_queue(vring, qidx));
         Ok(())
     }
 }
