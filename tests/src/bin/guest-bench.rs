@@ -62,6 +62,39 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
+/// Timed passes over a list, up to a time budget. Only `pass` is timed (the caller's cache
+/// drops between passes are not); the clock is read every 64 operations.
+struct Budget {
+    secs: Duration,
+    spent: Duration,
+    ops: u64,
+}
+
+impl Budget {
+    fn new(secs: Duration) -> Self {
+        Budget { secs, spent: Duration::ZERO, ops: 0 }
+    }
+
+    fn left(&self) -> bool {
+        self.spent < self.secs
+    }
+
+    /// Runs `op` on every item, in chunks of 64, stopping part-way when the budget runs out.
+    fn pass<T>(&mut self, items: &[T], mut op: impl FnMut(&T)) {
+        let t = Instant::now();
+        for chunk in items.chunks(64) {
+            for item in chunk {
+                op(item);
+                self.ops += 1;
+            }
+            if self.spent + t.elapsed() >= self.secs {
+                break;
+            }
+        }
+        self.spent += t.elapsed();
+    }
+}
+
 fn seq(file: &str, secs: Duration) {
     let mut buf = vec![0u8; 128 << 10];
     let (mut bytes, mut spent) = (0u64, Duration::ZERO);
@@ -109,11 +142,11 @@ fn rand(file: &str, secs: Duration, seed: u64) {
     assert!(blocks > 0, "{file} is smaller than 4 KiB");
     let mut x = seed | 1;
     let mut buf = Aligned::new();
-    let (mut ops, mut spent) = (0u64, Duration::ZERO);
     let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(file);
     let mode = if direct.is_ok() { "direct" } else { "buffered" };
-    if let Ok(f) = direct {
+    let (ops, spent) = if let Ok(f) = direct {
         drop_caches();
+        let mut ops = 0u64;
         let t = Instant::now();
         while t.elapsed() < secs {
             for _ in 0..64 {
@@ -123,11 +156,12 @@ fn rand(file: &str, secs: Duration, seed: u64) {
                 ops += 1;
             }
         }
-        spent = t.elapsed();
+        (ops, t.elapsed())
     } else {
         // Each block once per pass, in shuffled order, no readahead, caches dropped between.
         let mut order: Vec<u64> = (0..blocks).collect();
-        'passes: while spent < secs {
+        let mut budget = Budget::new(secs);
+        while budget.left() {
             for i in (1..order.len()).rev() {
                 order.swap(i, (xorshift(&mut x) % (i as u64 + 1)) as usize);
             }
@@ -135,21 +169,13 @@ fn rand(file: &str, secs: Duration, seed: u64) {
             let f = File::open(file).unwrap_or_else(|e| panic!("open {file}: {e}"));
             // SAFETY: plain syscall on an open fd.
             unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_RANDOM) };
-            let t = Instant::now();
-            for chunk in order.chunks(64) {
-                for &b in chunk {
-                    let n = f.read_at(buf.slice(), b * 4096).unwrap_or_else(|e| panic!("pread {file}: {e}"));
-                    assert_eq!(n, 4096);
-                    ops += 1;
-                }
-                if spent + t.elapsed() >= secs {
-                    spent += t.elapsed();
-                    break 'passes;
-                }
-            }
-            spent += t.elapsed();
+            budget.pass(&order, |&b| {
+                let n = f.read_at(buf.slice(), b * 4096).unwrap_or_else(|e| panic!("pread {file}: {e}"));
+                assert_eq!(n, 4096);
+            });
         }
-    }
+        (budget.ops, budget.spent)
+    };
     let s = spent.as_secs_f64();
     println!("GB rand-4k {:.0} {ops} {s:.3} {mode}", ops as f64 / s);
 }
@@ -171,23 +197,14 @@ fn stat(dir: &str, secs: Duration) {
         }
     }
     assert!(!files.is_empty(), "no files under the subdirectories of {dir}");
-    let (mut ops, mut spent) = (0u64, Duration::ZERO);
-    'passes: while spent < secs {
+    let mut budget = Budget::new(secs);
+    while budget.left() {
         drop_caches();
-        let t = Instant::now();
-        for chunk in files.chunks(64) {
-            for p in chunk {
-                std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
-                ops += 1;
-            }
-            if spent + t.elapsed() >= secs {
-                spent += t.elapsed();
-                break 'passes;
-            }
-        }
-        spent += t.elapsed();
+        budget.pass(&files, |p| {
+            std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+        });
     }
-    let s = spent.as_secs_f64();
+    let (ops, s) = (budget.ops, budget.spent.as_secs_f64());
     println!("GB stat {:.0} {ops} {s:.3}", ops as f64 / s);
 }
 
