@@ -306,9 +306,11 @@ async fn a_dead_remote_fails_reads_with_etime_then_recovers() {
     assert_eq!(err.errno(), libc::ETIME, "{err}");
     assert!(took >= timeout && took < timeout + Duration::from_secs(2), "failed after {took:?}");
     assert_eq!(engine.counters.timeouts.load(Relaxed), 1);
-    // A stalled remote is the same to the reader.
-    server.up().await;
+    // A stalled remote is the same to the reader. Stalling before the server comes back:
+    // a retry of the timed-out fetch still under way could otherwise land in between and
+    // cache the block this read wants.
     server.set_always(Some(Fault::Stall(Duration::from_secs(30))));
+    server.up().await;
     let err = engine.read(ino, 8192, 4096).await.expect_err("remote stalls");
     assert_eq!(err.errno(), libc::ETIME);
     server.set_always(None);
