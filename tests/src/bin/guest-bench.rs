@@ -5,6 +5,9 @@
 //! guest-bench seq FILE SECS          GB seq-128k <MB/s> <bytes> <secs>
 //!     sequential 128 KiB read(2)s of FILE from the start, the page cache dropped before
 //!     each pass (echo 3 > /proc/sys/vm/drop_caches), for about SECS seconds
+//! guest-bench seq-direct FILE SECS   GB seq-128k-direct <MB/s> <bytes> <secs>
+//!     the same with O_DIRECT: every read(2) is one 128 KiB READ to the daemon, no guest
+//!     page cache or readahead in between (as the FUSE-level benchmark sends them)
 //! guest-bench rand FILE SECS SEED    GB rand-4k <ops/s> <ops> <secs> <direct|buffered>
 //!     4 KiB preads at random 4 KiB-aligned offsets; O_DIRECT (no guest page cache) if the
 //!     mount accepts it, else buffered with POSIX_FADV_RANDOM, each offset read once per pass
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
         ["seq", file, secs] => seq(file, secs_arg(secs)),
+        ["seq-direct", file, secs] => seq_direct(file, secs_arg(secs)),
         ["rand", file, secs, seed] => rand(file, secs_arg(secs), seed.parse().expect("seed")),
         ["stat", dir, secs] => stat(dir, secs_arg(secs)),
         ["readdir", dir, secs] => readdir(dir, secs_arg(secs)),
@@ -118,21 +122,39 @@ fn seq(file: &str, secs: Duration) {
     println!("GB seq-128k {:.1} {bytes} {s:.3}", bytes as f64 / 1e6 / s);
 }
 
-/// A 4 KiB buffer aligned for O_DIRECT.
-struct Aligned(*mut u8);
+fn seq_direct(file: &str, secs: Duration) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(file)
+        .unwrap_or_else(|e| panic!("open {file} O_DIRECT: {e}"));
+    let mut buf = Aligned::new(128 << 10);
+    let (mut bytes, mut off) = (0u64, 0u64);
+    let t = Instant::now();
+    while t.elapsed() < secs {
+        let n = f.read_at(buf.slice(), off).unwrap_or_else(|e| panic!("pread {file}@{off}: {e}"));
+        bytes += n as u64;
+        off = if n == 0 { 0 } else { off + n as u64 };
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!("GB seq-128k-direct {:.1} {bytes} {s:.3}", bytes as f64 / 1e6 / s);
+}
+
+/// A page-aligned buffer for O_DIRECT.
+struct Aligned(*mut u8, usize);
 
 impl Aligned {
-    fn new() -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("layout");
+    fn new(len: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
         // SAFETY: non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!p.is_null());
-        Aligned(p)
+        Aligned(p, len)
     }
 
     fn slice(&mut self) -> &mut [u8] {
-        // SAFETY: 4096 bytes allocated in new, owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.0, 4096) }
+        // SAFETY: self.1 bytes allocated in new, owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.0, self.1) }
     }
 }
 
@@ -141,7 +163,7 @@ fn rand(file: &str, secs: Duration, seed: u64) {
     let blocks = size / 4096;
     assert!(blocks > 0, "{file} is smaller than 4 KiB");
     let mut x = seed | 1;
-    let mut buf = Aligned::new();
+    let mut buf = Aligned::new(4096);
     let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(file);
     let mode = if direct.is_ok() { "direct" } else { "buffered" };
     let (ops, spent) = if let Ok(f) = direct {
