@@ -173,7 +173,7 @@ fn read_only_device() {
     assert_eq!(f.flush(0).expect("flush"), S_OK);
     assert_eq!(f.segments(0, T_DISCARD, &[(0, 8, 0)]).expect("discard"), S_UNSUPP);
     assert_eq!(f.segments(0, T_WRITE_ZEROES, &[(0, 8, 0)]).expect("wz"), S_UNSUPP);
-    let c = f.roundtrip(0, &[Desc::In(BlkFrontend::header(77, 0)), Desc::Out(1)]).expect("unknown");
+    let c = f.roundtrip(0, &[DescSpec::In(BlkFrontend::header(77, 0)), DescSpec::Out(1)]).expect("unknown");
     assert_eq!(c.status(), Some(S_UNSUPP));
     let (st, d) = f.read(0, 0, 4096).expect("read");
     assert_eq!((st, d), (S_OK, s.expected(0, 4096)), "data unchanged");
@@ -186,38 +186,38 @@ fn malformed_chains() {
     let mut f = s.connect(1);
     let cap = f.capacity_sectors();
     let h = BlkFrontend::header;
-    let ioerr = |f: &mut BlkFrontend, d: &[Desc], what: &str| {
+    let ioerr = |f: &mut BlkFrontend, d: &[DescSpec], what: &str| {
         let c = f.roundtrip(0, d).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(c.status(), Some(S_IOERR), "{what}");
         assert_eq!(c.used_len, 1, "{what}: only the status byte is written");
     };
-    ioerr(&mut f, &[Desc::In(h(T_IN, 0)[..8].to_vec()), Desc::Out(4096), Desc::Out(1)], "short header");
-    ioerr(&mut f, &[Desc::Out(1)], "no header at all");
+    ioerr(&mut f, &[DescSpec::In(h(T_IN, 0)[..8].to_vec()), DescSpec::Out(4096), DescSpec::Out(1)], "short header");
+    ioerr(&mut f, &[DescSpec::Out(1)], "no header at all");
     ioerr(&mut f, &BlkFrontend::read_chain(0, 100), "length not a multiple of 512");
     ioerr(&mut f, &BlkFrontend::read_chain(cap, 512), "past the end");
     ioerr(&mut f, &BlkFrontend::read_chain(cap - 1, 1024), "across the end");
     ioerr(&mut f, &BlkFrontend::read_chain(u64::MAX / 256, 512), "sector overflow");
     ioerr(&mut f, &BlkFrontend::read_chain(0, (8 << 20) + 512), "larger than seg_max * size_max");
     let beyond = f.beyond_memory();
-    ioerr(&mut f, &[Desc::In(h(T_IN, 0)), Desc::Raw { addr: beyond, len: 4096, write: true }, Desc::Out(1)], "data outside guest memory");
-    ioerr(&mut f, &[Desc::In(h(T_IN, 0)), Desc::Raw { addr: u64::MAX - 100, len: 4096, write: true }, Desc::Out(1)], "address wraps");
-    ioerr(&mut f, &[Desc::In(h(T_IN, 0)), Desc::Out(512), Desc::In(vec![0; 512]), Desc::Out(1)], "readable after writable");
-    ioerr(&mut f, &[Desc::In(h(T_OUT, 0)), Desc::In(vec![0; 100]), Desc::Out(1)], "write length not a multiple of 512");
-    let c = f.roundtrip(0, &[Desc::In(h(T_DISCARD, 0)), Desc::In(vec![0; 5]), Desc::Out(1)]).expect("discard");
+    ioerr(&mut f, &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: beyond, len: 4096, write: true }, DescSpec::Out(1)], "data outside guest memory");
+    ioerr(&mut f, &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: u64::MAX - 100, len: 4096, write: true }, DescSpec::Out(1)], "address wraps");
+    ioerr(&mut f, &[DescSpec::In(h(T_IN, 0)), DescSpec::Out(512), DescSpec::In(vec![0; 512]), DescSpec::Out(1)], "readable after writable");
+    ioerr(&mut f, &[DescSpec::In(h(T_OUT, 0)), DescSpec::In(vec![0; 100]), DescSpec::Out(1)], "write length not a multiple of 512");
+    let c = f.roundtrip(0, &[DescSpec::In(h(T_DISCARD, 0)), DescSpec::In(vec![0; 5]), DescSpec::Out(1)]).expect("discard");
     assert_eq!(c.status(), Some(S_UNSUPP), "discard on a read-only disk");
 
     // No writable byte at all: the chain comes back with nothing written.
-    let c = f.roundtrip(0, &[Desc::In(h(T_IN, 0))]).expect("no status");
+    let c = f.roundtrip(0, &[DescSpec::In(h(T_IN, 0))]).expect("no status");
     assert_eq!(c.used_len, 0);
-    let c = f.roundtrip(0, &[Desc::In(h(T_IN, 0)), Desc::Raw { addr: beyond, len: 1, write: true }]).expect("status outside memory");
+    let c = f.roundtrip(0, &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: beyond, len: 1, write: true }]).expect("status outside memory");
     assert_eq!(c.used_len, 0);
     // The status byte may share a descriptor with the data (any layout is legal).
-    let c = f.roundtrip(0, &[Desc::In(h(T_IN, 2)), Desc::Out(4097)]).expect("merged");
+    let c = f.roundtrip(0, &[DescSpec::In(h(T_IN, 2)), DescSpec::Out(4097)]).expect("merged");
     assert_eq!(c.status(), Some(S_OK));
     assert_eq!(c.used_len, 4097);
     assert!(c.bytes[..4096] == s.expected(1024, 4096));
     // GET_ID into a short buffer: what fits.
-    let c = f.roundtrip(0, &[Desc::In(h(T_GET_ID, 0)), Desc::Out(8), Desc::Out(1)]).expect("short id");
+    let c = f.roundtrip(0, &[DescSpec::In(h(T_GET_ID, 0)), DescSpec::Out(8), DescSpec::Out(1)]).expect("short id");
     assert_eq!(c.status(), Some(S_OK));
     assert_eq!(c.bytes[..8], s.image.to_string().as_bytes()[..8]);
     // Still healthy.
