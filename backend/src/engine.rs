@@ -230,6 +230,15 @@ impl Engine {
         self.slot_hints.get(usize::try_from(base).ok()?.checked_add(block)?)
     }
 
+    /// Clears the slot hints of blocks `blocks` of file `ino` (found stale).
+    fn forget_hints(&self, ino: u32, blocks: std::ops::Range<usize>) {
+        for b in blocks {
+            if let Some(h) = self.hint(ino, b) {
+                h.store(0, Relaxed);
+            }
+        }
+    }
+
     /// Where the cache holds blocks [first, last) of `f` (None: missing, or a zero block).
     /// Hinted slots first; the index only for blocks without a hint.
     fn cached_slots(&self, ino: u32, f: &FileData, first: usize, last: usize) -> Vec<Option<u64>> {
@@ -265,7 +274,6 @@ impl Engine {
         let mut missing = Vec::new();
         let blocks = &f.blocks[first..last];
         let slots = self.cached_slots(ino, f, first, last);
-        let hint = |i: usize| self.hint(ino, first + i);
         let mut i = 0;
         while i < blocks.len() {
             let at = i * BLOCK_SIZE;
@@ -284,10 +292,8 @@ impl Engine {
             if !self.cache.read_run(slot, &hashes, &mut buf[at..at + n * BLOCK_SIZE])? {
                 // A stale hint, or evicted meanwhile: forget the hints, ask the index block by
                 // block, and count the rest missing.
+                self.forget_hints(ino, first + i..first + i + n);
                 for k in 0..n {
-                    if let Some(h) = hint(i + k) {
-                        h.store(0, Relaxed);
-                    }
                     let h = hashes[k];
                     let dst = &mut buf[at + k * BLOCK_SIZE..at + (k + 1) * BLOCK_SIZE];
                     let ok = match self.cache.lookup(&h) {
@@ -344,11 +350,7 @@ impl Engine {
             let k = Self::slot_run(blocks, &slots, i, slot);
             let bytes = (k * BLOCK_SIZE).min(n - at);
             if !self.cache.read_run_into(slot, blocks[i..i + k].iter().map(|r| &r.hash), out, at, bytes)? {
-                for b in first + i..first + i + k {
-                    if let Some(h) = self.hint(ino, b) {
-                        h.store(0, Relaxed);
-                    }
-                }
+                self.forget_hints(ino, first + i..first + i + k);
                 return Ok(None);
             }
             i += k;
