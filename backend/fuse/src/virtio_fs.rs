@@ -284,9 +284,7 @@ impl Completer {
         }
         true
     }
-}
 
-impl Completer {
     /// Completes a READ in place if `read` can fill the guest's buffers directly: under the
     /// vring lock (like [`Completer::complete`]) the writable descriptors are handed to `read`
     /// as host memory, and on success the chain goes on the used ring. Returns whether the

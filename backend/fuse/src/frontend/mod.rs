@@ -424,21 +424,20 @@ impl FuseFrontend {
     }
 
     pub fn release(&mut self, ino: u64, fh: u64) -> Result<()> {
-        let body = abi::ReleaseIn {
-            fh,
-            ..Default::default()
-        };
-        self.call(abi::FUSE_RELEASE, ino, body.as_slice(), 16)
-            .map(|_| ())
+        self.release_op(abi::FUSE_RELEASE, ino, fh)
     }
 
     pub fn releasedir(&mut self, ino: u64, fh: u64) -> Result<()> {
+        self.release_op(abi::FUSE_RELEASEDIR, ino, fh)
+    }
+
+    /// RELEASE or RELEASEDIR (the same release_in).
+    fn release_op(&mut self, opcode: u32, ino: u64, fh: u64) -> Result<()> {
         let body = abi::ReleaseIn {
             fh,
             ..Default::default()
         };
-        self.call(abi::FUSE_RELEASEDIR, ino, body.as_slice(), 16)
-            .map(|_| ())
+        self.call(opcode, ino, body.as_slice(), 16).map(|_| ())
     }
 
     pub fn flush(&mut self, ino: u64, fh: u64) -> Result<()> {
