@@ -32,10 +32,16 @@ fn args() -> Args {
         socket: None,
         workload: "rand-4k".into(),
         work: std::env::temp_dir().join("incfs-bench"),
-        virtiofsd: ["/root/.cargo/bin/virtiofsd", "/usr/local/bin/virtiofsd"].iter().map(PathBuf::from).find(|p| p.exists()),
+        virtiofsd: ["/root/.cargo/bin/virtiofsd", "/usr/local/bin/virtiofsd"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists()),
         seconds: 3.0,
         rounds: 5,
-        incfsd: std::env::current_exe().ok().and_then(|p| Some(p.parent()?.parent()?.join("incfsd"))).unwrap_or_else(|| "incfsd".into()),
+        incfsd: std::env::current_exe()
+            .ok()
+            .and_then(|p| Some(p.parent()?.parent()?.join("incfsd")))
+            .unwrap_or_else(|| "incfsd".into()),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -152,7 +158,11 @@ fn start_virtiofsd(bin: &Path, src: &Path, work: &Path) -> Daemon {
 }
 
 fn connect(d: &Daemon) -> FuseFrontend {
-    let mut f = FuseFrontend::connect_with(&d.socket, FrontendConfig { slots: 4, event_idx: true, ..FrontendConfig::default() }).expect("connect");
+    let mut f = FuseFrontend::connect_with(
+        &d.socket,
+        FrontendConfig { slots: 4, event_idx: true, ..FrontendConfig::default() },
+    )
+    .expect("connect");
     f.init().expect("FUSE INIT");
     f
 }
@@ -271,7 +281,11 @@ fn pack_figures(a: &Args, src: &Path) {
         .ok()
         .filter(|s| s.success())
         .map(|_| ());
-    println!("# packing {:.0} MB ({} cores)", bytes as f64 / 1e6, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "# packing {:.0} MB ({} cores)",
+        bytes as f64 / 1e6,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
     println!("{:<16} {:>9.0} MB/s  1 core {:>6.0} MB/s {:>7.2}x", "pack", all, one, all / one);
     if zstd.is_some() {
         let cmd = format!("tar -C {} -cf - . | zstd -3 -T0 -q -o /dev/null -f", src.display());
@@ -319,7 +333,14 @@ fn main() {
     pack_figures(&a, &src);
     // Warm the shared cache: every block once.
     let cache = a.work.join("cache");
-    let out = Command::new(&a.incfsd).args(["cat", "--image", &id, "--store"]).arg(&store).arg("--cache").arg(&cache).arg("big").output().expect("cat");
+    let out = Command::new(&a.incfsd)
+        .args(["cat", "--image", &id, "--store"])
+        .arg(&store)
+        .arg("--cache")
+        .arg(&cache)
+        .arg("big")
+        .output()
+        .expect("cat");
     assert!(out.status.success());
     {
         let d = start_incfsd(&a, &store, &id, &cache, 0);
@@ -364,7 +385,11 @@ fn main() {
         }
         let unit = rate(w, (0, 0), 1.0).1;
         let (r, b) = (median(&rs), median(&bs));
-        let each: Vec<String> = rs.iter().zip(bs.iter().chain(std::iter::repeat(&f64::NAN))).map(|(x, y)| format!("{x:.0}/{y:.0}")).collect();
+        let each: Vec<String> = rs
+            .iter()
+            .zip(bs.iter().chain(std::iter::repeat(&f64::NAN)))
+            .map(|(x, y)| format!("{x:.0}/{y:.0}"))
+            .collect();
         if bs.is_empty() {
             println!("{w:<16} {r:>9.0} {unit:<4} {:>14} {:>8}", "(no virtiofsd)", "-");
         } else {
@@ -385,13 +410,18 @@ fn main() {
                 .map(|(i, s)| {
                     let w = w.to_string();
                     std::thread::spawn(move || {
-                        let mut f = FuseFrontend::connect_with(&s, FrontendConfig { slots: 4, event_idx: true, ..FrontendConfig::default() }).expect("connect");
+                        let mut f = FuseFrontend::connect_with(
+                            &s,
+                            FrontendConfig { slots: 4, event_idx: true, ..FrontendConfig::default() },
+                        )
+                        .expect("connect");
                         f.init().expect("init");
                         workload(&mut f, &w, secs, 11 + i as u64)
                     })
                 })
                 .collect();
-            let total = threads.into_iter().map(|t| t.join().expect("thread")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let total =
+                threads.into_iter().map(|t| t.join().expect("thread")).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
             let (r, unit) = rate(w, total, secs);
             if n == 1 {
                 one = r;

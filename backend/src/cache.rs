@@ -27,10 +27,10 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
+use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -173,7 +173,13 @@ impl BlockCache {
         fs::create_dir_all(dir.join("manifests")).ctx(|| format!("create cache {}", dir.display()))?;
         let open = |name: &str| {
             let p = dir.join(name);
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).ctx(|| format!("open {}", p.display()))
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .ctx(|| format!("open {}", p.display()))
         };
         let slots = open("slots")?;
         let cache = BlockCache {
@@ -267,7 +273,9 @@ impl BlockCache {
             let pending = std::mem::take(&mut idx.pending);
             for pos in pending {
                 let mut rec = [0u8; LOG_REC];
-                if read_full_at(&self.log, &mut rec, pos).ctx(|| "read cache log".into())? == LOG_REC && rec != [0u8; LOG_REC] {
+                if read_full_at(&self.log, &mut rec, pos).ctx(|| "read cache log".into())? == LOG_REC
+                    && rec != [0u8; LOG_REC]
+                {
                     add_log_record(&mut idx.map, &rec);
                 } else {
                     idx.pending.push(pos);
@@ -360,7 +368,8 @@ impl BlockCache {
             }
             None => {
                 let mut meta = vec![0u8; n * META];
-                let got = read_full_at(&self.slots, &mut meta, first * META as u64).ctx(|| "read cache slots".into())?;
+                let got =
+                    read_full_at(&self.slots, &mut meta, first * META as u64).ctx(|| "read cache slots".into())?;
                 let ok = got == meta.len()
                     && hashes
                         .clone()
@@ -386,7 +395,10 @@ impl BlockCache {
                 run.state(0).store(state.to_le(), Ordering::Release);
                 Ok(())
             }
-            None => self.slots.write_all_at(&state.to_le_bytes(), slot * META as u64 + 32).ctx(|| "write cache slots".into()),
+            None => self
+                .slots
+                .write_all_at(&state.to_le_bytes(), slot * META as u64 + 32)
+                .ctx(|| "write cache slots".into()),
         }
     }
 
@@ -574,7 +586,9 @@ impl BlockCache {
         let mut n = 0;
         for h in hashes {
             if let Some(s) = self.lookup_fresh(h)? {
-                self.slots.write_all_at(&flag.to_le_bytes(), s * META as u64 + 40).ctx(|| "write cache slots".into())?;
+                self.slots
+                    .write_all_at(&flag.to_le_bytes(), s * META as u64 + 40)
+                    .ctx(|| "write cache slots".into())?;
                 n += 1;
             }
         }
@@ -881,7 +895,9 @@ fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
 /// Frees the disk space of a range (reads then return zeroes, which no record vouches for).
 fn punch_hole(f: &File, off: u64, len: u64) {
     // SAFETY: fallocate on a valid fd with plain integer arguments.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off as i64, len as i64) };
+    let r = unsafe {
+        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off as i64, len as i64)
+    };
     if r != 0 {
         tracing::debug!("punch hole: {}", std::io::Error::last_os_error());
     }

@@ -231,7 +231,9 @@ impl Control {
 
     /// Logs a read of image file `idx` (every block it covers) by `uid`.
     pub fn note_read(&self, idx: u32, offset: u64, size: u32, uid: u32) {
-        let (Some(id), Ok((first, last))) = (self.id_of(idx), self.engine.block_span(idx, offset, size)) else { return };
+        let (Some(id), Ok((first, last))) = (self.id_of(idx), self.engine.block_span(idx, offset, size)) else {
+            return;
+        };
         if first >= last {
             return;
         }
@@ -275,7 +277,8 @@ impl Control {
         }
         let guard = PendingGuard { control: self.clone(), serials };
         let me = self.clone();
-        let first_missing = missing.first().copied().or_else(|| me.engine.block_span(idx, offset, size).ok().map(|s| s.0)).unwrap_or(0);
+        let first_missing =
+            missing.first().copied().or_else(|| me.engine.block_span(idx, offset, size).ok().map(|s| s.0)).unwrap_or(0);
         Box::pin(async move {
             let start = Instant::now();
             let res = me.engine.read(idx, offset, size).await;
@@ -424,7 +427,12 @@ impl Control {
             }
             let target = if ino == INO_FILLED { INO_FILLED_BASE + idx as u64 } else { idx as u64 + 1 };
             let name = hex::encode(id);
-            if !sink.add(DirEntry { ino: target, offset: k as u64 + 3, kind: libc::DT_REG.into(), name: name.as_bytes() }) {
+            if !sink.add(DirEntry {
+                ino: target,
+                offset: k as u64 + 3,
+                kind: libc::DT_REG.into(),
+                name: name.as_bytes(),
+            }) {
                 break;
             }
         }
@@ -608,7 +616,8 @@ impl Control {
             INO_STATS => Ok(self.stats_text().into_bytes()),
             INO_LAST_READ_ERROR => {
                 let mut out = Vec::with_capacity(LAST_ERROR_SIZE);
-                let e = self.last_error().unwrap_or(LastError { file_id: [0; 16], time_us: 0, block: 0, errno: 0, uid: 0 });
+                let e =
+                    self.last_error().unwrap_or(LastError { file_id: [0; 16], time_us: 0, block: 0, errno: 0, uid: 0 });
                 out.extend_from_slice(&e.file_id);
                 out.extend_from_slice(&e.time_us.to_le_bytes());
                 out.extend_from_slice(&e.block.to_le_bytes());

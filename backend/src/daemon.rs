@@ -63,7 +63,9 @@ pub struct FetchAll {
 async fn load_trace(engine: &Arc<Engine>, how: &Prefetch) -> Result<Vec<trace::Range>> {
     let text = match how {
         Prefetch::None => return Ok(Vec::new()),
-        Prefetch::File(p) => tokio::fs::read_to_string(p).await.map_err(|e| Error::io(format!("read trace {}", p.display()), e))?,
+        Prefetch::File(p) => {
+            tokio::fs::read_to_string(p).await.map_err(|e| Error::io(format!("read trace {}", p.display()), e))?
+        }
         Prefetch::Published => match engine.remote().trace(&engine.image().id).await {
             Ok(Some(t)) => t,
             Ok(None) => return Ok(Vec::new()),
@@ -82,7 +84,12 @@ async fn load_trace(engine: &Arc<Engine>, how: &Prefetch) -> Result<Vec<trace::R
 /// Starts recording first reads (rewriting `record` every 2 s), then the background
 /// fetches, as configured; shared by the virtio-fs and the block daemon. Call
 /// `write_trace` at the end.
-pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc<Engine>, record: Option<PathBuf>, background: &Background) -> Result<()> {
+pub(crate) fn start_record_and_replay(
+    rt: &tokio::runtime::Runtime,
+    engine: &Arc<Engine>,
+    record: Option<PathBuf>,
+    background: &Background,
+) -> Result<()> {
     if let Some(path) = record {
         engine.start_recording();
         let e = engine.clone();
@@ -115,7 +122,9 @@ pub(crate) fn start_record_and_replay(rt: &tokio::runtime::Runtime, engine: &Arc
 pub(crate) fn stop_on_signals(rt: &tokio::runtime::Runtime, server: ServerStopper) {
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("signal received, stopping");
         server.stop();
@@ -149,13 +158,21 @@ pub fn run(cfg: RunConfig) -> Result<()> {
     start_record_and_replay(&rt, &engine, cfg.record_trace.clone(), &cfg.background)?;
 
     if let Some(addr) = cfg.metrics {
-        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
         rt.spawn(metrics::serve(listener, engine.clone()));
     }
 
     let fs = Arc::new(ImageFs::new(engine.clone()));
-    let dev = DeviceConfig { request_queues: cfg.queues.max(1), threads: cfg.threads.clamp(1, cfg.queues.max(1)), poll_max: cfg.poll_max, ..DeviceConfig::default() };
-    let mut server = VirtioFsServer::bind(&cfg.socket, fs, dev, rt.handle().clone()).map_err(|e| Error::Invalid(e.to_string()))?;
+    let dev = DeviceConfig {
+        request_queues: cfg.queues.max(1),
+        threads: cfg.threads.clamp(1, cfg.queues.max(1)),
+        poll_max: cfg.poll_max,
+        ..DeviceConfig::default()
+    };
+    let mut server =
+        VirtioFsServer::bind(&cfg.socket, fs, dev, rt.handle().clone()).map_err(|e| Error::Invalid(e.to_string()))?;
     stop_on_signals(&rt, server.stopper());
     // Ready: tests and scripts wait for this line before starting the VM.
     eprintln!("incfsd: serving image {} on {}", cfg.image, cfg.socket.display());

@@ -172,7 +172,16 @@ impl Engine {
         let slot_hints = (0..total).map(|_| AtomicU64::new(0)).collect();
         Ok(Arc::new(Engine {
             slot_hints,
-            block_base, image, remote, cache, cfg, inflight: Mutex::new(HashMap::new()), counters: Counters::default(), flushed: Mutex::new((0, 0)), recorder: std::sync::OnceLock::new() }))
+            block_base,
+            image,
+            remote,
+            cache,
+            cfg,
+            inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            flushed: Mutex::new((0, 0)),
+            recorder: std::sync::OnceLock::new(),
+        }))
     }
 
     /// Adds this engine's hits and misses since the last call to the cache-wide totals
@@ -187,7 +196,13 @@ impl Engine {
 
     /// Opens `store` (a directory or an http(s) URL) and the cache directory `cache` (with an
     /// optional size limit), then the image: what every command and daemon does first.
-    pub async fn connect(store: &str, id: ImageId, cache: &std::path::Path, cache_size: Option<u64>, cfg: EngineConfig) -> Result<Arc<Self>> {
+    pub async fn connect(
+        store: &str,
+        id: ImageId,
+        cache: &std::path::Path,
+        cache_size: Option<u64>,
+        cfg: EngineConfig,
+    ) -> Result<Arc<Self>> {
         let remote = Remote::open(store, cfg.attempt_timeout)?;
         let cache = Arc::new(BlockCache::open_with(cache, crate::cache::CacheOptions { limit_bytes: cache_size })?);
         Self::open(remote, id, cache, cfg).await
@@ -243,9 +258,11 @@ impl Engine {
     /// Hinted slots first; the index only for blocks without a hint.
     fn cached_slots(&self, ino: u32, f: &FileData, first: usize, last: usize) -> Vec<Option<u64>> {
         let blocks = &f.blocks[first..last];
-        let mut slots: Vec<Option<u64>> =
-            (first..last).map(|b| self.hint(ino, b).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1)).collect();
-        let unhinted: Vec<usize> = (0..blocks.len()).filter(|&i| slots[i].is_none() && blocks[i].kind != BlockKind::Zero).collect();
+        let mut slots: Vec<Option<u64>> = (first..last)
+            .map(|b| self.hint(ino, b).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1))
+            .collect();
+        let unhinted: Vec<usize> =
+            (0..blocks.len()).filter(|&i| slots[i].is_none() && blocks[i].kind != BlockKind::Zero).collect();
         if !unhinted.is_empty() {
             let mut found = Vec::with_capacity(unhinted.len());
             self.cache.lookup_many(unhinted.iter().map(|&i| &blocks[i].hash), &mut found);
@@ -426,7 +443,9 @@ impl Engine {
                 };
                 match outcome {
                     Outcome::Retry => {}
-                    Outcome::Corrupt => return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into())),
+                    Outcome::Corrupt => {
+                        return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into()))
+                    }
                     Outcome::TimedOut => return Err(Error::Timeout),
                     Outcome::Failed(e) => return Err(Error::Remote(e)),
                 }
@@ -453,7 +472,14 @@ impl Engine {
     }
 
     /// Joins or starts fetches for the missing blocks; returns what to wait on.
-    fn request(self: &Arc<Self>, ino: u32, f: &FileData, missing: &[usize], read_end: usize, deadline: Instant) -> Vec<(Hash, Arc<InFlight>)> {
+    fn request(
+        self: &Arc<Self>,
+        ino: u32,
+        f: &FileData,
+        missing: &[usize],
+        read_end: usize,
+        deadline: Instant,
+    ) -> Vec<(Hash, Arc<InFlight>)> {
         let mut waits = Vec::with_capacity(missing.len());
         let mut runs = Vec::new();
         let window = (self.cfg.readahead as usize / BLOCK_SIZE).max(1);
@@ -493,7 +519,10 @@ impl Engine {
                         continue;
                     }
                     let r = cur.blocks[next];
-                    if !run[run.len() - 1].0.adjoins(&r) || map.contains_key(&r.hash) || self.cache.lookup(&r.hash).is_some() {
+                    if !run[run.len() - 1].0.adjoins(&r)
+                        || map.contains_key(&r.hash)
+                        || self.cache.lookup(&r.hash).is_some()
+                    {
                         break;
                     }
                     let nf = InFlight::new(deadline);
@@ -674,7 +703,10 @@ impl Engine {
     /// stored, and any reads waiting on it are woken. Ok(false) if it was already present.
     pub fn supply_block(&self, ino: u32, index: u32, kind: BlockKind, data: &[u8]) -> Result<bool> {
         let f = self.file(ino)?;
-        let r = f.blocks.get(index as usize).ok_or_else(|| Error::Invalid(format!("block {index} is past the end of the file")))?;
+        let r = f
+            .blocks
+            .get(index as usize)
+            .ok_or_else(|| Error::Invalid(format!("block {index} is past the end of the file")))?;
         if r.kind == BlockKind::Zero || self.cache.lookup(&r.hash).is_some() {
             return Ok(false);
         }
@@ -694,7 +726,8 @@ impl Engine {
     /// Blocks of a file that are present (zero blocks always are), and its block count.
     pub fn fill_state(&self, ino: u32) -> Result<(u64, u64)> {
         let f = self.file(ino)?;
-        let filled = f.blocks.iter().filter(|r| r.kind == BlockKind::Zero || self.cache.lookup(&r.hash).is_some()).count();
+        let filled =
+            f.blocks.iter().filter(|r| r.kind == BlockKind::Zero || self.cache.lookup(&r.hash).is_some()).count();
         Ok((filled as u64, f.blocks.len() as u64))
     }
 
@@ -720,7 +753,12 @@ impl Engine {
 
     /// The distinct blocks of the image that must come from a remote (zero blocks excluded).
     pub fn unique_blocks(&self) -> HashSet<Hash> {
-        self.image.files().flat_map(|(_, f)| f.blocks.iter()).filter(|r| r.kind != BlockKind::Zero).map(|r| r.hash).collect()
+        self.image
+            .files()
+            .flat_map(|(_, f)| f.blocks.iter())
+            .filter(|r| r.kind != BlockKind::Zero)
+            .map(|r| r.hash)
+            .collect()
     }
 }
 
@@ -868,7 +906,10 @@ impl Engine {
     pub fn missing_blocks(&self, ino: u32, offset: u64, len: u32) -> Result<Vec<u32>> {
         let f = self.file(ino)?;
         let (_, first, last) = Self::span(f, offset, len);
-        Ok((first..last).filter(|&b| f.blocks[b].kind != BlockKind::Zero && self.cache.lookup(&f.blocks[b].hash).is_none()).map(|b| b as u32).collect())
+        Ok((first..last)
+            .filter(|&b| f.blocks[b].kind != BlockKind::Zero && self.cache.lookup(&f.blocks[b].hash).is_none())
+            .map(|b| b as u32)
+            .collect())
     }
 
     /// Block range [first, last) a read of `len` bytes at `offset` covers, clamped to the file.

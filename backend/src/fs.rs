@@ -199,7 +199,15 @@ impl FileSystem for ImageFs {
         }
     }
 
-    fn read_direct(&self, ino: u64, _fh: u64, offset: u64, size: u32, ctx: &Context, buf: &mut DirectBuf<'_>) -> Option<u32> {
+    fn read_direct(
+        &self,
+        ino: u64,
+        _fh: u64,
+        offset: u64,
+        size: u32,
+        ctx: &Context,
+        buf: &mut DirectBuf<'_>,
+    ) -> Option<u32> {
         if Control::is_control(ino) {
             return None;
         }

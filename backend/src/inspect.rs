@@ -34,8 +34,17 @@ pub fn print_tree(engine: &Engine, out: &mut impl Write) -> io::Result<()> {
                 filled_total.1 += total;
                 writeln!(out, "f {:o} {:>12} {:>17} {p}", node.mode & 0o7777, f.size, format!("{filled}/{total}"))?;
             }
-            InodeKind::Symlink(t) => writeln!(out, "l {:o} {:>12} {:>17} {p} -> {}", node.mode & 0o7777, t.len(), "-", String::from_utf8_lossy(t))?,
-            InodeKind::Special { rdev } => writeln!(out, "s {:o} {:>12} {:>17} {p} (rdev {rdev:#x})", node.mode, 0, "-")?,
+            InodeKind::Symlink(t) => writeln!(
+                out,
+                "l {:o} {:>12} {:>17} {p} -> {}",
+                node.mode & 0o7777,
+                t.len(),
+                "-",
+                String::from_utf8_lossy(t)
+            )?,
+            InodeKind::Special { rdev } => {
+                writeln!(out, "s {:o} {:>12} {:>17} {p} (rdev {rdev:#x})", node.mode, 0, "-")?
+            }
         }
     }
     writeln!(

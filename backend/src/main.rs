@@ -238,7 +238,11 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         }
         _ => (t, 1),
     };
-    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mul)).filter(|&n| n >= 4096).ok_or_else(|| format!("{s:?} is not a size of at least 4096 bytes"))
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n >= 4096)
+        .ok_or_else(|| format!("{s:?} is not a size of at least 4096 bytes"))
 }
 
 impl FetchArgs {
@@ -270,7 +274,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| Error::io("start runtime", e))
 }
 
-async fn open_engine(src: &ImageArgs, cache: &std::path::Path, cache_size: Option<u64>, cfg: EngineConfig) -> Result<Arc<Engine>> {
+async fn open_engine(
+    src: &ImageArgs,
+    cache: &std::path::Path,
+    cache_size: Option<u64>,
+    cfg: EngineConfig,
+) -> Result<Arc<Engine>> {
     Engine::connect(&src.store, src.image, cache, cache_size, cfg).await
 }
 
@@ -282,11 +291,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (id, s) = pack::pack(&src, &store, &opts)?;
             if let Some(t) = trace {
                 let text = std::fs::read_to_string(&t).map_err(|e| Error::io(format!("read {}", t.display()), e))?;
-                let bytes = std::fs::read(store.root.join("images").join(id.to_string())).map_err(|e| Error::io("read manifest", e))?;
+                let bytes = std::fs::read(store.root.join("images").join(id.to_string()))
+                    .map_err(|e| Error::io("read manifest", e))?;
                 let image = incfs::image::Image::from_manifest_bytes(id, &incfs::image::manifest_from_stored(bytes)?)?;
                 let (ranges, skipped) = incfs::trace::parse(&image, &text)?;
                 store.write_trace(&id, &incfs::trace::format(&image, &ranges))?;
-                eprintln!("published a trace of {} runs ({skipped} lines for paths not in this image skipped)", ranges.len());
+                eprintln!(
+                    "published a trace of {} runs ({skipped} lines for paths not in this image skipped)",
+                    ranges.len()
+                );
             }
             eprintln!(
                 "packed {} inodes, {} files, {} bytes in {:.2}s ({:.1} MB/s): {} blocks ({} zero, {} duplicate), {} bytes stored, manifest {} bytes",
@@ -303,13 +316,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             println!("{id}");
         }
-        Cmd::Serve { store, listen } => runtime()?.block_on(serve::serve(&store, listen, |a| eprintln!("serving {} on http://{a}", store.display())))?,
+        Cmd::Serve { store, listen } => runtime()?
+            .block_on(serve::serve(&store, listen, |a| eprintln!("serving {} on http://{a}", store.display())))?,
         Cmd::Cat { src, cache, fetch, stats, path } => {
             let rt = runtime()?;
             rt.block_on(async {
                 let engine = open_engine(&src, &cache, fetch.cache_size, fetch.config()).await?;
                 let ino = engine.image().resolve(path.as_bytes()).ok_or_else(|| Error::NotFound(path.clone()))?;
-                let size = engine.image().file(ino).ok_or_else(|| Error::Invalid(format!("{path} is not a regular file")))?.size;
+                let size = engine
+                    .image()
+                    .file(ino)
+                    .ok_or_else(|| Error::Invalid(format!("{path} is not a regular file")))?
+                    .size;
                 let mut out = std::io::stdout().lock();
                 let mut off = 0u64;
                 while off < size {
@@ -350,7 +368,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 record_trace: trace.record_trace,
             })?;
         }
-        Cmd::Blk { socket, src, path, cache, overlay, fetch, queues, threads, poll_us, logical_block_size, metrics, trace } => {
+        Cmd::Blk {
+            socket,
+            src,
+            path,
+            cache,
+            overlay,
+            fetch,
+            queues,
+            threads,
+            poll_us,
+            logical_block_size,
+            metrics,
+            trace,
+        } => {
             let engine = fetch.config();
             let device = incfs::blk::DeviceConfig {
                 queues: queues as usize,
@@ -396,8 +427,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let lookups = u.hits + u.misses;
             let ratio = if lookups == 0 { 0.0 } else { u.hits as f64 / lookups as f64 };
             println!("size_bytes {}", u.valid * 4096);
-            println!("blocks {}\npinned {}\nslots {}\nfree_slots {}\nempty_slots {}\ndisk_bytes {}", u.valid, u.pinned, u.slots, u.free_listed, u.empty, u.disk_bytes);
-            println!("images {}\nhits {}\nmisses {}\nhit_ratio {ratio:.4}\nblocks_stored_total {}", u.manifests, u.hits, u.misses, u.fetched);
+            println!(
+                "blocks {}\npinned {}\nslots {}\nfree_slots {}\nempty_slots {}\ndisk_bytes {}",
+                u.valid, u.pinned, u.slots, u.free_listed, u.empty, u.disk_bytes
+            );
+            println!(
+                "images {}\nhits {}\nmisses {}\nhit_ratio {ratio:.4}\nblocks_stored_total {}",
+                u.manifests, u.hits, u.misses, u.fetched
+            );
         }
         Cmd::Cache { cmd: CacheCmd::Gc { dir, size } } => {
             let r = BlockCache::open(&dir)?.gc(size)?;

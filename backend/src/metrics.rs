@@ -19,10 +19,13 @@ pub fn render(engine: &Engine) -> String {
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
-    let app = Router::new().route("/metrics", get(move || {
-        let e = engine.clone();
-        async move { render(&e) }
-    }));
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let e = engine.clone();
+            async move { render(&e) }
+        }),
+    );
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("metrics server: {e}");
     }

@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::image::{
-    merkle, Blob, BlockKind, BlockRef, DirEntry, FileData, Hash, ImageId, Inode, InodeKind, Manifest, BLOCK_SIZE, NAME_MAX,
-    XATTR_NAME_MAX, XATTR_VALUE_MAX,
+    merkle, Blob, BlockKind, BlockRef, DirEntry, FileData, Hash, ImageId, Inode, InodeKind, Manifest, BLOCK_SIZE,
+    NAME_MAX, XATTR_NAME_MAX, XATTR_VALUE_MAX,
 };
 use crate::store::Store;
 
@@ -66,7 +66,8 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
 
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = progress_bar(opts.progress, total);
-    let mut stats = PackStats { inodes: inodes.len() as u64, files: files.len() as u64, bytes_in: total, ..Default::default() };
+    let mut stats =
+        PackStats { inodes: inodes.len() as u64, files: files.len() as u64, bytes_in: total, ..Default::default() };
 
     let mut blobs = BlobWriter::new(store, opts.blob_size);
     let mut seen: HashMap<Hash, BlockRef> = HashMap::new();
@@ -78,7 +79,8 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
     let reader = std::thread::spawn(move || read_batches(&paths, &tx));
     for batch in rx {
         let batch = batch?;
-        let jobs: Vec<(usize, &[u8])> = batch.iter().flat_map(|c| c.data.chunks(BLOCK_SIZE).map(move |b| (c.file, b))).collect();
+        let jobs: Vec<(usize, &[u8])> =
+            batch.iter().flat_map(|c| c.data.chunks(BLOCK_SIZE).map(move |b| (c.file, b))).collect();
         let level = opts.level;
         let encoded: Vec<Encoded> = jobs.par_iter().map(|(_, b)| encode_block(b, level)).collect();
         for ((file, raw), enc) in jobs.iter().zip(encoded) {
@@ -114,7 +116,8 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
             return Err(Error::Invalid(format!("{} changed size while packing", f.path.display())));
         }
         let leaves: Vec<Hash> = blocks.iter().map(|b| b.hash).collect();
-        inodes[f.ino as usize].kind = InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), blocks });
+        inodes[f.ino as usize].kind =
+            InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), blocks });
     }
     let manifest = Manifest { blobs: blob_list, inodes };
     let bytes = manifest.encode();
@@ -137,7 +140,9 @@ fn progress_bar(want: bool, total: u64) -> Option<indicatif::ProgressBar> {
         return None;
     }
     let b = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bytes_per_sec} [{bar:40}] {eta}") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bytes_per_sec} [{bar:40}] {eta}")
+    {
         b.set_style(style);
     }
     Some(b)
@@ -272,7 +277,11 @@ impl Walker {
                 match self.links.get(&key) {
                     Some(&i) if m.nlink() > 1 => i,
                     _ => {
-                        let i = self.push(&child, &m, InodeKind::File(FileData { size: 0, root: [0; 32], blocks: vec![] }))?;
+                        let i = self.push(
+                            &child,
+                            &m,
+                            InodeKind::File(FileData { size: 0, root: [0; 32], blocks: vec![] }),
+                        )?;
                         if m.nlink() > 1 {
                             self.links.insert(key, i);
                         }
@@ -306,7 +315,9 @@ fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
             continue;
         }
         let cn = CString::new(name).map_err(|_| Error::Invalid("NUL in xattr name".into()))?;
-        let value = match xattr_call(|buf, len| unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), buf as *mut libc::c_void, len) }) {
+        let value = match xattr_call(|buf, len| unsafe {
+            libc::lgetxattr(c.as_ptr(), cn.as_ptr(), buf as *mut libc::c_void, len)
+        }) {
             Ok(v) => v,
             // Removed between list and get.
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
@@ -374,7 +385,12 @@ impl<'a> BlobWriter<'a> {
         }
         if self.cur.is_none() {
             let (file, tmp) = self.store.temp_file("blobs")?;
-            self.cur = Some(OpenBlob { file: std::io::BufWriter::with_capacity(1 << 20, file), tmp, hasher: Sha256::new(), size: 0 });
+            self.cur = Some(OpenBlob {
+                file: std::io::BufWriter::with_capacity(1 << 20, file),
+                tmp,
+                hasher: Sha256::new(),
+                size: 0,
+            });
         }
         let idx = self.done.len() as u32;
         let b = self.cur.as_mut().ok_or_else(|| Error::Invalid("no open blob".into()))?;
@@ -387,7 +403,8 @@ impl<'a> BlobWriter<'a> {
 
     fn close(&mut self) -> Result<()> {
         if let Some(b) = self.cur.take() {
-            let file = b.file.into_inner().map_err(|e| Error::io(format!("write {}", b.tmp.display()), e.into_error()))?;
+            let file =
+                b.file.into_inner().map_err(|e| Error::io(format!("write {}", b.tmp.display()), e.into_error()))?;
             // Start writing it back now, while packing goes on; wait for it in `finish`.
             // SAFETY: a valid fd and plain integer arguments.
             unsafe { libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };

@@ -125,13 +125,16 @@ impl Remote {
             Remote::Dir(root) => {
                 let p = root.join(&rel);
                 tokio::fs::read(&p).await.map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => FetchError::Permanent(format!("no image {id} in {}", root.display())),
+                    std::io::ErrorKind::NotFound => {
+                        FetchError::Permanent(format!("no image {id} in {}", root.display()))
+                    }
                     _ => FetchError::Transient(format!("read {}: {e}", p.display())),
                 })
             }
             Remote::Http { base, client } => {
                 let url = format!("{base}/{rel}");
-                let resp = client.get(&url).send().await.map_err(|e| FetchError::Transient(format!("GET {url}: {e}")))?;
+                let resp =
+                    client.get(&url).send().await.map_err(|e| FetchError::Transient(format!("GET {url}: {e}")))?;
                 let status = resp.status();
                 if !status.is_success() {
                     return Err(classify(status, &url));
@@ -153,7 +156,8 @@ impl Remote {
             },
             Remote::Http { base, client } => {
                 let url = format!("{base}/{rel}");
-                let resp = client.get(&url).send().await.map_err(|e| FetchError::Transient(format!("GET {url}: {e}")))?;
+                let resp =
+                    client.get(&url).send().await.map_err(|e| FetchError::Transient(format!("GET {url}: {e}")))?;
                 match resp.status() {
                     reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::FORBIDDEN => return Ok(None),
                     s if !s.is_success() => return Err(classify(s, &url)),
@@ -192,7 +196,9 @@ impl Remote {
                 let status = resp.status();
                 if status == reqwest::StatusCode::OK {
                     // A server that ignores Range would send the whole blob for every block.
-                    return Err(FetchError::Permanent(format!("{url}: server ignored the Range header (answered 200, not 206)")));
+                    return Err(FetchError::Permanent(format!(
+                        "{url}: server ignored the Range header (answered 200, not 206)"
+                    )));
                 }
                 if status != reqwest::StatusCode::PARTIAL_CONTENT {
                     return Err(classify(status, &url));
@@ -209,7 +215,10 @@ impl Remote {
 
 fn classify(status: reqwest::StatusCode, url: &str) -> FetchError {
     let msg = format!("GET {url}: HTTP {status}");
-    if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS || status == reqwest::StatusCode::REQUEST_TIMEOUT {
+    if status.is_server_error()
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+    {
         FetchError::Transient(msg)
     } else {
         FetchError::Permanent(msg)

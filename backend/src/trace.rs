@@ -34,7 +34,11 @@ impl Recorder {
     /// `base`: each inode's first global block index (u64::MAX for non-files), as the engine
     /// numbers them; `total`: blocks of the image.
     pub fn new(base: Vec<u64>, total: u64) -> Self {
-        Recorder { base, seen: (0..total.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), order: Mutex::new(Vec::new()) }
+        Recorder {
+            base,
+            seen: (0..total.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            order: Mutex::new(Vec::new()),
+        }
     }
 
     /// Notes a read of blocks [first, last) of inode `ino`.
@@ -149,7 +153,9 @@ pub fn parse(image: &Image, text: &str) -> Result<(Vec<Range>, usize)> {
         }
         let bad = || Error::Invalid(format!("trace line {}: expected PATH<TAB>FIRST<TAB>COUNT", n + 1));
         let mut it = line.split('\t');
-        let (Some(p), Some(first), Some(count), None) = (it.next(), it.next(), it.next(), it.next()) else { return Err(bad()) };
+        let (Some(p), Some(first), Some(count), None) = (it.next(), it.next(), it.next(), it.next()) else {
+            return Err(bad());
+        };
         let path = unescape(p).ok_or_else(bad)?;
         let first: u32 = first.parse().map_err(|_| bad())?;
         let count: u32 = count.parse().map_err(|_| bad())?;

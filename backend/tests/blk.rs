@@ -8,9 +8,9 @@
 //! over HTTP (nginx). `guest_debian_rootfs` (ignored: it debootstraps Debian, minutes) runs a
 //! real program from a Debian root filesystem; run it with `--ignored`, or qemu/blk-debian.
 
-mod support;
 #[path = "support/blk_frontend.rs"]
 mod blk_frontend;
+mod support;
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -88,7 +88,8 @@ impl Served {
     }
 
     fn start_default(&mut self, overlay: Option<&Path>) {
-        let ecfg = EngineConfig { read_timeout: Duration::from_secs(10), readahead: 64 << 10, ..EngineConfig::default() };
+        let ecfg =
+            EngineConfig { read_timeout: Duration::from_secs(10), readahead: 64 << 10, ..EngineConfig::default() };
         self.start(overlay, ecfg, DeviceConfig { queues: 2, threads: 2, ..DeviceConfig::default() });
     }
 
@@ -128,7 +129,13 @@ impl Drop for Served {
 }
 
 fn counter(disk: &Disk, name: &str) -> u64 {
-    disk.counters.snapshot().into_iter().chain(disk.engine().counters.snapshot()).find(|(k, _)| *k == name).map(|(_, v)| v).expect("counter")
+    disk.counters
+        .snapshot()
+        .into_iter()
+        .chain(disk.engine().counters.snapshot())
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+        .expect("counter")
 }
 
 #[test]
@@ -149,7 +156,9 @@ fn read_only_device() {
     assert_eq!(id, s.image.to_string().as_bytes()[..20].to_vec());
 
     // Cold reads are parked and fetched; the same read again is served inline.
-    for (sector, len) in [(0u64, 4096u32), (3, 1024), (2048, 65536), (2047, 512 * 3), (4000, MIB as u32), (size as u64 / 512 - 1, 512)] {
+    for (sector, len) in
+        [(0u64, 4096u32), (3, 1024), (2048, 65536), (2047, 512 * 3), (4000, MIB as u32), (size as u64 / 512 - 1, 512)]
+    {
         let (st, d) = f.read(0, sector, len).expect("read");
         assert_eq!(st, S_OK, "read {sector}+{len}");
         assert!(d == s.expected(sector as usize * 512, len as usize), "data of {sector}+{len}");
@@ -161,7 +170,8 @@ fn read_only_device() {
     assert_eq!(counter(s.disk(), "blk_reads_parked"), parked, "cached read on queue 1 parked");
 
     // Many reads in flight at once on a cold region, completed out of order.
-    let tokens: Vec<u16> = (0..32u64).map(|i| f.submit(0, &BlkFrontend::read_chain(8192 + i * 64, 8192)).expect("submit")).collect();
+    let tokens: Vec<u16> =
+        (0..32u64).map(|i| f.submit(0, &BlkFrontend::read_chain(8192 + i * 64, 8192)).expect("submit")).collect();
     f.kick(0).expect("kick");
     for (i, c) in f.wait_all(0, &tokens).expect("wait").into_iter().enumerate() {
         assert_eq!(c.status(), Some(S_OK));
@@ -199,17 +209,36 @@ fn malformed_chains() {
     ioerr(&mut f, &BlkFrontend::read_chain(u64::MAX / 256, 512), "sector overflow");
     ioerr(&mut f, &BlkFrontend::read_chain(0, (8 << 20) + 512), "larger than seg_max * size_max");
     let beyond = f.beyond_memory();
-    ioerr(&mut f, &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: beyond, len: 4096, write: true }, DescSpec::Out(1)], "data outside guest memory");
-    ioerr(&mut f, &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: u64::MAX - 100, len: 4096, write: true }, DescSpec::Out(1)], "address wraps");
-    ioerr(&mut f, &[DescSpec::In(h(T_IN, 0)), DescSpec::Out(512), DescSpec::In(vec![0; 512]), DescSpec::Out(1)], "readable after writable");
-    ioerr(&mut f, &[DescSpec::In(h(T_OUT, 0)), DescSpec::In(vec![0; 100]), DescSpec::Out(1)], "write length not a multiple of 512");
-    let c = f.roundtrip(0, &[DescSpec::In(h(T_DISCARD, 0)), DescSpec::In(vec![0; 5]), DescSpec::Out(1)]).expect("discard");
+    ioerr(
+        &mut f,
+        &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: beyond, len: 4096, write: true }, DescSpec::Out(1)],
+        "data outside guest memory",
+    );
+    ioerr(
+        &mut f,
+        &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: u64::MAX - 100, len: 4096, write: true }, DescSpec::Out(1)],
+        "address wraps",
+    );
+    ioerr(
+        &mut f,
+        &[DescSpec::In(h(T_IN, 0)), DescSpec::Out(512), DescSpec::In(vec![0; 512]), DescSpec::Out(1)],
+        "readable after writable",
+    );
+    ioerr(
+        &mut f,
+        &[DescSpec::In(h(T_OUT, 0)), DescSpec::In(vec![0; 100]), DescSpec::Out(1)],
+        "write length not a multiple of 512",
+    );
+    let c =
+        f.roundtrip(0, &[DescSpec::In(h(T_DISCARD, 0)), DescSpec::In(vec![0; 5]), DescSpec::Out(1)]).expect("discard");
     assert_eq!(c.status(), Some(S_UNSUPP), "discard on a read-only disk");
 
     // No writable byte at all: the chain comes back with nothing written.
     let c = f.roundtrip(0, &[DescSpec::In(h(T_IN, 0))]).expect("no status");
     assert_eq!(c.used_len, 0);
-    let c = f.roundtrip(0, &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: beyond, len: 1, write: true }]).expect("status outside memory");
+    let c = f
+        .roundtrip(0, &[DescSpec::In(h(T_IN, 0)), DescSpec::Raw { addr: beyond, len: 1, write: true }])
+        .expect("status outside memory");
     assert_eq!(c.used_len, 0);
     // The status byte may share a descriptor with the data (any layout is legal).
     let c = f.roundtrip(0, &[DescSpec::In(h(T_IN, 2)), DescSpec::Out(4097)]).expect("merged");
@@ -228,7 +257,12 @@ fn malformed_chains() {
 #[test]
 fn read_timeout_is_ioerr() {
     let mut s = Served::new();
-    let ecfg = EngineConfig { read_timeout: Duration::from_millis(400), readahead: 64 << 10, attempt_timeout: Duration::from_millis(300), ..EngineConfig::default() };
+    let ecfg = EngineConfig {
+        read_timeout: Duration::from_millis(400),
+        readahead: 64 << 10,
+        attempt_timeout: Duration::from_millis(300),
+        ..EngineConfig::default()
+    };
     s.start(None, ecfg, DeviceConfig::default());
     let mut f = s.connect(1);
     s.server.as_ref().expect("server").set_always(Some(Fault::Stall(Duration::from_secs(3))));
@@ -335,7 +369,13 @@ impl Drop for Daemon {
 /// Starts `incfsd blk` and waits for its socket.
 fn spawn_daemon(args: &[&str], socket: &Path) -> Daemon {
     let _ = fs::remove_file(socket);
-    let child = Command::new(INCFSD).arg("blk").args(args).stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("incfsd blk");
+    let child = Command::new(INCFSD)
+        .arg("blk")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("incfsd blk");
     let d = Daemon(child);
     let t = Instant::now();
     while !socket.exists() {
@@ -353,7 +393,20 @@ fn overlay_survives_kill_9() {
     let cache = s.cache_dir();
     let url = s.url();
     let image = s.image.to_string();
-    let args = ["--socket", sock.to_str().expect("utf8"), "--store", &url, "--image", &image, "--path", "disk.img", "--cache", cache.to_str().expect("utf8"), "--overlay", ov.to_str().expect("utf8")];
+    let args = [
+        "--socket",
+        sock.to_str().expect("utf8"),
+        "--store",
+        &url,
+        "--image",
+        &image,
+        "--path",
+        "disk.img",
+        "--cache",
+        cache.to_str().expect("utf8"),
+        "--overlay",
+        ov.to_str().expect("utf8"),
+    ];
     let mut d = spawn_daemon(&args, &sock);
     let mut f = BlkFrontend::connect(&sock, 1).expect("connect");
     let a = pseudo_random(7, 64 << 10);
@@ -409,7 +462,12 @@ fn sha256_hex(d: &[u8]) -> String {
 fn mkfs_ext4(tree: &Path, img: &Path, size_mb: u64) {
     let f = fs::File::create(img).expect("img");
     f.set_len(size_mb << 20).expect("size");
-    let st = Command::new("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"]).arg(tree).arg(img).status().expect("mkfs.ext4 (apt-get install e2fsprogs)");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
+        .arg(tree)
+        .arg(img)
+        .status()
+        .expect("mkfs.ext4 (apt-get install e2fsprogs)");
     assert!(st.success(), "mkfs.ext4");
 }
 
@@ -439,10 +497,21 @@ fn guest_ext4_lazy_and_overlay() {
     let metrics_port = free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let base = |ov: Option<&Path>| {
-        let mut v: Vec<String> = ["--socket", sock.to_str().expect("utf8"), "--store", &nginx.url, "--image", &image, "--path", "disk.img", "--cache", cache.to_str().expect("utf8")]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "--socket",
+            sock.to_str().expect("utf8"),
+            "--store",
+            &nginx.url,
+            "--image",
+            &image,
+            "--path",
+            "disk.img",
+            "--cache",
+            cache.to_str().expect("utf8"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         if let Some(o) = ov {
             v.extend(["--overlay".to_string(), o.to_str().expect("utf8").to_string()]);
         }
@@ -463,7 +532,8 @@ fn guest_ext4_lazy_and_overlay() {
     assert_eq!(st, 0, "guest failed:\n{console}");
     assert!(console.contains("CHECKSUMS-OK"), "{console}");
     let fetched = nginx.blob_bytes_sent();
-    let stored: u64 = fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
+    let stored: u64 =
+        fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
     eprintln!("read-only boot fetched {fetched} of {stored} stored bytes (disk 128 MiB)");
     assert!(fetched < stored / 4, "fetched {fetched} of {stored}");
     let m = http_get(metrics_port, "/metrics");
@@ -510,11 +580,17 @@ fn guest_ext4_lazy_and_overlay() {
     let cache = BlockCache::open(&cache).expect("cache");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     let engine = rt
-        .block_on(Engine::open(Remote::open(&nginx.url, Duration::from_secs(5)).expect("r"), image.parse().expect("id"), Arc::new(cache), EngineConfig::default()))
+        .block_on(Engine::open(
+            Remote::open(&nginx.url, Duration::from_secs(5)).expect("r"),
+            image.parse().expect("id"),
+            Arc::new(cache),
+            EngineConfig::default(),
+        ))
         .expect("engine");
     let known = engine.unique_blocks();
     let overlay = fs::File::open(&ov).expect("overlay");
-    let o = incfs::blk::overlay::Overlay::open(&ov, 128 << 20, &image.parse().expect("id"), "disk.img").expect("overlay");
+    let o =
+        incfs::blk::overlay::Overlay::open(&ov, 128 << 20, &image.parse().expect("id"), "disk.img").expect("overlay");
     let mut written = 0;
     let mut buf = vec![0u8; 4096];
     let data_off = fs::metadata(&ov).expect("m").len() - (128 << 20);
@@ -553,7 +629,13 @@ fn guest_debian_rootfs() {
         Some(d) => PathBuf::from(d),
         None => {
             let t = dir.path().join("rootfs");
-            let st = Command::new("debootstrap").args(["--variant=minbase", "bookworm"]).arg(&t).arg("http://deb.debian.org/debian").stdout(Stdio::null()).status().expect("debootstrap (apt-get install debootstrap)");
+            let st = Command::new("debootstrap")
+                .args(["--variant=minbase", "bookworm"])
+                .arg(&t)
+                .arg("http://deb.debian.org/debian")
+                .stdout(Stdio::null())
+                .status()
+                .expect("debootstrap (apt-get install debootstrap)");
             assert!(st.success(), "debootstrap");
             t
         }
@@ -566,7 +648,18 @@ fn guest_debian_rootfs() {
     let nginx = Nginx::start(&store, 0);
     let cache = dir.path().join("cache");
     let sock = dir.path().join("blk.sock");
-    let a = ["--socket", sock.to_str().expect("utf8"), "--store", &nginx.url, "--image", &image, "--path", "rootfs.img", "--cache", cache.to_str().expect("utf8")];
+    let a = [
+        "--socket",
+        sock.to_str().expect("utf8"),
+        "--store",
+        &nginx.url,
+        "--image",
+        &image,
+        "--path",
+        "rootfs.img",
+        "--cache",
+        cache.to_str().expect("utf8"),
+    ];
     let _d = spawn_daemon(&a, &sock);
     let script = "#!/bin/sh\nset -e\nmount -t ext4 -o ro /dev/vda /mnt\nmount -t proc proc /mnt/proc\nchroot /mnt /bin/ls -l /usr/bin | tail -3\nchroot /mnt /usr/bin/dpkg -l | grep -c '^ii'\nchroot /mnt /bin/sh -c 'echo RAN-$(/usr/bin/id -u)'\numount /mnt/proc\numount /mnt\n";
     let t = Instant::now();
@@ -574,7 +667,8 @@ fn guest_debian_rootfs() {
     assert_eq!(st, 0, "guest failed:\n{console}");
     assert!(console.contains("RAN-0"), "{console}");
     let fetched = nginx.blob_bytes_sent();
-    let stored: u64 = fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
+    let stored: u64 =
+        fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
     let from_guest: Vec<&str> = console.lines().filter(|l| !l.starts_with('[') && !l.trim().is_empty()).collect();
     eprintln!("guest output (tail):\n{}", from_guest[from_guest.len().saturating_sub(8)..].join("\n"));
     eprintln!("debian rootfs: guest done in {:?}, fetched {fetched} of {stored} stored bytes", t.elapsed());

@@ -34,7 +34,8 @@ async fn setup(fill: FillSource, read_timeout: Duration) -> Setup {
     // All zero blocks: always present, never fetched.
     std::fs::write(src.join("zeros"), vec![0u8; 4096 * 64]).expect("write");
     let store = dir.path().join("store");
-    let id: ImageId = pack(&src, &Store::new(&store), &PackOptions { progress: false, ..PackOptions::default() }).expect("pack").0;
+    let id: ImageId =
+        pack(&src, &Store::new(&store), &PackOptions { progress: false, ..PackOptions::default() }).expect("pack").0;
     let cfg = EngineConfig { read_timeout, fill, ..EngineConfig::default() };
     let remote = Remote::open(store.to_str().expect("utf8"), cfg.attempt_timeout).expect("remote");
     let cache = Arc::new(BlockCache::open(&dir.path().join("cache")).expect("cache"));
@@ -321,7 +322,17 @@ async fn namespace_index_incomplete_and_hidden_root() {
     fs.readdir(ROOT, dfh, 0, &mut names).expect("readdir");
     let root: Vec<&str> = names.0.iter().map(|(_, n)| n.as_str()).collect();
     assert_eq!(root, vec![".", "..", "a", "sub", "zeros"]);
-    for n in [".pending_reads", ".log", ".blocks_written", ".fill", ".stats", ".last_read_error", ".index", ".incomplete", ".filled"] {
+    for n in [
+        ".pending_reads",
+        ".log",
+        ".blocks_written",
+        ".fill",
+        ".stats",
+        ".last_read_error",
+        ".index",
+        ".incomplete",
+        ".filled",
+    ] {
         assert_ne!(ino(fs, ROOT, n) & CTL_BIT, 0, "{n}");
     }
     assert_eq!(fs.lookup(ROOT, b".nope"), Err(libc::ENOENT));
@@ -382,7 +393,10 @@ async fn read_log_records_every_block_read_in_a_bounded_ring() {
     // One read of 3 blocks by uid 5.
     assert_eq!(done(fs.read(zeros, 0, 4096, 3 * 4096, &ctx(5))).await.map(|d| d.len()), Ok(3 * 4096));
     let recs = records(&done(fs.read(l, lfh, 0, 4096, &ctx(0))).await.expect("log"));
-    assert_eq!(recs.iter().map(|r| (r.id, r.block, r.uid)).collect::<Vec<_>>(), vec![(idz, 1, 5), (idz, 2, 5), (idz, 3, 5)]);
+    assert_eq!(
+        recs.iter().map(|r| (r.id, r.block, r.uid)).collect::<Vec<_>>(),
+        vec![(idz, 1, 5), (idz, 2, 5), (idz, 3, 5)]
+    );
     assert!(recs.windows(2).all(|w| w[1].serial == w[0].serial + 1));
 
     // Long poll on the log wakes on a read.
@@ -393,7 +407,8 @@ async fn read_log_records_every_block_read_in_a_bounded_ring() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = done(fs.read(zeros, 0, 0, 100, &ctx(6))).await;
-    let recs = records(&tokio::time::timeout(Duration::from_secs(2), poll).await.expect("woke").expect("join").expect("log"));
+    let recs =
+        records(&tokio::time::timeout(Duration::from_secs(2), poll).await.expect("woke").expect("join").expect("log"));
     assert_eq!(recs.iter().map(|r| (r.block, r.uid)).collect::<Vec<_>>(), vec![(0, 6)]);
 
     // Overflow the ring: memory stays bounded and a new reader starts at the oldest kept.

@@ -86,7 +86,11 @@ impl Daemon {
         let d = Daemon { child, socket, log };
         let t = Instant::now();
         while !std::fs::read_to_string(&d.log).unwrap_or_default().contains("incfsd: serving") {
-            assert!(t.elapsed() < Duration::from_secs(20), "incfsd did not start: {}", std::fs::read_to_string(&d.log).unwrap_or_default());
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "incfsd did not start: {}",
+                std::fs::read_to_string(&d.log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         d
@@ -144,7 +148,10 @@ fn image() -> Image {
     std::fs::write(src.join("a"), pseudo_random(11, 5 * 4096 + 100)).expect("a");
     std::fs::write(src.join("sub/b"), pseudo_random(12, 3000)).expect("b");
     let store = dir.path().join("store");
-    let id = pack(&src, &Store::new(&store), &PackOptions { progress: false, ..PackOptions::default() }).expect("pack").0.to_string();
+    let id = pack(&src, &Store::new(&store), &PackOptions { progress: false, ..PackOptions::default() })
+        .expect("pack")
+        .0
+        .to_string();
     let (a, b) = (src.join("a"), src.join("sub/b"));
     Image { dir, store, id, a, b }
 }
@@ -175,7 +182,12 @@ wait_pending() {
 fn guest_fill_completes_a_blocked_read_and_a_wrong_fill_times_out() {
     let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
     let img = image();
-    let d = Daemon::start(img.dir.path(), img.store.to_str().expect("utf8"), &img.id, &["--fill-from", "guest", "--read-timeout-ms", "6000"]);
+    let d = Daemon::start(
+        img.dir.path(),
+        img.store.to_str().expect("utf8"),
+        &img.id,
+        &["--fill-from", "guest", "--read-timeout-ms", "6000"],
+    );
     let mut bad = std::fs::read(&img.b).expect("b");
     bad[100] ^= 0xff;
     let bad_path = img.dir.path().join("bad-b");
@@ -230,7 +242,12 @@ cmp /mnt/sub/b /copy/b || fail "b bytes"
 echo E2E-OK
 "#
     );
-    let (status, console) = run_vm(img.dir.path(), &d, &script, &[(img.a.clone(), "/copy/a"), (img.b.clone(), "/copy/b"), (bad_path, "/copy/bad-b")]);
+    let (status, console) = run_vm(
+        img.dir.path(),
+        &d,
+        &script,
+        &[(img.a.clone(), "/copy/a"), (img.b.clone(), "/copy/b"), (bad_path, "/copy/bad-b")],
+    );
     check(status, &console, &d);
 }
 
@@ -369,7 +386,12 @@ fn c_loader_waits_in_epoll_and_fills() {
         .output()
         .expect("run gcc");
     assert!(out.status.success(), "gcc: {}", String::from_utf8_lossy(&out.stderr));
-    let d = Daemon::start(img.dir.path(), img.store.to_str().expect("utf8"), &img.id, &["--fill-from", "guest", "--read-timeout-ms", "20000"]);
+    let d = Daemon::start(
+        img.dir.path(),
+        img.store.to_str().expect("utf8"),
+        &img.id,
+        &["--fill-from", "guest", "--read-timeout-ms", "20000"],
+    );
     let script = format!(
         r#"{PRELUDE}
 loader /mnt a /copy/a > /tmp/loader.out 2>&1 &

@@ -136,7 +136,10 @@ async fn compare_tree(engine: &Arc<Engine>, src: &Path, start: u32) -> usize {
         checked += 1;
         match &node.kind {
             InodeKind::Dir(entries) => {
-                let mut names: Vec<Vec<u8>> = fs::read_dir(&path).expect("readdir").map(|e| e.expect("e").file_name().as_bytes().to_vec()).collect();
+                let mut names: Vec<Vec<u8>> = fs::read_dir(&path)
+                    .expect("readdir")
+                    .map(|e| e.expect("e").file_name().as_bytes().to_vec())
+                    .collect();
                 names.sort();
                 assert_eq!(names, entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>());
                 for e in entries {
@@ -162,7 +165,9 @@ async fn compare_tree(engine: &Arc<Engine>, src: &Path, start: u32) -> usize {
                 }
                 assert!(engine.read(ino, f.size, 4096).await.expect("eof read").is_empty());
             }
-            InodeKind::Symlink(t) => assert_eq!(t.as_slice(), fs::read_link(&path).expect("readlink").as_os_str().as_bytes()),
+            InodeKind::Symlink(t) => {
+                assert_eq!(t.as_slice(), fs::read_link(&path).expect("readlink").as_os_str().as_bytes())
+            }
             InodeKind::Special { rdev } => assert_eq!(*rdev, m.rdev()),
         }
     }
@@ -186,9 +191,14 @@ async fn round_trip_of_every_edge_case_through_nginx() {
     assert_eq!(c.verify_failures.load(Relaxed), 0);
     // Dedup: the two identical 3 MiB files and the 100k files with 997 contents fetched once.
     let unique = engine.unique_blocks().len() as u64;
-    assert!(c.blocks_fetched.load(Relaxed) <= unique, "fetched {} of {unique} unique blocks", c.blocks_fetched.load(Relaxed));
+    assert!(
+        c.blocks_fetched.load(Relaxed) <= unique,
+        "fetched {} of {unique} unique blocks",
+        c.blocks_fetched.load(Relaxed)
+    );
     // Only file data crossed the wire for blobs; the store holds no block twice.
-    let blob_total: u64 = fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
+    let blob_total: u64 =
+        fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
     assert!(nginx.blob_bytes_sent() <= blob_total);
     // Reading again is served from the cache.
     let before = c.remote_requests.load(Relaxed);
@@ -237,7 +247,12 @@ async fn fault_setup(t: &Path, cfg: EngineConfig) -> (FaultServer, Arc<Engine>, 
 }
 
 fn fast_cfg() -> EngineConfig {
-    EngineConfig { read_timeout: Duration::from_secs(5), attempt_timeout: Duration::from_millis(400), readahead: 64 << 10, ..EngineConfig::default() }
+    EngineConfig {
+        read_timeout: Duration::from_secs(5),
+        attempt_timeout: Duration::from_millis(400),
+        readahead: 64 << 10,
+        ..EngineConfig::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

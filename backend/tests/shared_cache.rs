@@ -149,7 +149,8 @@ fn killing_any_reader_leaves_the_others_correct_and_the_cache_consistent() {
     }
     let status = String::from_utf8_lossy(&incfsd(&["cache", "status", c]).stdout).to_string();
     println!("{status}");
-    let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(&format!("{k} "))?.trim().parse::<f64>().ok()).expect(k);
+    let field =
+        |k: &str| status.lines().find_map(|l| l.strip_prefix(&format!("{k} "))?.trim().parse::<f64>().ok()).expect(k);
     assert!(field("blocks") * 4096.0 <= (16 << 20) as f64);
     assert!(field("hit_ratio") > 0.0, "readers of f1 shared blocks");
     let gc = incfsd(&["cache", "gc", c, "--size", "4M"]);

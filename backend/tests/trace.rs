@@ -37,13 +37,20 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
         std::fs::write(src.join(format!("f{i:02}")), d).expect("write");
     }
     let store = t.path().join("store");
-    let id = incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let id =
+        incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
     let nginx = Nginx::start(&store, 0);
     let sock = t.path().join("fs.sock");
     let trace = t.path().join("trace.txt");
 
     // 1. Record.
-    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c1"), &sock, &["--record-trace", trace.to_str().expect("utf8"), "--no-prefetch"]);
+    let d = RunDaemon::start(
+        &nginx.url,
+        &id,
+        &t.path().join("c1"),
+        &sock,
+        &["--record-trace", trace.to_str().expect("utf8"), "--no-prefetch"],
+    );
     workload(&mut FuseFrontend::connect(&sock).expect("connect"), &files);
     let demand_requests = d.metric("incfs_remote_requests_total");
     d.stop();
@@ -69,7 +76,13 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c2"), &sock, &["--prefetch-trace", trace.to_str().expect("utf8")]);
+    let d = RunDaemon::start(
+        &nginx.url,
+        &id,
+        &t.path().join("c2"),
+        &sock,
+        &["--prefetch-trace", trace.to_str().expect("utf8")],
+    );
     wait_prefetched(&d);
     assert_eq!(d.metric("incfs_reads_total"), 0, "nobody has read yet");
     workload(&mut FuseFrontend::connect(&sock).expect("connect"), &files);
@@ -78,7 +91,17 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
     drop(d);
 
     // 3. Published with the image: used by default, ignored with --no-prefetch.
-    let out = Command::new(INCFSD).args(["pack", src.to_str().expect("utf8"), "--store", store.to_str().expect("utf8"), "--trace", trace.to_str().expect("utf8")]).output().expect("pack");
+    let out = Command::new(INCFSD)
+        .args([
+            "pack",
+            src.to_str().expect("utf8"),
+            "--store",
+            store.to_str().expect("utf8"),
+            "--trace",
+            trace.to_str().expect("utf8"),
+        ])
+        .output()
+        .expect("pack");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id, "same tree, same image id");
     assert!(store.join("traces").join(&id).exists());
@@ -94,7 +117,11 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
 fn wait_fetched(d: &RunDaemon, blocks: u64, limit: Duration) -> Duration {
     let t0 = Instant::now();
     while d.metric("incfs_blocks_fetched_total") < blocks {
-        assert!(t0.elapsed() < limit, "only {} of {blocks} blocks after {limit:?}", d.metric("incfs_blocks_fetched_total"));
+        assert!(
+            t0.elapsed() < limit,
+            "only {} of {blocks} blocks after {limit:?}",
+            d.metric("incfs_blocks_fetched_total")
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     t0.elapsed()
@@ -112,7 +139,8 @@ fn fetch_all_brings_the_whole_image_in_the_background_under_its_rate_cap() {
     }
     let blocks = 32 * 64;
     let store = t.path().join("store");
-    let id = incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let id =
+        incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
     let nginx = Nginx::start(&store, 0);
     let sock = t.path().join("fs.sock");
 
@@ -132,13 +160,25 @@ fn fetch_all_brings_the_whole_image_in_the_background_under_its_rate_cap() {
 
     // At 2 MiB/s the 8 MiB take at least 3.5 s: the cap lets two fetches of at most two
     // 256 KiB windows each go ahead of it.
-    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c2"), &sock, &["--no-prefetch", "--fetch-all", "--fetch-all-rate", "2M", "--readahead-kb", "64"]);
+    let d = RunDaemon::start(
+        &nginx.url,
+        &id,
+        &t.path().join("c2"),
+        &sock,
+        &["--no-prefetch", "--fetch-all", "--fetch-all-rate", "2M", "--readahead-kb", "64"],
+    );
     let capped = wait_fetched(&d, blocks, Duration::from_secs(30));
     println!("whole image: {uncapped:?} uncapped, {capped:?} at 2 MiB/s");
     assert!(capped >= Duration::from_millis(3500), "8 MiB in {capped:?} at 2 MiB/s");
     // A demand read is not held back by the cap: a fresh cache, a read at once.
     drop(d);
-    let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c3"), &sock, &["--no-prefetch", "--fetch-all", "--fetch-all-rate", "4K"]);
+    let d = RunDaemon::start(
+        &nginx.url,
+        &id,
+        &t.path().join("c3"),
+        &sock,
+        &["--no-prefetch", "--fetch-all", "--fetch-all-rate", "4K"],
+    );
     let mut f = FuseFrontend::connect(&sock).expect("connect");
     f.init().expect("init");
     let t0 = Instant::now();

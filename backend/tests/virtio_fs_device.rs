@@ -41,8 +41,10 @@ fn every_opcode_against_a_real_image() {
     let src = t.path().join("src");
     let (data, sparse) = tree(&src);
     let store = t.path().join("store");
-    let id = incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
-    let d = RunDaemon::start(store.to_str().expect("utf8"), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
+    let id =
+        incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let d =
+        RunDaemon::start(store.to_str().expect("utf8"), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
     let mut f = FuseFrontend::connect(&d.socket).expect("connect");
     let init = f.init().expect("INIT");
     assert!(init.max_pages >= 32, "max_pages {}", init.max_pages);
@@ -78,7 +80,8 @@ fn every_opcode_against_a_real_image() {
 
     // OPENDIR, READDIR, READDIRPLUS, RELEASEDIR.
     let (dfh, _) = f.opendir(dir.nodeid).expect("opendir");
-    let names: Vec<Vec<u8>> = f.readdir(dir.nodeid, dfh, 0, 4096).expect("readdir").into_iter().map(|e| e.name).collect();
+    let names: Vec<Vec<u8>> =
+        f.readdir(dir.nodeid, dfh, 0, 4096).expect("readdir").into_iter().map(|e| e.name).collect();
     assert_eq!(names, vec![b".".to_vec(), b"..".to_vec(), b"empty".to_vec(), b"file".to_vec()]);
     let plus = f.readdirplus(dir.nodeid, dfh, 0, 4096).expect("readdirplus");
     let e = plus.iter().find(|e| e.name == b"file").expect("file entry");
@@ -119,7 +122,17 @@ fn every_opcode_against_a_real_image() {
     f.batch_forget(&[(dir.nodeid, 1), (link.nodeid, 1)]).expect("batch forget");
 
     // Every mutation is EROFS; an unknown opcode is ENOSYS.
-    for op in [abi::FUSE_MKDIR, abi::FUSE_UNLINK, abi::FUSE_RMDIR, abi::FUSE_RENAME, abi::FUSE_SETATTR, abi::FUSE_SYMLINK, abi::FUSE_CREATE, abi::FUSE_SETXATTR, abi::FUSE_REMOVEXATTR] {
+    for op in [
+        abi::FUSE_MKDIR,
+        abi::FUSE_UNLINK,
+        abi::FUSE_RMDIR,
+        abi::FUSE_RENAME,
+        abi::FUSE_SETATTR,
+        abi::FUSE_SYMLINK,
+        abi::FUSE_CREATE,
+        abi::FUSE_SETXATTR,
+        abi::FUSE_REMOVEXATTR,
+    ] {
         assert_eq!(err(f.raw(op, ROOT, &[0u8; 64], 256).expect("raw")), libc::EROFS, "opcode {op}");
     }
     assert_eq!(f.write(file.nodeid, 0, 0, b"x").map_err(|e| e.errno()).err(), Some(Some(libc::EROFS)));
@@ -139,7 +152,9 @@ fn every_opcode_against_a_real_image() {
     let c = f.roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(256)]).expect("truncated read");
     assert_eq!(-FuseReply::parse(&c.bytes, c.used_len).expect("reply").header.error, libc::EINVAL);
     let (req, _) = f.build_request(abi::FUSE_GETATTR, ROOT, abi::GetattrIn::default().as_slice());
-    let c = f.roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Raw { addr: u64::MAX - 100, len: 4096, write: true }]).expect("wild");
+    let c = f
+        .roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Raw { addr: u64::MAX - 100, len: 4096, write: true }])
+        .expect("wild");
     assert_eq!(c.used_len, 0);
     let mut x = 99u64;
     for _ in 0..200 {
@@ -160,8 +175,15 @@ fn a_frontend_may_reconnect_and_inode_numbers_stay_stable() {
     let src = t.path().join("src");
     let (data, _) = tree(&src);
     let store = t.path().join("store");
-    let id = incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
-    let d = RunDaemon::start(store.to_str().expect("utf8"), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &["--queues", "2"]);
+    let id =
+        incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let d = RunDaemon::start(
+        store.to_str().expect("utf8"),
+        &id,
+        &t.path().join("cache"),
+        &t.path().join("fs.sock"),
+        &["--queues", "2"],
+    );
     let first = {
         let mut f = FuseFrontend::connect(&d.socket).expect("connect");
         f.init().expect("init");

@@ -245,7 +245,12 @@ pub unsafe extern "C" fn IncFs_Open(dir: *const c_char) -> *mut IncFsControl {
             Ok(m) => {
                 let mount = Arc::new(m);
                 register(&mount);
-                Box::into_raw(Box::new(IncFsControl { mount, watcher: Mutex::new(None), log: Mutex::new(None), blocks_written: Mutex::new(None) }))
+                Box::into_raw(Box::new(IncFsControl {
+                    mount,
+                    watcher: Mutex::new(None),
+                    log: Mutex::new(None),
+                    blocks_written: Mutex::new(None),
+                }))
             }
             Err(e) => {
                 // SAFETY: errno location of this thread.
@@ -316,7 +321,9 @@ pub unsafe extern "C" fn IncFs_GetControlFd(c: *const IncFsControl, kind: c_int)
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_Root(c: *const IncFsControl, buffer: *mut c_char, size: *mut usize) -> c_int {
     // SAFETY: forwarded from the caller.
-    let (Some(c), false, false) = (unsafe { control(c) }, buffer.is_null(), size.is_null()) else { return -libc::EINVAL };
+    let (Some(c), false, false) = (unsafe { control(c) }, buffer.is_null(), size.is_null()) else {
+        return -libc::EINVAL;
+    };
     let root = c.mount.root().as_os_str().as_bytes();
     // SAFETY: size is a valid pointer.
     let cap = unsafe { *size };
@@ -397,15 +404,31 @@ unsafe fn deliver<T>(
 }
 
 fn info(r: &ReadRecord) -> IncFsReadInfo {
-    IncFsReadInfo { id: IncFsFileId { data: r.file_id }, bootClockTsUs: r.timestamp_us, block: r.block as i32, serialNo: r.serial }
+    IncFsReadInfo {
+        id: IncFsFileId { data: r.file_id },
+        bootClockTsUs: r.timestamp_us,
+        block: r.block as i32,
+        serialNo: r.serial,
+    }
 }
 
 fn info_uid(r: &ReadRecord) -> IncFsReadInfoWithUid {
-    IncFsReadInfoWithUid { id: IncFsFileId { data: r.file_id }, bootClockTsUs: r.timestamp_us, block: r.block as i32, serialNo: r.serial, uid: r.uid as i32 }
+    IncFsReadInfoWithUid {
+        id: IncFsFileId { data: r.file_id },
+        bootClockTsUs: r.timestamp_us,
+        block: r.block as i32,
+        serialNo: r.serial,
+        uid: r.uid as i32,
+    }
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn IncFs_WaitForPendingReads(c: *const IncFsControl, timeout_ms: i32, buffer: *mut IncFsReadInfo, count: *mut usize) -> c_int {
+pub unsafe extern "C" fn IncFs_WaitForPendingReads(
+    c: *const IncFsControl,
+    timeout_ms: i32,
+    buffer: *mut IncFsReadInfo,
+    count: *mut usize,
+) -> c_int {
     // SAFETY: forwarded.
     unsafe { deliver(c, timeout_ms, buffer, count, false, info) }
 }
@@ -422,7 +445,12 @@ pub unsafe extern "C" fn IncFs_WaitForPendingReadsWithUid(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn IncFs_WaitForPageReads(c: *const IncFsControl, timeout_ms: i32, buffer: *mut IncFsReadInfo, count: *mut usize) -> c_int {
+pub unsafe extern "C" fn IncFs_WaitForPageReads(
+    c: *const IncFsControl,
+    timeout_ms: i32,
+    buffer: *mut IncFsReadInfo,
+    count: *mut usize,
+) -> c_int {
     // SAFETY: forwarded.
     unsafe { deliver(c, timeout_ms, buffer, count, true, info) }
 }
@@ -527,7 +555,12 @@ fn state_of_fd(fd: c_int) -> Result<FileState, c_int> {
 /// Filled data ranges of the file open as `fd`, from block `start`, into `out` (an array of
 /// IncFsBlockRange). -ERANGE when `out` is too small (the ranges that fit are valid).
 #[no_mangle]
-pub unsafe extern "C" fn IncFs_GetFilledRangesStartingFrom(fd: c_int, start: c_int, out: IncFsSpan, ranges: *mut IncFsFilledRanges) -> c_int {
+pub unsafe extern "C" fn IncFs_GetFilledRangesStartingFrom(
+    fd: c_int,
+    start: c_int,
+    out: IncFsSpan,
+    ranges: *mut IncFsFilledRanges,
+) -> c_int {
     guard(-libc::EIO, || {
         if ranges.is_null() || start < 0 || out.size < 0 || (out.data.is_null() && out.size > 0) {
             return -libc::EINVAL;
@@ -628,7 +661,12 @@ fn counts(r: Result<FileState, Error>, out: *mut IncFsBlockCounts) -> c_int {
         Ok(s) => {
             // SAFETY: out is valid.
             unsafe {
-                *out = IncFsBlockCounts { totalDataBlocks: s.total_blocks as i64, filledDataBlocks: s.filled_blocks as i64, totalHashBlocks: 0, filledHashBlocks: 0 }
+                *out = IncFsBlockCounts {
+                    totalDataBlocks: s.total_blocks as i64,
+                    filledDataBlocks: s.filled_blocks as i64,
+                    totalHashBlocks: 0,
+                    filledHashBlocks: 0,
+                }
             };
             0
         }
@@ -638,7 +676,11 @@ fn counts(r: Result<FileState, Error>, out: *mut IncFsBlockCounts) -> c_int {
 
 /// Data block counts; hash blocks are the host's business and reported as 0.
 #[no_mangle]
-pub unsafe extern "C" fn IncFs_GetFileBlockCountByPath(c: *const IncFsControl, path: *const c_char, out: *mut IncFsBlockCounts) -> c_int {
+pub unsafe extern "C" fn IncFs_GetFileBlockCountByPath(
+    c: *const IncFsControl,
+    path: *const c_char,
+    out: *mut IncFsBlockCounts,
+) -> c_int {
     guard(-libc::EIO, || {
         // SAFETY: forwarded from the caller.
         let (Some(c), Some(p)) = (unsafe { control(c) }, unsafe { path_arg(path) }) else { return -libc::EINVAL };
@@ -647,7 +689,11 @@ pub unsafe extern "C" fn IncFs_GetFileBlockCountByPath(c: *const IncFsControl, p
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn IncFs_GetFileBlockCountById(c: *const IncFsControl, id: IncFsFileId, out: *mut IncFsBlockCounts) -> c_int {
+pub unsafe extern "C" fn IncFs_GetFileBlockCountById(
+    c: *const IncFsControl,
+    id: IncFsFileId,
+    out: *mut IncFsBlockCounts,
+) -> c_int {
     guard(-libc::EIO, || {
         // SAFETY: forwarded from the caller.
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };
@@ -658,7 +704,11 @@ pub unsafe extern "C" fn IncFs_GetFileBlockCountById(c: *const IncFsControl, id:
 /// Ids of incomplete files; -E2BIG when `ids` cannot hold them all (`*count` is then the
 /// number needed).
 #[no_mangle]
-pub unsafe extern "C" fn IncFs_ListIncompleteFiles(c: *const IncFsControl, ids: *mut IncFsFileId, count: *mut usize) -> c_int {
+pub unsafe extern "C" fn IncFs_ListIncompleteFiles(
+    c: *const IncFsControl,
+    ids: *mut IncFsFileId,
+    count: *mut usize,
+) -> c_int {
     guard(-libc::EIO, || {
         // SAFETY: forwarded from the caller.
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };

@@ -109,7 +109,13 @@ impl ReadRecord {
             .map(|r| {
                 let mut file_id = [0u8; 16];
                 file_id.copy_from_slice(&r[..16]);
-                ReadRecord { file_id, timestamp_us: u64_at(r, 16), block: u32_at(r, 24), serial: u32_at(r, 28), uid: u32_at(r, 32) }
+                ReadRecord {
+                    file_id,
+                    timestamp_us: u64_at(r, 16),
+                    block: u32_at(r, 24),
+                    serial: u32_at(r, 28),
+                    uid: u32_at(r, 32),
+                }
             })
             .collect())
     }
@@ -211,7 +217,11 @@ pub fn file_id_of_path(path: &Path) -> Result<FileId> {
     let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
-        return Err(if e.raw_os_error() == Some(libc::ENODATA) { Error::NoId(path.into()) } else { Error::io(format!("getxattr {}", path.display()), e) });
+        return Err(if e.raw_os_error() == Some(libc::ENODATA) {
+            Error::NoId(path.into())
+        } else {
+            Error::io(format!("getxattr {}", path.display()), e)
+        });
     }
     parse_id(&buf[..n as usize]).ok_or_else(|| Error::NoId(path.into()))
 }
@@ -333,7 +343,10 @@ impl Mount {
 
     pub fn blocks_written(&self) -> Result<u64> {
         let b = self.read_ctl(".blocks_written")?;
-        std::str::from_utf8(&b).ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| Error::Malformed(".blocks_written".into()))
+        std::str::from_utf8(&b)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Error::Malformed(".blocks_written".into()))
     }
 
     /// `.stats` as (name, value) pairs.
@@ -349,7 +362,11 @@ impl Mount {
     }
 
     pub fn stat(&self, name: &str) -> Result<u64> {
-        self.stats()?.into_iter().find(|(k, _)| k == name).map(|(_, v)| v).ok_or_else(|| Error::Malformed(format!("no {name} in .stats")))
+        self.stats()?
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| Error::Malformed(format!("no {name} in .stats")))
     }
 
     pub fn last_read_error(&self) -> Result<LastReadError> {
@@ -359,7 +376,13 @@ impl Mount {
         }
         let mut file_id = [0u8; 16];
         file_id.copy_from_slice(&b[..16]);
-        Ok(LastReadError { file_id, time_us: u64_at(&b, 16), block: u32_at(&b, 24), errno: u32_at(&b, 28), uid: u32_at(&b, 32) })
+        Ok(LastReadError {
+            file_id,
+            time_us: u64_at(&b, 16),
+            block: u32_at(&b, 24),
+            errno: u32_at(&b, 28),
+            uid: u32_at(&b, 32),
+        })
     }
 
     pub fn pending_reads(&self) -> Result<RecordReader> {
@@ -376,7 +399,9 @@ impl Mount {
         if g.is_none() {
             let p = self.ctl(".fill");
             // Never O_TRUNC: truncation is a SETATTR, which a read-only filesystem refuses.
-            *g = Some(OpenOptions::new().write(true).open(&p).map_err(|e| Error::io(format!("open {}", p.display()), e))?);
+            *g = Some(
+                OpenOptions::new().write(true).open(&p).map_err(|e| Error::io(format!("open {}", p.display()), e))?,
+            );
         }
         Ok(g.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1))
     }
@@ -466,8 +491,10 @@ impl Mount {
                 d.truncate(n);
                 datas.push((b, d));
             }
-            let blocks: Vec<DataBlock<'_>> =
-                datas.iter().map(|(b, d)| DataBlock { file_id: id, block: *b, compression: COMPRESSION_NONE, hash: false, data: d }).collect();
+            let blocks: Vec<DataBlock<'_>> = datas
+                .iter()
+                .map(|(b, d)| DataBlock { file_id: id, block: *b, compression: COMPRESSION_NONE, hash: false, data: d })
+                .collect();
             written += self.write_all_blocks(&blocks)?;
         }
         Ok(written)
@@ -484,7 +511,11 @@ pub struct RecordReader {
 
 impl RecordReader {
     pub fn open(path: &Path) -> Result<RecordReader> {
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         Ok(RecordReader { file, timeout_ms: 0 })
     }
 

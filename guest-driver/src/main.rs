@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use incfs_guest::{Error, Mount, ReadRecord, RecordReader};
 
 #[derive(Parser)]
-#[command(name = "incfs-guest", version, about = "Pending reads, read log, fill state and block supply on a virtio-incfs mount")]
+#[command(
+    name = "incfs-guest",
+    version,
+    about = "Pending reads, read log, fill state and block supply on a virtio-incfs mount"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -61,7 +65,9 @@ fn main() -> ExitCode {
 }
 
 fn line(m: &Mount, r: &ReadRecord) -> String {
-    let path = m.path_of(&r.file_id).map(|p| p.strip_prefix(m.root()).map(|q| q.display().to_string()).unwrap_or_else(|_| p.display().to_string()));
+    let path = m
+        .path_of(&r.file_id)
+        .map(|p| p.strip_prefix(m.root()).map(|q| q.display().to_string()).unwrap_or_else(|_| p.display().to_string()));
     format!(
         "file_id={} block={} serial={} timestamp_us={} uid={} path={}",
         hex::encode(r.file_id),

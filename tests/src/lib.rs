@@ -40,10 +40,14 @@ fn warn_if_stale(bin: &Path) {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-        let newest = ["backend/src", "backend/fuse/src"].iter().filter_map(|d| newest_mtime(&workspace().join(d))).max();
+        let newest =
+            ["backend/src", "backend/fuse/src"].iter().filter_map(|d| newest_mtime(&workspace().join(d))).max();
         if let (Some(b), Some(n)) = (built, newest) {
             if n > b {
-                eprintln!("warning: {} is older than the backend sources: `cargo build --release -p incfs-backend`", bin.display());
+                eprintln!(
+                    "warning: {} is older than the backend sources: `cargo build --release -p incfs-backend`",
+                    bin.display()
+                );
             }
         }
     });
@@ -77,7 +81,16 @@ pub fn guest_check_bin() -> PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(workspace())
-            .args(["build", "--release", "-p", "incfs-e2e", "--bin", "guest-check", "--target", "x86_64-unknown-linux-gnu"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "incfs-e2e",
+                "--bin",
+                "guest-check",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+            ])
             .arg("--target-dir")
             .arg(&target_dir)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -173,7 +186,8 @@ pub fn write_file(root: &Path, rel: &str, data: &[u8]) {
 
 /// `incfsd pack SRC --store STORE`; returns the image id (its last stdout line).
 pub fn pack(src: &Path, store: &Path) -> String {
-    let out = Command::new(incfsd_bin()).arg("pack").arg(src).arg("--store").arg(store).output().expect("run incfsd pack");
+    let out =
+        Command::new(incfsd_bin()).arg("pack").arg(src).arg("--store").arg(store).output().expect("run incfsd pack");
     assert!(out.status.success(), "incfsd pack failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout.lines().last().expect("incfsd pack printed no image id").trim().to_string()
@@ -264,7 +278,11 @@ http {{
             .stdin(Stdio::null())
             .spawn()
             .expect("start nginx");
-        let n = Nginx { _proc: Proc { child, name: "nginx".into() }, url: format!("http://127.0.0.1:{port}"), log: dir.join("access.log") };
+        let n = Nginx {
+            _proc: Proc { child, name: "nginx".into() },
+            url: format!("http://127.0.0.1:{port}"),
+            log: dir.join("access.log"),
+        };
         wait_for_port(port, "nginx");
         n
     }

@@ -84,8 +84,9 @@ fn two_guests_at_once_fetch_each_block_about_once() {
     // Two guests, two daemons, one fresh cache, at the same time.
     let nginx = Nginx::start(&store, &work.join("n2"));
     let cache = work.join("cache-shared");
-    let daemons: Vec<Daemon> =
-        (0..2).map(|i| Daemon::start_with(&work.join(&format!("vm{i}.sock")), &cache, &nginx.url, &image, &[])).collect();
+    let daemons: Vec<Daemon> = (0..2)
+        .map(|i| Daemon::start_with(&work.join(&format!("vm{i}.sock")), &cache, &nginx.url, &image, &[]))
+        .collect();
     let runs: Vec<VmRun> = std::thread::scope(|s| {
         let handles: Vec<_> = daemons
             .iter()

@@ -49,8 +49,10 @@ fn expected_mmap(src: &Path, rel: &str, seed: u64) -> (usize, String) {
 }
 
 fn expected_readdir(dir: &Path) -> (usize, String) {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).expect("host readdir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("host readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
     (names.len(), check::names_digest(&mut names))
 }
 
@@ -68,7 +70,12 @@ fn check_reads(src: &Path, results: &[Vec<String>], kind: &str, specs: &[String]
     }
     for l in lines {
         let (len, sha) = expected_seq(src, &l[1]);
-        assert_eq!((l[2].as_str(), l[3].as_str()), (len.to_string().as_str(), sha.as_str()), "{kind} {}: wrong bytes", l[1]);
+        assert_eq!(
+            (l[2].as_str(), l[3].as_str()),
+            (len.to_string().as_str(), sha.as_str()),
+            "{kind} {}: wrong bytes",
+            l[1]
+        );
     }
 }
 
@@ -141,10 +148,11 @@ fn reads_match_the_packed_tree() {
     .iter()
     .map(|s| format!("/mnt/{s}"))
     .collect();
-    let par: Vec<String> = ["par/p0", "par/p1", "par/p2", "par/p3", "par/halves.bin@0+4194304", "par/halves.bin@4194304+4194304"]
-        .iter()
-        .map(|s| format!("/mnt/{s}"))
-        .collect();
+    let par: Vec<String> =
+        ["par/p0", "par/p1", "par/p2", "par/p3", "par/halves.bin@0+4194304", "par/halves.bin@4194304+4194304"]
+            .iter()
+            .map(|s| format!("/mnt/{s}"))
+            .collect();
     let script = format!(
         r#"#!/bin/sh
 mount -t virtiofs incfs /mnt || {{ echo "MOUNT FAILED"; exit 10; }}
@@ -191,10 +199,17 @@ exit $rc
     let mm = of_kind(&r, "MMAP");
     assert_eq!(mm.len(), 1, "one MMAP result expected");
     let (pages, digest) = expected_mmap(&src, "mm.bin", 7);
-    assert_eq!((mm[0][2].as_str(), mm[0][3].as_str()), (pages.to_string().as_str(), digest.as_str()), "mmap page walk saw wrong bytes");
+    assert_eq!(
+        (mm[0][2].as_str(), mm[0][3].as_str()),
+        (pages.to_string().as_str(), digest.as_str()),
+        "mmap page walk saw wrong bytes"
+    );
 
-    let dirs: HashMap<&str, (&str, &str)> = of_kind(&r, "READDIR").iter().map(|l| (l[1].as_str(), (l[2].as_str(), l[3].as_str()))).collect();
-    for (guest, host) in [("/mnt/dir2000", src.join("dir2000")), ("/mnt/empty-dir", src.join("empty-dir")), ("/mnt", src.clone())] {
+    let dirs: HashMap<&str, (&str, &str)> =
+        of_kind(&r, "READDIR").iter().map(|l| (l[1].as_str(), (l[2].as_str(), l[3].as_str()))).collect();
+    for (guest, host) in
+        [("/mnt/dir2000", src.join("dir2000")), ("/mnt/empty-dir", src.join("empty-dir")), ("/mnt", src.clone())]
+    {
         let (n, d) = expected_readdir(&host);
         let got = dirs.get(guest).unwrap_or_else(|| panic!("no READDIR result for {guest}"));
         assert_eq!(*got, (n.to_string().as_str(), d.as_str()), "readdir {guest}: wrong entries (count, names digest)");
@@ -226,12 +241,20 @@ exit $rc
     for m in &mutates {
         assert_eq!(m[2], EROFS, "{} should fail with EROFS (errno 30), got errno {}", m[1], m[2]);
     }
-    let shell = run.console.split("SHELL-CHECKS").nth(1).and_then(|s| s.split("END-SHELL-CHECKS").next()).expect("shell checks ran");
+    let shell = run
+        .console
+        .split("SHELL-CHECKS")
+        .nth(1)
+        .and_then(|s| s.split("END-SHELL-CHECKS").next())
+        .expect("shell checks ran");
     assert_eq!(shell.matches("Read-only file system").count(), 5, "each shell mutation should say EROFS:\n{shell}");
     assert!(run.console.contains("AFTER-MUTATE-OK"));
     // The three reads after the refusals: reported twice in all for hello.txt and deep.txt
     // (once before), and they passed check_reads above.
-    assert!(of_kind(&r, "SEQ").iter().filter(|l| l[1] == "/mnt/hello.txt").count() == 2, "reads after the refusals ran");
+    assert!(
+        of_kind(&r, "SEQ").iter().filter(|l| l[1] == "/mnt/hello.txt").count() == 2,
+        "reads after the refusals ran"
+    );
 
     assert_eq!(run.status, 0, "guest script failed");
     assert!(!r.iter().any(|l| l[0] == "ERR" && l[2] != "/mnt/dangling"), "unexpected guest read errors");
@@ -335,7 +358,10 @@ exit 14
     // each waiting out the timeout, so only the dd is timed.
     let line = run.console.lines().find(|l| l.contains("OUTAGE-READ")).expect("outage read reported");
     let field = |k: &str| -> f64 {
-        line.split(' ').find_map(|f| f.strip_prefix(k)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{k} in {line}"))
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {line}"))
     };
     assert_ne!(field("rc="), 0.0);
     let took = field("t1=") - field("t0=");

@@ -30,12 +30,7 @@ impl<'a> DirectBuf<'a> {
     /// guest's descriptors may, only garble what ends up there.)
     pub unsafe fn new(segs: Vec<(*mut u8, usize)>) -> Self {
         let total = segs.iter().map(|s| s.1).sum();
-        DirectBuf {
-            segs,
-            total,
-            base: 0,
-            _mem: PhantomData,
-        }
+        DirectBuf { segs, total, base: 0, _mem: PhantomData }
     }
 
     /// A buffer over memory the caller owns (tests, and transports that are not guests).

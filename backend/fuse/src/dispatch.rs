@@ -60,10 +60,7 @@ impl FuseConfig {
     /// Largest readable part of a request: header, the biggest fixed op struct, and a
     /// WRITE payload. Anything longer is refused before it is copied.
     pub fn max_request_len(&self) -> usize {
-        size_of::<InHeader>()
-            + size_of::<abi::WriteIn>()
-            + self.max_write as usize
-            + PAGE_SIZE as usize
+        size_of::<InHeader>() + size_of::<abi::WriteIn>() + self.max_write as usize + PAGE_SIZE as usize
     }
 }
 
@@ -137,24 +134,13 @@ fn sanitize_errno(e: Errno) -> i32 {
 }
 
 fn error_reply(unique: u64, errno: Errno) -> ReplyBuf {
-    let hdr = OutHeader {
-        len: size_of::<OutHeader>() as u32,
-        error: -sanitize_errno(errno),
-        unique,
-    };
-    ReplyBuf {
-        head: hdr.as_slice().to_vec(),
-        data: Vec::new(),
-    }
+    let hdr = OutHeader { len: size_of::<OutHeader>() as u32, error: -sanitize_errno(errno), unique };
+    ReplyBuf { head: hdr.as_slice().to_vec(), data: Vec::new() }
 }
 
 fn ok_reply(unique: u64, head_body: &[u8], data: Vec<u8>) -> ReplyBuf {
     let total = size_of::<OutHeader>() + head_body.len() + data.len();
-    let hdr = OutHeader {
-        len: total as u32,
-        error: 0,
-        unique,
-    };
+    let hdr = OutHeader { len: total as u32, error: 0, unique };
     let mut head = Vec::with_capacity(size_of::<OutHeader>() + head_body.len());
     head.extend_from_slice(hdr.as_slice());
     head.extend_from_slice(head_body);
@@ -167,12 +153,7 @@ fn fit(reply: ReplyBuf, unique: u64, capacity: usize, overflow_errno: Errno) -> 
     if reply.len() <= capacity {
         Some(reply)
     } else if capacity >= size_of::<OutHeader>() {
-        debug!(
-            unique,
-            len = reply.len(),
-            capacity,
-            "reply larger than guest buffer"
-        );
+        debug!(unique, len = reply.len(), capacity, "reply larger than guest buffer");
         Some(error_reply(unique, overflow_errno))
     } else {
         None
@@ -196,11 +177,7 @@ fn entry_out(e: &Entry) -> abi::EntryOut {
 fn parse_name(body: &[u8], max: usize) -> Result<&[u8], Errno> {
     let window = &body[..body.len().min(max + 1)];
     let Some(nul) = window.iter().position(|&b| b == 0) else {
-        return Err(if body.len() > max {
-            libc::ENAMETOOLONG
-        } else {
-            libc::EINVAL
-        });
+        return Err(if body.len() > max { libc::ENAMETOOLONG } else { libc::EINVAL });
     };
     let name = &body[..nul];
     if name.is_empty() || name.contains(&b'/') {
@@ -214,11 +191,7 @@ fn parse_xattr_name(body: &[u8]) -> Result<&[u8], Errno> {
     let max = abi::XATTR_NAME_MAX;
     let window = &body[..body.len().min(max + 1)];
     let Some(nul) = window.iter().position(|&b| b == 0) else {
-        return Err(if body.len() > max {
-            libc::ERANGE
-        } else {
-            libc::EINVAL
-        });
+        return Err(if body.len() > max { libc::ERANGE } else { libc::EINVAL });
     };
     if nul == 0 {
         return Err(libc::EINVAL);
@@ -249,12 +222,7 @@ impl Dispatcher {
     pub fn new(fs: Arc<dyn FileSystem>, cfg: FuseConfig) -> Self {
         let mut cfg = cfg;
         cfg.max_pages = cfg.max_pages.clamp(1, MAX_MAX_PAGES);
-        Dispatcher {
-            fs,
-            cfg,
-            initialized: AtomicBool::new(false),
-            minor: AtomicU32::new(0),
-        }
+        Dispatcher { fs, cfg, initialized: AtomicBool::new(false), minor: AtomicU32::new(0) }
     }
 
     pub fn config(&self) -> &FuseConfig {
@@ -287,24 +255,11 @@ impl Dispatcher {
         let unique = hdr.unique;
         let len = hdr.len as usize;
         if len < size_of::<InHeader>() || len > req.len() {
-            debug!(
-                unique,
-                hdr_len = len,
-                actual = req.len(),
-                "in_header.len is wrong"
-            );
+            debug!(unique, hdr_len = len, actual = req.len(), "in_header.len is wrong");
             return self.ready(error_reply(unique, libc::EINVAL), unique, out_capacity);
         }
-        let request = Request {
-            hdr,
-            body: &req[size_of::<InHeader>()..len],
-        };
-        trace!(
-            unique,
-            opcode = hdr.opcode,
-            nodeid = hdr.nodeid,
-            "fuse request"
-        );
+        let request = Request { hdr, body: &req[size_of::<InHeader>()..len] };
+        trace!(unique, opcode = hdr.opcode, nodeid = hdr.nodeid, "fuse request");
 
         match hdr.opcode {
             // No reply for these, whatever state we are in.
@@ -350,9 +305,7 @@ impl Dispatcher {
             abi::FUSE_ACCESS => self.do_access(&request),
             abi::FUSE_LSEEK => self.do_lseek(&request),
             // Nothing to persist on a read-only filesystem.
-            abi::FUSE_FSYNC | abi::FUSE_FSYNCDIR | abi::FUSE_SYNCFS => {
-                ok_reply(unique, &[], Vec::new())
-            }
+            abi::FUSE_FSYNC | abi::FUSE_FSYNCDIR | abi::FUSE_SYNCFS => ok_reply(unique, &[], Vec::new()),
             abi::FUSE_DESTROY => {
                 self.reset();
                 ok_reply(unique, &[], Vec::new())
@@ -387,11 +340,7 @@ impl Dispatcher {
     pub fn read_direct(&self, req: &[u8], out: &mut DirectBuf<'_>) -> Option<u32> {
         let (hdr, _) = read_struct::<InHeader>(req)?;
         let len = hdr.len as usize;
-        if hdr.opcode != abi::FUSE_READ
-            || len < size_of::<InHeader>()
-            || len > req.len()
-            || !self.is_initialized()
-        {
+        if hdr.opcode != abi::FUSE_READ || len < size_of::<InHeader>() || len > req.len() || !self.is_initialized() {
             return None;
         }
         let (read, _) = read_struct::<abi::ReadIn>(&req[size_of::<InHeader>()..len])?;
@@ -401,17 +350,11 @@ impl Dispatcher {
         }
         let ctx = caller(&Request { hdr, body: &[] });
         out.set_base(head);
-        let n = self
-            .fs
-            .read_direct(hdr.nodeid, read.fh, read.offset, read.size, &ctx, out);
+        let n = self.fs.read_direct(hdr.nodeid, read.fh, read.offset, read.size, &ctx, out);
         out.set_base(0);
         let n = n.filter(|&n| n <= read.size)?;
         let total = head as u32 + n;
-        let hdr = OutHeader {
-            len: total,
-            error: 0,
-            unique: hdr.unique,
-        };
+        let hdr = OutHeader { len: total, error: 0, unique: hdr.unique };
         out.write(0, hdr.as_slice()).ok()?;
         Some(total)
     }
@@ -425,25 +368,16 @@ impl Dispatcher {
 
     fn do_init(&self, req: &Request<'_>) -> ReplyBuf {
         let unique = req.hdr.unique;
-        let Some((init, _)) =
-            abi::read_struct_prefix::<abi::InitIn>(req.body, abi::INIT_IN_COMPAT_SIZE)
-        else {
+        let Some((init, _)) = abi::read_struct_prefix::<abi::InitIn>(req.body, abi::INIT_IN_COMPAT_SIZE) else {
             return error_reply(unique, libc::EINVAL);
         };
         if init.major != abi::KERNEL_VERSION {
             // A newer major: answer with ours only, the guest then retries or gives up.
             // (An older one, 6 or below, is not something a virtio-fs guest can be.)
-            warn!(
-                major = init.major,
-                minor = init.minor,
-                "unsupported FUSE major version"
-            );
+            warn!(major = init.major, minor = init.minor, "unsupported FUSE major version");
             if init.major > abi::KERNEL_VERSION {
-                let out = abi::InitOut {
-                    major: abi::KERNEL_VERSION,
-                    minor: abi::KERNEL_MINOR_VERSION,
-                    ..Default::default()
-                };
+                let out =
+                    abi::InitOut { major: abi::KERNEL_VERSION, minor: abi::KERNEL_MINOR_VERSION, ..Default::default() };
                 return ok_reply(unique, out.as_slice(), Vec::new());
             }
             return error_reply(unique, libc::EPROTO);
@@ -487,12 +421,7 @@ impl Dispatcher {
         self.minor.store(minor, Ordering::Release);
         self.fs.init(&info);
         self.initialized.store(true, Ordering::Release);
-        debug!(
-            minor,
-            flags = format_args!("{flags:#x}"),
-            max_pages,
-            "FUSE session initialized"
-        );
+        debug!(minor, flags = format_args!("{flags:#x}"), max_pages, "FUSE session initialized");
         ok_reply(unique, out.as_slice(), Vec::new())
     }
 
@@ -554,9 +483,7 @@ impl Dispatcher {
     fn do_readlink(&self, req: &Request<'_>) -> ReplyBuf {
         match self.fs.readlink(req.hdr.nodeid) {
             // PATH_MAX bounds what the guest accepts; longer is a filesystem bug.
-            Ok(target) if target.len() >= libc::PATH_MAX as usize => {
-                error_reply(req.hdr.unique, libc::ENAMETOOLONG)
-            }
+            Ok(target) if target.len() >= libc::PATH_MAX as usize => error_reply(req.hdr.unique, libc::ENAMETOOLONG),
             Ok(target) => ok_reply(req.hdr.unique, &[], target),
             Err(e) => error_reply(req.hdr.unique, e),
         }
@@ -567,18 +494,11 @@ impl Dispatcher {
         let Some((open, _)) = read_struct::<abi::OpenIn>(req.body) else {
             return error_reply(unique, libc::EINVAL);
         };
-        let r = if dir {
-            self.fs.opendir(req.hdr.nodeid, open.flags)
-        } else {
-            self.fs.open(req.hdr.nodeid, open.flags)
-        };
+        let r =
+            if dir { self.fs.opendir(req.hdr.nodeid, open.flags) } else { self.fs.open(req.hdr.nodeid, open.flags) };
         match r {
             Ok((fh, open_flags)) => {
-                let out = abi::OpenOut {
-                    fh,
-                    open_flags,
-                    padding: 0,
-                };
+                let out = abi::OpenOut { fh, open_flags, padding: 0 };
                 ok_reply(unique, out.as_slice(), Vec::new())
             }
             Err(e) => error_reply(unique, e),
@@ -615,9 +535,7 @@ impl Dispatcher {
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
         };
         // The guest must have asked for no more than we allow, and given room for it.
-        if read.size > self.cfg.max_read()
-            || (read.size as usize).saturating_add(size_of::<OutHeader>()) > capacity
-        {
+        if read.size > self.cfg.max_read() || (read.size as usize).saturating_add(size_of::<OutHeader>()) > capacity {
             debug!(unique, size = read.size, capacity, "READ too large");
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
         }
@@ -626,12 +544,7 @@ impl Dispatcher {
             let reply = match r {
                 Ok(mut data) => {
                     if data.len() > size as usize {
-                        warn!(
-                            unique,
-                            got = data.len(),
-                            size,
-                            "filesystem read returned too much"
-                        );
+                        warn!(unique, got = data.len(), size, "filesystem read returned too much");
                         data.truncate(size as usize);
                     }
                     ok_reply(unique, &[], data)
@@ -641,10 +554,7 @@ impl Dispatcher {
             fit(reply, unique, capacity, libc::EIO)
         };
         let ctx = caller(req);
-        match self
-            .fs
-            .read(req.hdr.nodeid, read.fh, read.offset, size, &ctx)
-        {
+        match self.fs.read(req.hdr.nodeid, read.fh, read.offset, size, &ctx) {
             Reply::Ready(r) => match finish(r) {
                 Some(r) => Response::Ready(r),
                 None => Response::None,
@@ -659,21 +569,13 @@ impl Dispatcher {
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
         };
         if write.size > self.cfg.max_write || write.size as usize != data.len() {
-            debug!(
-                unique,
-                size = write.size,
-                present = data.len(),
-                "WRITE size mismatch"
-            );
+            debug!(unique, size = write.size, present = data.len(), "WRITE size mismatch");
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
         }
         let finish = move |r: Result<u32, Errno>| -> Option<ReplyBuf> {
             let reply = match r {
                 Ok(n) => {
-                    let out = abi::WriteOut {
-                        size: n,
-                        padding: 0,
-                    };
+                    let out = abi::WriteOut { size: n, padding: 0 };
                     ok_reply(unique, out.as_slice(), Vec::new())
                 }
                 Err(e) => error_reply(unique, e),
@@ -681,10 +583,7 @@ impl Dispatcher {
             fit(reply, unique, capacity, libc::EIO)
         };
         let ctx = caller(req);
-        match self
-            .fs
-            .write(req.hdr.nodeid, write.fh, write.offset, data, &ctx)
-        {
+        match self.fs.write(req.hdr.nodeid, write.fh, write.offset, data, &ctx) {
             Reply::Ready(r) => match finish(r) {
                 Some(r) => Response::Ready(r),
                 None => Response::None,
@@ -703,12 +602,7 @@ impl Dispatcher {
         }
         // Never produce more than the guest asked for or has room for.
         let budget = (read.size as usize).min(capacity.saturating_sub(size_of::<OutHeader>()));
-        let mut sink = CollectSink {
-            budget,
-            used: 0,
-            plus,
-            entries: Vec::new(),
-        };
+        let mut sink = CollectSink { budget, used: 0, plus, entries: Vec::new() };
         let dir = req.hdr.nodeid;
         if let Err(e) = self.fs.readdir(dir, read.fh, read.offset, &mut sink) {
             // An error after some entries: return what we have (the guest retries from
@@ -720,12 +614,7 @@ impl Dispatcher {
         let mut data = Vec::with_capacity(sink.used);
         for ent in &sink.entries {
             let namelen = ent.name.len();
-            let dirent = abi::Dirent {
-                ino: ent.ino,
-                off: ent.offset,
-                namelen: namelen as u32,
-                typ: ent.kind,
-            };
+            let dirent = abi::Dirent { ino: ent.ino, off: ent.offset, namelen: namelen as u32, typ: ent.kind };
             if plus {
                 // "." and ".." are never linked by the guest, so they carry no lookup;
                 // a nodeid of 0 tells the guest "no attributes for this one".
@@ -744,11 +633,7 @@ impl Dispatcher {
                 data.extend_from_slice(dirent.as_slice());
             }
             data.extend_from_slice(&ent.name);
-            let fixed = if plus {
-                size_of::<abi::Direntplus>()
-            } else {
-                size_of::<abi::Dirent>()
-            };
+            let fixed = if plus { size_of::<abi::Direntplus>() } else { size_of::<abi::Dirent>() };
             let pad = abi::dirent_align(fixed + namelen) - (fixed + namelen);
             data.extend(std::iter::repeat_n(0u8, pad));
         }
@@ -784,10 +669,7 @@ impl Dispatcher {
             return self.ready(error_reply(unique, libc::E2BIG), unique, capacity);
         }
         let reply = if size == 0 {
-            let out = abi::GetxattrOut {
-                size: value.len() as u32,
-                padding: 0,
-            };
+            let out = abi::GetxattrOut { size: value.len() as u32, padding: 0 };
             ok_reply(unique, out.as_slice(), Vec::new())
         } else if value.len() > size as usize {
             error_reply(unique, libc::ERANGE)
@@ -892,41 +774,24 @@ struct CollectSink {
 impl DirSink for CollectSink {
     fn add(&mut self, e: DirEntry<'_>) -> bool {
         // A name the guest would choke on is skipped, not fatal.
-        if e.name.is_empty()
-            || e.name.len() > abi::NAME_MAX
-            || e.name.contains(&0)
-            || e.name.contains(&b'/')
-        {
+        if e.name.is_empty() || e.name.len() > abi::NAME_MAX || e.name.contains(&0) || e.name.contains(&b'/') {
             warn!("filesystem produced an invalid directory entry name; skipped");
             return true;
         }
-        let fixed = if self.plus {
-            size_of::<abi::Direntplus>()
-        } else {
-            size_of::<abi::Dirent>()
-        };
+        let fixed = if self.plus { size_of::<abi::Direntplus>() } else { size_of::<abi::Dirent>() };
         let rec = abi::dirent_align(fixed + e.name.len());
         if self.used + rec > self.budget {
             return false;
         }
         self.used += rec;
-        self.entries.push(OwnedDirEntry {
-            ino: e.ino,
-            offset: e.offset,
-            kind: e.kind,
-            name: e.name.to_vec(),
-        });
+        self.entries.push(OwnedDirEntry { ino: e.ino, offset: e.offset, kind: e.kind, name: e.name.to_vec() });
         true
     }
 }
 
 /// The guest caller of a request, from its header.
 fn caller(req: &Request<'_>) -> Context {
-    Context {
-        uid: req.hdr.uid,
-        gid: req.hdr.gid,
-        pid: req.hdr.pid,
-    }
+    Context { uid: req.hdr.uid, gid: req.hdr.gid, pid: req.hdr.pid }
 }
 
 #[cfg(test)]
@@ -949,47 +814,22 @@ mod tests {
     impl FileSystem for Tiny {
         fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno> {
             if parent == 1 && name == b"f" {
-                Ok(Entry {
-                    ino: 2,
-                    attr: self.getattr(2)?.0,
-                    ..Default::default()
-                })
+                Ok(Entry { ino: 2, attr: self.getattr(2)?.0, ..Default::default() })
             } else {
                 Err(libc::ENOENT)
             }
         }
         fn getattr(&self, ino: u64) -> Result<(Attr, Duration), Errno> {
             match ino {
-                1 => Ok((
-                    Attr {
-                        ino,
-                        mode: libc::S_IFDIR | 0o555,
-                        nlink: 2,
-                        ..Default::default()
-                    },
-                    Duration::ZERO,
-                )),
+                1 => Ok((Attr { ino, mode: libc::S_IFDIR | 0o555, nlink: 2, ..Default::default() }, Duration::ZERO)),
                 2 => Ok((
-                    Attr {
-                        ino,
-                        mode: libc::S_IFREG | 0o444,
-                        nlink: 1,
-                        size: 10,
-                        ..Default::default()
-                    },
+                    Attr { ino, mode: libc::S_IFREG | 0o444, nlink: 1, size: 10, ..Default::default() },
                     Duration::ZERO,
                 )),
                 _ => Err(libc::ENOENT),
             }
         }
-        fn read(
-            &self,
-            _ino: u64,
-            _fh: u64,
-            offset: u64,
-            size: u32,
-            _ctx: &Context,
-        ) -> Reply<Vec<u8>> {
+        fn read(&self, _ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &Context) -> Reply<Vec<u8>> {
             Reply::ok(tiny_data(offset, size).to_vec())
         }
         /// Direct only from even offsets, to show the fallback.
@@ -1009,28 +849,14 @@ mod tests {
             buf.write(0, data).ok()?;
             Some(data.len() as u32)
         }
-        fn readdir(
-            &self,
-            ino: u64,
-            _fh: u64,
-            offset: u64,
-            sink: &mut dyn DirSink,
-        ) -> Result<(), Errno> {
+        fn readdir(&self, ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {
             if ino != 1 {
                 return Err(libc::ENOTDIR);
             }
-            let ents: [(u64, &[u8], u32); 3] = [
-                (1, b".", libc::DT_DIR.into()),
-                (1, b"..", libc::DT_DIR.into()),
-                (2, b"f", libc::DT_REG.into()),
-            ];
+            let ents: [(u64, &[u8], u32); 3] =
+                [(1, b".", libc::DT_DIR.into()), (1, b"..", libc::DT_DIR.into()), (2, b"f", libc::DT_REG.into())];
             for (i, (ino, name, kind)) in ents.iter().enumerate().skip(offset as usize) {
-                if !sink.add(DirEntry {
-                    ino: *ino,
-                    offset: i as u64 + 1,
-                    kind: *kind,
-                    name,
-                }) {
+                if !sink.add(DirEntry { ino: *ino, offset: i as u64 + 1, kind: *kind, name }) {
                     break;
                 }
             }
@@ -1039,29 +865,17 @@ mod tests {
     }
 
     fn req(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
-        let hdr = InHeader {
-            len: (size_of::<InHeader>() + body.len()) as u32,
-            opcode,
-            unique,
-            nodeid,
-            ..Default::default()
-        };
+        let hdr =
+            InHeader { len: (size_of::<InHeader>() + body.len()) as u32, opcode, unique, nodeid, ..Default::default() };
         let mut v = hdr.as_slice().to_vec();
         v.extend_from_slice(body);
         v
     }
 
     fn init_body(flags: u32) -> Vec<u8> {
-        abi::InitIn {
-            major: 7,
-            minor: 38,
-            max_readahead: 1 << 22,
-            flags,
-            flags2: 0,
-            unused: [0; 11],
-        }
-        .as_slice()
-        .to_vec()
+        abi::InitIn { major: 7, minor: 38, max_readahead: 1 << 22, flags, flags2: 0, unused: [0; 11] }
+            .as_slice()
+            .to_vec()
     }
 
     fn ready(r: Response) -> Vec<u8> {
@@ -1085,10 +899,7 @@ mod tests {
     #[test]
     fn init_negotiates() {
         let d = Dispatcher::new(Arc::new(Tiny), FuseConfig::default());
-        let flags = abi::FUSE_ASYNC_READ
-            | abi::FUSE_MAX_PAGES
-            | abi::FUSE_POSIX_LOCKS
-            | abi::FUSE_EXPORT_SUPPORT;
+        let flags = abi::FUSE_ASYNC_READ | abi::FUSE_MAX_PAGES | abi::FUSE_POSIX_LOCKS | abi::FUSE_EXPORT_SUPPORT;
         let r = ready(d.dispatch(&req(abi::FUSE_INIT, 9, 0, &init_body(flags)), 4096));
         let h = out_hdr(&r);
         assert_eq!((h.error, h.unique, h.len as usize), (0, 9, r.len()));
@@ -1117,14 +928,7 @@ mod tests {
     fn before_init_is_eio() {
         let d = Dispatcher::new(Arc::new(Tiny), FuseConfig::default());
         let r = ready(d.dispatch(&req(abi::FUSE_LOOKUP, 5, 1, b"f\0"), 4096));
-        assert_eq!(
-            out_hdr(&r),
-            OutHeader {
-                len: 16,
-                error: -libc::EIO,
-                unique: 5
-            }
-        );
+        assert_eq!(out_hdr(&r), OutHeader { len: 16, error: -libc::EIO, unique: 5 });
     }
 
     #[test]
@@ -1171,19 +975,13 @@ mod tests {
     fn read_bounds() {
         let d = session();
         let read = |size: u32, cap: usize| {
-            let body = abi::ReadIn {
-                size,
-                ..Default::default()
-            };
+            let body = abi::ReadIn { size, ..Default::default() };
             d.dispatch(&req(abi::FUSE_READ, 4, 2, body.as_slice()), cap)
         };
         let r = ready(read(4096, 1 << 21));
         assert_eq!(&r[16..], b"0123456789");
         assert_eq!(out_hdr(&r).len, 26);
-        assert_eq!(
-            out_hdr(&ready(read((1 << 20) + 1, 1 << 21))).error,
-            -libc::EINVAL
-        );
+        assert_eq!(out_hdr(&ready(read((1 << 20) + 1, 1 << 21))).error, -libc::EINVAL);
         assert_eq!(out_hdr(&ready(read(4096, 100))).error, -libc::EINVAL);
         // Truncated read_in.
         let r = ready(d.dispatch(&req(abi::FUSE_READ, 4, 2, &[0u8; 20]), 4096));
@@ -1194,11 +992,7 @@ mod tests {
     fn read_direct_writes_header_and_data_or_declines() {
         let d = session();
         let read = |off: u64, size: u32| {
-            let body = abi::ReadIn {
-                offset: off,
-                size,
-                ..Default::default()
-            };
+            let body = abi::ReadIn { offset: off, size, ..Default::default() };
             req(abi::FUSE_READ, 4, 2, body.as_slice())
         };
         let direct = |d: &Dispatcher, r: &[u8], cap: usize| {
@@ -1226,74 +1020,30 @@ mod tests {
     #[test]
     fn mutations_and_unknown() {
         let d = session();
-        for op in [
-            abi::FUSE_MKDIR,
-            abi::FUSE_SETATTR,
-            abi::FUSE_CREATE,
-            abi::FUSE_UNLINK,
-            abi::FUSE_TMPFILE,
-        ] {
-            assert_eq!(
-                out_hdr(&ready(d.dispatch(&req(op, 1, 1, &[]), 4096))).error,
-                -libc::EROFS
-            );
+        for op in [abi::FUSE_MKDIR, abi::FUSE_SETATTR, abi::FUSE_CREATE, abi::FUSE_UNLINK, abi::FUSE_TMPFILE] {
+            assert_eq!(out_hdr(&ready(d.dispatch(&req(op, 1, 1, &[]), 4096))).error, -libc::EROFS);
         }
-        let w = abi::WriteIn {
-            size: 3,
-            ..Default::default()
-        };
+        let w = abi::WriteIn { size: 3, ..Default::default() };
         let mut body = w.as_slice().to_vec();
         body.extend_from_slice(b"abc");
-        assert_eq!(
-            out_hdr(&ready(d.dispatch(&req(abi::FUSE_WRITE, 1, 2, &body), 4096))).error,
-            -libc::EROFS
-        );
+        assert_eq!(out_hdr(&ready(d.dispatch(&req(abi::FUSE_WRITE, 1, 2, &body), 4096))).error, -libc::EROFS);
         body.pop(); // size lies
-        assert_eq!(
-            out_hdr(&ready(d.dispatch(&req(abi::FUSE_WRITE, 1, 2, &body), 4096))).error,
-            -libc::EINVAL
-        );
+        assert_eq!(out_hdr(&ready(d.dispatch(&req(abi::FUSE_WRITE, 1, 2, &body), 4096))).error, -libc::EINVAL);
         for op in [0, 7, 19, abi::FUSE_IOCTL, abi::FUSE_POLL, 9999, u32::MAX] {
-            assert_eq!(
-                out_hdr(&ready(d.dispatch(&req(op, 1, 1, &[]), 4096))).error,
-                -libc::ENOSYS
-            );
+            assert_eq!(out_hdr(&ready(d.dispatch(&req(op, 1, 1, &[]), 4096))).error, -libc::ENOSYS);
         }
-        assert!(matches!(
-            d.dispatch(
-                &req(abi::FUSE_FORGET, 1, 2, &[1, 0, 0, 0, 0, 0, 0, 0]),
-                4096
-            ),
-            Response::None
-        ));
-        assert!(matches!(
-            d.dispatch(&req(abi::FUSE_INTERRUPT, 1, 0, &[0; 8]), 0),
-            Response::None
-        ));
-        let bf = abi::BatchForgetIn {
-            count: u32::MAX,
-            dummy: 0,
-        };
-        assert!(matches!(
-            d.dispatch(&req(abi::FUSE_BATCH_FORGET, 1, 0, bf.as_slice()), 0),
-            Response::None
-        ));
+        assert!(matches!(d.dispatch(&req(abi::FUSE_FORGET, 1, 2, &[1, 0, 0, 0, 0, 0, 0, 0]), 4096), Response::None));
+        assert!(matches!(d.dispatch(&req(abi::FUSE_INTERRUPT, 1, 0, &[0; 8]), 0), Response::None));
+        let bf = abi::BatchForgetIn { count: u32::MAX, dummy: 0 };
+        assert!(matches!(d.dispatch(&req(abi::FUSE_BATCH_FORGET, 1, 0, bf.as_slice()), 0), Response::None));
     }
 
     #[test]
     fn readdir_fills_and_resumes() {
         let d = session();
         let rd = |plus: bool, offset: u64, size: u32| {
-            let body = abi::ReadIn {
-                offset,
-                size,
-                ..Default::default()
-            };
-            let op = if plus {
-                abi::FUSE_READDIRPLUS
-            } else {
-                abi::FUSE_READDIR
-            };
+            let body = abi::ReadIn { offset, size, ..Default::default() };
+            let op = if plus { abi::FUSE_READDIRPLUS } else { abi::FUSE_READDIR };
             ready(d.dispatch(&req(op, 6, 1, body.as_slice()), 4096))
         };
         let r = rd(false, 0, 4096);
@@ -1305,10 +1055,7 @@ mod tests {
         assert_eq!(r.len(), 16 + 32);
         let r = rd(true, 2, 4096);
         let (dp, _) = read_struct::<abi::Direntplus>(&r[16..]).expect("direntplus");
-        assert_eq!(
-            (dp.entry_out.nodeid, dp.dirent.ino, dp.dirent.off),
-            (2, 2, 3)
-        );
+        assert_eq!((dp.entry_out.nodeid, dp.dirent.ino, dp.dirent.off), (2, 2, 3));
         let r = rd(true, 0, 160);
         let (dp, _) = read_struct::<abi::Direntplus>(&r[16..]).expect("direntplus");
         assert_eq!(dp.entry_out.nodeid, 0, "dot entries carry no lookup");

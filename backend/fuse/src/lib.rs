@@ -21,14 +21,12 @@ pub mod abi;
 pub mod direct;
 pub mod dispatch;
 pub mod filesystem;
-pub mod server;
 #[cfg(feature = "frontend")]
 pub mod frontend;
+pub mod server;
 pub mod virtio_fs;
 
 pub use direct::DirectBuf;
 pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
-pub use filesystem::{
-    Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply, StatFs,
-};
+pub use filesystem::{Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply, StatFs};
 pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFsServer};

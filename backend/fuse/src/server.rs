@@ -33,7 +33,11 @@ struct StopState {
 impl ServerStopper {
     pub fn new() -> std::io::Result<Self> {
         Ok(ServerStopper {
-            inner: Arc::new(StopState { stopped: AtomicBool::new(false), event: EventFd::new(EFD_NONBLOCK)?, connection: Mutex::new(None) }),
+            inner: Arc::new(StopState {
+                stopped: AtomicBool::new(false),
+                event: EventFd::new(EFD_NONBLOCK)?,
+                connection: Mutex::new(None),
+            }),
         })
     }
 
@@ -187,7 +191,9 @@ impl Queues {
     /// window (zero: never poll).
     pub fn new(n: usize, masks: Vec<u64>, poll_max: Duration) -> Self {
         Queues {
-            states: (0..n).map(|_| Arc::new(QueueState { generation: AtomicU64::new(0), poll: QueuePoll::new(poll_max) })).collect(),
+            states: (0..n)
+                .map(|_| Arc::new(QueueState { generation: AtomicU64::new(0), poll: QueuePoll::new(poll_max) }))
+                .collect(),
             masks,
             event_idx: AtomicBool::new(false),
         }

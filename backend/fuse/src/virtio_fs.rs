@@ -24,18 +24,13 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
+use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::abi::{InHeader, OutHeader};
 use crate::direct::DirectBuf;
@@ -52,10 +47,7 @@ pub enum Error {
     #[error("invalid device configuration: {0}")]
     Config(&'static str),
     #[error("cannot listen on vhost-user socket {path}: {source}")]
-    Listen {
-        path: String,
-        source: vhost::vhost_user::Error,
-    },
+    Listen { path: String, source: vhost::vhost_user::Error },
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
     #[error("I/O: {0}")]
@@ -186,29 +178,16 @@ where
             if take > 0 {
                 let start = request.len();
                 request.resize(start + take, 0);
-                mem.read_slice(&mut request[start..], addr)
-                    .map_err(|_| (head, ChainError::Read))?;
+                mem.read_slice(&mut request[start..], addr).map_err(|_| (head, ChainError::Read))?;
             }
         }
     }
-    Ok(Chain {
-        head,
-        request,
-        oversize,
-        writable,
-        out_capacity,
-    })
+    Ok(Chain { head, request, oversize, writable, out_capacity })
 }
 
 /// Copies `reply` into the writable descriptors; returns the number of bytes written.
-fn write_reply(
-    mem: &GuestMemoryMmap,
-    writable: &[(GuestAddress, usize)],
-    reply: &ReplyBuf,
-) -> Option<u32> {
-    let mut parts = [reply.head.as_slice(), reply.data.as_slice()]
-        .into_iter()
-        .filter(|p| !p.is_empty());
+fn write_reply(mem: &GuestMemoryMmap, writable: &[(GuestAddress, usize)], reply: &ReplyBuf) -> Option<u32> {
+    let mut parts = [reply.head.as_slice(), reply.data.as_slice()].into_iter().filter(|p| !p.is_empty());
     let mut cur: &[u8] = parts.next().unwrap_or(&[]);
     let mut written = 0usize;
     for &(addr, len) in writable {
@@ -249,19 +228,11 @@ struct Completer {
 impl Completer {
     /// Writes the reply (if any), adds the chain to the used ring, and optionally signals.
     /// Returns whether a used entry was added.
-    fn complete(
-        &self,
-        head: u16,
-        writable: &[(GuestAddress, usize)],
-        reply: Option<&ReplyBuf>,
-        signal: bool,
-    ) -> bool {
+    fn complete(&self, head: u16, writable: &[(GuestAddress, usize)], reply: Option<&ReplyBuf>, signal: bool) -> bool {
         // Hold the vring lock across check, write and add_used, so GET_VRING_BASE (which
         // marks the queue not ready under the same lock) cannot interleave.
         let mut state = self.vring.get_mut();
-        if self.queue.generation.load(Ordering::Acquire) != self.generation
-            || !state.get_queue().ready()
-        {
+        if self.queue.generation.load(Ordering::Acquire) != self.generation || !state.get_queue().ready() {
             debug!(head, "dropping reply for a stopped queue");
             return false;
         }
@@ -297,9 +268,7 @@ impl Completer {
         read: impl FnOnce(&mut DirectBuf<'_>) -> Option<u32>,
     ) -> bool {
         let mut state = self.vring.get_mut();
-        if self.queue.generation.load(Ordering::Acquire) != self.generation
-            || !state.get_queue().ready()
-        {
+        if self.queue.generation.load(Ordering::Acquire) != self.generation || !state.get_queue().ready() {
             // The ordinary path drops the reply.
             return false;
         }
@@ -341,13 +310,7 @@ struct FsBackend {
 impl FsBackend {
     fn new(fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle, mem: Mem) -> Self {
         let queues = Queues::new(cfg.num_queues(), cfg.thread_masks(), cfg.poll_max);
-        FsBackend {
-            dispatcher: Arc::new(Dispatcher::new(fs, cfg.fuse)),
-            cfg,
-            rt,
-            mem,
-            queues,
-        }
+        FsBackend { dispatcher: Arc::new(Dispatcher::new(fs, cfg.fuse)), cfg, rt, mem, queues }
     }
 
     fn process_queue(&self, vring: &VringRwLock, qidx: usize) -> std::io::Result<()> {
@@ -362,19 +325,11 @@ impl FsBackend {
             let (chain, generation) = {
                 let mut state = vring.get_mut();
                 let generation = queue.generation.load(Ordering::Acquire);
-                (
-                    state.get_queue_mut().pop_descriptor_chain(&*mem),
-                    generation,
-                )
+                (state.get_queue_mut().pop_descriptor_chain(&*mem), generation)
             };
             let Some(chain) = chain else { break };
-            let completer = Completer {
-                vring: vring.clone(),
-                mem: self.mem.clone(),
-                queue: queue.clone(),
-                generation,
-                event_idx,
-            };
+            let completer =
+                Completer { vring: vring.clone(), mem: self.mem.clone(), queue: queue.clone(), generation, event_idx };
             let chain = match parse_chain(&mem, chain, max_in) {
                 Ok(c) => c,
                 Err((head, e)) => {
@@ -403,8 +358,7 @@ impl FsBackend {
                     used_any |= completer.complete(chain.head, &[], None, false);
                 }
                 Response::Ready(reply) => {
-                    used_any |=
-                        completer.complete(chain.head, &chain.writable, Some(&reply), false);
+                    used_any |= completer.complete(chain.head, &chain.writable, Some(&reply), false);
                 }
                 Response::Pending(fut) => {
                     let Chain { head, writable, .. } = chain;
@@ -435,15 +389,8 @@ fn oversize_response(start: &[u8], capacity: usize) -> Response {
     if capacity < std::mem::size_of::<OutHeader>() {
         return Response::None;
     }
-    let out = OutHeader {
-        len: 16,
-        error: -libc::EINVAL,
-        unique: hdr.unique,
-    };
-    Response::Ready(ReplyBuf {
-        head: vm_memory::ByteValued::as_slice(&out).to_vec(),
-        data: Vec::new(),
-    })
+    let out = OutHeader { len: 16, error: -libc::EINVAL, unique: hdr.unique };
+    Response::Ready(ReplyBuf { head: vm_memory::ByteValued::as_slice(&out).to_vec(), data: Vec::new() })
 }
 
 impl VhostUserBackend for FsBackend {
@@ -509,7 +456,9 @@ impl VhostUserBackend for FsBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> std::io::Result<()> {
-        self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| self.process_queue(vring, qidx));
+        self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| {
+            self.process_queue(vring, qidx)
+        });
         Ok(())
     }
 }
@@ -525,16 +474,9 @@ pub struct VirtioFsServer {
 
 impl VirtioFsServer {
     /// Binds `socket` (replacing a stale socket file there; the file is removed on drop).
-    pub fn bind(
-        socket: &Path,
-        fs: Arc<dyn FileSystem>,
-        cfg: DeviceConfig,
-        rt: Handle,
-    ) -> Result<Self> {
-        let listener = Listener::new(socket, true).map_err(|source| Error::Listen {
-            path: socket.display().to_string(),
-            source,
-        })?;
+    pub fn bind(socket: &Path, fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
+        let listener = Listener::new(socket, true)
+            .map_err(|source| Error::Listen { path: socket.display().to_string(), source })?;
         Self::with_listener(listener, fs, cfg, rt)
     }
 
@@ -548,21 +490,10 @@ impl VirtioFsServer {
         Self::with_listener(Listener::from(listener), fs, cfg, rt)
     }
 
-    fn with_listener(
-        listener: Listener,
-        fs: Arc<dyn FileSystem>,
-        cfg: DeviceConfig,
-        rt: Handle,
-    ) -> Result<Self> {
+    fn with_listener(listener: Listener, fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
         cfg.validate()?;
         let stopper = ServerStopper::new().map_err(Error::Io)?;
-        Ok(VirtioFsServer {
-            listener,
-            fs,
-            cfg,
-            rt,
-            stopper,
-        })
+        Ok(VirtioFsServer { listener, fs, cfg, rt, stopper })
     }
 
     /// A handle that stops the server from another thread.
@@ -583,17 +514,10 @@ impl VirtioFsServer {
             return Ok(false);
         }
         let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(FsBackend::new(
-            self.fs.clone(),
-            self.cfg,
-            self.rt.clone(),
-            mem.clone(),
-        ));
+        let backend = Arc::new(FsBackend::new(self.fs.clone(), self.cfg, self.rt.clone(), mem.clone()));
         let mut daemon = VhostUserDaemon::new("incfs-virtio-fs".to_string(), backend.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
-        daemon
-            .start(&mut self.listener)
-            .map_err(|e| Error::Daemon(e.to_string()))?;
+        daemon.start(&mut self.listener).map_err(|e| Error::Daemon(e.to_string()))?;
         info!("vhost-user frontend connected");
         self.stopper.set_connection(daemon.shutdown_handle());
         // A stop() that raced with the connection setup.
@@ -621,9 +545,7 @@ impl VirtioFsServer {
 /// Serves one frontend connection on `socket` and returns when it disconnects. To serve
 /// frontends one after another on the same socket, use [`VirtioFsServer`].
 pub fn serve(socket: &Path, fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle) -> Result<()> {
-    VirtioFsServer::bind(socket, fs, cfg, rt)?
-        .serve_one()
-        .map(|_| ())
+    VirtioFsServer::bind(socket, fs, cfg, rt)?.serve_one().map(|_| ())
 }
 
 #[cfg(test)]
@@ -632,17 +554,9 @@ mod tests {
 
     #[test]
     fn masks() {
-        let cfg = DeviceConfig {
-            request_queues: 3,
-            threads: 2,
-            ..Default::default()
-        };
+        let cfg = DeviceConfig { request_queues: 3, threads: 2, ..Default::default() };
         assert_eq!(cfg.thread_masks(), vec![0b1011, 0b0100]);
-        let cfg = DeviceConfig {
-            request_queues: 1,
-            threads: 4,
-            ..Default::default()
-        };
+        let cfg = DeviceConfig { request_queues: 1, threads: 4, ..Default::default() };
         assert_eq!(cfg.thread_masks(), vec![0b11]);
     }
 }

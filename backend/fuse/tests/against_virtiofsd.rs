@@ -44,17 +44,10 @@ fn frontend_drives_virtiofsd() {
         let (fh, _) = f.open(e.nodeid, libc::O_RDONLY as u32).expect("open");
         assert_eq!(f.read(e.nodeid, fh, 0, 32768).expect("read"), content);
         let (dfh, _) = f.opendir(abi::ROOT_ID).expect("opendir");
-        let ents = f
-            .readdirplus(abi::ROOT_ID, dfh, 0, 4096)
-            .expect("readdirplus");
+        let ents = f.readdirplus(abi::ROOT_ID, dfh, 0, 4096).expect("readdirplus");
         assert!(ents.iter().any(|d| d.name == b"hello"), "{ents:?}");
         // Queue depth > 1.
-        let toks: Vec<u16> = (0..8)
-            .map(|i| {
-                f.submit_read(1, e.nodeid, fh, i * 1000, 1000)
-                    .expect("submit")
-            })
-            .collect();
+        let toks: Vec<u16> = (0..8).map(|i| f.submit_read(1, e.nodeid, fh, i * 1000, 1000).expect("submit")).collect();
         f.kick(1).expect("kick");
         let done = f.wait_all(1, &toks).expect("wait");
         assert_eq!(done.len(), 8);

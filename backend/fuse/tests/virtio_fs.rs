@@ -40,14 +40,8 @@ fn every_opcode() {
 
     // LOOKUP / GETATTR.
     let e = f.lookup(ROOT, b"file").expect("lookup file");
-    assert_eq!(
-        (e.nodeid, e.attr.size, e.generation),
-        (FILE, FILE_SIZE as u64, 1)
-    );
-    assert_eq!(
-        (e.entry_valid, e.attr_valid, e.attr_valid_nsec),
-        (1, 1, 500_000_000)
-    );
+    assert_eq!((e.nodeid, e.attr.size, e.generation), (FILE, FILE_SIZE as u64, 1));
+    assert_eq!((e.entry_valid, e.attr_valid, e.attr_valid_nsec), (1, 1, 500_000_000));
     let hard = f.lookup(ROOT, b"hard").expect("lookup hard");
     assert_eq!((hard.nodeid, hard.attr.nlink), (FILE, 2));
     assert_eq!(h.fs.lookup_count(FILE), 2);
@@ -69,14 +63,8 @@ fn every_opcode() {
     assert_eq!(errno(f.open(ROOT, 0)), libc::EISDIR);
     let data = file_data();
     assert_eq!(f.read(FILE, fh, 0, 1 << 20).expect("read all"), data);
-    assert_eq!(
-        f.read(FILE, fh, 4000, 200).expect("read middle"),
-        &data[4000..4200]
-    );
-    assert!(f
-        .read(FILE, fh, FILE_SIZE as u64 + 10, 4096)
-        .expect("read past end")
-        .is_empty());
+    assert_eq!(f.read(FILE, fh, 4000, 200).expect("read middle"), &data[4000..4200]);
+    assert!(f.read(FILE, fh, FILE_SIZE as u64 + 10, 4096).expect("read past end").is_empty());
     assert_eq!(errno(f.read(FILE, fh, 0, (1 << 20) + 4096)), libc::EINVAL);
     assert_eq!(errno(f.read(999, 0, 0, 10)), libc::ENOENT);
     f.flush(FILE, fh).expect("flush");
@@ -90,10 +78,7 @@ fn every_opcode() {
     assert_eq!(errno(f.opendir(FILE)), libc::ENOTDIR);
     let ents = f.readdir(ROOT, dfh, 0, 4096).expect("readdir");
     let names: Vec<&[u8]> = ents.iter().map(|e| e.name.as_slice()).collect();
-    assert_eq!(
-        names,
-        [&b"."[..], b"..", b"dir", b"file", b"hard", b"link", b"slow"]
-    );
+    assert_eq!(names, [&b"."[..], b"..", b"dir", b"file", b"hard", b"link", b"slow"]);
     assert_eq!(ents[5].typ, u32::from(libc::DT_LNK));
     // Resume from a cookie, with a buffer that holds two entries.
     let ents = f.readdir(ROOT, dfh, 3, 64).expect("readdir part");
@@ -105,16 +90,8 @@ fn every_opcode() {
     let before = h.fs.lookup_count(DIR);
     let plus = f.readdirplus(ROOT, dfh, 0, 4096).expect("readdirplus");
     assert_eq!(plus.len(), 7);
-    assert_eq!(
-        plus[0].entry.map(|e| e.nodeid),
-        Some(0),
-        "'.' carries no lookup"
-    );
-    let d = plus
-        .iter()
-        .find(|e| e.name == b"dir")
-        .and_then(|e| e.entry)
-        .expect("dir entry");
+    assert_eq!(plus[0].entry.map(|e| e.nodeid), Some(0), "'.' carries no lookup");
+    let d = plus.iter().find(|e| e.name == b"dir").and_then(|e| e.entry).expect("dir entry");
     assert_eq!((d.nodeid, d.attr.mode), (DIR, libc::S_IFDIR | 0o555));
     assert_eq!(h.fs.lookup_count(DIR), before + 1);
     // Only entries that fit are looked up.
@@ -128,26 +105,15 @@ fn every_opcode() {
 
     // FORGET / BATCH_FORGET (hiprio queue, no reply).
     f.forget(FILE, 1).expect("forget");
-    f.batch_forget(&[(FILE, 1), (DIR, 2)])
-        .expect("batch forget");
+    f.batch_forget(&[(FILE, 1), (DIR, 2)]).expect("batch forget");
     // Processed in order on one queue, so a round trip on that queue proves they were seen.
-    f.raw_on(
-        0,
-        abi::FUSE_GETATTR,
-        ROOT,
-        abi::GetattrIn::default().as_slice(),
-        200,
-    )
-    .expect("getattr on hiprio");
+    f.raw_on(0, abi::FUSE_GETATTR, ROOT, abi::GetattrIn::default().as_slice(), 200).expect("getattr on hiprio");
     assert_eq!(h.fs.lookup_count(FILE), 2);
     assert_eq!(h.fs.lookup_count(DIR), before);
 
     // STATFS.
     let st = f.statfs(ROOT).expect("statfs");
-    assert_eq!(
-        (st.blocks, st.files, st.bsize, st.namelen),
-        (100, 6, 4096, 255)
-    );
+    assert_eq!((st.blocks, st.files, st.bsize, st.namelen), (100, 6, 4096, 255));
 
     // GETXATTR: probe, fetch, too small, missing.
     let probe = f.getxattr(FILE, b"user.test", 0).expect("probe");
@@ -162,10 +128,7 @@ fn every_opcode() {
     let probe = f.listxattr(FILE, 0).expect("list probe");
     let (out, _) = abi::read_struct::<abi::GetxattrOut>(&probe).expect("getxattr_out");
     assert_eq!(out.size, 21);
-    assert_eq!(
-        f.listxattr(FILE, 21).expect("list"),
-        b"user.test\0user.other\0"
-    );
+    assert_eq!(f.listxattr(FILE, 21).expect("list"), b"user.test\0user.other\0");
     assert_eq!(errno(f.listxattr(FILE, 20)), libc::ERANGE);
     assert!(f.listxattr(DIR, 100).expect("empty list").is_empty());
 
@@ -176,24 +139,10 @@ fn every_opcode() {
     assert_eq!(errno(f.access(FILE, libc::X_OK as u32)), libc::EACCES);
 
     // LSEEK.
-    assert_eq!(
-        f.lseek(FILE, fh, 100, libc::SEEK_DATA as u32)
-            .expect("seek data"),
-        100
-    );
-    assert_eq!(
-        f.lseek(FILE, fh, 100, libc::SEEK_HOLE as u32)
-            .expect("seek hole"),
-        FILE_SIZE as u64
-    );
-    assert_eq!(
-        errno(f.lseek(FILE, fh, FILE_SIZE as u64, libc::SEEK_DATA as u32)),
-        libc::ENXIO
-    );
-    assert_eq!(
-        errno(f.lseek(FILE, fh, 0, libc::SEEK_END as u32)),
-        libc::EINVAL
-    );
+    assert_eq!(f.lseek(FILE, fh, 100, libc::SEEK_DATA as u32).expect("seek data"), 100);
+    assert_eq!(f.lseek(FILE, fh, 100, libc::SEEK_HOLE as u32).expect("seek hole"), FILE_SIZE as u64);
+    assert_eq!(errno(f.lseek(FILE, fh, FILE_SIZE as u64, libc::SEEK_DATA as u32)), libc::ENXIO);
+    assert_eq!(errno(f.lseek(FILE, fh, 0, libc::SEEK_END as u32)), libc::EINVAL);
 
     // Mutations: EROFS. Unknown: ENOSYS.
     for op in [
@@ -213,23 +162,12 @@ fn every_opcode() {
         abi::FUSE_COPY_FILE_RANGE,
         abi::FUSE_TMPFILE,
     ] {
-        let r = f
-            .raw(op, ROOT, b"name\0\0\0\0\0\0\0\0", 256)
-            .expect("mutation");
+        let r = f.raw(op, ROOT, b"name\0\0\0\0\0\0\0\0", 256).expect("mutation");
         assert_eq!(r.header.error, -libc::EROFS, "opcode {op}");
     }
-    for op in [
-        0,
-        7,
-        19,
-        abi::FUSE_GETLK,
-        abi::FUSE_BMAP,
-        abi::FUSE_IOCTL,
-        abi::FUSE_POLL,
-        abi::FUSE_STATX,
-        1000,
-        u32::MAX,
-    ] {
+    for op in
+        [0, 7, 19, abi::FUSE_GETLK, abi::FUSE_BMAP, abi::FUSE_IOCTL, abi::FUSE_POLL, abi::FUSE_STATX, 1000, u32::MAX]
+    {
         let r = f.raw(op, ROOT, &[0u8; 64], 256).expect("unknown");
         assert_eq!(r.header.error, -libc::ENOSYS, "opcode {op}");
     }
@@ -252,23 +190,11 @@ fn init_negotiation() {
     let mut h = Harness::start(DeviceConfig::default(), 1);
     let mut f = connect(&h);
     // An old guest without MAX_PAGES gets 32 pages; flags we do not support are dropped.
-    let out = f
-        .init_with(
-            7,
-            31,
-            abi::FUSE_ASYNC_READ | abi::FUSE_WRITEBACK_CACHE,
-            4 << 20,
-        )
-        .expect("init");
-    assert_eq!(
-        (out.minor, out.flags, out.max_pages, out.max_readahead),
-        (31, abi::FUSE_ASYNC_READ, 32, 1 << 20)
-    );
+    let out = f.init_with(7, 31, abi::FUSE_ASYNC_READ | abi::FUSE_WRITEBACK_CACHE, 4 << 20).expect("init");
+    assert_eq!((out.minor, out.flags, out.max_pages, out.max_readahead), (31, abi::FUSE_ASYNC_READ, 32, 1 << 20));
     // Max pages bounds READ size.
     let (fh, _) = f.open(FILE, 0).expect("open");
-    let r = f
-        .read(FILE, fh, 0, 4096 * 256)
-        .expect("read 1 MiB is still within our limit");
+    let r = f.read(FILE, fh, 0, 4096 * 256).expect("read 1 MiB is still within our limit");
     assert_eq!(r.len(), FILE_SIZE);
     // Wrong major: EPROTO for older.
     assert_eq!(errno(f.init_with(6, 31, 0, 0)), libc::EPROTO);
@@ -288,36 +214,21 @@ fn hostile_requests() {
     let q = 1;
 
     // Short in_header: no unique to answer, returned with length 0.
-    let c = f
-        .roundtrip_descs(q, &[DescSpec::In(vec![1; 10]), DescSpec::Out(100)])
-        .expect("short");
+    let c = f.roundtrip_descs(q, &[DescSpec::In(vec![1; 10]), DescSpec::Out(100)]).expect("short");
     assert_eq!(c.used_len, 0);
 
     // Zero-length chain.
-    let c = f
-        .roundtrip_descs(q, &[DescSpec::In(vec![])])
-        .expect("empty");
+    let c = f.roundtrip_descs(q, &[DescSpec::In(vec![])]).expect("empty");
     assert_eq!(c.used_len, 0);
-    let c = f
-        .roundtrip_descs(q, &[DescSpec::Out(0)])
-        .expect("empty out");
+    let c = f.roundtrip_descs(q, &[DescSpec::Out(0)]).expect("empty out");
     assert_eq!(c.used_len, 0);
 
     // The len field lies (larger than the bytes present).
-    let (mut req, unique) = f.build_request(
-        abi::FUSE_GETATTR,
-        ROOT,
-        abi::GetattrIn::default().as_slice(),
-    );
+    let (mut req, unique) = f.build_request(abi::FUSE_GETATTR, ROOT, abi::GetattrIn::default().as_slice());
     req[0..4].copy_from_slice(&4000u32.to_le_bytes());
-    let c = f
-        .roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(200)])
-        .expect("lying len");
+    let c = f.roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(200)]).expect("lying len");
     let r = FuseReply::parse(&c.bytes, c.used_len).expect("reply");
-    assert_eq!(
-        (r.header.error, r.header.unique, c.used_len),
-        (-libc::EINVAL, unique, 16)
-    );
+    assert_eq!((r.header.error, r.header.unique, c.used_len), (-libc::EINVAL, unique, 16));
 
     // Name not NUL-terminated.
     let r = f.raw(abi::FUSE_LOOKUP, ROOT, b"file", 200).expect("no nul");
@@ -325,13 +236,7 @@ fn hostile_requests() {
     // Name with the NUL beyond 255 bytes.
     let mut long = vec![b'x'; 300];
     long.push(0);
-    assert_eq!(
-        f.raw(abi::FUSE_LOOKUP, ROOT, &long, 200)
-            .expect("long")
-            .header
-            .error,
-        -libc::ENAMETOOLONG
-    );
+    assert_eq!(f.raw(abi::FUSE_LOOKUP, ROOT, &long, 200).expect("long").header.error, -libc::ENAMETOOLONG);
 
     // Truncated op bodies.
     for op in [
@@ -350,69 +255,31 @@ fn hostile_requests() {
         assert_eq!(r.header.error, -libc::EINVAL, "opcode {op}");
     }
     // BATCH_FORGET whose count lies.
-    let mut body = abi::BatchForgetIn {
-        count: 1_000_000,
-        dummy: 0,
-    }
-    .as_slice()
-    .to_vec();
-    body.extend_from_slice(
-        abi::ForgetOne {
-            nodeid: FILE,
-            nlookup: 1,
-        }
-        .as_slice(),
-    );
+    let mut body = abi::BatchForgetIn { count: 1_000_000, dummy: 0 }.as_slice().to_vec();
+    body.extend_from_slice(abi::ForgetOne { nodeid: FILE, nlookup: 1 }.as_slice());
     let (req, _) = f.build_request(abi::FUSE_BATCH_FORGET, 0, &body);
-    assert_eq!(
-        f.roundtrip_descs(0, &[DescSpec::In(req)])
-            .expect("batch forget")
-            .used_len,
-        0
-    );
+    assert_eq!(f.roundtrip_descs(0, &[DescSpec::In(req)]).expect("batch forget").used_len, 0);
 
     // Wrong direction: writable before readable.
     let (req, _) = f.build_request(abi::FUSE_GETATTR, ROOT, &[0u8; 16]);
-    let c = f
-        .roundtrip_descs(q, &[DescSpec::Out(200), DescSpec::In(req)])
-        .expect("wrong direction");
+    let c = f.roundtrip_descs(q, &[DescSpec::Out(200), DescSpec::In(req)]).expect("wrong direction");
     assert_eq!(c.used_len, 0);
 
     // No writable part for a request that needs a reply.
     let (req, _) = f.build_request(abi::FUSE_GETATTR, ROOT, &[0u8; 16]);
-    assert_eq!(
-        f.roundtrip_descs(q, &[DescSpec::In(req)])
-            .expect("no out")
-            .used_len,
-        0
-    );
+    assert_eq!(f.roundtrip_descs(q, &[DescSpec::In(req)]).expect("no out").used_len, 0);
 
     // Writable part too small for the reply: an error reply instead of an overflow.
     let (req, unique) = f.build_request(abi::FUSE_GETATTR, ROOT, &[0u8; 16]);
-    let c = f
-        .roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(40)])
-        .expect("small out");
+    let c = f.roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(40)]).expect("small out");
     let r = FuseReply::parse(&c.bytes, c.used_len).expect("reply");
-    assert_eq!(
-        (r.header.error, r.header.unique, c.used_len),
-        (-libc::EIO, unique, 16)
-    );
+    assert_eq!((r.header.error, r.header.unique, c.used_len), (-libc::EIO, unique, 16));
     let (req, _) = f.build_request(abi::FUSE_GETATTR, ROOT, &[0u8; 16]);
-    assert_eq!(
-        f.roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(8)])
-            .expect("tiny out")
-            .used_len,
-        0
-    );
+    assert_eq!(f.roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(8)]).expect("tiny out").used_len, 0);
 
     // READ larger than the writable buffer.
-    let body = abi::ReadIn {
-        size: 8192,
-        ..Default::default()
-    };
-    let r = f
-        .raw(abi::FUSE_READ, FILE, body.as_slice(), 4096)
-        .expect("read > buffer");
+    let body = abi::ReadIn { size: 8192, ..Default::default() };
+    let r = f.raw(abi::FUSE_READ, FILE, body.as_slice(), 4096).expect("read > buffer");
     assert_eq!(r.header.error, -libc::EINVAL);
 
     // Descriptors pointing outside guest memory.
@@ -420,43 +287,16 @@ fn hostile_requests() {
     let c = f
         .roundtrip_descs(
             q,
-            &[
-                DescSpec::In(req.clone()),
-                DescSpec::Raw {
-                    addr: 0xdead_0000_0000,
-                    len: 4096,
-                    write: true,
-                },
-            ],
+            &[DescSpec::In(req.clone()), DescSpec::Raw { addr: 0xdead_0000_0000, len: 4096, write: true }],
         )
         .expect("bad out addr");
     assert_eq!(c.used_len, 0);
     let c = f
-        .roundtrip_descs(
-            q,
-            &[
-                DescSpec::Raw {
-                    addr: 0x1000,
-                    len: 64,
-                    write: false,
-                },
-                DescSpec::Out(200),
-            ],
-        )
+        .roundtrip_descs(q, &[DescSpec::Raw { addr: 0x1000, len: 64, write: false }, DescSpec::Out(200)])
         .expect("bad in addr");
     assert_eq!(c.used_len, 0);
     let c = f
-        .roundtrip_descs(
-            q,
-            &[
-                DescSpec::Raw {
-                    addr: u64::MAX - 10,
-                    len: u32::MAX,
-                    write: false,
-                },
-                DescSpec::Out(200),
-            ],
-        )
+        .roundtrip_descs(q, &[DescSpec::Raw { addr: u64::MAX - 10, len: u32::MAX, write: false }, DescSpec::Out(200)])
         .expect("wrapping addr");
     assert_eq!(c.used_len, 0);
 
@@ -464,14 +304,7 @@ fn hostile_requests() {
     let (mut req, unique) = f.build_request(abi::FUSE_WRITE, FILE, &[0u8; 40]);
     req.resize(1 << 20, 0xaa);
     let c = f
-        .roundtrip_descs(
-            q,
-            &[
-                DescSpec::In(req.clone()),
-                DescSpec::In(vec![0; 16 << 10]),
-                DescSpec::Out(64),
-            ],
-        )
+        .roundtrip_descs(q, &[DescSpec::In(req.clone()), DescSpec::In(vec![0; 16 << 10]), DescSpec::Out(64)])
         .expect("oversize");
     let r = FuseReply::parse(&c.bytes, c.used_len).expect("reply");
     assert_eq!((r.header.error, r.header.unique), (-libc::EINVAL, unique));
@@ -492,22 +325,11 @@ fn hostile_requests() {
             bytes[0..4].copy_from_slice(&(len as u32).to_le_bytes());
             bytes[4..8].copy_from_slice(&((rnd() % 60) as u32).to_le_bytes());
         }
-        let split = if bytes.is_empty() {
-            0
-        } else {
-            (rnd() as usize) % bytes.len()
-        };
+        let split = if bytes.is_empty() { 0 } else { (rnd() as usize) % bytes.len() };
         let (a, b) = bytes.split_at(split);
         let out = (rnd() % 512) as u32;
         let c = f
-            .roundtrip_descs(
-                q,
-                &[
-                    DescSpec::In(a.to_vec()),
-                    DescSpec::In(b.to_vec()),
-                    DescSpec::Out(out),
-                ],
-            )
+            .roundtrip_descs(q, &[DescSpec::In(a.to_vec()), DescSpec::In(b.to_vec()), DescSpec::Out(out)])
             .expect("garbage round trip");
         assert!(c.used_len <= out);
     }
@@ -516,10 +338,7 @@ fn hostile_requests() {
     f.init().expect("init again");
     assert_eq!(f.lookup(ROOT, b"file").expect("lookup").nodeid, FILE);
     let (fh, _) = f.open(FILE, 0).expect("open");
-    assert_eq!(
-        f.read(FILE, fh, 0, 4096).expect("read"),
-        &file_data()[..4096]
-    );
+    assert_eq!(f.read(FILE, fh, 0, 4096).expect("read"), &file_data()[..4096]);
 
     drop(f);
     for r in h.join() {
@@ -539,19 +358,12 @@ fn pending_read_does_not_block_queue() {
     let slow = f.submit_read(q, SLOW, fh, 0, 4096).expect("submit slow");
     let mut quick = Vec::new();
     for _ in 0..8 {
-        let (req, _) = f.build_request(
-            abi::FUSE_GETATTR,
-            FILE,
-            abi::GetattrIn::default().as_slice(),
-        );
+        let (req, _) = f.build_request(abi::FUSE_GETATTR, FILE, abi::GetattrIn::default().as_slice());
         quick.push(f.submit(q, &req, 200).expect("submit quick"));
     }
     f.kick(q).expect("kick");
     let done = f.wait_all(q, &quick).expect("quick ones");
-    assert!(
-        start.elapsed() < SLOW_DELAY,
-        "inline replies waited for the parked read"
-    );
+    assert!(start.elapsed() < SLOW_DELAY, "inline replies waited for the parked read");
     for c in &done {
         let r = FuseReply::parse(&c.bytes, c.used_len).expect("reply");
         assert_eq!(r.header.error, 0);
@@ -567,15 +379,10 @@ fn pending_read_does_not_block_queue() {
 
     // Several parked reads at once complete together, not one after the other.
     let start = Instant::now();
-    let toks: Vec<u16> = (0..16)
-        .map(|i| f.submit_read(q, SLOW, fh, i % 5, 4096).expect("submit"))
-        .collect();
+    let toks: Vec<u16> = (0..16).map(|i| f.submit_read(q, SLOW, fh, i % 5, 4096).expect("submit")).collect();
     f.kick(q).expect("kick");
     let done = f.wait_all(q, &toks).expect("all slow");
-    assert!(
-        start.elapsed() < SLOW_DELAY * 3,
-        "parked reads were serialized"
-    );
+    assert!(start.elapsed() < SLOW_DELAY * 3, "parked reads were serialized");
     for (i, c) in done.iter().enumerate() {
         let r = FuseReply::parse(&c.bytes, c.used_len).expect("reply");
         assert_eq!(r.body, &b"slow!"[(i % 5)..]);
@@ -601,20 +408,9 @@ fn stopped_queue_drops_parked_reply() {
     let base = f.stop_queue(1).expect("get_vring_base");
     assert_eq!(base, 3, "INIT, OPEN and the parked READ were popped");
     std::thread::sleep(SLOW_DELAY + Duration::from_millis(300));
-    assert!(
-        f.poll(1).expect("poll").is_empty(),
-        "a stale reply reached a stopped queue"
-    );
+    assert!(f.poll(1).expect("poll").is_empty(), "a stale reply reached a stopped queue");
     // The other queue still works.
-    let r = f
-        .raw_on(
-            0,
-            abi::FUSE_GETATTR,
-            ROOT,
-            abi::GetattrIn::default().as_slice(),
-            200,
-        )
-        .expect("hiprio");
+    let r = f.raw_on(0, abi::FUSE_GETATTR, ROOT, abi::GetattrIn::default().as_slice(), 200).expect("hiprio");
     assert_eq!(r.header.error, 0);
     drop(f);
     for r in h.join() {
@@ -635,17 +431,9 @@ fn multiqueue_and_batches_event_idx() {
 }
 
 fn multiqueue(event_idx: bool) {
-    let cfg = DeviceConfig {
-        request_queues: 3,
-        threads: 2,
-        ..Default::default()
-    };
+    let cfg = DeviceConfig { request_queues: 3, threads: 2, ..Default::default() };
     let mut h = Harness::start(cfg, 1);
-    let fcfg = FrontendConfig {
-        request_queues: 3,
-        event_idx,
-        ..Default::default()
-    };
+    let fcfg = FrontendConfig { request_queues: 3, event_idx, ..Default::default() };
     let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
     f.init().expect("init");
     let (fh, _) = f.open(FILE, 0).expect("open");
@@ -653,12 +441,7 @@ fn multiqueue(event_idx: bool) {
     for q in 1..=3 {
         let reqs: Vec<(u32, u64, Vec<u8>, u32)> = (0..32u64)
             .map(|i| {
-                let body = abi::ReadIn {
-                    fh,
-                    offset: i * 100,
-                    size: 1000,
-                    ..Default::default()
-                };
+                let body = abi::ReadIn { fh, offset: i * 100, size: 1000, ..Default::default() };
                 (abi::FUSE_READ, FILE, body.as_slice().to_vec(), 1016)
             })
             .collect();
@@ -678,16 +461,9 @@ fn multiqueue(event_idx: bool) {
         f.kick(q).expect("kick");
     }
     for q in 1..=3 {
-        let mine: Vec<u16> = toks
-            .iter()
-            .filter(|(qq, _)| *qq == q)
-            .map(|(_, t)| *t)
-            .collect();
+        let mine: Vec<u16> = toks.iter().filter(|(qq, _)| *qq == q).map(|(_, t)| *t).collect();
         for c in f.wait_all(q, &mine).expect("slow reads") {
-            assert_eq!(
-                FuseReply::parse(&c.bytes, c.used_len).expect("reply").body,
-                b"slow!"
-            );
+            assert_eq!(FuseReply::parse(&c.bytes, c.used_len).expect("reply").body, b"slow!");
         }
     }
     drop(f);
@@ -715,7 +491,11 @@ fn adaptive_polling_saves_kicks_and_loses_no_request() {
         let n = 2000u64;
         for i in 0..n {
             let off = (i * 37) % 4000;
-            assert_eq!(f.read(FILE, fh, off, 64).expect("read"), &data[off as usize..off as usize + 64], "{poll_max:?} read {i}");
+            assert_eq!(
+                f.read(FILE, fh, off, 64).expect("read"),
+                &data[off as usize..off as usize + 64],
+                "{poll_max:?} read {i}"
+            );
             // Now and then a pause longer than any window: the daemon must have re-enabled
             // notifications and asked for a kick.
             if i % 500 == 499 {
@@ -799,19 +579,12 @@ fn reconnect() {
 #[test]
 fn stopper_ends_connection() {
     let mut h = Harness::start(DeviceConfig::default(), 3);
-    let fcfg = FrontendConfig {
-        timeout: Duration::from_millis(500),
-        ..Default::default()
-    };
+    let fcfg = FrontendConfig { timeout: Duration::from_millis(500), ..Default::default() };
     let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
     f.init().expect("init");
     h.stopper.stop();
     // The first serve_one served us; the following ones see the stop without a frontend.
-    let results: Vec<bool> = h
-        .join()
-        .into_iter()
-        .map(|r| r.expect("serve_one"))
-        .collect();
+    let results: Vec<bool> = h.join().into_iter().map(|r| r.expect("serve_one")).collect();
     assert_eq!(results, [true, false, false]);
     assert!(f.getattr(ROOT).is_err());
 }
@@ -822,10 +595,6 @@ fn stopper_ends_wait() {
     let mut h = Harness::start(DeviceConfig::default(), 1);
     std::thread::sleep(Duration::from_millis(100));
     h.stopper.stop();
-    let results: Vec<bool> = h
-        .join()
-        .into_iter()
-        .map(|r| r.expect("serve_one"))
-        .collect();
+    let results: Vec<bool> = h.join().into_iter().map(|r| r.expect("serve_one")).collect();
     assert_eq!(results, [false]);
 }

@@ -254,7 +254,8 @@ impl BlkBackend {
                 (state.get_queue_mut().pop_descriptor_chain(&*mem), generation)
             };
             let Some(chain) = chain else { break };
-            let completer = Completer { vring: vring.clone(), mem: self.mem.clone(), queue: queue.clone(), generation, event_idx };
+            let completer =
+                Completer { vring: vring.clone(), mem: self.mem.clone(), queue: queue.clone(), generation, event_idx };
             let mut chain = match rq::walk(&mem, chain, &self.limits) {
                 Ok(c) => c,
                 Err((head, status, e)) => {
@@ -299,13 +300,23 @@ impl BlkBackend {
                 counters.reads.fetch_add(1, Relaxed);
                 counters.read_bytes.fetch_add(len as u64, Relaxed);
                 match self.disk.read_now(offset, len) {
-                    Ok(Some(data)) => c.complete(head, Some((status_addr, rq::VIRTIO_BLK_S_OK)), Some((&chain.writable, &data)), false),
+                    Ok(Some(data)) => c.complete(
+                        head,
+                        Some((status_addr, rq::VIRTIO_BLK_S_OK)),
+                        Some((&chain.writable, &data)),
+                        false,
+                    ),
                     Ok(None) => {
                         counters.reads_parked.fetch_add(1, Relaxed);
                         let disk = self.disk.clone();
                         self.rt.spawn(async move {
                             match disk.read(offset, len).await {
-                                Ok(data) => c.complete(head, Some((status_addr, rq::VIRTIO_BLK_S_OK)), Some((&chain.writable, &data)), true),
+                                Ok(data) => c.complete(
+                                    head,
+                                    Some((status_addr, rq::VIRTIO_BLK_S_OK)),
+                                    Some((&chain.writable, &data)),
+                                    true,
+                                ),
                                 Err(e) => {
                                     debug!(offset, len, error = %e, "read failed");
                                     disk.counters.errors.fetch_add(1, Relaxed);
@@ -486,8 +497,16 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], thread_id: usize) -> std::io::Result<()> {
-        self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| self.process_queue(vring, qidx));
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| {
+            self.process_queue(vring, qidx)
+        });
         Ok(())
     }
 }
@@ -504,7 +523,8 @@ pub struct BlkServer {
 impl BlkServer {
     /// Binds `socket` (replacing a stale socket file there).
     pub fn bind(socket: &Path, disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
-        let listener = Listener::new(socket, true).map_err(|e| Error::Invalid(format!("listen on {}: {e}", socket.display())))?;
+        let listener =
+            Listener::new(socket, true).map_err(|e| Error::Invalid(format!("listen on {}: {e}", socket.display())))?;
         Self::with_listener(listener, disk, cfg, rt)
     }
 
@@ -535,7 +555,8 @@ impl BlkServer {
         }
         let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(BlkBackend::new(self.disk.clone(), self.cfg, self.rt.clone(), mem.clone()));
-        let mut daemon = VhostUserDaemon::new("incfs-vhost-user-blk".to_string(), backend.clone(), mem).map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
+        let mut daemon = VhostUserDaemon::new("incfs-vhost-user-blk".to_string(), backend.clone(), mem)
+            .map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
         daemon.start(&mut self.listener).map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
         info!("vhost-user-blk frontend connected");
         self.stopper.set_connection(daemon.shutdown_handle());
@@ -549,7 +570,9 @@ impl BlkServer {
         info!("vhost-user-blk frontend disconnected");
         match result {
             Ok(()) => Ok(true),
-            Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage)) => Ok(true),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(true),
             Err(e) => Err(Error::Invalid(format!("vhost-user daemon: {e}"))),
         }
     }

@@ -52,7 +52,8 @@ pub fn render_metrics(disk: &Disk) -> String {
     }
     let _ = writeln!(out, "# TYPE incfs_blk_disk_bytes gauge\nincfs_blk_disk_bytes {}", disk.size());
     if let Some(o) = disk.overlay() {
-        let _ = writeln!(out, "# TYPE incfs_blk_overlay_blocks gauge\nincfs_blk_overlay_blocks {}", o.overlaid_blocks());
+        let _ =
+            writeln!(out, "# TYPE incfs_blk_overlay_blocks gauge\nincfs_blk_overlay_blocks {}", o.overlaid_blocks());
     }
     out
 }
@@ -85,7 +86,9 @@ pub fn run(cfg: BlkConfig) -> Result<()> {
     crate::daemon::start_record_and_replay(&rt, disk.engine(), cfg.record_trace.clone(), &cfg.background)?;
 
     if let Some(addr) = cfg.metrics {
-        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
         rt.spawn(serve_metrics(listener, disk.clone()));
     }
 

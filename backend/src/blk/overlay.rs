@@ -69,7 +69,12 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on an fd we own; no memory is passed.
     let r = unsafe {
-        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t)
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
     };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
@@ -87,7 +92,13 @@ impl Overlay {
         let want = header(size, image, image_path);
         if !path.exists() {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .ctx(|| format!("create {}", tmp.display()))?;
             f.write_all_at(&want, 0).ctx(|| format!("write {}", tmp.display()))?;
             f.set_len(data_off + blocks * BLOCK).ctx(|| format!("size {}", tmp.display()))?;
             f.sync_all().ctx(|| format!("sync {}", tmp.display()))?;
@@ -98,7 +109,8 @@ impl Overlay {
                 }
             }
         }
-        let file = OpenOptions::new().read(true).write(true).open(path).ctx(|| format!("open overlay {}", path.display()))?;
+        let file =
+            OpenOptions::new().read(true).write(true).open(path).ctx(|| format!("open overlay {}", path.display()))?;
         let mut h = vec![0u8; HEADER as usize];
         file.read_exact_at(&mut h, 0).ctx(|| format!("read overlay header of {}", path.display()))?;
         if &h[..8] != MAGIC {
@@ -120,7 +132,8 @@ impl Overlay {
         }
         let mut raw = vec![0u8; words * 8];
         file.read_exact_at(&mut raw, HEADER).ctx(|| format!("read overlay bitmap of {}", path.display()))?;
-        let mut bitmap: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+        let mut bitmap: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
         // Bits past the last block mean nothing: clear them.
         if blocks % 64 != 0 {
             if let Some(w) = bitmap.last_mut() {
@@ -238,7 +251,8 @@ impl Overlay {
             return Ok(());
         }
         let mut st = self.lock();
-        punch_hole(&self.file, self.data_off + first * BLOCK, (end - first) * BLOCK).ctx(|| format!("punch overlay at {offset}"))?;
+        punch_hole(&self.file, self.data_off + first * BLOCK, (end - first) * BLOCK)
+            .ctx(|| format!("punch overlay at {offset}"))?;
         for b in first..end {
             Self::set(&mut st, b);
         }
@@ -250,7 +264,10 @@ impl Overlay {
         if len == 0 {
             return Ok(());
         }
-        let end = offset.checked_add(len).filter(|&e| e <= self.blocks * BLOCK).ok_or_else(|| Error::Invalid("write past the end of the disk".into()))?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.blocks * BLOCK)
+            .ok_or_else(|| Error::Invalid("write past the end of the disk".into()))?;
         let mut st = self.lock();
         let mut b = offset / BLOCK;
         while b * BLOCK < end {
@@ -275,7 +292,9 @@ impl Overlay {
             if Self::bit(&st, b) {
                 self.file.read_exact_at(&mut block, self.data_off + bs).ctx(|| format!("read overlay at {bs}"))?;
             } else {
-                let base = bases.get(&b).ok_or_else(|| Error::Invalid(format!("base content of block {b} missing for a partial write")))?;
+                let base = bases
+                    .get(&b)
+                    .ok_or_else(|| Error::Invalid(format!("base content of block {b} missing for a partial write")))?;
                 let n = base.len().min(block.len());
                 block[..n].copy_from_slice(&base[..n]);
             }
@@ -353,17 +372,34 @@ mod tests {
         o.write(5 * BLOCK, &[3u8; 512], &HashMap::new()).expect("rmw on overlaid");
         let mut b = vec![0u8; BLOCK as usize];
         o.read(5 * BLOCK, &mut b).expect("read");
-        assert!(b[..512].iter().all(|&x| x == 3) && b[512..1024].iter().all(|&x| x == 2) && b[1024..].iter().all(|&x| x == 9));
+        assert!(
+            b[..512].iter().all(|&x| x == 3)
+                && b[512..1024].iter().all(|&x| x == 2)
+                && b[1024..].iter().all(|&x| x == 9)
+        );
         o.write_zeroes(BLOCK, BLOCK + 512, &HashMap::new()).expect("zeroes");
         o.discard(10 * BLOCK + 100, 3 * BLOCK).expect("discard");
-        assert_eq!(o.runs(0, 14 * BLOCK), vec![(0, 1, false), (1, 3, true), (3, 5, false), (5, 6, true), (6, 11, false), (11, 13, true), (13, 14, false)]);
+        assert_eq!(
+            o.runs(0, 14 * BLOCK),
+            vec![
+                (0, 1, false),
+                (1, 3, true),
+                (3, 5, false),
+                (5, 6, true),
+                (6, 11, false),
+                (11, 13, true),
+                (13, 14, false)
+            ]
+        );
         o.flush().expect("flush");
         drop(o);
         let o = Overlay::open(&p, size, &id(), "disk.img").expect("reopen");
         assert_eq!(o.overlaid_blocks(), 5);
         let mut two = vec![0u8; 2 * BLOCK as usize];
         o.read(BLOCK, &mut two).expect("read");
-        assert!(two[..BLOCK as usize + 512].iter().all(|&x| x == 0) && two[BLOCK as usize + 512..].iter().all(|&x| x == 1));
+        assert!(
+            two[..BLOCK as usize + 512].iter().all(|&x| x == 0) && two[BLOCK as usize + 512..].iter().all(|&x| x == 1)
+        );
         assert!(Overlay::open(&p, size, &ImageId([8u8; 32]), "disk.img").is_err());
         assert!(Overlay::open(&p, size, &id(), "other.img").is_err());
         assert!(Overlay::open(&p, size + BLOCK, &id(), "disk.img").is_err());

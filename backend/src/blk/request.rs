@@ -115,9 +115,15 @@ pub enum ChainError {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
     /// Read `len` bytes at `offset` into the writable regions.
-    Read { offset: u64, len: usize },
+    Read {
+        offset: u64,
+        len: usize,
+    },
     /// Write the readable data (after the header) at `offset`.
-    Write { offset: u64, data: Vec<u8> },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     Flush,
     GetId,
     Discard(Vec<Segment>),
@@ -127,7 +133,11 @@ pub enum Request {
 }
 
 /// Walks `chain`: every descriptor inside `mem`, readable ones first, sizes bounded.
-pub fn walk<M>(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>, limits: &Limits) -> Result<Chain, (u16, Option<GuestAddress>, ChainError)>
+pub fn walk<M>(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+    limits: &Limits,
+) -> Result<Chain, (u16, Option<GuestAddress>, ChainError)>
 where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
@@ -268,7 +278,10 @@ pub fn interpret(chain: &mut Chain, limits: &Limits, support: Support) -> Reques
                 return Request::Status(VIRTIO_BLK_S_UNSUPP);
             }
             let body = &h[HEADER_LEN..];
-            if body.is_empty() || body.len() % SEGMENT_LEN != 0 || body.len() / SEGMENT_LEN > limits.max_discard_seg as usize {
+            if body.is_empty()
+                || body.len() % SEGMENT_LEN != 0
+                || body.len() / SEGMENT_LEN > limits.max_discard_seg as usize
+            {
                 return Request::Status(VIRTIO_BLK_S_IOERR);
             }
             let mut segs = Vec::with_capacity(body.len() / SEGMENT_LEN);
@@ -322,7 +335,13 @@ mod tests {
         r.extend_from_slice(&0u32.to_le_bytes());
         r.extend_from_slice(&sector.to_le_bytes());
         r.extend_from_slice(extra);
-        Chain { head: 0, readable: r, writable: vec![(GuestAddress(0x1000), writable_len)], writable_len, status: GuestAddress(0) }
+        Chain {
+            head: 0,
+            readable: r,
+            writable: vec![(GuestAddress(0x1000), writable_len)],
+            writable_len,
+            status: GuestAddress(0),
+        }
     }
 
     const L: Limits = Limits { capacity: 1 << 20, max_data: 1 << 16, max_discard_sectors: 1 << 12, max_discard_seg: 4 };
@@ -358,9 +377,15 @@ mod tests {
             v
         };
         assert_eq!(interpret(&mut chain(11, 0, &seg(8, 8, 0), 0), &L, RO), Request::Status(VIRTIO_BLK_S_UNSUPP));
-        assert_eq!(interpret(&mut chain(11, 0, &seg(8, 8, 0), 0), &L, RW), Request::Discard(vec![Segment { offset: 4096, len: 4096, unmap: false }]));
+        assert_eq!(
+            interpret(&mut chain(11, 0, &seg(8, 8, 0), 0), &L, RW),
+            Request::Discard(vec![Segment { offset: 4096, len: 4096, unmap: false }])
+        );
         assert_eq!(interpret(&mut chain(11, 0, &seg(8, 8, 1), 0), &L, RW), Request::Status(VIRTIO_BLK_S_UNSUPP));
-        assert_eq!(interpret(&mut chain(13, 0, &seg(8, 8, 1), 0), &L, RW), Request::WriteZeroes(vec![Segment { offset: 4096, len: 4096, unmap: true }]));
+        assert_eq!(
+            interpret(&mut chain(13, 0, &seg(8, 8, 1), 0), &L, RW),
+            Request::WriteZeroes(vec![Segment { offset: 4096, len: 4096, unmap: true }])
+        );
         assert_eq!(interpret(&mut chain(13, 0, &seg(2040, 16, 0), 0), &L, RW), Request::Status(VIRTIO_BLK_S_IOERR));
         assert_eq!(interpret(&mut chain(13, 0, &seg(0, 1 << 13, 0), 0), &L, RW), Request::Status(VIRTIO_BLK_S_IOERR));
         assert_eq!(interpret(&mut chain(13, 0, &[0u8; 5], 0), &L, RW), Request::Status(VIRTIO_BLK_S_IOERR));

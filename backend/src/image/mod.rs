@@ -31,7 +31,10 @@ const MANIFEST_LEVEL: i32 = 12;
 
 /// The bytes to store for a manifest.
 pub fn store_manifest(canonical: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(canonical, MANIFEST_LEVEL).ok().filter(|c| c.len() < canonical.len()).unwrap_or_else(|| canonical.to_vec())
+    zstd::bulk::compress(canonical, MANIFEST_LEVEL)
+        .ok()
+        .filter(|c| c.len() < canonical.len())
+        .unwrap_or_else(|| canonical.to_vec())
 }
 
 /// The canonical manifest bytes from stored ones (decompressed if need be, never past
@@ -156,7 +159,9 @@ pub enum InodeKind {
     File(FileData),
     Symlink(Vec<u8>),
     /// Device node, fifo or socket: metadata only.
-    Special { rdev: u64 },
+    Special {
+        rdev: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -321,11 +326,8 @@ impl Manifest {
                     for _ in 0..nblocks {
                         let k = BlockKind::from_u8(r.u8()?).ok_or_else(|| bad("unknown block kind"))?;
                         let hash = r.hash()?;
-                        let (blob, offset, len) = if k == BlockKind::Zero {
-                            (0, 0, 0)
-                        } else {
-                            (r.u32()?, r.u64()?, r.u32()?)
-                        };
+                        let (blob, offset, len) =
+                            if k == BlockKind::Zero { (0, 0, 0) } else { (r.u32()?, r.u64()?, r.u32()?) };
                         if k != BlockKind::Zero {
                             let b = blobs.get(blob as usize).ok_or_else(|| bad("block in unknown blob"))?;
                             let end = offset.checked_add(len as u64);
@@ -416,7 +418,12 @@ impl Manifest {
 }
 
 pub fn valid_name(name: &[u8]) -> bool {
-    !name.is_empty() && name.len() <= NAME_MAX && name != b"." && name != b".." && !name.contains(&b'/') && !name.contains(&0)
+    !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name != b"."
+        && name != b".."
+        && !name.contains(&b'/')
+        && !name.contains(&0)
 }
 
 fn bad(what: &str) -> Error {
@@ -547,10 +554,9 @@ impl Image {
 
     pub fn lookup(&self, dir: u32, name: &[u8]) -> Option<u32> {
         match &self.inode(dir)?.kind {
-            InodeKind::Dir(entries) => entries
-                .binary_search_by(|e| e.name.as_slice().cmp(name))
-                .ok()
-                .map(|i| entries[i].ino),
+            InodeKind::Dir(entries) => {
+                entries.binary_search_by(|e| e.name.as_slice().cmp(name)).ok().map(|i| entries[i].ino)
+            }
             _ => None,
         }
     }
@@ -589,12 +595,30 @@ mod tests {
             root: h,
             blocks: vec![BlockRef { hash: h, kind: BlockKind::Raw, blob: 0, len: 5, offset: 0 }],
         };
-        let meta = |mode| Inode { mode, uid: 1, gid: 2, mtime_sec: 3, mtime_nsec: 4, xattrs: vec![], kind: InodeKind::Symlink(vec![]) };
+        let meta = |mode| Inode {
+            mode,
+            uid: 1,
+            gid: 2,
+            mtime_sec: 3,
+            mtime_nsec: 4,
+            xattrs: vec![],
+            kind: InodeKind::Symlink(vec![]),
+        };
         Manifest {
             blobs: vec![Blob { id: [7; 32], size: 5 }],
             inodes: vec![
-                Inode { kind: InodeKind::Dir(vec![DirEntry { name: b"a".to_vec(), ino: 1 }, DirEntry { name: b"l".to_vec(), ino: 2 }]), ..meta(0o40755) },
-                Inode { kind: InodeKind::File(file), xattrs: vec![(b"user.x".to_vec(), b"y".to_vec())], ..meta(0o100644) },
+                Inode {
+                    kind: InodeKind::Dir(vec![
+                        DirEntry { name: b"a".to_vec(), ino: 1 },
+                        DirEntry { name: b"l".to_vec(), ino: 2 },
+                    ]),
+                    ..meta(0o40755)
+                },
+                Inode {
+                    kind: InodeKind::File(file),
+                    xattrs: vec![(b"user.x".to_vec(), b"y".to_vec())],
+                    ..meta(0o100644)
+                },
                 Inode { kind: InodeKind::Symlink(b"a".to_vec()), ..meta(0o120777) },
             ],
         }

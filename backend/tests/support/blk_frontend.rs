@@ -123,7 +123,10 @@ impl BlkFrontend {
     }
 
     pub fn write(&mut self, q: usize, sector: u64, data: &[u8]) -> Result<u8> {
-        let c = self.roundtrip(q, &[DescSpec::In(Self::header(T_OUT, sector)), DescSpec::In(data.to_vec()), DescSpec::Out(1)])?;
+        let c = self.roundtrip(
+            q,
+            &[DescSpec::In(Self::header(T_OUT, sector)), DescSpec::In(data.to_vec()), DescSpec::Out(1)],
+        )?;
         c.status().ok_or_else(no_status)
     }
 

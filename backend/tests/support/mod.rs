@@ -55,7 +55,9 @@ impl RunDaemon {
         write!(s, "GET /metrics HTTP/1.0\r\n\r\n").expect("send");
         let mut body = String::new();
         s.read_to_string(&mut body).expect("read");
-        body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}"))
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name}"))
     }
 
     /// SIGTERM, and wait for the daemon to exit (it writes its trace first).
@@ -91,9 +93,10 @@ pub struct Nginx {
 impl Nginx {
     /// `rate`: per-connection limit in bytes/s (nginx `limit_rate`), 0 for none.
     pub fn start(root: &Path, rate: u64) -> Nginx {
-        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists()).expect(
-            "nginx is not installed: run .ci/run or `apt-get install nginx-light`",
-        );
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("nginx is not installed: run .ci/run or `apt-get install nginx-light`");
         let dir = tempfile::tempdir().expect("tmp");
         let port = free_port();
         let d = dir.path().display();
@@ -206,7 +209,8 @@ pub struct FaultServer {
 impl FaultServer {
     pub async fn start(store: &Path) -> FaultServer {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mut s = FaultServer { state: Arc::new(FaultState::default()), addr, store: store.to_path_buf(), task: None };
+        let mut s =
+            FaultServer { state: Arc::new(FaultState::default()), addr, store: store.to_path_buf(), task: None };
         s.up().await;
         s
     }
@@ -227,10 +231,11 @@ impl FaultServer {
     pub async fn up(&mut self) {
         self.state.dead.store(false, Ordering::SeqCst);
         let state = self.state.clone();
-        let app = incfs::serve::router(&self.store).layer(axum::middleware::from_fn(move |req: Request, next: Next| {
-            let state = state.clone();
-            async move { inject(state, req, next).await }
-        }));
+        let app =
+            incfs::serve::router(&self.store).layer(axum::middleware::from_fn(move |req: Request, next: Next| {
+                let state = state.clone();
+                async move { inject(state, req, next).await }
+            }));
         let mut tries = 0;
         let listener = loop {
             match tokio::net::TcpListener::bind(self.addr).await {
@@ -277,7 +282,9 @@ async fn inject(state: Arc<FaultState>, req: Request, next: Next) -> Response {
         None
     };
     match fault {
-        Some(Fault::Status(s)) => return StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
+        Some(Fault::Status(s)) => {
+            return StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR).into_response()
+        }
         Some(Fault::Stall(d)) => tokio::time::sleep(d).await,
         _ => {}
     }
@@ -298,7 +305,8 @@ async fn inject(state: Arc<FaultState>, req: Request, next: Next) -> Response {
         }
         Some(Fault::Reset) => {
             let half = bytes[..bytes.len() / 2].to_vec();
-            let stream = futures::stream::iter(vec![Ok(bytes::Bytes::from(half)), Err(std::io::Error::other("injected reset"))]);
+            let stream =
+                futures::stream::iter(vec![Ok(bytes::Bytes::from(half)), Err(std::io::Error::other("injected reset"))]);
             Response::from_parts(parts, Body::from_stream(stream))
         }
         _ => Response::from_parts(parts, Body::from(bytes)),

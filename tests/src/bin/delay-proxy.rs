@@ -68,7 +68,8 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { listen: String::new(), to: String::new(), rtt_ms: 20.0, mbit: 100.0, queue_ms: 50.0, stats: None };
+    let mut a =
+        Args { listen: String::new(), to: String::new(), rtt_ms: 20.0, mbit: 100.0, queue_ms: 50.0, stats: None };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
@@ -136,7 +137,11 @@ fn main() -> ExitCode {
                     stats.connections.load(Relaxed),
                     stats.active.load(Relaxed)
                 );
-                let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
             }
         });
     }
@@ -166,10 +171,7 @@ fn main() -> ExitCode {
             stats.active.fetch_add(1, Relaxed);
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
-            let pipes = [
-                pipe(clone(&client), clone(&server), up),
-                pipe(clone(&server), clone(&client), down),
-            ];
+            let pipes = [pipe(clone(&client), clone(&server), up), pipe(clone(&server), clone(&client), down)];
             for p in pipes.into_iter().flatten() {
                 let _ = p.join();
             }

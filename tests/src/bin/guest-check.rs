@@ -169,7 +169,16 @@ fn mmap(path: &str, seed: u64) -> bool {
     }
     const PAGE: usize = 4096;
     // SAFETY: a fresh private read-only mapping of a file nobody writes (the mount is read-only).
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ, libc::MAP_PRIVATE, std::os::fd::AsRawFd::as_raw_fd(&f), 0) };
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
     if p == libc::MAP_FAILED {
         return fail("MMAP", path, &std::io::Error::last_os_error());
     }

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use incfs_fuse::abi::{self, OutHeader};
 use incfs_fuse::{
-    Attr, DirEntry, DirSink, DirectBuf, Dispatcher, Entry, Errno, FileSystem, FuseConfig, Reply, ReplyBuf,
-    Response,
+    Attr, DirEntry, DirSink, DirectBuf, Dispatcher, Entry, Errno, FileSystem, FuseConfig, Reply, ReplyBuf, Response,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::ByteValued;
@@ -42,7 +41,15 @@ impl FileSystem for Trivial {
             Reply::ok(vec![7u8; n])
         }
     }
-    fn read_direct(&self, _ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &incfs_fuse::Context, buf: &mut DirectBuf<'_>) -> Option<u32> {
+    fn read_direct(
+        &self,
+        _ino: u64,
+        _fh: u64,
+        offset: u64,
+        size: u32,
+        _ctx: &incfs_fuse::Context,
+        buf: &mut DirectBuf<'_>,
+    ) -> Option<u32> {
         // Writes everything it may, then claims one byte more on offsets that are 2 mod 4:
         // the dispatcher must refuse that.
         buf.write(0, &vec![7u8; size as usize]).ok()?;
@@ -58,7 +65,11 @@ impl FileSystem for Trivial {
         Ok(())
     }
     fn getxattr(&self, _ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
-        if name == b"user.x" { Ok(vec![1; 300]) } else { Err(libc::ENODATA) }
+        if name == b"user.x" {
+            Ok(vec![1; 300])
+        } else {
+            Err(libc::ENODATA)
+        }
     }
     fn listxattr(&self, _ino: u64) -> Result<Vec<Vec<u8>>, Errno> {
         Ok(vec![b"user.x".to_vec()])
@@ -80,14 +91,8 @@ fuzz_target!(|data: &[u8]| {
     let req = &data[2..];
     let d = Dispatcher::new(Arc::new(Trivial), FuseConfig::default());
     let init = abi::InitIn { major: 7, minor: 38, max_readahead: 1 << 20, flags: u32::MAX, ..Default::default() };
-    let mut init_req = abi::InHeader {
-        len: 40 + 64,
-        opcode: abi::FUSE_INIT,
-        unique: 1,
-        ..Default::default()
-    }
-    .as_slice()
-    .to_vec();
+    let mut init_req =
+        abi::InHeader { len: 40 + 64, opcode: abi::FUSE_INIT, unique: 1, ..Default::default() }.as_slice().to_vec();
     init_req.extend_from_slice(init.as_slice());
     assert!(matches!(d.dispatch(&init_req, 4096), Response::Ready(_)));
 

@@ -59,17 +59,10 @@ pub struct FuseReply {
 impl FuseReply {
     /// Decodes `bytes` written by the daemon.
     pub fn parse(bytes: &[u8], used_len: u32) -> Result<Self> {
-        let (header, rest) = read_struct::<OutHeader>(bytes).ok_or_else(|| {
-            FrontendError::Protocol(format!("reply of {} bytes has no out_header", bytes.len()))
-        })?;
-        let body_len = (header.len as usize)
-            .saturating_sub(size_of::<OutHeader>())
-            .min(rest.len());
-        Ok(FuseReply {
-            header,
-            body: rest[..body_len].to_vec(),
-            used_len,
-        })
+        let (header, rest) = read_struct::<OutHeader>(bytes)
+            .ok_or_else(|| FrontendError::Protocol(format!("reply of {} bytes has no out_header", bytes.len())))?;
+        let body_len = (header.len as usize).saturating_sub(size_of::<OutHeader>()).min(rest.len());
+        Ok(FuseReply { header, body: rest[..body_len].to_vec(), used_len })
     }
 
     /// The body, or the FUSE error as `Err`.
@@ -182,34 +175,18 @@ impl FuseFrontend {
     }
 
     /// Sends `opcode` with `body` to the request queue and returns the decoded reply.
-    pub fn raw(
-        &mut self,
-        opcode: u32,
-        nodeid: u64,
-        body: &[u8],
-        out_len: u32,
-    ) -> Result<FuseReply> {
+    pub fn raw(&mut self, opcode: u32, nodeid: u64, body: &[u8], out_len: u32) -> Result<FuseReply> {
         let q = self.request_queue;
         self.raw_on(q, opcode, nodeid, body, out_len)
     }
 
     /// Like [`Self::raw`], on queue `q`.
-    pub fn raw_on(
-        &mut self,
-        q: usize,
-        opcode: u32,
-        nodeid: u64,
-        body: &[u8],
-        out_len: u32,
-    ) -> Result<FuseReply> {
+    pub fn raw_on(&mut self, q: usize, opcode: u32, nodeid: u64, body: &[u8], out_len: u32) -> Result<FuseReply> {
         let (req, unique) = self.build_request(opcode, nodeid, body);
         let c = self.roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(out_len)])?;
         let r = FuseReply::parse(&c.bytes, c.used_len)?;
         if r.header.unique != unique {
-            return Err(FrontendError::Protocol(format!(
-                "unique {} != {unique}",
-                r.header.unique
-            )));
+            return Err(FrontendError::Protocol(format!("unique {} != {unique}", r.header.unique)));
         }
         Ok(r)
     }
@@ -230,10 +207,7 @@ impl FuseFrontend {
             .map(|(c, unique)| {
                 let r = FuseReply::parse(&c.bytes, c.used_len)?;
                 if r.header.unique != unique {
-                    return Err(FrontendError::Protocol(format!(
-                        "unique {} != {unique}",
-                        r.header.unique
-                    )));
+                    return Err(FrontendError::Protocol(format!("unique {} != {unique}", r.header.unique)));
                 }
                 Ok(r)
             })
@@ -244,12 +218,7 @@ impl FuseFrontend {
         self.raw(opcode, nodeid, body, out_len)?.into_result()
     }
 
-    fn call_struct<T: ByteValued + Default>(
-        &mut self,
-        opcode: u32,
-        nodeid: u64,
-        body: &[u8],
-    ) -> Result<T> {
+    fn call_struct<T: ByteValued + Default>(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> Result<T> {
         let out_len = (size_of::<OutHeader>() + size_of::<T>()) as u32;
         let b = self.call(opcode, nodeid, body, out_len)?;
         read_struct::<T>(&b)
@@ -272,21 +241,8 @@ impl FuseFrontend {
     }
 
     /// FUSE INIT with explicit values.
-    pub fn init_with(
-        &mut self,
-        major: u32,
-        minor: u32,
-        flags: u32,
-        max_readahead: u32,
-    ) -> Result<abi::InitOut> {
-        let body = abi::InitIn {
-            major,
-            minor,
-            max_readahead,
-            flags,
-            flags2: 0,
-            unused: [0; 11],
-        };
+    pub fn init_with(&mut self, major: u32, minor: u32, flags: u32, max_readahead: u32) -> Result<abi::InitOut> {
+        let body = abi::InitIn { major, minor, max_readahead, flags, flags2: 0, unused: [0; 11] };
         let out: abi::InitOut = self.call_struct(abi::FUSE_INIT, 0, body.as_slice())?;
         self.init_out = Some(out);
         Ok(out)
@@ -300,20 +256,14 @@ impl FuseFrontend {
 
     /// FORGET, on the hiprio queue (no reply; waits for the chain to be returned).
     pub fn forget(&mut self, ino: u64, nlookup: u64) -> Result<()> {
-        let (req, _) =
-            self.build_request(abi::FUSE_FORGET, ino, abi::ForgetIn { nlookup }.as_slice());
+        let (req, _) = self.build_request(abi::FUSE_FORGET, ino, abi::ForgetIn { nlookup }.as_slice());
         self.roundtrip_descs(0, &[DescSpec::In(req)])?;
         Ok(())
     }
 
     /// BATCH_FORGET, on the hiprio queue.
     pub fn batch_forget(&mut self, items: &[(u64, u64)]) -> Result<()> {
-        let mut body = abi::BatchForgetIn {
-            count: items.len() as u32,
-            dummy: 0,
-        }
-        .as_slice()
-        .to_vec();
+        let mut body = abi::BatchForgetIn { count: items.len() as u32, dummy: 0 }.as_slice().to_vec();
         for &(nodeid, nlookup) in items {
             body.extend_from_slice(abi::ForgetOne { nodeid, nlookup }.as_slice());
         }
@@ -332,15 +282,7 @@ impl FuseFrontend {
 
     /// OPEN; returns (fh, open_flags).
     pub fn open(&mut self, ino: u64, flags: u32) -> Result<(u64, u32)> {
-        let o: abi::OpenOut = self.call_struct(
-            abi::FUSE_OPEN,
-            ino,
-            abi::OpenIn {
-                flags,
-                open_flags: 0,
-            }
-            .as_slice(),
-        )?;
+        let o: abi::OpenOut = self.call_struct(abi::FUSE_OPEN, ino, abi::OpenIn { flags, open_flags: 0 }.as_slice())?;
         Ok((o.fh, o.open_flags))
     }
 
@@ -349,39 +291,20 @@ impl FuseFrontend {
         let o: abi::OpenOut = self.call_struct(
             abi::FUSE_OPENDIR,
             ino,
-            abi::OpenIn {
-                flags: libc::O_RDONLY as u32,
-                open_flags: 0,
-            }
-            .as_slice(),
+            abi::OpenIn { flags: libc::O_RDONLY as u32, open_flags: 0 }.as_slice(),
         )?;
         Ok((o.fh, o.open_flags))
     }
 
     fn read_body(fh: u64, offset: u64, size: u32) -> abi::ReadIn {
-        abi::ReadIn {
-            fh,
-            offset,
-            size,
-            read_flags: 0,
-            lock_owner: 0,
-            flags: libc::O_RDONLY as u32,
-            padding: 0,
-        }
+        abi::ReadIn { fh, offset, size, read_flags: 0, lock_owner: 0, flags: libc::O_RDONLY as u32, padding: 0 }
     }
 
     /// READ into a buffer laid out as the kernel does: out_header, then the data.
     pub fn read(&mut self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let (req, unique) = self.build_request(
-            abi::FUSE_READ,
-            ino,
-            Self::read_body(fh, offset, size).as_slice(),
-        );
+        let (req, unique) = self.build_request(abi::FUSE_READ, ino, Self::read_body(fh, offset, size).as_slice());
         let q = self.request_queue;
-        let c = self.roundtrip_descs(
-            q,
-            &[DescSpec::In(req), DescSpec::Out(16), DescSpec::Out(size)],
-        )?;
+        let c = self.roundtrip_descs(q, &[DescSpec::In(req), DescSpec::Out(16), DescSpec::Out(size)])?;
         let r = FuseReply::parse(&c.bytes, c.used_len)?;
         if r.header.unique != unique {
             return Err(FrontendError::Protocol("unique mismatch".into()));
@@ -390,33 +313,14 @@ impl FuseFrontend {
     }
 
     /// Submits a READ without waiting (for queue depth > 1); complete with `wait_all`.
-    pub fn submit_read(
-        &mut self,
-        q: usize,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        size: u32,
-    ) -> Result<u16> {
-        let (req, _) = self.build_request(
-            abi::FUSE_READ,
-            ino,
-            Self::read_body(fh, offset, size).as_slice(),
-        );
-        self.submit_descs(
-            q,
-            &[DescSpec::In(req), DescSpec::Out(16), DescSpec::Out(size)],
-        )
+    pub fn submit_read(&mut self, q: usize, ino: u64, fh: u64, offset: u64, size: u32) -> Result<u16> {
+        let (req, _) = self.build_request(abi::FUSE_READ, ino, Self::read_body(fh, offset, size).as_slice());
+        self.submit_descs(q, &[DescSpec::In(req), DescSpec::Out(16), DescSpec::Out(size)])
     }
 
     /// WRITE.
     pub fn write(&mut self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let w = abi::WriteIn {
-            fh,
-            offset,
-            size: data.len() as u32,
-            ..Default::default()
-        };
+        let w = abi::WriteIn { fh, offset, size: data.len() as u32, ..Default::default() };
         let mut body = w.as_slice().to_vec();
         body.extend_from_slice(data);
         let o: abi::WriteOut = self.call_struct(abi::FUSE_WRITE, ino, &body)?;
@@ -433,35 +337,17 @@ impl FuseFrontend {
 
     /// RELEASE or RELEASEDIR (the same release_in).
     fn release_op(&mut self, opcode: u32, ino: u64, fh: u64) -> Result<()> {
-        let body = abi::ReleaseIn {
-            fh,
-            ..Default::default()
-        };
+        let body = abi::ReleaseIn { fh, ..Default::default() };
         self.call(opcode, ino, body.as_slice(), 16).map(|_| ())
     }
 
     pub fn flush(&mut self, ino: u64, fh: u64) -> Result<()> {
-        let body = abi::FlushIn {
-            fh,
-            ..Default::default()
-        };
-        self.call(abi::FUSE_FLUSH, ino, body.as_slice(), 16)
-            .map(|_| ())
+        let body = abi::FlushIn { fh, ..Default::default() };
+        self.call(abi::FUSE_FLUSH, ino, body.as_slice(), 16).map(|_| ())
     }
 
-    fn readdir_any(
-        &mut self,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        size: u32,
-        plus: bool,
-    ) -> Result<Vec<DirEntryOwned>> {
-        let op = if plus {
-            abi::FUSE_READDIRPLUS
-        } else {
-            abi::FUSE_READDIR
-        };
+    fn readdir_any(&mut self, ino: u64, fh: u64, offset: u64, size: u32, plus: bool) -> Result<Vec<DirEntryOwned>> {
+        let op = if plus { abi::FUSE_READDIRPLUS } else { abi::FUSE_READDIR };
         let body = Self::read_body(fh, offset, size);
         let b = self.call(op, ino, body.as_slice(), size + 16)?;
         let mut out = Vec::new();
@@ -482,36 +368,18 @@ impl FuseFrontend {
             let name = rest
                 .get(fixed..fixed + nl)
                 .ok_or_else(|| FrontendError::Protocol("dirent name past the end".into()))?;
-            out.push(DirEntryOwned {
-                ino: dirent.ino,
-                off: dirent.off,
-                typ: dirent.typ,
-                name: name.to_vec(),
-                entry,
-            });
+            out.push(DirEntryOwned { ino: dirent.ino, off: dirent.off, typ: dirent.typ, name: name.to_vec(), entry });
             let rec = abi::dirent_align(fixed + nl);
             rest = rest.get(rec..).unwrap_or(&[]);
         }
         Ok(out)
     }
 
-    pub fn readdir(
-        &mut self,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<DirEntryOwned>> {
+    pub fn readdir(&mut self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<DirEntryOwned>> {
         self.readdir_any(ino, fh, offset, size, false)
     }
 
-    pub fn readdirplus(
-        &mut self,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<DirEntryOwned>> {
+    pub fn readdirplus(&mut self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<DirEntryOwned>> {
         self.readdir_any(ino, fh, offset, size, true)
     }
 
@@ -539,17 +407,11 @@ impl FuseFrontend {
 
     pub fn access(&mut self, ino: u64, mask: u32) -> Result<()> {
         let body = abi::AccessIn { mask, padding: 0 };
-        self.call(abi::FUSE_ACCESS, ino, body.as_slice(), 16)
-            .map(|_| ())
+        self.call(abi::FUSE_ACCESS, ino, body.as_slice(), 16).map(|_| ())
     }
 
     pub fn lseek(&mut self, ino: u64, fh: u64, offset: u64, whence: u32) -> Result<u64> {
-        let body = abi::LseekIn {
-            fh,
-            offset,
-            whence,
-            padding: 0,
-        };
+        let body = abi::LseekIn { fh, offset, whence, padding: 0 };
         let o: abi::LseekOut = self.call_struct(abi::FUSE_LSEEK, ino, body.as_slice())?;
         Ok(o.offset)
     }

@@ -8,8 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use incfs_fuse::{
-    Attr, Context, DeviceConfig, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs,
-    VirtioFsServer,
+    Attr, Context, DeviceConfig, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs, VirtioFsServer,
 };
 
 pub const ROOT: u64 = 1;
@@ -67,50 +66,14 @@ impl TestFs {
             ROOT,
             Node {
                 attr: attr(ROOT, libc::S_IFDIR | 0o555, 4096, 3),
-                children: vec![
-                    (b"dir", DIR),
-                    (b"file", FILE),
-                    (b"hard", FILE),
-                    (b"link", LINK),
-                    (b"slow", SLOW),
-                ],
+                children: vec![(b"dir", DIR), (b"file", FILE), (b"hard", FILE), (b"link", LINK), (b"slow", SLOW)],
             },
         );
-        nodes.insert(
-            DIR,
-            Node {
-                attr: attr(DIR, libc::S_IFDIR | 0o555, 4096, 2),
-                children: vec![(b"inner", INNER)],
-            },
-        );
-        nodes.insert(
-            FILE,
-            Node {
-                attr: attr(FILE, libc::S_IFREG | 0o444, FILE_SIZE as u64, 2),
-                children: vec![],
-            },
-        );
-        nodes.insert(
-            LINK,
-            Node {
-                attr: attr(LINK, libc::S_IFLNK | 0o777, 4, 1),
-                children: vec![],
-            },
-        );
-        nodes.insert(
-            SLOW,
-            Node {
-                attr: attr(SLOW, libc::S_IFREG | 0o444, 5, 1),
-                children: vec![],
-            },
-        );
-        nodes.insert(
-            INNER,
-            Node {
-                attr: attr(INNER, libc::S_IFREG | 0o400, 3, 1),
-                children: vec![],
-            },
-        );
+        nodes.insert(DIR, Node { attr: attr(DIR, libc::S_IFDIR | 0o555, 4096, 2), children: vec![(b"inner", INNER)] });
+        nodes.insert(FILE, Node { attr: attr(FILE, libc::S_IFREG | 0o444, FILE_SIZE as u64, 2), children: vec![] });
+        nodes.insert(LINK, Node { attr: attr(LINK, libc::S_IFLNK | 0o777, 4, 1), children: vec![] });
+        nodes.insert(SLOW, Node { attr: attr(SLOW, libc::S_IFREG | 0o444, 5, 1), children: vec![] });
+        nodes.insert(INNER, Node { attr: attr(INNER, libc::S_IFREG | 0o400, 3, 1), children: vec![] });
         TestFs {
             nodes,
             data: file_data(),
@@ -121,10 +84,7 @@ impl TestFs {
     }
 
     pub fn lookup_count(&self, ino: u64) -> u64 {
-        self.lookups
-            .lock()
-            .map(|m| m.get(&ino).copied().unwrap_or(0))
-            .unwrap_or(0)
+        self.lookups.lock().map(|m| m.get(&ino).copied().unwrap_or(0)).unwrap_or(0)
     }
 
     fn node(&self, ino: u64) -> Result<&Node, Errno> {
@@ -159,12 +119,7 @@ impl FileSystem for TestFs {
         if p.attr.mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(libc::ENOTDIR);
         }
-        let ino = p
-            .children
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, i)| *i)
-            .ok_or(libc::ENOENT)?;
+        let ino = p.children.iter().find(|(n, _)| *n == name).map(|(_, i)| *i).ok_or(libc::ENOENT)?;
         if let Ok(mut m) = self.lookups.lock() {
             *m.entry(ino).or_default() += 1;
         }
@@ -221,13 +176,7 @@ impl FileSystem for TestFs {
         }
     }
 
-    fn readdir(
-        &self,
-        ino: u64,
-        _fh: u64,
-        offset: u64,
-        sink: &mut dyn DirSink,
-    ) -> Result<(), Errno> {
+    fn readdir(&self, ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {
         let n = self.node(ino)?;
         if n.attr.mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(libc::ENOTDIR);
@@ -241,12 +190,7 @@ impl FileSystem for TestFs {
                 libc::S_IFLNK => libc::DT_LNK,
                 _ => libc::DT_REG,
             };
-            if !sink.add(DirEntry {
-                ino: *child,
-                offset: i as u64 + 1,
-                kind: kind.into(),
-                name,
-            }) {
+            if !sink.add(DirEntry { ino: *child, offset: i as u64 + 1, kind: kind.into(), name }) {
                 break;
             }
         }
@@ -254,11 +198,7 @@ impl FileSystem for TestFs {
     }
 
     fn statfs(&self, _ino: u64) -> Result<StatFs, Errno> {
-        Ok(StatFs {
-            blocks: 100,
-            files: 6,
-            ..Default::default()
-        })
+        Ok(StatFs { blocks: 100, files: 6, ..Default::default() })
     }
 
     fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
@@ -272,11 +212,7 @@ impl FileSystem for TestFs {
 
     fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, Errno> {
         self.node(ino)?;
-        Ok(if ino == FILE {
-            vec![b"user.test".to_vec(), b"user.other".to_vec()]
-        } else {
-            vec![]
-        })
+        Ok(if ino == FILE { vec![b"user.test".to_vec(), b"user.other".to_vec()] } else { vec![] })
     }
 
     fn lseek(&self, ino: u64, _fh: u64, offset: u64, whence: u32) -> Result<u64, Errno> {
@@ -307,32 +243,16 @@ impl Harness {
     pub fn start(cfg: DeviceConfig, connections: usize) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("vfs.sock");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let fs = Arc::new(TestFs::new());
-        let mut server =
-            VirtioFsServer::bind(&socket, fs.clone(), cfg, rt.handle().clone()).expect("bind");
+        let mut server = VirtioFsServer::bind(&socket, fs.clone(), cfg, rt.handle().clone()).expect("bind");
         let stopper = server.stopper();
-        let thread =
-            std::thread::spawn(move || (0..connections).map(|_| server.serve_one()).collect());
-        Harness {
-            fs,
-            socket,
-            rt,
-            stopper,
-            thread: Some(thread),
-            _dir: dir,
-        }
+        let thread = std::thread::spawn(move || (0..connections).map(|_| server.serve_one()).collect());
+        Harness { fs, socket, rt, stopper, thread: Some(thread), _dir: dir }
     }
 
     /// Waits for the server thread (all its connections must have ended).
     pub fn join(&mut self) -> Vec<incfs_fuse::Result<bool>> {
-        self.thread
-            .take()
-            .map(|t| t.join().expect("server thread panicked"))
-            .unwrap_or_default()
+        self.thread.take().map(|t| t.join().expect("server thread panicked")).unwrap_or_default()
     }
 }
