@@ -10,7 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use incfs_fuse::{abi, Attr, Context, DirEntry, DirSink, DirectBuf, Entry, Errno, FileSystem, Reply, StatFs};
+use incfs_buf::ScatterBuf;
+use incfs_fuse::{abi, Attr, Context, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs};
 use sha2::{Digest, Sha256};
 
 use crate::control::{Control, Lookup};
@@ -206,7 +207,7 @@ impl FileSystem for ImageFs {
         offset: u64,
         size: u32,
         ctx: &Context,
-        buf: &mut DirectBuf<'_>,
+        buf: &mut ScatterBuf<'_>,
     ) -> Option<u32> {
         if Control::is_control(ino) {
             return None;

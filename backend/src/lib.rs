@@ -1,22 +1,14 @@
-//! virtio-incfs host side: incremental images, the lazy block engine, and the devices that
-//! serve them to VM guests.
+//! virtio-incfs host daemon: the devices that serve incremental images to VM guests.
 //!
-//! Data flows one way: device (guest request) -> filesystem -> [`engine`] (cache -> fetch ->
-//! remote). The image format lives in [`image`]; stores and remotes in [`store`].
+//! Data flows one way: device (guest request) -> filesystem ([`fs`], [`control`]) -> block
+//! engine (`incfs_storage`: cache -> fetch -> store). The storage modules are re-exported
+//! here under their old paths.
 
 pub mod blk;
-pub mod cache;
 pub mod control;
 pub mod daemon;
-pub mod engine;
-pub mod error;
 pub mod fs;
-pub mod image;
-pub mod inspect;
 pub mod metrics;
-pub mod pack;
-pub mod serve;
-pub mod store;
-pub mod trace;
 
-pub use error::{Error, Result};
+pub use incfs_storage::{cache, engine, error, image, inspect, pack, serve, store, trace};
+pub use incfs_storage::{Error, Result};

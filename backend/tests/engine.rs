@@ -18,7 +18,7 @@ use incfs::engine::{Engine, EngineConfig};
 use incfs::image::{ImageId, InodeKind};
 use incfs::pack::{pack, PackOptions};
 use incfs::store::{Remote, Store};
-use incfs_fuse::DirectBuf;
+use incfs_buf::ScatterBuf;
 use support::*;
 
 const GIB: u64 = 1 << 30;
@@ -451,7 +451,7 @@ fn read_direct(e: &Engine, ino: u32, off: u64, len: u32) -> Option<Vec<u8>> {
     let p = mem.as_mut_ptr();
     let pieces = [(0, 1000), (1000, 3096), (4096, mem.len() - 4096)];
     // SAFETY: disjoint pieces of `mem`, which outlives the buffer.
-    let mut buf = unsafe { DirectBuf::new(pieces.iter().map(|&(at, n)| (p.add(at), n)).collect()) };
+    let mut buf = unsafe { ScatterBuf::new(pieces.iter().map(|&(at, n)| (p.add(at), n)).collect()) };
     let n = e.read_cached_into(ino, off, len, &mut buf).expect("direct read")?;
     drop(buf);
     assert!(mem[n as usize..].iter().all(|&b| b == 0xee), "nothing written past the data");

@@ -15,8 +15,8 @@ use tracing::{debug, trace, warn};
 use vm_memory::ByteValued;
 
 use crate::abi::{self, read_struct, InHeader, OutHeader};
-use crate::direct::DirectBuf;
 use crate::filesystem::{Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply};
+use incfs_buf::ScatterBuf;
 
 const PAGE_SIZE: u32 = 4096;
 /// Pages per request the kernel assumes when MAX_PAGES is not negotiated.
@@ -337,7 +337,7 @@ impl Dispatcher {
     /// whole writable area of the chain), when it can without waiting. Returns the reply
     /// length; `None` for anything else, which then goes through [`Dispatcher::dispatch`]
     /// (and gets its errors from there).
-    pub fn read_direct(&self, req: &[u8], out: &mut DirectBuf<'_>) -> Option<u32> {
+    pub fn read_direct(&self, req: &[u8], out: &mut ScatterBuf<'_>) -> Option<u32> {
         let (hdr, _) = read_struct::<InHeader>(req)?;
         let len = hdr.len as usize;
         if hdr.opcode != abi::FUSE_READ || len < size_of::<InHeader>() || len > req.len() || !self.is_initialized() {
@@ -840,7 +840,7 @@ mod tests {
             offset: u64,
             size: u32,
             _ctx: &Context,
-            buf: &mut DirectBuf<'_>,
+            buf: &mut ScatterBuf<'_>,
         ) -> Option<u32> {
             if offset % 2 == 1 {
                 return None;
@@ -997,7 +997,7 @@ mod tests {
         };
         let direct = |d: &Dispatcher, r: &[u8], cap: usize| {
             let mut mem = vec![0xeeu8; cap];
-            let n = d.read_direct(r, &mut DirectBuf::from_slice(&mut mem));
+            let n = d.read_direct(r, &mut ScatterBuf::from_slice(&mut mem));
             (n, mem)
         };
         let (n, mem) = direct(&d, &read(2, 4096), 8192);

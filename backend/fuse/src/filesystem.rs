@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crate::abi;
-use crate::direct::DirectBuf;
+use incfs_buf::ScatterBuf;
 
 /// A positive `libc` errno value (`libc::ENOENT`, ...).
 pub type Errno = i32;
@@ -234,7 +234,7 @@ pub trait FileSystem: Send + Sync + 'static {
         _offset: u64,
         _size: u32,
         _ctx: &Context,
-        _buf: &mut DirectBuf<'_>,
+        _buf: &mut ScatterBuf<'_>,
     ) -> Option<u32> {
         None
     }

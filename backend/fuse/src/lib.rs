@@ -18,7 +18,7 @@
 //! ```
 
 pub mod abi;
-pub mod direct;
+
 pub mod dispatch;
 pub mod filesystem;
 #[cfg(feature = "frontend")]
@@ -26,7 +26,7 @@ pub mod frontend;
 pub mod server;
 pub mod virtio_fs;
 
-pub use direct::DirectBuf;
 pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 pub use filesystem::{Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply, StatFs};
+pub use incfs_buf::ScatterBuf;
 pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFsServer};

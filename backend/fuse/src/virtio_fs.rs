@@ -33,11 +33,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::abi::{InHeader, OutHeader};
-use crate::direct::DirectBuf;
 use crate::dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 use crate::filesystem::FileSystem;
 pub use crate::server::ServerStopper;
 use crate::server::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
+use incfs_buf::ScatterBuf;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -265,7 +265,7 @@ impl Completer {
         &self,
         head: u16,
         writable: &[(GuestAddress, usize)],
-        read: impl FnOnce(&mut DirectBuf<'_>) -> Option<u32>,
+        read: impl FnOnce(&mut ScatterBuf<'_>) -> Option<u32>,
     ) -> bool {
         let mut state = self.vring.get_mut();
         if self.queue.generation.load(Ordering::Acquire) != self.generation || !state.get_queue().ready() {
@@ -287,7 +287,7 @@ impl Completer {
         // mapped each to host memory that `mem` keeps mapped for this scope, and the device
         // owns the descriptors until add_used. Guest descriptors could overlap each other;
         // that only garbles what this guest reads, never host memory.
-        let mut buf = unsafe { DirectBuf::new(segs) };
+        let mut buf = unsafe { ScatterBuf::new(segs) };
         let Some(len) = read(&mut buf) else {
             return false;
         };

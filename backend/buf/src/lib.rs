@@ -1,8 +1,8 @@
-//! Zero-copy READ replies: file data goes from the host file straight into the guest's
-//! writable buffers (one `preadv`), instead of into a `Vec` that is then copied into guest
-//! memory. virtiofsd answers READ the same way.
+//! The buffer every layer reads into: scattered host memory. Zero-copy READ replies go from
+//! the host file straight into the guest's writable buffers (one `preadv`), instead of into a
+//! `Vec` that is then copied into guest memory. virtiofsd answers READ the same way.
 //!
-//! A [`DirectBuf`] is the writable part of one descriptor chain as host memory. The guest may
+//! A [`ScatterBuf`] is the writable part of one descriptor chain as host memory. The guest may
 //! look at that memory at any time, so no Rust reference to it is ever made: the kernel
 //! writes it (`preadv`) or raw-pointer copies do. Offsets are relative to a base that the
 //! dispatcher moves past the FUSE out_header before handing the buffer to the filesystem.
@@ -16,26 +16,26 @@ use std::os::fd::AsRawFd;
 const IOV_MAX: usize = 1024;
 
 /// Host memory of a guest's writable descriptors, valid for `'a`.
-pub struct DirectBuf<'a> {
+pub struct ScatterBuf<'a> {
     segs: Vec<(*mut u8, usize)>,
     total: usize,
     base: usize,
     _mem: PhantomData<&'a mut [u8]>,
 }
 
-impl<'a> DirectBuf<'a> {
+impl<'a> ScatterBuf<'a> {
     /// # Safety
     /// Every `(ptr, len)` must be valid for writes of `len` bytes for `'a`, and must not
     /// overlap memory Rust holds a reference to. (Segments overlapping each other, as a
     /// guest's descriptors may, only garble what ends up there.)
     pub unsafe fn new(segs: Vec<(*mut u8, usize)>) -> Self {
         let total = segs.iter().map(|s| s.1).sum();
-        DirectBuf { segs, total, base: 0, _mem: PhantomData }
+        ScatterBuf { segs, total, base: 0, _mem: PhantomData }
     }
 
     /// A buffer over memory the caller owns (tests, and transports that are not guests).
     pub fn from_slice(buf: &'a mut [u8]) -> Self {
-        // SAFETY: the exclusive borrow of `buf` lasts as long as the DirectBuf.
+        // SAFETY: the exclusive borrow of `buf` lasts as long as the ScatterBuf.
         unsafe { Self::new(vec![(buf.as_mut_ptr(), buf.len())]) }
     }
 
@@ -49,7 +49,7 @@ impl<'a> DirectBuf<'a> {
     }
 
     /// Moves the base to `base` bytes from the start of the writable area.
-    pub(crate) fn set_base(&mut self, base: usize) {
+    pub fn set_base(&mut self, base: usize) {
         self.base = base.min(self.total);
     }
 
@@ -140,10 +140,10 @@ mod tests {
     use std::io::Write;
 
     /// Three segments of odd sizes over one Vec, as a guest's scattered pages would be.
-    fn scattered(mem: &mut [u8]) -> DirectBuf<'_> {
+    fn scattered(mem: &mut [u8]) -> ScatterBuf<'_> {
         let p = mem.as_mut_ptr();
         // SAFETY: disjoint ranges of `mem`, which outlives the buffer.
-        unsafe { DirectBuf::new(vec![(p, 5), (p.add(5), 4096), (p.add(4101), 3000)]) }
+        unsafe { ScatterBuf::new(vec![(p, 5), (p.add(5), 4096), (p.add(4101), 3000)]) }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use incfs_fuse::DirectBuf;
+use incfs_buf::ScatterBuf;
 
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
@@ -345,7 +345,7 @@ impl Engine {
     /// Reads from the cache only, straight into a guest's buffer: Some(bytes) when the read
     /// starts on a block boundary and every block is cached, None otherwise (then nothing
     /// is counted and the caller reads the ordinary way). Never waits.
-    pub fn read_cached_into(&self, ino: u32, offset: u64, len: u32, out: &mut DirectBuf<'_>) -> Result<Option<u32>> {
+    pub fn read_cached_into(&self, ino: u32, offset: u64, len: u32, out: &mut ScatterBuf<'_>) -> Result<Option<u32>> {
         let f = self.file(ino)?;
         if offset % BLOCK_SIZE as u64 != 0 {
             return Ok(None);

@@ -36,7 +36,7 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use incfs_fuse::DirectBuf;
+use incfs_buf::ScatterBuf;
 
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Hash, ImageId, BLOCK_SIZE};
@@ -343,7 +343,7 @@ impl BlockCache {
         &self,
         first: u64,
         hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone,
-        out: &mut DirectBuf<'_>,
+        out: &mut ScatterBuf<'_>,
         at: usize,
         len: usize,
     ) -> Result<bool> {
