@@ -15,12 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use incfs_fuse::{abi, Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, Reply};
+use incfs_fuse::{abi, Attr, Context, DirEntry, DirSink, Entry, Errno, Reply};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::fs::ReadObserver;
 use crate::image::{BlockKind, BLOCK_SIZE};
 
 /// Set in every control inode number.
@@ -176,21 +177,6 @@ pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// Releases a parked read's pending records however its future ends (done or dropped).
-struct PendingGuard {
-    control: Arc<Control>,
-    serials: Vec<u64>,
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        let mut p = lock(&self.control.pending);
-        for s in &self.serials {
-            p.records.remove(s);
-        }
-    }
-}
-
 impl Control {
     pub fn new(engine: Arc<Engine>) -> Arc<Self> {
         let img = engine.image();
@@ -227,74 +213,8 @@ impl Control {
         self.by_id.get(id).copied()
     }
 
-    // ---- the data path: what the filesystem tells us about reads of image files ----
-
-    /// Logs a read of image file `idx` (every block it covers) by `uid`.
-    pub fn note_read(&self, idx: u32, offset: u64, size: u32, uid: u32) {
-        let (Some(id), Ok((first, last))) = (self.id_of(idx), self.engine.block_span(idx, offset, size)) else {
-            return;
-        };
-        if first >= last {
-            return;
-        }
-        let ts = now_us();
-        let serial = {
-            let mut log = lock(&self.log);
-            for block in first..last {
-                if log.ring.len() >= LOG_CAPACITY {
-                    log.ring.pop_front();
-                    self.counters.log_records_dropped.fetch_add(1, Relaxed);
-                }
-                let serial = log.next_serial;
-                log.next_serial += 1;
-                log.ring.push_back(ReadRecord { file_id: id, timestamp_us: ts, block, serial, uid });
-            }
-            log.next_serial
-        };
-        self.log_tx.send_replace(serial);
-    }
-
-    /// A read that missed the cache: registers one pending record per missing block, then
-    /// waits for the engine; the records go when the read ends (or is dropped).
-    pub fn park_read(self: &Arc<Self>, idx: u32, offset: u64, size: u32, uid: u32) -> BoxFuture<Vec<u8>> {
-        let missing = self.engine.missing_blocks(idx, offset, size).unwrap_or_default();
-        let id = self.id_of(idx).unwrap_or_default();
-        let ts = now_us();
-        let serials: Vec<u64> = {
-            let mut p = lock(&self.pending);
-            missing
-                .iter()
-                .map(|&block| {
-                    let serial = p.next_serial;
-                    p.next_serial += 1;
-                    p.records.insert(serial, ReadRecord { file_id: id, timestamp_us: ts, block, serial, uid });
-                    serial
-                })
-                .collect()
-        };
-        if let Some(&last) = serials.last() {
-            self.pending_tx.send_replace(last);
-        }
-        let guard = PendingGuard { control: self.clone(), serials };
-        let me = self.clone();
-        let first_missing =
-            missing.first().copied().or_else(|| me.engine.block_span(idx, offset, size).ok().map(|s| s.0)).unwrap_or(0);
-        Box::pin(async move {
-            let start = Instant::now();
-            let res = me.engine.read(idx, offset, size).await;
-            drop(guard);
-            me.counters.reads_delayed_pending.fetch_add(1, Relaxed);
-            me.counters.reads_delayed_pending_us.fetch_add(start.elapsed().as_micros() as u64, Relaxed);
-            res.map_err(|e| {
-                let errno = e.errno();
-                me.read_failed(id, first_missing, errno, uid);
-                errno
-            })
-        })
-    }
-
     /// Records a failed read of an image file (the last read error and the counters).
-    pub fn read_failed(&self, file_id: [u8; 16], block: u32, errno: Errno, uid: u32) {
+    fn note_failure(&self, file_id: [u8; 16], block: u32, errno: Errno, uid: u32) {
         let c = match errno {
             libc::ETIME => &self.counters.reads_failed_timed_out,
             libc::EBADMSG => &self.counters.reads_failed_hash_verification,
@@ -302,11 +222,6 @@ impl Control {
         };
         c.fetch_add(1, Relaxed);
         *lock(&self.last_error) = Some(LastError { file_id, time_us: now_us(), block, errno: errno as u32, uid });
-    }
-
-    /// File id of an image inode index, for the filesystem's error path.
-    pub fn file_id_of(&self, idx: u32) -> [u8; 16] {
-        self.id_of(idx).unwrap_or_default()
     }
 
     /// Currently pending reads (for tests and diagnostics).
@@ -716,5 +631,65 @@ impl Control {
                 Err(e.errno())
             }
         }
+    }
+}
+
+/// The control channel watches reads of image files: every read goes to `.log`, a read that
+/// waits puts one record per missing block in `.pending_reads` until it ends, a failure
+/// becomes `.last_read_error`.
+impl ReadObserver for Control {
+    fn read_started(&self, file: u32, first: u32, last: u32, uid: u32) {
+        let Some(id) = self.id_of(file) else { return };
+        let ts = now_us();
+        let serial = {
+            let mut log = lock(&self.log);
+            for block in first..last {
+                if log.ring.len() >= LOG_CAPACITY {
+                    log.ring.pop_front();
+                    self.counters.log_records_dropped.fetch_add(1, Relaxed);
+                }
+                let serial = log.next_serial;
+                log.next_serial += 1;
+                log.ring.push_back(ReadRecord { file_id: id, timestamp_us: ts, block, serial, uid });
+            }
+            log.next_serial
+        };
+        self.log_tx.send_replace(serial);
+    }
+
+    fn read_parked(&self, file: u32, missing: &[u32], uid: u32) -> Vec<u64> {
+        let id = self.id_of(file).unwrap_or_default();
+        let ts = now_us();
+        let serials: Vec<u64> = {
+            let mut p = lock(&self.pending);
+            missing
+                .iter()
+                .map(|&block| {
+                    let serial = p.next_serial;
+                    p.next_serial += 1;
+                    p.records.insert(serial, ReadRecord { file_id: id, timestamp_us: ts, block, serial, uid });
+                    serial
+                })
+                .collect()
+        };
+        if let Some(&last) = serials.last() {
+            self.pending_tx.send_replace(last);
+        }
+        serials
+    }
+
+    fn read_ended(&self, parked: Vec<u64>, waited: Duration) {
+        {
+            let mut p = lock(&self.pending);
+            for s in &parked {
+                p.records.remove(s);
+            }
+        }
+        self.counters.reads_delayed_pending.fetch_add(1, Relaxed);
+        self.counters.reads_delayed_pending_us.fetch_add(waited.as_micros() as u64, Relaxed);
+    }
+
+    fn read_failed(&self, file: u32, block: u32, errno: Errno, uid: u32) {
+        self.note_failure(self.id_of(file).unwrap_or_default(), block, errno, uid);
     }
 }

@@ -10,7 +10,7 @@ use incfs_fuse::{DeviceConfig, VirtioFsServer};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
-use crate::fs::ImageFs;
+use crate::fs::MountFs;
 use crate::image::ImageId;
 use crate::metrics;
 use crate::trace;
@@ -164,7 +164,7 @@ pub fn run(cfg: RunConfig) -> Result<()> {
         rt.spawn(metrics::serve(listener, engine.clone()));
     }
 
-    let fs = Arc::new(ImageFs::new(engine.clone()));
+    let fs = Arc::new(MountFs::new(engine.clone()));
     let dev = DeviceConfig {
         request_queues: cfg.queues.max(1),
         threads: cfg.threads.clamp(1, cfg.queues.max(1)),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use incfs::cache::BlockCache;
 use incfs::control::{Control, CTL_BIT, FILL_HEADER_SIZE, LOG_CAPACITY, RECORD_SIZE};
 use incfs::engine::{Engine, EngineConfig, FillSource};
-use incfs::fs::ImageFs;
+use incfs::fs::MountFs;
 use incfs::image::ImageId;
 use incfs::pack::{pack, PackOptions};
 use incfs::store::{Remote, Store};
@@ -19,7 +19,7 @@ use support::pseudo_random;
 const ROOT: u64 = 1;
 
 struct Setup {
-    fs: Arc<ImageFs>,
+    fs: Arc<MountFs>,
     data: Vec<u8>,
     _dir: tempfile::TempDir,
 }
@@ -40,7 +40,12 @@ async fn setup(fill: FillSource, read_timeout: Duration) -> Setup {
     let remote = Remote::open(store.to_str().expect("utf8"), cfg.attempt_timeout).expect("remote");
     let cache = Arc::new(BlockCache::open(&dir.path().join("cache")).expect("cache"));
     let engine = Engine::open(remote, id, cache, cfg).await.expect("engine");
-    Setup { fs: Arc::new(ImageFs::new(engine)), data, _dir: dir }
+    Setup { fs: Arc::new(MountFs::new(engine)), data, _dir: dir }
+}
+
+/// READ through the FileSystem trait into a fresh buffer, as the dispatcher would.
+fn read(fs: &MountFs, ino: u64, fh: u64, offset: u64, size: u32, ctx: &Context) -> Reply<Vec<u8>> {
+    incfs_fuse::read_to_vec(fs, ino, fh, offset, size, ctx)
 }
 
 async fn done<T>(r: Reply<T>) -> Result<T, Errno> {
@@ -54,18 +59,18 @@ fn ctx(uid: u32) -> Context {
     Context { uid, gid: uid, pid: 42 }
 }
 
-fn ino(fs: &ImageFs, parent: u64, name: &str) -> u64 {
+fn ino(fs: &MountFs, parent: u64, name: &str) -> u64 {
     fs.lookup(parent, name.as_bytes()).expect(name).ino
 }
 
-fn file_id(fs: &ImageFs, ino: u64) -> [u8; 16] {
+fn file_id(fs: &MountFs, ino: u64) -> [u8; 16] {
     let hex_id = fs.getxattr(ino, b"user.incfs.id").expect("id");
     let mut id = [0u8; 16];
     hex::decode_to_slice(&hex_id, &mut id).expect("hex");
     id
 }
 
-fn open_ctl(fs: &ImageFs, name: &str, flags: i32) -> (u64, u64) {
+fn open_ctl(fs: &MountFs, name: &str, flags: i32) -> (u64, u64) {
     let i = ino(fs, ROOT, name);
     let (fh, open_flags) = fs.open(i, flags as u32).expect("open");
     assert_ne!(open_flags & abi::FOPEN_DIRECT_IO, 0, "{name} must be direct I/O");
@@ -109,21 +114,21 @@ fn fill_record(id: &[u8; 16], block: u32, compression: u8, data: &[u8]) -> Vec<u
     out
 }
 
-fn set_timeout(fs: &ImageFs, i: u64, fh: u64, ms: u32) {
+fn set_timeout(fs: &MountFs, i: u64, fh: u64, ms: u32) {
     let Reply::Ready(r) = fs.write(i, fh, 0, &ms.to_le_bytes(), &ctx(0)) else { panic!("timeout write parked") };
     assert_eq!(r, Ok(4));
 }
 
-fn stat(fs: &ImageFs, name: &str) -> u64 {
+fn stat(fs: &MountFs, name: &str) -> u64 {
     let text = read_text(fs, ".stats");
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
         .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
-fn read_text(fs: &ImageFs, name: &str) -> String {
+fn read_text(fs: &MountFs, name: &str) -> String {
     let (i, fh) = open_ctl(fs, name, libc::O_RDONLY);
-    let Reply::Ready(r) = fs.read(i, fh, 0, 65536, &ctx(0)) else { panic!("parked") };
+    let Reply::Ready(r) = read(fs, i, fh, 0, 65536, &ctx(0)) else { panic!("parked") };
     fs.release(i, fh);
     String::from_utf8(r.expect("read")).expect("utf8")
 }
@@ -145,24 +150,24 @@ async fn pending_read_is_reported_and_filled() {
     let (p, pfh) = open_ctl(fs, ".pending_reads", libc::O_RDWR);
 
     // Nothing pending: incfs's answer is an empty read at once.
-    assert_eq!(done(fs.read(p, pfh, 0, 4096, &ctx(0))).await, Ok(vec![]));
+    assert_eq!(done(read(fs, p, pfh, 0, 4096, &ctx(0))).await, Ok(vec![]));
     // Smaller than one record.
-    assert_eq!(done(fs.read(p, pfh, 0, 39, &ctx(0))).await, Err(libc::EINVAL));
+    assert_eq!(done(read(fs, p, pfh, 0, 39, &ctx(0))).await, Err(libc::EINVAL));
 
-    let reader = match fs.read(a, 0, 4096, 4096, &ctx(1234)) {
+    let reader = match read(fs, a, 0, 4096, 4096, &ctx(1234)) {
         Reply::Pending(f) => tokio::spawn(f),
         Reply::Ready(r) => panic!("block 1 should be missing, got {r:?}"),
     };
     let before = Instant::now();
-    let recs = records(&done(fs.read(p, pfh, 0, 4096, &ctx(0))).await.expect("pending"));
+    let recs = records(&done(read(fs, p, pfh, 0, 4096, &ctx(0))).await.expect("pending"));
     assert_eq!(recs.len(), 1, "{recs:?}");
     assert_eq!((recs[0].id, recs[0].block, recs[0].uid), (id, 1, 1234));
     assert!(recs[0].serial >= 1 && recs[0].ts > 0);
     // The cursor moved past it.
-    assert_eq!(done(fs.read(p, pfh, 0, 4096, &ctx(0))).await, Ok(vec![]));
+    assert_eq!(done(read(fs, p, pfh, 0, 4096, &ctx(0))).await, Ok(vec![]));
     // A fresh handle sees it again.
     let (_, pfh2) = open_ctl(fs, ".pending_reads", libc::O_RDONLY);
-    assert_eq!(records(&done(fs.read(p, pfh2, 0, 4096, &ctx(0))).await.expect("pending")).len(), 1);
+    assert_eq!(records(&done(read(fs, p, pfh2, 0, 4096, &ctx(0))).await.expect("pending")).len(), 1);
 
     let (f, ffh) = open_ctl(fs, ".fill", libc::O_WRONLY);
     let rec = fill_record(&id, 1, 0, &s.data[4096..8192]);
@@ -178,7 +183,7 @@ async fn pending_read_is_reported_and_filled() {
     assert_eq!(stat(fs, "reads_delayed_pending"), 1);
     assert_eq!(read_text(fs, ".blocks_written"), "1");
     // The file is served from the cache now.
-    assert!(matches!(fs.read(a, 0, 4096, 4096, &ctx(0)), Reply::Ready(Ok(_))));
+    assert!(matches!(read(fs, a, 0, 4096, 4096, &ctx(0)), Reply::Ready(Ok(_))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,14 +196,14 @@ async fn long_poll_wakes_on_a_new_pending_read_and_times_out_otherwise() {
     // Over the cap: clamped, not refused; a bad length is refused.
     assert_eq!(done(fs.write(p, pfh, 0, &[1, 2, 3], &ctx(0))).await, Err(libc::EINVAL));
 
-    let poll = match fs.read(p, pfh, 0, 40 * 16, &ctx(0)) {
+    let poll = match read(&fs, p, pfh, 0, 40 * 16, &ctx(0)) {
         Reply::Pending(f) => tokio::spawn(f),
         Reply::Ready(r) => panic!("long poll answered at once: {r:?}"),
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!poll.is_finished());
     let t = Instant::now();
-    let reader = match fs.read(a, 0, 2 * 4096, 4096, &ctx(7)) {
+    let reader = match read(&fs, a, 0, 2 * 4096, 4096, &ctx(7)) {
         Reply::Pending(f) => tokio::spawn(f),
         Reply::Ready(_) => panic!("expected a miss"),
     };
@@ -209,7 +214,7 @@ async fn long_poll_wakes_on_a_new_pending_read_and_times_out_otherwise() {
     // Nothing new: the poll ends empty at its timeout.
     set_timeout(&fs, p, pfh, 300);
     let t = Instant::now();
-    assert_eq!(done(fs.read(p, pfh, 0, 4096, &ctx(0))).await, Ok(vec![]));
+    assert_eq!(done(read(&fs, p, pfh, 0, 4096, &ctx(0))).await, Ok(vec![]));
     let took = t.elapsed();
     assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(2), "{took:?}");
     // The reader was never filled: ETIME at the read timeout.
@@ -223,7 +228,7 @@ async fn wrong_fill_is_rejected_and_the_reader_times_out() {
     let a = ino(fs, ROOT, "a");
     let id = file_id(fs, a);
     let t = Instant::now();
-    let reader = match fs.read(a, 0, 0, 4096, &ctx(1000)) {
+    let reader = match read(fs, a, 0, 0, 4096, &ctx(1000)) {
         Reply::Pending(f) => tokio::spawn(f),
         Reply::Ready(_) => panic!("expected a miss"),
     };
@@ -248,7 +253,7 @@ async fn wrong_fill_is_rejected_and_the_reader_times_out() {
     assert_eq!(read_text(fs, ".blocks_written"), "0");
 
     let (e, efh) = open_ctl(fs, ".last_read_error", libc::O_RDONLY);
-    let b = done(fs.read(e, efh, 0, 4096, &ctx(0))).await.expect("read");
+    let b = done(read(fs, e, efh, 0, 4096, &ctx(0))).await.expect("read");
     assert_eq!(b.len(), 40);
     assert_eq!(&b[..16], &id);
     assert!(u64::from_le_bytes(b[16..24].try_into().expect("8")) > 0);
@@ -293,14 +298,14 @@ async fn fill_errors_follow_incfs() {
     // Filled ranges: blocks 0, 1 and 5 of 6.
     let fi = ino(fs, ino(fs, ROOT, ".filled"), &hex::encode(id));
     let (fh, _) = fs.open(fi, libc::O_RDONLY as u32).expect("open");
-    let b = done(fs.read(fi, fh, 0, 4096, &ctx(0))).await.expect("read");
+    let b = done(read(fs, fi, fh, 0, 4096, &ctx(0))).await.expect("read");
     let u = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
     assert_eq!(u64::from_le_bytes(b[..8].try_into().expect("8")), s.data.len() as u64);
     assert_eq!((u(8), u(12), u(16), u(20)), (6, 3, 2, 0));
     assert_eq!((u(32), u(36), u(40), u(44)), (0, 2, 5, 6));
     assert_eq!(b.len(), 48);
     // Reading the snapshot at an offset (as `cat` with a small buffer would).
-    assert_eq!(done(fs.read(fi, fh, 40, 100, &ctx(0))).await.expect("read"), b[40..].to_vec());
+    assert_eq!(done(read(fs, fi, fh, 40, 100, &ctx(0))).await.expect("read"), b[40..].to_vec());
     // Writes to other control files and to image files are refused.
     assert!(matches!(fs.write(a, 0, 0, b"x", &ctx(0)), Reply::Ready(Err(libc::EROFS))));
     let bw = ino(fs, ROOT, ".blocks_written");
@@ -374,11 +379,11 @@ async fn namespace_index_incomplete_and_hidden_root() {
     // Fully loaded flag in .filled.
     let fi = ino(fs, ino(fs, ROOT, ".filled"), &idb);
     let (fh, _) = fs.open(fi, 0).expect("open");
-    let bytes = done(fs.read(fi, fh, 0, 4096, &ctx(0))).await.expect("read");
+    let bytes = done(read(fs, fi, fh, 0, 4096, &ctx(0))).await.expect("read");
     assert_eq!(u32::from_le_bytes(bytes[20..24].try_into().expect("4")), 1);
     // Control handles are released; a released handle is refused.
     fs.release(fi, fh);
-    assert_eq!(done(fs.read(fi, fh, 0, 4096, &ctx(0))).await, Err(libc::EBADF));
+    assert_eq!(done(read(fs, fi, fh, 0, 4096, &ctx(0))).await, Err(libc::EBADF));
     assert!(Control::is_control(fi));
 }
 
@@ -389,10 +394,10 @@ async fn read_log_records_every_block_read_in_a_bounded_ring() {
     let zeros = ino(fs, ROOT, "zeros");
     let idz = file_id(fs, zeros);
     let (l, lfh) = open_ctl(fs, ".log", libc::O_RDWR);
-    assert_eq!(done(fs.read(l, lfh, 0, 4096, &ctx(0))).await, Ok(vec![]));
+    assert_eq!(done(read(fs, l, lfh, 0, 4096, &ctx(0))).await, Ok(vec![]));
     // One read of 3 blocks by uid 5.
-    assert_eq!(done(fs.read(zeros, 0, 4096, 3 * 4096, &ctx(5))).await.map(|d| d.len()), Ok(3 * 4096));
-    let recs = records(&done(fs.read(l, lfh, 0, 4096, &ctx(0))).await.expect("log"));
+    assert_eq!(done(read(fs, zeros, 0, 4096, 3 * 4096, &ctx(5))).await.map(|d| d.len()), Ok(3 * 4096));
+    let recs = records(&done(read(fs, l, lfh, 0, 4096, &ctx(0))).await.expect("log"));
     assert_eq!(
         recs.iter().map(|r| (r.id, r.block, r.uid)).collect::<Vec<_>>(),
         vec![(idz, 1, 5), (idz, 2, 5), (idz, 3, 5)]
@@ -401,24 +406,24 @@ async fn read_log_records_every_block_read_in_a_bounded_ring() {
 
     // Long poll on the log wakes on a read.
     set_timeout(fs, l, lfh, 5000);
-    let poll = match fs.read(l, lfh, 0, 4096, &ctx(0)) {
+    let poll = match read(fs, l, lfh, 0, 4096, &ctx(0)) {
         Reply::Pending(f) => tokio::spawn(f),
         Reply::Ready(r) => panic!("answered at once: {r:?}"),
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let _ = done(fs.read(zeros, 0, 0, 100, &ctx(6))).await;
+    let _ = done(read(fs, zeros, 0, 0, 100, &ctx(6))).await;
     let recs =
         records(&tokio::time::timeout(Duration::from_secs(2), poll).await.expect("woke").expect("join").expect("log"));
     assert_eq!(recs.iter().map(|r| (r.block, r.uid)).collect::<Vec<_>>(), vec![(0, 6)]);
 
     // Overflow the ring: memory stays bounded and a new reader starts at the oldest kept.
     for i in 0..(LOG_CAPACITY as u64 / 16 + 10) {
-        let _ = done(fs.read(zeros, 0, (i % 4) * 4096, 16 * 4096, &ctx(0))).await;
+        let _ = done(read(fs, zeros, 0, (i % 4) * 4096, 16 * 4096, &ctx(0))).await;
     }
     let (_, fh2) = open_ctl(fs, ".log", libc::O_RDONLY);
     let mut n = 0;
     loop {
-        let b = done(fs.read(l, fh2, 0, 40 * 1000, &ctx(0))).await.expect("log");
+        let b = done(read(fs, l, fh2, 0, 40 * 1000, &ctx(0))).await.expect("log");
         if b.is_empty() {
             break;
         }
@@ -435,7 +440,7 @@ async fn remote_fetch_shows_pending_reads_while_under_way() {
     let s = setup(FillSource::Remote, Duration::from_secs(5)).await;
     let fs = &s.fs;
     let a = ino(fs, ROOT, "a");
-    let r = match fs.read(a, 0, 0, 8192, &ctx(3)) {
+    let r = match read(fs, a, 0, 0, 8192, &ctx(3)) {
         Reply::Pending(f) => f,
         Reply::Ready(_) => panic!("expected a miss"),
     };

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use incfs::cache::BlockCache;
-use incfs::engine::{Engine, EngineConfig};
+use incfs::engine::{Engine, EngineConfig, ReadOutcome};
 use incfs::image::{ImageId, InodeKind};
 use incfs::pack::{pack, PackOptions};
 use incfs::store::{Remote, Store};
@@ -446,7 +446,7 @@ async fn readahead_continues_into_the_files_packed_next() {
 
 /// Reads `len` at `off` from the cache straight into a buffer scattered like a guest's
 /// pages (a 16-byte out_header descriptor, then odd pieces), returning the data part.
-fn read_direct(e: &Engine, ino: u32, off: u64, len: u32) -> Option<Vec<u8>> {
+fn read_direct(e: &Arc<Engine>, ino: u32, off: u64, len: u32) -> Option<Vec<u8>> {
     let mut mem = vec![0xeeu8; len as usize + 7000];
     let p = mem.as_mut_ptr();
     let pieces = [(0, 1000), (1000, 3096), (4096, mem.len() - 4096)];
@@ -489,12 +489,14 @@ async fn cached_reads_go_straight_into_guest_buffers_and_stale_slots_fall_back()
         assert_eq!(read_direct(&e, ino, off, len).as_deref(), Some(&data[off as usize..end]), "{off}+{len}");
     }
     assert_eq!(read_direct(&e, ino, 98 * 4096, 4096).as_deref(), Some(&[][..]), "past the end: empty");
-    assert_eq!(read_direct(&e, ino, 100, 4096), None, "unaligned: the ordinary path");
+    // One READ path: a read that starts inside a block is served from the cache too.
+    assert_eq!(read_direct(&e, ino, 100, 4096).as_deref(), Some(&data[100..4196]), "unaligned");
     for off in [0u64, 61440, 1 << 20, (64 << 10) + (1 << 20)] {
         let end = (off as usize + (256 << 10)).min(sparse.len());
         assert_eq!(read_direct(&e, sp, off, 256 << 10).as_deref(), Some(&sparse[off as usize..end]), "sparse at {off}");
     }
-    assert_eq!(e.counters.reads.load(Relaxed), reads + 11, "direct hits are counted as reads");
+    // 11 as before, and the unaligned read, now a hit too.
+    assert_eq!(e.counters.reads.load(Relaxed), reads + 12, "direct hits are counted as reads");
 
     // Another process evicts block 1 (its record says so) after we learnt its slot: the
     // direct read sees it after copying and leaves the read to the ordinary path, which
@@ -508,4 +510,43 @@ async fn cached_reads_go_straight_into_guest_buffers_and_stale_slots_fall_back()
     assert_eq!(e.read(ino, 0, 131072).await.expect("read"), &data[..131072]);
     assert!(e.counters.blocks_fetched.load(Relaxed) > fetched, "refetched");
     assert_eq!(read_direct(&e, ino, 0, 131072).as_deref(), Some(&data[..131072]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_miss_looks_up_each_block_once_before_it_fetches() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(21, 16 * 4096);
+    fs::write(src.join("f"), &data).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    let cfg = EngineConfig { readahead: 16 * 4096, cross_file_readahead: false, ..EngineConfig::default() };
+    let e = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let ino = e.image().resolve(b"f").expect("f");
+    let lookups = || e.counters.cache_lookups.load(Relaxed);
+
+    // The READ maps its 16 blocks once: one index lookup each, all missing, nothing fetched.
+    let mut buf = vec![0u8; data.len()];
+    let outcome = e.read_into(ino, 0, data.len() as u32, &mut ScatterBuf::from_slice(&mut buf)).expect("read");
+    let ReadOutcome::Miss(miss) = outcome else { panic!("nothing is cached yet") };
+    assert_eq!(miss.missing_blocks(), (0..16).collect::<Vec<u32>>());
+    assert_eq!(lookups(), 16, "one cache lookup per block");
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 0, "nothing fetched while mapping");
+
+    // Awaiting the miss fetches the run in one request; each fetched block is then read from
+    // the cache once more, and only the missing blocks' bytes come back.
+    let fetched = miss.wait().await.expect("fetch");
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 1);
+    assert_eq!(lookups(), 32, "no lookup between the miss and the fetch");
+    assert_eq!(fetched.write_into(&mut ScatterBuf::from_slice(&mut buf)).expect("write"), data.len() as u32);
+    assert_eq!(buf, data);
+
+    // Warm: the slot hints spare the index entirely.
+    let mut again = vec![0u8; data.len()];
+    let outcome = e.read_into(ino, 0, data.len() as u32, &mut ScatterBuf::from_slice(&mut again)).expect("read");
+    assert!(matches!(outcome, ReadOutcome::Done(n) if n as usize == data.len()));
+    assert_eq!(again, data);
+    assert_eq!(lookups(), 32);
 }

@@ -15,7 +15,7 @@ use tracing::{debug, trace, warn};
 use vm_memory::ByteValued;
 
 use crate::abi::{self, read_struct, InHeader, OutHeader};
-use crate::filesystem::{Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply};
+use crate::filesystem::{Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, ReadReply, Reply};
 use incfs_buf::ScatterBuf;
 
 const PAGE_SIZE: u32 = 4096;
@@ -99,17 +99,21 @@ impl ReplyBuf {
     }
 }
 
-/// A future resolving to reply bytes.
-pub type ReplyFuture = Pin<Box<dyn Future<Output = Option<ReplyBuf>> + Send + 'static>>;
+/// Writes a reply into the chain's writable part once it is at hand; returns the reply's
+/// length (`None`: return the chain empty).
+pub type ReplyWriter = Box<dyn FnOnce(&mut ScatterBuf<'_>) -> Option<u32> + Send + 'static>;
 
-/// What to do with a request.
+/// A future resolving to the writer of a parked request's reply.
+pub type ReplyFuture = Pin<Box<dyn Future<Output = Option<ReplyWriter>> + Send + 'static>>;
+
+/// What became of a request.
 pub enum Response {
     /// No reply: FORGET, BATCH_FORGET, INTERRUPT, or a request too broken to answer (not
     /// even a full header, or no room for an out_header). The chain is returned with length 0.
     None,
-    /// Write these bytes now.
-    Ready(ReplyBuf),
-    /// Write the bytes when the future resolves (`None`: return the chain empty).
+    /// The reply, this many bytes, is in the writable part.
+    Done(u32),
+    /// Parked: when the future resolves, its writer puts the reply into the writable part.
     Pending(ReplyFuture),
 }
 
@@ -117,10 +121,32 @@ impl std::fmt::Debug for Response {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Response::None => f.write_str("None"),
-            Response::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
+            Response::Done(n) => f.debug_tuple("Done").field(n).finish(),
             Response::Pending(_) => f.write_str("Pending(..)"),
         }
     }
+}
+
+/// A handler's answer, before it is written.
+enum Answer {
+    None,
+    Ready(ReplyBuf),
+    Pending(Pin<Box<dyn Future<Output = Option<ReplyBuf>> + Send + 'static>>),
+    /// READ wrote its reply in place.
+    Written(Option<u32>),
+    /// READ parked; its writer writes in place.
+    PendingWrite(ReplyFuture),
+}
+
+/// Writes `reply` at the start of `out`; its length, or `None` if it does not fit (the
+/// handlers sized it to fit, so only a bug gets there).
+fn write_reply(reply: &ReplyBuf, out: &mut ScatterBuf<'_>) -> Option<u32> {
+    let written = out.write(0, &reply.head).and_then(|()| out.write(reply.head.len(), &reply.data));
+    if written.is_err() {
+        warn!(len = reply.len(), room = out.len(), "reply did not fit the writable descriptors");
+        return None;
+    }
+    u32::try_from(reply.len()).ok()
 }
 
 /// Turns an errno from the filesystem into one the guest can take: anything outside
@@ -205,11 +231,6 @@ struct Request<'a> {
     body: &'a [u8],
 }
 
-/// Whether `req` claims to be a READ (cheap; [`Dispatcher::read_direct`] checks the rest).
-pub fn is_read(req: &[u8]) -> bool {
-    read_struct::<InHeader>(req).is_some_and(|(h, _)| h.opcode == abi::FUSE_READ)
-}
-
 /// Per-connection FUSE session: negotiated state plus the filesystem.
 pub struct Dispatcher {
     fs: Arc<dyn FileSystem>,
@@ -245,12 +266,26 @@ impl Dispatcher {
         }
     }
 
-    /// Handles one request. `req` is the readable part of the chain; `out_capacity` the size
-    /// of its writable part.
-    pub fn dispatch(&self, req: &[u8], out_capacity: usize) -> Response {
+    /// Handles one request. `req` is the readable part of the chain, `out` its writable part,
+    /// where the reply goes (READ data straight from the filesystem, no copy in between).
+    pub fn dispatch(&self, req: &[u8], out: &mut ScatterBuf<'_>) -> Response {
+        match self.answer(req, out) {
+            Answer::None | Answer::Written(None) => Response::None,
+            Answer::Written(Some(n)) => Response::Done(n),
+            Answer::Ready(reply) => write_reply(&reply, out).map_or(Response::None, Response::Done),
+            Answer::Pending(fut) => Response::Pending(Box::pin(async move {
+                let reply = fut.await?;
+                Some(Box::new(move |out: &mut ScatterBuf<'_>| write_reply(&reply, out)) as ReplyWriter)
+            })),
+            Answer::PendingWrite(fut) => Response::Pending(fut),
+        }
+    }
+
+    fn answer(&self, req: &[u8], out: &mut ScatterBuf<'_>) -> Answer {
+        let out_capacity = out.len();
         let Some((hdr, _)) = read_struct::<InHeader>(req) else {
             debug!(len = req.len(), "request shorter than fuse_in_header");
-            return Response::None;
+            return Answer::None;
         };
         let unique = hdr.unique;
         let len = hdr.len as usize;
@@ -265,15 +300,15 @@ impl Dispatcher {
             // No reply for these, whatever state we are in.
             abi::FUSE_FORGET => {
                 self.do_forget(&request);
-                return Response::None;
+                return Answer::None;
             }
             abi::FUSE_BATCH_FORGET => {
                 self.do_batch_forget(&request);
-                return Response::None;
+                return Answer::None;
             }
             // virtio-fs guests do not send INTERRUPT today; when they do, a parked request
             // simply completes later, which FUSE allows.
-            abi::FUSE_INTERRUPT => return Response::None,
+            abi::FUSE_INTERRUPT => return Answer::None,
             abi::FUSE_INIT => {
                 let r = self.do_init(&request);
                 return self.ready(r, unique, out_capacity);
@@ -292,7 +327,7 @@ impl Dispatcher {
             abi::FUSE_READLINK => self.do_readlink(&request),
             abi::FUSE_OPEN => self.do_open(&request, false),
             abi::FUSE_OPENDIR => self.do_open(&request, true),
-            abi::FUSE_READ => return self.do_read(&request, out_capacity),
+            abi::FUSE_READ => return self.do_read(&request, out),
             abi::FUSE_WRITE => return self.do_write(&request, out_capacity),
             abi::FUSE_RELEASE => self.do_release(&request, false),
             abi::FUSE_RELEASEDIR => self.do_release(&request, true),
@@ -333,36 +368,10 @@ impl Dispatcher {
         self.ready(r, unique, out_capacity)
     }
 
-    /// Answers a well-formed READ by having the filesystem read straight into `out` (the
-    /// whole writable area of the chain), when it can without waiting. Returns the reply
-    /// length; `None` for anything else, which then goes through [`Dispatcher::dispatch`]
-    /// (and gets its errors from there).
-    pub fn read_direct(&self, req: &[u8], out: &mut ScatterBuf<'_>) -> Option<u32> {
-        let (hdr, _) = read_struct::<InHeader>(req)?;
-        let len = hdr.len as usize;
-        if hdr.opcode != abi::FUSE_READ || len < size_of::<InHeader>() || len > req.len() || !self.is_initialized() {
-            return None;
-        }
-        let (read, _) = read_struct::<abi::ReadIn>(&req[size_of::<InHeader>()..len])?;
-        let head = size_of::<OutHeader>();
-        if read.size > self.cfg.max_read() || (read.size as usize).saturating_add(head) > out.len() {
-            return None;
-        }
-        let ctx = caller(&Request { hdr, body: &[] });
-        out.set_base(head);
-        let n = self.fs.read_direct(hdr.nodeid, read.fh, read.offset, read.size, &ctx, out);
-        out.set_base(0);
-        let n = n.filter(|&n| n <= read.size)?;
-        let total = head as u32 + n;
-        let hdr = OutHeader { len: total, error: 0, unique: hdr.unique };
-        out.write(0, hdr.as_slice()).ok()?;
-        Some(total)
-    }
-
-    fn ready(&self, reply: ReplyBuf, unique: u64, capacity: usize) -> Response {
+    fn ready(&self, reply: ReplyBuf, unique: u64, capacity: usize) -> Answer {
         match fit(reply, unique, capacity, libc::EIO) {
-            Some(r) => Response::Ready(r),
-            None => Response::None,
+            Some(r) => Answer::Ready(r),
+            None => Answer::None,
         }
     }
 
@@ -529,41 +538,54 @@ impl Dispatcher {
         }
     }
 
-    fn do_read(&self, req: &Request<'_>, capacity: usize) -> Response {
+    fn do_read(&self, req: &Request<'_>, out: &mut ScatterBuf<'_>) -> Answer {
         let unique = req.hdr.unique;
+        let capacity = out.len();
         let Some((read, _)) = read_struct::<abi::ReadIn>(req.body) else {
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
         };
         // The guest must have asked for no more than we allow, and given room for it.
-        if read.size > self.cfg.max_read() || (read.size as usize).saturating_add(size_of::<OutHeader>()) > capacity {
+        let head = size_of::<OutHeader>();
+        if read.size > self.cfg.max_read() || (read.size as usize).saturating_add(head) > capacity {
             debug!(unique, size = read.size, capacity, "READ too large");
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
         }
         let size = read.size;
-        let finish = move |r: Result<Vec<u8>, Errno>| -> Option<ReplyBuf> {
-            let reply = match r {
-                Ok(mut data) => {
-                    if data.len() > size as usize {
-                        warn!(unique, got = data.len(), size, "filesystem read returned too much");
-                        data.truncate(size as usize);
-                    }
-                    ok_reply(unique, &[], data)
+        // The data goes after the out_header; the header is written once the length is known.
+        let finish = move |r: Result<u32, Errno>, out: &mut ScatterBuf<'_>| -> Option<u32> {
+            let (len, error) = match r {
+                Ok(n) if n <= size => (head as u32 + n, 0),
+                Ok(n) => {
+                    warn!(unique, got = n, size, "filesystem read returned too much");
+                    (head as u32, -libc::EIO)
                 }
-                Err(e) => error_reply(unique, e),
+                Err(e) => (head as u32, -sanitize_errno(e)),
             };
-            fit(reply, unique, capacity, libc::EIO)
+            out.write(0, OutHeader { len, error, unique }.as_slice()).ok()?;
+            Some(len)
         };
         let ctx = caller(req);
-        match self.fs.read(req.hdr.nodeid, read.fh, read.offset, size, &ctx) {
-            Reply::Ready(r) => match finish(r) {
-                Some(r) => Response::Ready(r),
-                None => Response::None,
-            },
-            Reply::Pending(fut) => Response::Pending(Box::pin(async move { finish(fut.await) })),
+        out.set_base(head);
+        let reply = self.fs.read(req.hdr.nodeid, read.fh, read.offset, size, &ctx, out);
+        out.set_base(0);
+        match reply {
+            ReadReply::Done(r) => Answer::Written(finish(r, out)),
+            ReadReply::Pending(fut) => Answer::PendingWrite(Box::pin(async move {
+                let fill = fut.await;
+                Some(Box::new(move |out: &mut ScatterBuf<'_>| {
+                    let r = fill.and_then(|fill| {
+                        out.set_base(head);
+                        let n = fill(out);
+                        out.set_base(0);
+                        n
+                    });
+                    finish(r, out)
+                }) as ReplyWriter)
+            })),
         }
     }
 
-    fn do_write(&self, req: &Request<'_>, capacity: usize) -> Response {
+    fn do_write(&self, req: &Request<'_>, capacity: usize) -> Answer {
         let unique = req.hdr.unique;
         let Some((write, data)) = read_struct::<abi::WriteIn>(req.body) else {
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
@@ -585,10 +607,10 @@ impl Dispatcher {
         let ctx = caller(req);
         match self.fs.write(req.hdr.nodeid, write.fh, write.offset, data, &ctx) {
             Reply::Ready(r) => match finish(r) {
-                Some(r) => Response::Ready(r),
-                None => Response::None,
+                Some(r) => Answer::Ready(r),
+                None => Answer::None,
             },
-            Reply::Pending(fut) => Response::Pending(Box::pin(async move { finish(fut.await) })),
+            Reply::Pending(fut) => Answer::Pending(Box::pin(async move { finish(fut.await) })),
         }
     }
 
@@ -664,7 +686,7 @@ impl Dispatcher {
     }
 
     /// The xattr size-probe protocol shared by GETXATTR and LISTXATTR.
-    fn xattr_reply(&self, unique: u64, size: u32, value: Vec<u8>, capacity: usize) -> Response {
+    fn xattr_reply(&self, unique: u64, size: u32, value: Vec<u8>, capacity: usize) -> Answer {
         if value.len() > abi::XATTR_SIZE_MAX {
             return self.ready(error_reply(unique, libc::E2BIG), unique, capacity);
         }
@@ -677,12 +699,12 @@ impl Dispatcher {
             ok_reply(unique, &[], value)
         };
         match fit(reply, unique, capacity, libc::ERANGE) {
-            Some(r) => Response::Ready(r),
-            None => Response::None,
+            Some(r) => Answer::Ready(r),
+            None => Answer::None,
         }
     }
 
-    fn do_getxattr(&self, req: &Request<'_>, capacity: usize) -> Response {
+    fn do_getxattr(&self, req: &Request<'_>, capacity: usize) -> Answer {
         let unique = req.hdr.unique;
         let Some((gx, rest)) = read_struct::<abi::GetxattrIn>(req.body) else {
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
@@ -697,7 +719,7 @@ impl Dispatcher {
         }
     }
 
-    fn do_listxattr(&self, req: &Request<'_>, capacity: usize) -> Response {
+    fn do_listxattr(&self, req: &Request<'_>, capacity: usize) -> Answer {
         let unique = req.hdr.unique;
         let Some((gx, _)) = read_struct::<abi::GetxattrIn>(req.body) else {
             return self.ready(error_reply(unique, libc::EINVAL), unique, capacity);
@@ -829,25 +851,21 @@ mod tests {
                 _ => Err(libc::ENOENT),
             }
         }
-        fn read(&self, _ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &Context) -> Reply<Vec<u8>> {
-            Reply::ok(tiny_data(offset, size).to_vec())
-        }
-        /// Direct only from even offsets, to show the fallback.
-        fn read_direct(
+        /// Odd offsets are parked, to show both ways a READ ends.
+        fn read(
             &self,
             _ino: u64,
             _fh: u64,
             offset: u64,
             size: u32,
             _ctx: &Context,
-            buf: &mut ScatterBuf<'_>,
-        ) -> Option<u32> {
-            if offset % 2 == 1 {
-                return None;
-            }
+            out: &mut ScatterBuf<'_>,
+        ) -> ReadReply {
             let data = tiny_data(offset, size);
-            buf.write(0, data).ok()?;
-            Some(data.len() as u32)
+            if offset % 2 == 1 {
+                return ReadReply::bytes(Reply::pending(async move { Ok(data.to_vec()) }), size, out);
+            }
+            ReadReply::bytes(Reply::ok(data.to_vec()), size, out)
         }
         fn readdir(&self, ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {
             if ino != 1 {
@@ -878,10 +896,23 @@ mod tests {
             .to_vec()
     }
 
-    fn ready(r: Response) -> Vec<u8> {
-        match r {
-            Response::Ready(b) => b.to_vec(),
-            other => panic!("expected Ready, got {other:?}"),
+    /// What the dispatcher made of a request: the response and the writable part after it.
+    struct Answered {
+        response: Response,
+        out: Vec<u8>,
+    }
+
+    fn call(d: &Dispatcher, req: &[u8], capacity: usize) -> Answered {
+        let mut out = vec![0xeeu8; capacity];
+        let response = d.dispatch(req, &mut ScatterBuf::from_slice(&mut out));
+        Answered { response, out }
+    }
+
+    /// The reply bytes of a request answered at once.
+    fn ready(a: Answered) -> Vec<u8> {
+        match a.response {
+            Response::Done(n) => a.out[..n as usize].to_vec(),
+            other => panic!("expected Done, got {other:?}"),
         }
     }
 
@@ -891,7 +922,7 @@ mod tests {
 
     fn session() -> Dispatcher {
         let d = Dispatcher::new(Arc::new(Tiny), FuseConfig::default());
-        let r = ready(d.dispatch(&req(abi::FUSE_INIT, 1, 0, &init_body(u32::MAX)), 4096));
+        let r = ready(call(&d, &req(abi::FUSE_INIT, 1, 0, &init_body(u32::MAX)), 4096));
         assert_eq!(out_hdr(&r).error, 0);
         d
     }
@@ -900,7 +931,7 @@ mod tests {
     fn init_negotiates() {
         let d = Dispatcher::new(Arc::new(Tiny), FuseConfig::default());
         let flags = abi::FUSE_ASYNC_READ | abi::FUSE_MAX_PAGES | abi::FUSE_POSIX_LOCKS | abi::FUSE_EXPORT_SUPPORT;
-        let r = ready(d.dispatch(&req(abi::FUSE_INIT, 9, 0, &init_body(flags)), 4096));
+        let r = ready(call(&d, &req(abi::FUSE_INIT, 9, 0, &init_body(flags)), 4096));
         let h = out_hdr(&r);
         assert_eq!((h.error, h.unique, h.len as usize), (0, 9, r.len()));
         let (out, _) = read_struct::<abi::InitOut>(&r[16..]).expect("init_out");
@@ -915,42 +946,42 @@ mod tests {
     fn init_old_compat_size() {
         let d = Dispatcher::new(Arc::new(Tiny), FuseConfig::default());
         let body = &init_body(abi::FUSE_ASYNC_READ)[..16];
-        let r = ready(d.dispatch(&req(abi::FUSE_INIT, 2, 0, body), 4096));
+        let r = ready(call(&d, &req(abi::FUSE_INIT, 2, 0, body), 4096));
         assert_eq!(out_hdr(&r).error, 0);
         let (out, _) = read_struct::<abi::InitOut>(&r[16..]).expect("init_out");
         assert_eq!(out.max_pages, DEFAULT_MAX_PAGES);
         // Too short.
-        let r = ready(d.dispatch(&req(abi::FUSE_INIT, 3, 0, &body[..15]), 4096));
+        let r = ready(call(&d, &req(abi::FUSE_INIT, 3, 0, &body[..15]), 4096));
         assert_eq!(out_hdr(&r).error, -libc::EINVAL);
     }
 
     #[test]
     fn before_init_is_eio() {
         let d = Dispatcher::new(Arc::new(Tiny), FuseConfig::default());
-        let r = ready(d.dispatch(&req(abi::FUSE_LOOKUP, 5, 1, b"f\0"), 4096));
+        let r = ready(call(&d, &req(abi::FUSE_LOOKUP, 5, 1, b"f\0"), 4096));
         assert_eq!(out_hdr(&r), OutHeader { len: 16, error: -libc::EIO, unique: 5 });
     }
 
     #[test]
     fn header_checks() {
         let d = session();
-        assert!(matches!(d.dispatch(&[0u8; 39], 4096), Response::None));
+        assert!(matches!(call(&d, &[0u8; 39], 4096).response, Response::None));
         let mut r = req(abi::FUSE_GETATTR, 7, 1, &[0u8; 16]);
         r[0..4].copy_from_slice(&1000u32.to_ne_bytes()); // len lies
-        assert_eq!(out_hdr(&ready(d.dispatch(&r, 4096))).error, -libc::EINVAL);
+        assert_eq!(out_hdr(&ready(call(&d, &r, 4096))).error, -libc::EINVAL);
         r[0..4].copy_from_slice(&10u32.to_ne_bytes()); // shorter than a header
-        assert_eq!(out_hdr(&ready(d.dispatch(&r, 4096))).error, -libc::EINVAL);
+        assert_eq!(out_hdr(&ready(call(&d, &r, 4096))).error, -libc::EINVAL);
         // No room for even an out_header: nothing to write.
         let r = req(abi::FUSE_GETATTR, 7, 1, &[0u8; 16]);
-        assert!(matches!(d.dispatch(&r, 15), Response::None));
+        assert!(matches!(call(&d, &r, 15).response, Response::None));
         // Room for the header only: EIO instead of overflow.
-        assert_eq!(out_hdr(&ready(d.dispatch(&r, 16))).error, -libc::EIO);
+        assert_eq!(out_hdr(&ready(call(&d, &r, 16))).error, -libc::EIO);
     }
 
     #[test]
     fn lookup_names() {
         let d = session();
-        let r = ready(d.dispatch(&req(abi::FUSE_LOOKUP, 2, 1, b"f\0"), 4096));
+        let r = ready(call(&d, &req(abi::FUSE_LOOKUP, 2, 1, b"f\0"), 4096));
         assert_eq!(out_hdr(&r).error, 0);
         let (e, _) = read_struct::<abi::EntryOut>(&r[16..]).expect("entry");
         assert_eq!((e.nodeid, e.attr.size), (2, 10));
@@ -962,12 +993,12 @@ mod tests {
             (&[b'a'; 300], -libc::ENAMETOOLONG),
         ];
         for (body, err) in cases {
-            let r = ready(d.dispatch(&req(abi::FUSE_LOOKUP, 3, 1, body), 4096));
+            let r = ready(call(&d, &req(abi::FUSE_LOOKUP, 3, 1, body), 4096));
             assert_eq!(out_hdr(&r).error, err, "body {body:?}");
         }
         let mut long = vec![b'a'; 255];
         long.push(0);
-        let r = ready(d.dispatch(&req(abi::FUSE_LOOKUP, 3, 1, &long), 4096));
+        let r = ready(call(&d, &req(abi::FUSE_LOOKUP, 3, 1, &long), 4096));
         assert_eq!(out_hdr(&r).error, -libc::ENOENT);
     }
 
@@ -976,7 +1007,7 @@ mod tests {
         let d = session();
         let read = |size: u32, cap: usize| {
             let body = abi::ReadIn { size, ..Default::default() };
-            d.dispatch(&req(abi::FUSE_READ, 4, 2, body.as_slice()), cap)
+            call(&d, &req(abi::FUSE_READ, 4, 2, body.as_slice()), cap)
         };
         let r = ready(read(4096, 1 << 21));
         assert_eq!(&r[16..], b"0123456789");
@@ -984,58 +1015,67 @@ mod tests {
         assert_eq!(out_hdr(&ready(read((1 << 20) + 1, 1 << 21))).error, -libc::EINVAL);
         assert_eq!(out_hdr(&ready(read(4096, 100))).error, -libc::EINVAL);
         // Truncated read_in.
-        let r = ready(d.dispatch(&req(abi::FUSE_READ, 4, 2, &[0u8; 20]), 4096));
+        let r = ready(call(&d, &req(abi::FUSE_READ, 4, 2, &[0u8; 20]), 4096));
         assert_eq!(out_hdr(&r).error, -libc::EINVAL);
     }
 
     #[test]
-    fn read_direct_writes_header_and_data_or_declines() {
+    fn read_writes_header_and_data_in_place_now_or_when_parked() {
         let d = session();
         let read = |off: u64, size: u32| {
             let body = abi::ReadIn { offset: off, size, ..Default::default() };
             req(abi::FUSE_READ, 4, 2, body.as_slice())
         };
-        let direct = |d: &Dispatcher, r: &[u8], cap: usize| {
-            let mut mem = vec![0xeeu8; cap];
-            let n = d.read_direct(r, &mut ScatterBuf::from_slice(&mut mem));
-            (n, mem)
-        };
-        let (n, mem) = direct(&d, &read(2, 4096), 8192);
-        assert_eq!(n, Some(24));
-        assert_eq!(out_hdr(&mem[..24]).len, 24);
-        assert_eq!(out_hdr(&mem[..24]).unique, 4);
-        assert_eq!(&mem[16..24], b"23456789");
-        assert_eq!(mem[24], 0xee);
-        // Declined: the filesystem cannot, the buffer is too small, too large a read, not
-        // a READ, a truncated read_in, or no session yet.
-        assert_eq!(direct(&d, &read(3, 4096), 8192).0, None);
-        assert_eq!(direct(&d, &read(0, 4096), 4096).0, None);
-        assert_eq!(direct(&d, &read(0, (1 << 20) + 4096), 2 << 20).0, None);
-        assert_eq!(direct(&d, &req(abi::FUSE_GETATTR, 4, 2, &[0; 16]), 8192).0, None);
-        assert_eq!(direct(&d, &req(abi::FUSE_READ, 4, 2, &[0; 20]), 8192).0, None);
+        let a = call(&d, &read(2, 4096), 8192);
+        assert!(matches!(a.response, Response::Done(24)));
+        assert_eq!(out_hdr(&a.out[..24]).len, 24);
+        assert_eq!(out_hdr(&a.out[..24]).unique, 4);
+        assert_eq!(&a.out[16..24], b"23456789");
+        assert_eq!(a.out[24], 0xee, "nothing written past the reply");
+        // Parked: the writer puts header and data into the same buffer later.
+        let a = call(&d, &read(3, 4096), 8192);
+        let Response::Pending(fut) = a.response else { panic!("odd offsets park") };
+        let write = block_on(fut).expect("a reply");
+        let mut out = vec![0xeeu8; 8192];
+        assert_eq!(write(&mut ScatterBuf::from_slice(&mut out)), Some(23));
+        assert_eq!((out_hdr(&out).len, out_hdr(&out).error), (23, 0));
+        assert_eq!(&out[16..23], b"3456789");
+        assert_eq!(out[23], 0xee);
+        // Refused: no room for the data, too large a read, a truncated read_in, no session.
+        assert_eq!(out_hdr(&ready(call(&d, &read(0, 4096), 4096))).error, -libc::EINVAL);
+        assert_eq!(out_hdr(&ready(call(&d, &read(0, (1 << 20) + 4096), 2 << 20))).error, -libc::EINVAL);
+        assert_eq!(out_hdr(&ready(call(&d, &req(abi::FUSE_READ, 4, 2, &[0; 20]), 8192))).error, -libc::EINVAL);
         let fresh = Dispatcher::new(Arc::new(Tiny), FuseConfig::default());
-        assert_eq!(direct(&fresh, &read(0, 4096), 8192).0, None);
+        assert_eq!(out_hdr(&ready(call(&fresh, &read(0, 4096), 8192))).error, -libc::EIO);
+    }
+
+    /// Runs a future that never waits on anything external to completion.
+    fn block_on<F: Future>(fut: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(fut)
     }
 
     #[test]
     fn mutations_and_unknown() {
         let d = session();
         for op in [abi::FUSE_MKDIR, abi::FUSE_SETATTR, abi::FUSE_CREATE, abi::FUSE_UNLINK, abi::FUSE_TMPFILE] {
-            assert_eq!(out_hdr(&ready(d.dispatch(&req(op, 1, 1, &[]), 4096))).error, -libc::EROFS);
+            assert_eq!(out_hdr(&ready(call(&d, &req(op, 1, 1, &[]), 4096))).error, -libc::EROFS);
         }
         let w = abi::WriteIn { size: 3, ..Default::default() };
         let mut body = w.as_slice().to_vec();
         body.extend_from_slice(b"abc");
-        assert_eq!(out_hdr(&ready(d.dispatch(&req(abi::FUSE_WRITE, 1, 2, &body), 4096))).error, -libc::EROFS);
+        assert_eq!(out_hdr(&ready(call(&d, &req(abi::FUSE_WRITE, 1, 2, &body), 4096))).error, -libc::EROFS);
         body.pop(); // size lies
-        assert_eq!(out_hdr(&ready(d.dispatch(&req(abi::FUSE_WRITE, 1, 2, &body), 4096))).error, -libc::EINVAL);
+        assert_eq!(out_hdr(&ready(call(&d, &req(abi::FUSE_WRITE, 1, 2, &body), 4096))).error, -libc::EINVAL);
         for op in [0, 7, 19, abi::FUSE_IOCTL, abi::FUSE_POLL, 9999, u32::MAX] {
-            assert_eq!(out_hdr(&ready(d.dispatch(&req(op, 1, 1, &[]), 4096))).error, -libc::ENOSYS);
+            assert_eq!(out_hdr(&ready(call(&d, &req(op, 1, 1, &[]), 4096))).error, -libc::ENOSYS);
         }
-        assert!(matches!(d.dispatch(&req(abi::FUSE_FORGET, 1, 2, &[1, 0, 0, 0, 0, 0, 0, 0]), 4096), Response::None));
-        assert!(matches!(d.dispatch(&req(abi::FUSE_INTERRUPT, 1, 0, &[0; 8]), 0), Response::None));
+        assert!(matches!(
+            call(&d, &req(abi::FUSE_FORGET, 1, 2, &[1, 0, 0, 0, 0, 0, 0, 0]), 4096).response,
+            Response::None
+        ));
+        assert!(matches!(call(&d, &req(abi::FUSE_INTERRUPT, 1, 0, &[0; 8]), 0).response, Response::None));
         let bf = abi::BatchForgetIn { count: u32::MAX, dummy: 0 };
-        assert!(matches!(d.dispatch(&req(abi::FUSE_BATCH_FORGET, 1, 0, bf.as_slice()), 0), Response::None));
+        assert!(matches!(call(&d, &req(abi::FUSE_BATCH_FORGET, 1, 0, bf.as_slice()), 0).response, Response::None));
     }
 
     #[test]
@@ -1044,7 +1084,7 @@ mod tests {
         let rd = |plus: bool, offset: u64, size: u32| {
             let body = abi::ReadIn { offset, size, ..Default::default() };
             let op = if plus { abi::FUSE_READDIRPLUS } else { abi::FUSE_READDIR };
-            ready(d.dispatch(&req(op, 6, 1, body.as_slice()), 4096))
+            ready(call(&d, &req(op, 6, 1, body.as_slice()), 4096))
         };
         let r = rd(false, 0, 4096);
         assert_eq!(r.len(), 16 + 3 * 32);

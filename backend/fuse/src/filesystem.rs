@@ -50,6 +50,60 @@ impl<T> Reply<T> {
     }
 }
 
+/// Writes the rest of a parked READ's data into the reply buffer (based where the data goes)
+/// and returns the data's length.
+pub type ReadFill = Box<dyn FnOnce(&mut ScatterBuf<'_>) -> Result<u32, Errno> + Send>;
+
+/// The answer to READ.
+pub enum ReadReply {
+    /// The data (this many bytes) is in the buffer, or the read failed.
+    Done(Result<u32, Errno>),
+    /// Parked: the future is run on the device's runtime; its [`ReadFill`] then writes the
+    /// data once the reply buffer is at hand again.
+    Pending(BoxFuture<ReadFill>),
+}
+
+impl ReadReply {
+    /// A read answered with bytes of its own (generated files, tests), now or later: at most
+    /// `size` of them are written into `out`.
+    pub fn bytes(reply: Reply<Vec<u8>>, size: u32, out: &mut ScatterBuf<'_>) -> ReadReply {
+        let keep = move |mut data: Vec<u8>| {
+            data.truncate(size as usize);
+            data
+        };
+        match reply {
+            Reply::Ready(r) => ReadReply::Done(r.and_then(|d| write_bytes(&keep(d), out))),
+            Reply::Pending(fut) => ReadReply::Pending(Box::pin(async move {
+                let data = keep(fut.await?);
+                Ok(Box::new(move |out: &mut ScatterBuf<'_>| write_bytes(&data, out)) as ReadFill)
+            })),
+        }
+    }
+}
+
+fn write_bytes(data: &[u8], out: &mut ScatterBuf<'_>) -> Result<u32, Errno> {
+    out.write(0, data).map_err(|_| libc::EIO)?;
+    u32::try_from(data.len()).map_err(|_| libc::EIO)
+}
+
+/// Runs [`FileSystem::read`] into a fresh `Vec` (tools and tests that want the bytes).
+pub fn read_to_vec(fs: &dyn FileSystem, ino: u64, fh: u64, offset: u64, size: u32, ctx: &Context) -> Reply<Vec<u8>> {
+    let mut buf = vec![0u8; size as usize];
+    let reply = fs.read(ino, fh, offset, size, ctx, &mut ScatterBuf::from_slice(&mut buf));
+    match reply {
+        ReadReply::Done(r) => Reply::Ready(r.map(|n| {
+            buf.truncate(n as usize);
+            buf
+        })),
+        ReadReply::Pending(fut) => Reply::pending(async move {
+            let fill = fut.await?;
+            let n = fill(&mut ScatterBuf::from_slice(&mut buf))?;
+            buf.truncate(n as usize);
+            Ok(buf)
+        }),
+    }
+}
+
 impl<T> From<Result<T, Errno>> for Reply<T> {
     fn from(r: Result<T, Errno>) -> Self {
         Reply::Ready(r)
@@ -219,25 +273,13 @@ pub trait FileSystem: Send + Sync + 'static {
         Ok((0, 0))
     }
 
-    /// Reads up to `size` bytes at `offset` (`size` is already bounded by max_pages). A short
-    /// result means end of file. `ctx` is the guest caller (who waits on a missing block).
-    fn read(&self, ino: u64, fh: u64, offset: u64, size: u32, ctx: &Context) -> Reply<Vec<u8>>;
-
-    /// Zero-copy READ: reads up to `size` bytes at `offset` straight into the guest's buffer
-    /// `buf` (at least `size` bytes) and returns how many, if that can be done now without
-    /// waiting. `None` sends the request to [`FileSystem::read`], whose reply overwrites
-    /// whatever this wrote into `buf`; so does any error (`read` reports it).
-    fn read_direct(
-        &self,
-        _ino: u64,
-        _fh: u64,
-        _offset: u64,
-        _size: u32,
-        _ctx: &Context,
-        _buf: &mut ScatterBuf<'_>,
-    ) -> Option<u32> {
-        None
-    }
+    /// Reads up to `size` bytes at `offset` (`size` is already bounded by max_pages) into
+    /// `out`, whose base is where the data goes and which holds at least `size` bytes: a
+    /// guest's buffers (zero-copy) or plain memory. A short result means end of file. `ctx`
+    /// is the guest caller (who waits on a missing block). A parked read may have written
+    /// part of its data already; its [`ReadFill`] writes the rest into a buffer laid out the
+    /// same way (the same guest buffers, mapped again).
+    fn read(&self, ino: u64, fh: u64, offset: u64, size: u32, ctx: &Context, out: &mut ScatterBuf<'_>) -> ReadReply;
 
     /// Writes `data` at `offset`, returning how many bytes were taken.
     fn write(&self, _ino: u64, _fh: u64, _offset: u64, _data: &[u8], _ctx: &Context) -> Reply<u32> {

@@ -11,7 +11,7 @@
 //! Typical use by the daemon:
 //!
 //! ```text
-//! let fs: Arc<dyn FileSystem> = Arc::new(ImageFs::new(..));
+//! let fs: Arc<dyn FileSystem> = Arc::new(MountFs::new(..));
 //! let mut server = VirtioFsServer::bind(&socket, fs, DeviceConfig::default(), rt.handle().clone())?;
 //! let stopper = server.stopper();           // stopper.stop() from a signal handler task
 //! while server.serve_one()? {}              // one frontend (QEMU) after another
@@ -26,7 +26,10 @@ pub mod frontend;
 pub mod server;
 pub mod virtio_fs;
 
-pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
-pub use filesystem::{Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply, StatFs};
+pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, ReplyFuture, ReplyWriter, Response};
+pub use filesystem::{
+    read_to_vec, Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, ReadFill, ReadReply,
+    Reply, StatFs,
+};
 pub use incfs_buf::ScatterBuf;
 pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFsServer};

@@ -26,14 +26,12 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT}
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::abi::{InHeader, OutHeader};
-use crate::dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
+use crate::dispatch::{Dispatcher, FuseConfig, Response};
 use crate::filesystem::FileSystem;
 pub use crate::server::ServerStopper;
 use crate::server::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
@@ -129,7 +127,6 @@ struct Chain {
     oversize: bool,
     /// Writable descriptors, each checked to lie inside guest memory.
     writable: Vec<(GuestAddress, usize)>,
-    out_capacity: usize,
 }
 
 #[derive(Debug)]
@@ -182,37 +179,7 @@ where
             }
         }
     }
-    Ok(Chain { head, request, oversize, writable, out_capacity })
-}
-
-/// Copies `reply` into the writable descriptors; returns the number of bytes written.
-fn write_reply(mem: &GuestMemoryMmap, writable: &[(GuestAddress, usize)], reply: &ReplyBuf) -> Option<u32> {
-    let mut parts = [reply.head.as_slice(), reply.data.as_slice()].into_iter().filter(|p| !p.is_empty());
-    let mut cur: &[u8] = parts.next().unwrap_or(&[]);
-    let mut written = 0usize;
-    for &(addr, len) in writable {
-        let mut off = 0usize;
-        while off < len && !cur.is_empty() {
-            let n = cur.len().min(len - off);
-            let dst = addr.checked_add(off as u64)?;
-            mem.write_slice(&cur[..n], dst).ok()?;
-            off += n;
-            written += n;
-            cur = &cur[n..];
-            if cur.is_empty() {
-                cur = parts.next().unwrap_or(&[]);
-            }
-        }
-        if cur.is_empty() {
-            break;
-        }
-    }
-    if !cur.is_empty() {
-        // The dispatcher sized the reply to fit: not reachable unless it has a bug.
-        warn!("reply did not fit the writable descriptors");
-        return None;
-    }
-    u32::try_from(written).ok()
+    Ok(Chain { head, request, oversize, writable })
 }
 
 /// What a completion needs, cloneable into a tokio task.
@@ -226,21 +193,44 @@ struct Completer {
 }
 
 impl Completer {
-    /// Writes the reply (if any), adds the chain to the used ring, and optionally signals.
-    /// Returns whether a used entry was added.
-    fn complete(&self, head: u16, writable: &[(GuestAddress, usize)], reply: Option<&ReplyBuf>, signal: bool) -> bool {
-        // Hold the vring lock across check, write and add_used, so GET_VRING_BASE (which
-        // marks the queue not ready under the same lock) cannot interleave.
+    /// Completes a chain: under the vring lock (so GET_VRING_BASE, which marks the queue not
+    /// ready under the same lock, cannot interleave) and only if the queue is still the one
+    /// the chain came from, `write` gets the writable descriptors as host memory and returns
+    /// the reply's length, and the chain goes on the used ring (optionally signalled); or
+    /// `None`, and the chain stays with the device (parked). Returns whether a used entry was
+    /// added.
+    fn complete(
+        &self,
+        head: u16,
+        writable: &[(GuestAddress, usize)],
+        write: impl FnOnce(&mut ScatterBuf<'_>) -> Option<u32>,
+        signal: bool,
+    ) -> bool {
         let mut state = self.vring.get_mut();
         if self.queue.generation.load(Ordering::Acquire) != self.generation || !state.get_queue().ready() {
             debug!(head, "dropping reply for a stopped queue");
             return false;
         }
+        // The guard keeps these mappings alive until the write is done, whatever the
+        // frontend does to the memory table meanwhile.
         let mem = self.mem.memory();
-        let len = match reply {
-            Some(r) => write_reply(&mem, writable, r).unwrap_or(0),
-            None => 0,
-        };
+        let mut segs = Vec::with_capacity(writable.len());
+        for &(addr, len) in writable {
+            // A descriptor across two memory regions is several host ranges.
+            for slice in mem.get_slices(addr, len) {
+                let Ok(slice) = slice else {
+                    warn!(head, "writable descriptor outside guest memory");
+                    return false;
+                };
+                segs.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+            }
+        }
+        // SAFETY: parse_chain checked every descriptor lies in guest memory, get_slices
+        // mapped each to host memory that `mem` keeps mapped for this scope, and the device
+        // owns the descriptors until add_used. Guest descriptors could overlap each other;
+        // that only garbles what this guest reads, never host memory.
+        let mut buf = unsafe { ScatterBuf::new(segs) };
+        let Some(len) = write(&mut buf) else { return false };
         if let Err(e) = state.add_used(head, len) {
             warn!(head, error = %e, "add_used failed");
             return false;
@@ -252,47 +242,6 @@ impl Completer {
                     warn!(error = %e, "cannot signal used queue");
                 }
             }
-        }
-        true
-    }
-
-    /// Completes a READ in place if `read` can fill the guest's buffers directly: under the
-    /// vring lock (like [`Completer::complete`]) the writable descriptors are handed to `read`
-    /// as host memory, and on success the chain goes on the used ring. Returns whether the
-    /// chain was answered; if not, nothing the guest can see has happened and the request
-    /// takes the ordinary path.
-    fn complete_direct(
-        &self,
-        head: u16,
-        writable: &[(GuestAddress, usize)],
-        read: impl FnOnce(&mut ScatterBuf<'_>) -> Option<u32>,
-    ) -> bool {
-        let mut state = self.vring.get_mut();
-        if self.queue.generation.load(Ordering::Acquire) != self.generation || !state.get_queue().ready() {
-            // The ordinary path drops the reply.
-            return false;
-        }
-        // The guard keeps these mappings alive until the read is done, whatever the
-        // frontend does to the memory table meanwhile.
-        let mem = self.mem.memory();
-        let mut segs = Vec::with_capacity(writable.len());
-        for &(addr, len) in writable {
-            // A descriptor across two memory regions is not one host range: ordinary path.
-            let Ok(slice) = mem.get_slice(addr, len) else {
-                return false;
-            };
-            segs.push((slice.ptr_guard_mut().as_ptr(), len));
-        }
-        // SAFETY: parse_chain checked every descriptor lies in guest memory, get_slice
-        // mapped each to host memory that `mem` keeps mapped for this scope, and the device
-        // owns the descriptors until add_used. Guest descriptors could overlap each other;
-        // that only garbles what this guest reads, never host memory.
-        let mut buf = unsafe { ScatterBuf::new(segs) };
-        let Some(len) = read(&mut buf) else {
-            return false;
-        };
-        if let Err(e) = state.add_used(head, len) {
-            warn!(head, error = %e, "add_used failed");
         }
         true
     }
@@ -334,39 +283,40 @@ impl FsBackend {
                 Ok(c) => c,
                 Err((head, e)) => {
                     debug!(queue = qidx, head, error = ?e, "bad descriptor chain");
-                    used_any |= completer.complete(head, &[], None, false);
+                    used_any |= completer.complete(head, &[], |_| Some(0), false);
                     continue;
                 }
             };
             drop(mem);
-            if !chain.oversize
-                && crate::dispatch::is_read(&chain.request)
-                && completer.complete_direct(chain.head, &chain.writable, |buf| {
-                    self.dispatcher.read_direct(&chain.request, buf)
-                })
-            {
-                used_any = true;
-                continue;
-            }
-            let response = if chain.oversize {
-                oversize_response(&chain.request, chain.out_capacity)
-            } else {
-                self.dispatcher.dispatch(&chain.request, chain.out_capacity)
-            };
-            match response {
-                Response::None => {
-                    used_any |= completer.complete(chain.head, &[], None, false);
-                }
-                Response::Ready(reply) => {
-                    used_any |= completer.complete(chain.head, &chain.writable, Some(&reply), false);
-                }
-                Response::Pending(fut) => {
-                    let Chain { head, writable, .. } = chain;
-                    self.rt.spawn(async move {
-                        let reply = fut.await;
-                        completer.complete(head, &writable, reply.as_ref(), true);
-                    });
-                }
+            let Chain { head, request, oversize, writable, .. } = chain;
+            let mut pending = None;
+            // READ data goes from the filesystem straight into the guest's buffers.
+            used_any |= completer.complete(
+                head,
+                &writable,
+                |out| {
+                    let response = if oversize {
+                        oversize_response(&request, out)
+                    } else {
+                        self.dispatcher.dispatch(&request, out)
+                    };
+                    match response {
+                        Response::None => Some(0),
+                        Response::Done(n) => Some(n),
+                        Response::Pending(fut) => {
+                            pending = Some(fut);
+                            None
+                        }
+                    }
+                },
+                false,
+            );
+            if let Some(fut) = pending {
+                // Parked: the chain stays ours until the reply is written.
+                self.rt.spawn(async move {
+                    let write = fut.await;
+                    completer.complete(head, &writable, |out| Some(write.map_or(0, |w| w(out).unwrap_or(0))), true);
+                });
             }
         }
         if used_any {
@@ -381,16 +331,17 @@ impl FsBackend {
 
 /// An EINVAL reply for a request whose readable part exceeds the limit, if its header is
 /// readable and there is room.
-fn oversize_response(start: &[u8], capacity: usize) -> Response {
+fn oversize_response(start: &[u8], out: &mut ScatterBuf<'_>) -> Response {
     let Some((hdr, _)) = crate::abi::read_struct::<InHeader>(start) else {
         return Response::None;
     };
     debug!(unique = hdr.unique, "request larger than max_request_len");
-    if capacity < std::mem::size_of::<OutHeader>() {
-        return Response::None;
+    let reply = OutHeader { len: 16, error: -libc::EINVAL, unique: hdr.unique };
+    match out.write(0, vm_memory::ByteValued::as_slice(&reply)) {
+        Ok(()) => Response::Done(reply.len),
+        // No room for even an out_header.
+        Err(_) => Response::None,
     }
-    let out = OutHeader { len: 16, error: -libc::EINVAL, unique: hdr.unique };
-    Response::Ready(ReplyBuf { head: vm_memory::ByteValued::as_slice(&out).to_vec(), data: Vec::new() })
 }
 
 impl VhostUserBackend for FsBackend {

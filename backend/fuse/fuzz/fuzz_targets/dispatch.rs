@@ -1,6 +1,6 @@
 //! Feeds arbitrary bytes to the FUSE dispatcher as one request (after a real INIT), with an
-//! arbitrary writable-buffer size, both through the zero-copy READ path and the ordinary
-//! one, and checks the reply invariants.
+//! arbitrary writable-buffer size, and checks the reply invariants of what it writes there,
+//! at once or when a parked request completes.
 #![no_main]
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use incfs_fuse::abi::{self, OutHeader};
 use incfs_fuse::{
-    Attr, DirEntry, DirSink, DirectBuf, Dispatcher, Entry, Errno, FileSystem, FuseConfig, Reply, ReplyBuf, Response,
+    Attr, DirEntry, DirSink, Dispatcher, Entry, Errno, FileSystem, FuseConfig, ReadReply, Reply, Response, ScatterBuf,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::ByteValued;
@@ -32,28 +32,22 @@ impl FileSystem for Trivial {
             _ => Err(libc::ENOENT),
         }
     }
-    fn read(&self, _ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &incfs_fuse::Context) -> Reply<Vec<u8>> {
-        // Deliberately return up to size + 1 bytes: the dispatcher must clamp.
-        let n = (size as usize + 1).min(8192);
-        if offset % 2 == 1 {
-            Reply::pending(async move { Ok(vec![7u8; n]) })
-        } else {
-            Reply::ok(vec![7u8; n])
-        }
-    }
-    fn read_direct(
+    fn read(
         &self,
         _ino: u64,
         _fh: u64,
         offset: u64,
         size: u32,
         _ctx: &incfs_fuse::Context,
-        buf: &mut DirectBuf<'_>,
-    ) -> Option<u32> {
-        // Writes everything it may, then claims one byte more on offsets that are 2 mod 4:
-        // the dispatcher must refuse that.
-        buf.write(0, &vec![7u8; size as usize]).ok()?;
-        (offset % 4 != 3).then_some(size + (offset % 4 == 2) as u32)
+        out: &mut ScatterBuf<'_>,
+    ) -> ReadReply {
+        match offset % 4 {
+            // Parked, with one byte more than asked: it must be clamped.
+            1 | 3 => ReadReply::bytes(Reply::pending(async move { Ok(vec![7u8; size as usize + 1]) }), size, out),
+            // Writes what it may, then claims one byte more: the dispatcher must refuse that.
+            2 => ReadReply::Done(out.write(0, &vec![7u8; size as usize]).map(|()| size + 1).map_err(|_| libc::EIO)),
+            _ => ReadReply::Done(out.write(0, &vec![7u8; size as usize]).map(|()| size).map_err(|_| libc::EIO)),
+        }
     }
     fn readdir(&self, _ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {
         let names: [&[u8]; 3] = [b".", b"..", b"f"];
@@ -76,10 +70,13 @@ impl FileSystem for Trivial {
     }
 }
 
-fn check(reply: &ReplyBuf, capacity: usize) {
-    assert!(reply.len() <= capacity, "reply {} > capacity {}", reply.len(), capacity);
-    let (hdr, _) = abi::read_struct::<OutHeader>(&reply.head).expect("out header");
-    assert_eq!(hdr.len as usize, reply.len());
+/// A reply of `n` bytes at the start of `out`: within the buffer, a header that tells the
+/// truth and an errno the guest can take.
+fn check(out: &[u8], n: u32) {
+    let n = n as usize;
+    assert!(n >= 16 && n <= out.len(), "reply {n} of {}", out.len());
+    let (hdr, _) = abi::read_struct::<OutHeader>(out).expect("out header");
+    assert_eq!(hdr.len as usize, n);
     assert!(hdr.error <= 0 && hdr.error > -4096);
 }
 
@@ -94,26 +91,23 @@ fuzz_target!(|data: &[u8]| {
     let mut init_req =
         abi::InHeader { len: 40 + 64, opcode: abi::FUSE_INIT, unique: 1, ..Default::default() }.as_slice().to_vec();
     init_req.extend_from_slice(init.as_slice());
-    assert!(matches!(d.dispatch(&init_req, 4096), Response::Ready(_)));
+    let mut init_out = vec![0u8; 4096];
+    assert!(matches!(d.dispatch(&init_req, &mut ScatterBuf::from_slice(&mut init_out)), Response::Done(_)));
 
-    // The zero-copy READ path first, as the device tries it: within the buffer, a header
-    // that tells the truth, or nothing at all.
     let mut out = vec![0u8; capacity];
-    if let Some(n) = d.read_direct(req, &mut DirectBuf::from_slice(&mut out)) {
-        let n = n as usize;
-        assert!(n >= 16 && n <= capacity, "direct reply {n} of {capacity}");
-        let (hdr, _) = abi::read_struct::<OutHeader>(&out).expect("out header");
-        assert_eq!((hdr.len as usize, hdr.error), (n, 0));
-    }
-
-    match d.dispatch(req, capacity) {
+    match d.dispatch(req, &mut ScatterBuf::from_slice(&mut out)) {
         Response::None => {}
-        Response::Ready(r) => check(&r, capacity),
+        Response::Done(n) => check(&out, n),
         Response::Pending(mut fut) => {
             // The trivial filesystem's futures complete on first poll.
             let mut cx = Context::from_waker(Waker::noop());
             match fut.as_mut().poll(&mut cx) {
-                Poll::Ready(Some(r)) => check(&r, capacity),
+                Poll::Ready(Some(write)) => {
+                    let mut late = vec![0u8; capacity];
+                    if let Some(n) = write(&mut ScatterBuf::from_slice(&mut late)) {
+                        check(&late, n);
+                    }
+                }
                 Poll::Ready(None) => {}
                 Poll::Pending => panic!("trivial future pending"),
             }

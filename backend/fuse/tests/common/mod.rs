@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use incfs_fuse::{
-    Attr, Context, DeviceConfig, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs, VirtioFsServer,
+    Attr, Context, DeviceConfig, DirEntry, DirSink, Entry, Errno, FileSystem, ReadReply, Reply, ScatterBuf, StatFs,
+    VirtioFsServer,
 };
 
 pub const ROOT: u64 = 1;
@@ -163,8 +164,8 @@ impl FileSystem for TestFs {
         Ok((ino * 100, incfs_fuse::abi::FOPEN_KEEP_CACHE))
     }
 
-    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &Context) -> Reply<Vec<u8>> {
-        match ino {
+    fn read(&self, ino: u64, _fh: u64, offset: u64, size: u32, _ctx: &Context, out: &mut ScatterBuf<'_>) -> ReadReply {
+        let reply = match ino {
             FILE => Reply::ok(slice_at(&self.data, offset, size)),
             INNER => Reply::ok(slice_at(b"abc", offset, size)),
             SLOW => Reply::pending(async move {
@@ -173,7 +174,8 @@ impl FileSystem for TestFs {
             }),
             _ if self.nodes.contains_key(&ino) => Reply::err(libc::EISDIR),
             _ => Reply::err(libc::ENOENT),
-        }
+        };
+        ReadReply::bytes(reply, size, out)
     }
 
     fn readdir(&self, ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {

@@ -1,21 +1,20 @@
-//! The image as a read-only FUSE filesystem, over the block engine.
+//! The image's own inodes: names, attributes and reads over the block engine.
 //!
 //! FUSE inode numbers are image inode indexes plus one (the root is 1): stable for the life of
 //! the mount and shared by hard links. The image never changes, so the guest may cache names,
-//! attributes and pages for as long as it likes.
-//!
-//! Control inodes (bit 62 set, see [`crate::control`]) are the incfs-style special files
-//! (`.pending_reads`, `.log`, `.fill`, ...); they are dispatched to [`Control`].
+//! attributes and pages for as long as it likes. Reads are reported to a [`ReadObserver`]
+//! (the control channel's pending reads and read log), which never reads data itself.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use incfs_buf::ScatterBuf;
-use incfs_fuse::{abi, Attr, Context, DirEntry, DirSink, Entry, Errno, FileSystem, Reply, StatFs};
+use incfs_fuse::{abi, Attr, Context, DirEntry, DirSink, Entry, Errno, ReadFill, ReadReply, StatFs};
 use sha2::{Digest, Sha256};
 
-use crate::control::{Control, Lookup};
-use crate::engine::Engine;
+use crate::engine::{Engine, ReadOutcome};
 use crate::image::{BlockKind, Image, Inode, InodeKind, BLOCK_SIZE};
 
 /// Immutable data: a day is as good as forever, and stays well inside every guest's limits.
@@ -25,23 +24,44 @@ const TTL: Duration = Duration::from_secs(86400);
 pub const XATTR_INCFS_ID: &[u8] = b"user.incfs.id";
 pub const XATTR_INCFS_SIZE: &[u8] = b"user.incfs.size";
 
-pub struct ImageFs {
-    engine: Arc<Engine>,
-    control: Arc<Control>,
+/// What watches reads of image files (the control channel's pending reads, read log and
+/// last error). Called on the data path, so quick; never reads data itself.
+pub trait ReadObserver: Send + Sync + 'static {
+    /// A guest read of blocks [first, last) of image file `file` began.
+    fn read_started(&self, file: u32, first: u32, last: u32, uid: u32);
+    /// The read waits for `missing`; what it returns is handed back to `read_ended`.
+    fn read_parked(&self, file: u32, missing: &[u32], uid: u32) -> Vec<u64>;
+    /// A parked read ended (filled, failed or abandoned) after `waited`.
+    fn read_ended(&self, parked: Vec<u64>, waited: Duration);
+    /// A read of `file` failed at `block` with `errno`.
+    fn read_failed(&self, file: u32, block: u32, errno: Errno, uid: u32);
 }
 
-impl ImageFs {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        let control = Control::new(engine.clone());
-        ImageFs { engine, control }
+/// The image's inodes.
+pub struct ImageTree {
+    engine: Arc<Engine>,
+    observer: Arc<dyn ReadObserver>,
+}
+
+/// Ends a parked read's observation however its future ends (done or dropped).
+struct Parked {
+    observer: Arc<dyn ReadObserver>,
+    records: Vec<u64>,
+    since: Instant,
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.observer.read_ended(std::mem::take(&mut self.records), self.since.elapsed());
+    }
+}
+
+impl ImageTree {
+    pub fn new(engine: Arc<Engine>, observer: Arc<dyn ReadObserver>) -> Self {
+        ImageTree { engine, observer }
     }
 
-    /// The control channel (pending reads, read log, fill).
-    pub fn control(&self) -> &Arc<Control> {
-        &self.control
-    }
-
-    fn image_entry(&self, idx: u32, entry_timeout: Duration) -> Entry {
+    pub(super) fn image_entry(&self, idx: u32, entry_timeout: Duration) -> Entry {
         let attr = self.attr(idx, &self.image().manifest.inodes[idx as usize]);
         Entry { ino: attr.ino, generation: 0, attr, entry_timeout, attr_timeout: TTL }
     }
@@ -121,49 +141,28 @@ fn dtype(mode: u32) -> u32 {
     (mode & libc::S_IFMT) >> 12
 }
 
-impl FileSystem for ImageFs {
-    fn destroy(&self) {
-        self.control.drop_handles();
-    }
-
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno> {
-        if Control::is_control(parent) {
-            return match self.control.lookup(parent, name)? {
-                Lookup::Control(e) => Ok(e),
-                Lookup::Image { idx, entry_timeout } => Ok(self.image_entry(idx, entry_timeout)),
-            };
-        }
+impl ImageTree {
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, Errno> {
         let (p, node) = self.node(parent)?;
         if !matches!(node.kind, InodeKind::Dir(_)) {
             return Err(libc::ENOTDIR);
         }
-        match self.image().lookup(p, name) {
-            Some(c) => Ok(self.image_entry(c, TTL)),
-            // The image's own entries win: control names only fill the gaps at the root.
-            None if parent == abi::ROOT_ID => self.control.lookup_root(name),
-            None => Err(libc::ENOENT),
-        }
+        self.image().lookup(p, name).map(|c| self.image_entry(c, TTL)).ok_or(libc::ENOENT)
     }
 
-    fn getattr(&self, ino: u64) -> Result<(Attr, Duration), Errno> {
-        if Control::is_control(ino) {
-            return self.control.getattr(ino);
-        }
+    pub fn getattr(&self, ino: u64) -> Result<(Attr, Duration), Errno> {
         let (i, node) = self.node(ino)?;
         Ok((self.attr(i, node), TTL))
     }
 
-    fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
         match &self.node(ino)?.1.kind {
             InodeKind::Symlink(t) => Ok(t.clone()),
             _ => Err(libc::EINVAL),
         }
     }
 
-    fn open(&self, ino: u64, flags: u32) -> Result<(u64, u32), Errno> {
-        if Control::is_control(ino) {
-            return self.control.open(ino, flags);
-        }
+    pub fn open(&self, ino: u64, flags: u32) -> Result<(u64, u32), Errno> {
         let (_, node) = self.node(ino)?;
         if (flags as i32) & libc::O_ACCMODE != libc::O_RDONLY || (flags as i32) & libc::O_TRUNC != 0 {
             return Err(libc::EROFS);
@@ -176,66 +175,52 @@ impl FileSystem for ImageFs {
         }
     }
 
-    fn read(&self, ino: u64, fh: u64, offset: u64, size: u32, ctx: &Context) -> Reply<Vec<u8>> {
-        if Control::is_control(ino) {
-            return self.control.read(ino, fh, offset, size, ctx);
-        }
+    /// READ of an image file: cached blocks go into `out` now; a miss parks the request until
+    /// the engine has the rest (see `incfs_fuse::FileSystem::read`).
+    pub fn read(&self, ino: u64, offset: u64, size: u32, ctx: &Context, out: &mut ScatterBuf<'_>) -> ReadReply {
         let idx = match self.node(ino) {
             Ok((i, Inode { kind: InodeKind::File(_), .. })) => i,
-            Ok((_, Inode { kind: InodeKind::Dir(_), .. })) => return Reply::err(libc::EISDIR),
-            Ok(_) => return Reply::err(libc::EINVAL),
-            Err(e) => return Reply::err(e),
+            Ok((_, Inode { kind: InodeKind::Dir(_), .. })) => return ReadReply::Done(Err(libc::EISDIR)),
+            Ok(_) => return ReadReply::Done(Err(libc::EINVAL)),
+            Err(e) => return ReadReply::Done(Err(e)),
         };
-        self.control.note_read(idx, offset, size, ctx.uid);
-        // Cached blocks are answered inline; a miss registers pending reads (one per missing
-        // block, for `.pending_reads`) and parks the request on the runtime.
-        match self.engine.read_cached(idx, offset, size) {
-            Ok(Some(data)) => Reply::ok(data),
-            Ok(None) => Reply::Pending(self.control.park_read(idx, offset, size, ctx.uid)),
+        let uid = ctx.uid;
+        let (first, last) = self.engine.block_span(idx, offset, size).unwrap_or((0, 0));
+        if first < last {
+            self.observer.read_started(idx, first, last, uid);
+        }
+        let miss = match self.engine.read_into(idx, offset, size, out) {
+            Ok(ReadOutcome::Done(n)) => return ReadReply::Done(Ok(n)),
+            Ok(ReadOutcome::Miss(miss)) => miss,
             Err(e) => {
-                let first = (offset / BLOCK_SIZE as u64).min(u32::MAX as u64) as u32;
-                self.control.read_failed(self.control.file_id_of(idx), first, e.errno(), ctx.uid);
-                Reply::err(e.errno())
+                self.observer.read_failed(idx, first, e.errno(), uid);
+                return ReadReply::Done(Err(e.errno()));
             }
-        }
+        };
+        let first_missing = miss.missing_blocks().first().copied().unwrap_or(first);
+        let parked = Parked {
+            observer: self.observer.clone(),
+            records: self.observer.read_parked(idx, miss.missing_blocks(), uid),
+            since: Instant::now(),
+        };
+        ReadReply::Pending(Box::pin(async move {
+            let res = miss.wait().await;
+            let observer = parked.observer.clone();
+            drop(parked);
+            match res {
+                Ok(data) => {
+                    Ok(Box::new(move |out: &mut ScatterBuf<'_>| data.write_into(out).map_err(|_| libc::EIO))
+                        as ReadFill)
+                }
+                Err(e) => {
+                    observer.read_failed(idx, first_missing, e.errno(), uid);
+                    Err(e.errno())
+                }
+            }
+        }))
     }
 
-    fn read_direct(
-        &self,
-        ino: u64,
-        _fh: u64,
-        offset: u64,
-        size: u32,
-        ctx: &Context,
-        buf: &mut ScatterBuf<'_>,
-    ) -> Option<u32> {
-        if Control::is_control(ino) {
-            return None;
-        }
-        let Ok((idx, Inode { kind: InodeKind::File(_), .. })) = self.node(ino) else { return None };
-        // Misses and errors take the ordinary path, which parks or reports them.
-        let n = self.engine.read_cached_into(idx, offset, size, buf).ok()??;
-        self.control.note_read(idx, offset, size, ctx.uid);
-        Some(n)
-    }
-
-    fn write(&self, ino: u64, fh: u64, _offset: u64, data: &[u8], ctx: &Context) -> Reply<u32> {
-        if Control::is_control(ino) {
-            return self.control.write(ino, fh, data, ctx);
-        }
-        Reply::err(libc::EROFS)
-    }
-
-    fn release(&self, ino: u64, fh: u64) {
-        if Control::is_control(ino) {
-            self.control.release(fh);
-        }
-    }
-
-    fn opendir(&self, ino: u64, _flags: u32) -> Result<(u64, u32), Errno> {
-        if Control::is_control(ino) {
-            return self.control.opendir(ino);
-        }
+    pub fn opendir(&self, ino: u64, _flags: u32) -> Result<(u64, u32), Errno> {
         match self.node(ino)?.1.kind {
             // Listings never change either.
             InodeKind::Dir(_) => Ok((0, abi::FOPEN_KEEP_CACHE | abi::FOPEN_CACHE_DIR)),
@@ -243,10 +228,7 @@ impl FileSystem for ImageFs {
         }
     }
 
-    fn readdir(&self, ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {
-        if Control::is_control(ino) {
-            return self.control.readdir(ino, offset, sink);
-        }
+    pub fn readdir(&self, ino: u64, _fh: u64, offset: u64, sink: &mut dyn DirSink) -> Result<(), Errno> {
         // The root lists only the image: control files are reachable by name but hidden, so
         // tree walks and comparisons of the mount see exactly the image.
         let (i, node) = self.node(ino)?;
@@ -271,7 +253,7 @@ impl FileSystem for ImageFs {
         Ok(())
     }
 
-    fn statfs(&self, _ino: u64) -> Result<StatFs, Errno> {
+    pub fn statfs(&self, _ino: u64) -> Result<StatFs, Errno> {
         let img = self.image();
         Ok(StatFs {
             blocks: img.data_size().div_ceil(BLOCK_SIZE as u64),
@@ -283,10 +265,7 @@ impl FileSystem for ImageFs {
         })
     }
 
-    fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
-        if Control::is_control(ino) {
-            return Err(libc::ENODATA);
-        }
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
         let (i, node) = self.node(ino)?;
         if let InodeKind::File(f) = &node.kind {
             if name == XATTR_INCFS_ID {
@@ -299,10 +278,7 @@ impl FileSystem for ImageFs {
         node.xattrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).ok_or(libc::ENODATA)
     }
 
-    fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, Errno> {
-        if Control::is_control(ino) {
-            return Ok(Vec::new());
-        }
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, Errno> {
         let (_, node) = self.node(ino)?;
         let mut names: Vec<Vec<u8>> = node.xattrs.iter().map(|(k, _)| k.clone()).collect();
         if matches!(node.kind, InodeKind::File(_)) {
@@ -313,10 +289,7 @@ impl FileSystem for ImageFs {
     }
 
     /// Holes are the all-zero blocks the image does not store.
-    fn lseek(&self, ino: u64, _fh: u64, offset: u64, whence: u32) -> Result<u64, Errno> {
-        if Control::is_control(ino) {
-            return Err(libc::EINVAL);
-        }
+    pub fn lseek(&self, ino: u64, _fh: u64, offset: u64, whence: u32) -> Result<u64, Errno> {
         let (_, node) = self.node(ino)?;
         let InodeKind::File(f) = &node.kind else { return Err(libc::EINVAL) };
         if offset >= f.size {

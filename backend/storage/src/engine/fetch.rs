@@ -1,0 +1,333 @@
+//! Fetching: single flight per block in this process (`inflight`) and across processes (the
+//! cache's fetch locks), runs of neighbouring blocks in one range request, retries with
+//! backoff, verification against the leaf hash, and storing in the cache. Readers wait on an
+//! [`InFlight`] and then read the block from the cache.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Engine, FillSource};
+use crate::cache::BlockCache;
+use crate::error::{Error, Result};
+use crate::image::{merkle, BlockKind, BlockRef, FileData, Hash, Image, ImageId, BLOCK_SIZE};
+use crate::store::{FetchError, Remote};
+
+/// How a fetch of a block ended, as its waiters see it.
+#[derive(Clone, Debug)]
+pub(super) enum Outcome {
+    /// Look in the cache again (stored, or someone else is on it).
+    Retry,
+    Corrupt,
+    /// Nobody waiting on it any more: the reader's deadline passed.
+    TimedOut,
+    Failed(String),
+}
+
+pub(super) struct InFlight {
+    pub(super) done: watch::Sender<Option<Outcome>>,
+    /// The latest deadline of anyone waiting: the fetch keeps retrying until then.
+    deadline: Mutex<Instant>,
+}
+
+impl InFlight {
+    pub(super) fn new(deadline: Instant) -> Arc<Self> {
+        Arc::new(InFlight { done: watch::channel(None).0, deadline: Mutex::new(deadline) })
+    }
+    pub(super) fn extend(&self, d: Instant) {
+        let mut cur = self.deadline.lock().unwrap_or_else(|e| e.into_inner());
+        if d > *cur {
+            *cur = d;
+        }
+    }
+    pub(super) fn deadline(&self) -> Instant {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Engine {
+    /// Joins or starts fetches for the missing blocks; returns what to wait on.
+    pub(super) fn request(
+        self: &Arc<Self>,
+        ino: u32,
+        f: &FileData,
+        missing: &[usize],
+        read_end: usize,
+        deadline: Instant,
+    ) -> Vec<(Hash, Arc<InFlight>)> {
+        let mut waits = Vec::with_capacity(missing.len());
+        let mut runs = Vec::new();
+        let window = (self.cfg.readahead as usize / BLOCK_SIZE).max(1);
+        {
+            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for &b in missing {
+                let h = f.blocks[b].hash;
+                if let Some(fl) = map.get(&h) {
+                    fl.extend(deadline);
+                    waits.push((h, fl.clone()));
+                    continue;
+                }
+                // With a guest supplying blocks, one may have been stored since the caller
+                // looked (a supplier stores before it takes this lock to wake waiters) and
+                // nobody would wake us. A fetch needs no such look: the fetcher looks again
+                // under the cross-process fetch lock.
+                if self.cfg.fill == FillSource::Supplied && self.cache.lookup(&h).is_some() {
+                    continue;
+                }
+                let fl = InFlight::new(deadline);
+                map.insert(h, fl.clone());
+                waits.push((h, fl.clone()));
+                if self.cfg.fill == FillSource::Supplied {
+                    continue;
+                }
+                // A run: this block, then neighbours stored right after it that nobody has,
+                // past the end of the file into the files packed after it (small files of a
+                // directory are read together: one round trip instead of one per file).
+                let mut run = vec![(f.blocks[b], fl)];
+                let limit = window.max(read_end.saturating_sub(b));
+                let (mut cur_ino, mut cur, mut next) = (ino, f, b + 1);
+                while run.len() < limit {
+                    if next >= cur.blocks.len() {
+                        let n = self.image.next_file.get(cur_ino as usize).copied().unwrap_or(u32::MAX);
+                        match (self.cfg.cross_file_readahead, self.image.file(n)) {
+                            (true, Some(nf)) => (cur_ino, cur, next) = (n, nf, 0),
+                            _ => break,
+                        }
+                        continue;
+                    }
+                    let r = cur.blocks[next];
+                    if !run[run.len() - 1].0.adjoins(&r)
+                        || map.contains_key(&r.hash)
+                        || self.cache.lookup(&r.hash).is_some()
+                    {
+                        break;
+                    }
+                    let nf = InFlight::new(deadline);
+                    map.insert(r.hash, nf.clone());
+                    run.push((r, nf));
+                    next += 1;
+                }
+                runs.push(run);
+            }
+        }
+        for run in runs {
+            let me = self.clone();
+            tokio::spawn(async move { me.fetch_run(run).await });
+        }
+        waits
+    }
+
+    async fn fetch_run(self: Arc<Self>, run: Vec<(BlockRef, Arc<InFlight>)>) {
+        let blocks: Vec<BlockRef> = run.iter().map(|(r, _)| *r).collect();
+        let flights: Vec<Arc<InFlight>> = run.iter().map(|(_, f)| f.clone()).collect();
+        let outcomes = self.fetch_blocks(blocks.clone(), &flights).await;
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for ((r, fl), o) in blocks.iter().zip(&flights).zip(outcomes) {
+            if map.get(&r.hash).is_some_and(|m| Arc::ptr_eq(m, fl)) {
+                map.remove(&r.hash);
+            }
+            fl.done.send_replace(Some(o));
+        }
+    }
+
+    /// Fetches a run of adjoining blocks; one outcome per block.
+    async fn fetch_blocks(&self, blocks: Vec<BlockRef>, flights: &[Arc<InFlight>]) -> Vec<Outcome> {
+        let n = blocks.len();
+        let mut outcome: Vec<Option<Outcome>> = vec![None; n];
+        let deadline = || flights.iter().map(|f| f.deadline()).max().unwrap_or_else(Instant::now);
+        let mut backoff = Duration::from_millis(50);
+        let mut corrupt_tries = 0;
+        loop {
+            let todo: Vec<usize> = (0..n).filter(|&i| outcome[i].is_none()).collect();
+            if todo.is_empty() {
+                break;
+            }
+            // Cross-process single flight: lock the first block (waiting while another daemon
+            // fetches it), then as many following ones as are free.
+            let mut held = Vec::new();
+            for (k, &i) in todo.iter().enumerate() {
+                match self.cache.try_lock_fetch(&blocks[i].hash) {
+                    Ok(true) => held.push(i),
+                    Ok(false) if k == 0 => break,
+                    _ => break,
+                }
+            }
+            if held.is_empty() {
+                self.counters.waits_on_other_process.fetch_add(1, Relaxed);
+                let i = todo[0];
+                if Instant::now() >= deadline() {
+                    outcome[i] = Some(Outcome::TimedOut);
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                if matches!(self.cache.lookup_fresh(&blocks[i].hash), Ok(Some(_))) {
+                    outcome[i] = Some(Outcome::Retry);
+                }
+                continue;
+            }
+            // Another process may have stored some while we waited.
+            let _ = self.cache.refresh();
+            let mut fetch = Vec::new();
+            for &i in &held {
+                if self.cache.lookup(&blocks[i].hash).is_some() {
+                    outcome[i] = Some(Outcome::Retry);
+                } else {
+                    fetch.push(i);
+                }
+            }
+            let res = self.fetch_and_store(&blocks, &fetch).await;
+            for &i in &held {
+                self.cache.unlock_fetch(&blocks[i].hash);
+            }
+            // Blocks after the held prefix belong to someone else's fetch: let readers retry.
+            if let Some(&last_held) = held.last() {
+                for &i in todo.iter().filter(|&&i| i > last_held) {
+                    outcome[i].get_or_insert(Outcome::Retry);
+                }
+            }
+            match res {
+                Ok(bad) => {
+                    for &i in &fetch {
+                        if !bad.contains(&i) {
+                            outcome[i] = Some(Outcome::Retry);
+                        }
+                    }
+                    if bad.is_empty() {
+                        continue;
+                    }
+                    corrupt_tries += 1;
+                    if corrupt_tries >= self.cfg.corrupt_attempts {
+                        for i in bad {
+                            outcome[i] = Some(Outcome::Corrupt);
+                        }
+                        continue;
+                    }
+                }
+                Err(FetchError::Permanent(e)) => {
+                    tracing::warn!("fetch failed: {e}");
+                    for &i in &fetch {
+                        outcome[i] = Some(Outcome::Failed(e.clone()));
+                    }
+                    continue;
+                }
+                Err(FetchError::Transient(e)) => {
+                    tracing::debug!("transient fetch failure, retrying: {e}");
+                }
+            }
+            // Keep trying until the last waiter gives up; a late reader extends the deadline.
+            let now = Instant::now();
+            let until = deadline();
+            if now >= until {
+                for o in outcome.iter_mut().filter(|o| o.is_none()) {
+                    *o = Some(Outcome::TimedOut);
+                }
+                break;
+            }
+            self.counters.retries.fetch_add(1, Relaxed);
+            tokio::time::sleep(backoff.min(until - now)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+        outcome.into_iter().map(|o| o.unwrap_or(Outcome::Retry)).collect()
+    }
+
+    /// Fetches blocks `idx` (in order) with one range request per stretch of adjoining
+    /// blocks, verifies them, stores the good ones; returns the indexes that failed
+    /// verification.
+    async fn fetch_and_store(&self, blocks: &[BlockRef], idx: &[usize]) -> Result<Vec<usize>, FetchError> {
+        let mut bad = Vec::new();
+        let mut s = 0;
+        while s < idx.len() {
+            let mut e = s + 1;
+            while e < idx.len() && idx[e] == idx[e - 1] + 1 && blocks[idx[e - 1]].adjoins(&blocks[idx[e]]) {
+                e += 1;
+            }
+            let (a, z) = (&blocks[idx[s]], &blocks[idx[e - 1]]);
+            let blob = self
+                .image
+                .manifest
+                .blobs
+                .get(a.blob as usize)
+                .ok_or_else(|| FetchError::Permanent("block in unknown blob".into()))?;
+            let len = z.offset + z.len as u64 - a.offset;
+            self.counters.remote_requests.fetch_add(1, Relaxed);
+            let data = tokio::time::timeout(self.cfg.attempt_timeout, self.remote.range(&blob.id, a.offset, len))
+                .await
+                .map_err(|_| FetchError::Transient("remote request timed out".into()))??;
+            self.counters.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
+            let mut good: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(e - s);
+            for &i in &idx[s..e] {
+                let r = &blocks[i];
+                let at = (r.offset - a.offset) as usize;
+                match decode_verified(r, &data[at..at + r.len as usize]) {
+                    Some(plain) => good.push((r.hash, plain)),
+                    None => {
+                        self.counters.verify_failures.fetch_add(1, Relaxed);
+                        tracing::warn!(hash = %hex::encode(r.hash), "block from remote failed verification");
+                        bad.push(i);
+                    }
+                }
+            }
+            self.counters.blocks_fetched.fetch_add(good.len() as u64, Relaxed);
+            let refs: Vec<(Hash, &[u8])> = good.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+            self.cache.insert_verified(&refs).map_err(|e| FetchError::Transient(format!("cache: {e}")))?;
+            self.flush_stats();
+            s = e;
+        }
+        Ok(bad)
+    }
+
+    /// Hashes currently being fetched or waited for (for diagnostics).
+    pub fn inflight_count(&self) -> usize {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Decompresses one stored block into a zero-padded 4096-byte buffer and checks its leaf
+/// hash. None if it does not decode to at most 4096 bytes or does not match.
+pub(super) fn decode_verified(r: &BlockRef, stored: &[u8]) -> Option<Vec<u8>> {
+    let mut plain = vec![0u8; BLOCK_SIZE];
+    match r.kind {
+        BlockKind::Raw => {
+            if stored.len() > BLOCK_SIZE {
+                return None;
+            }
+            plain[..stored.len()].copy_from_slice(stored);
+        }
+        BlockKind::Zstd => {
+            // The decoder may scribble past what it returns: pad explicitly.
+            let n = zstd::bulk::decompress_to_buffer(stored, &mut plain[..]).ok()?;
+            plain[n..].fill(0);
+        }
+        BlockKind::Zero => {}
+    }
+    (merkle::leaf_hash(&plain) == r.hash).then_some(plain)
+}
+
+/// Loads a manifest from the cache, else from the remote (retrying transient failures until
+/// `patience` runs out), verifies it against the id, and saves it in the cache.
+pub(super) async fn load_image(remote: &Remote, id: &ImageId, cache: &BlockCache, patience: Duration) -> Result<Image> {
+    if let Some(bytes) = cache.load_manifest(id) {
+        return Image::from_manifest_bytes(*id, &bytes);
+    }
+    let give_up = Instant::now() + patience;
+    let mut backoff = Duration::from_millis(100);
+    let bytes = loop {
+        match remote.manifest(id).await {
+            Ok(b) => break b,
+            Err(FetchError::Permanent(e)) => return Err(Error::Remote(e)),
+            Err(FetchError::Transient(e)) if Instant::now() + backoff >= give_up => return Err(Error::Remote(e)),
+            Err(FetchError::Transient(e)) => {
+                tracing::warn!("fetching manifest: {e}; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let bytes = crate::image::manifest_from_stored(bytes)?;
+    let image = Image::from_manifest_bytes(*id, &bytes)?;
+    cache.save_manifest(id, &bytes)?;
+    Ok(image)
+}

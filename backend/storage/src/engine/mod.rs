@@ -1,0 +1,237 @@
+//! The block engine: serves verified plaintext of an image's files, fetching missing blocks.
+//!
+//! - [`read`](read.rs): a read maps (file, offset, length) to blocks once and copies what the
+//!   cache has straight into the caller's buffer; the rest is a [`Miss`] to await.
+//! - `fetch`: single-flight fetches of runs of blocks, verification, storing.
+//! - `prefetch`: record and replay of read traces, the whole-image background fetch.
+//! - `fill`: blocks supplied by a guest data loader, and what is present of a file.
+//!
+//! A read first copies what the cache has. Missing blocks are fetched by one task per run of
+//! neighbouring blocks (single flight in this process through `inflight`, across processes
+//! through the cache's fetch locks), coalesced with the blocks after them up to the readahead
+//! window, retried with backoff, verified against their leaf hash and stored in the cache; the
+//! waiting readers then read them from the cache. A read that cannot finish before its
+//! deadline fails with ETIME; data that fails verification is never stored or returned.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+mod fetch;
+mod fill;
+mod prefetch;
+mod read;
+
+pub use read::{Miss, MissData, ReadOutcome};
+
+use fetch::{load_image, InFlight};
+
+use crate::cache::BlockCache;
+use crate::error::{Error, Result};
+use crate::image::{FileData, Hash, Image, ImageId, BLOCK_SIZE};
+use crate::store::Remote;
+use crate::trace::Recorder;
+
+/// Where missing blocks come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillSource {
+    /// The engine fetches from the remote.
+    Remote,
+    /// Only `supply_block` fills (a guest data loader); misses wait for it.
+    Supplied,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// How long a read may wait for missing blocks; zero fails at once (as incfs).
+    pub read_timeout: Duration,
+    /// Bytes of plaintext one fetch may cover, missing blocks of the read included.
+    pub readahead: u64,
+    /// Limit for one remote request before it counts as a transient failure.
+    pub attempt_timeout: Duration,
+    /// Fetches of a block that keep failing verification give up after this many.
+    pub corrupt_attempts: u32,
+    pub fill: FillSource,
+    /// Let readahead continue into the files packed after the one being read.
+    pub cross_file_readahead: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            read_timeout: Duration::from_secs(10),
+            readahead: 512 << 10,
+            attempt_timeout: Duration::from_secs(5),
+            corrupt_attempts: 3,
+            fill: FillSource::Remote,
+            cross_file_readahead: true,
+        }
+    }
+}
+
+/// Monotonic counters, exported as metrics.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub reads: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub reads_delayed: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub remote_requests: AtomicU64,
+    pub blocks_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub retries: AtomicU64,
+    pub verify_failures: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub blocks_supplied: AtomicU64,
+    pub waits_on_other_process: AtomicU64,
+    /// Blocks requested by trace replay (fetched unless already cached or in flight).
+    pub prefetch_blocks: AtomicU64,
+    /// Blocks that reads looked up in the cache's index (blocks with a slot hint are not).
+    pub cache_lookups: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let c = |a: &AtomicU64| a.load(Relaxed);
+        vec![
+            ("reads", c(&self.reads)),
+            ("read_errors", c(&self.read_errors)),
+            ("reads_delayed", c(&self.reads_delayed)),
+            ("cache_hits", c(&self.cache_hits)),
+            ("cache_misses", c(&self.cache_misses)),
+            ("remote_requests", c(&self.remote_requests)),
+            ("blocks_fetched", c(&self.blocks_fetched)),
+            ("bytes_fetched", c(&self.bytes_fetched)),
+            ("retries", c(&self.retries)),
+            ("verify_failures", c(&self.verify_failures)),
+            ("timeouts", c(&self.timeouts)),
+            ("blocks_supplied", c(&self.blocks_supplied)),
+            ("waits_on_other_process", c(&self.waits_on_other_process)),
+            ("prefetch_blocks", c(&self.prefetch_blocks)),
+            ("cache_lookups", c(&self.cache_lookups)),
+        ]
+    }
+}
+
+pub struct Engine {
+    image: Arc<Image>,
+    remote: Remote,
+    cache: Arc<BlockCache>,
+    cfg: EngineConfig,
+    inflight: Mutex<HashMap<Hash, Arc<InFlight>>>,
+    pub counters: Counters,
+    /// Hits and misses already added to the cache-wide totals.
+    flushed: Mutex<(u64, u64)>,
+    /// Set by `start_recording`: first touches of blocks, for `--record-trace`.
+    recorder: std::sync::OnceLock<Recorder>,
+    /// Per block of the image (indexed from `block_base`), the cache slot it was last found
+    /// in, plus one (0: unknown). Spares the warm path a hash lookup per block; only a hint,
+    /// since the cache checks every slot's record on read.
+    slot_hints: Box<[AtomicU64]>,
+    block_base: Vec<u64>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.flush_stats();
+    }
+}
+
+impl Engine {
+    /// Loads the image (from the cache's saved manifest, else the remote) and verifies it
+    /// against its id.
+    pub async fn open(remote: Remote, id: ImageId, cache: Arc<BlockCache>, cfg: EngineConfig) -> Result<Arc<Self>> {
+        let image = Arc::new(load_image(&remote, &id, &cache, cfg.read_timeout.max(Duration::from_secs(30))).await?);
+        let mut block_base = vec![u64::MAX; image.manifest.inodes.len()];
+        let mut total = 0u64;
+        for (i, f) in image.files() {
+            block_base[i as usize] = total;
+            total += f.blocks.len() as u64;
+        }
+        let slot_hints = (0..total).map(|_| AtomicU64::new(0)).collect();
+        Ok(Arc::new(Engine {
+            slot_hints,
+            block_base,
+            image,
+            remote,
+            cache,
+            cfg,
+            inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            flushed: Mutex::new((0, 0)),
+            recorder: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// Adds this engine's hits and misses since the last call to the cache-wide totals
+    /// (shown by `incfsd cache status`).
+    pub fn flush_stats(&self) {
+        let mut f = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
+        let (h, m) = (self.counters.cache_hits.load(Relaxed), self.counters.cache_misses.load(Relaxed));
+        if self.cache.add_stats(h - f.0, m - f.1).is_ok() {
+            *f = (h, m);
+        }
+    }
+
+    /// Opens `store` (a directory or an http(s) URL) and the cache directory `cache` (with an
+    /// optional size limit), then the image: what every command and daemon does first.
+    pub async fn connect(
+        store: &str,
+        id: ImageId,
+        cache: &std::path::Path,
+        cache_size: Option<u64>,
+        cfg: EngineConfig,
+    ) -> Result<Arc<Self>> {
+        let remote = Remote::open(store, cfg.attempt_timeout)?;
+        let cache = Arc::new(BlockCache::open_with(cache, crate::cache::CacheOptions { limit_bytes: cache_size })?);
+        Self::open(remote, id, cache, cfg).await
+    }
+
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    fn file(&self, ino: u32) -> Result<&FileData> {
+        self.image.file(ino).ok_or_else(|| Error::Invalid(format!("inode {ino} is not a regular file")))
+    }
+
+    /// Block range [first, end) covering a read, clamped to the file.
+    fn span(f: &FileData, offset: u64, len: u32) -> (u64, usize, usize) {
+        if offset >= f.size || len == 0 {
+            return (0, 0, 0);
+        }
+        let end = (offset + len as u64).min(f.size);
+        let first = (offset / BLOCK_SIZE as u64) as usize;
+        let last = end.div_ceil(BLOCK_SIZE as u64) as usize;
+        (end - offset, first, last)
+    }
+
+    /// The slot hint of block `block` of file `ino`, if the image has one.
+    fn hint(&self, ino: u32, block: usize) -> Option<&AtomicU64> {
+        let base = *self.block_base.get(ino as usize)?;
+        self.slot_hints.get(usize::try_from(base).ok()?.checked_add(block)?)
+    }
+
+    /// Clears the slot hints of blocks `blocks` of file `ino` (found stale).
+    fn forget_hints(&self, ino: u32, blocks: std::ops::Range<usize>) {
+        for b in blocks {
+            if let Some(h) = self.hint(ino, b) {
+                h.store(0, Relaxed);
+            }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Reads: (file, offset, length) is mapped to blocks once; the blocks the cache has go
+//! straight into the caller's buffer (one `preadv` per run of consecutive slots), zero blocks
+//! are zeroed, and what is missing comes back as a [`Miss`]. Awaiting [`Miss::wait`] fetches
+//! the missing blocks and returns only their bytes, which [`MissData::write_into`] puts where
+//! they belong in the same buffer.
+
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use incfs_buf::ScatterBuf;
+use tokio::time::Instant;
+
+use super::fetch::Outcome;
+use super::{Engine, FillSource};
+use crate::error::{Error, Result};
+use crate::image::{BlockKind, BlockRef, FileData, BLOCK_SIZE};
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// How [`Engine::read_into`] ended.
+pub enum ReadOutcome {
+    /// Every block was there: this many bytes are in the buffer (fewer than asked only at the
+    /// end of the file).
+    Done(u32),
+    /// Some blocks must be fetched first; the others are in the buffer already.
+    Miss(Miss),
+}
+
+/// The blocks of a read that the cache did not have. Nothing is counted or fetched until it
+/// is awaited; dropping it abandons the read.
+pub struct Miss {
+    engine: Arc<Engine>,
+    file: u32,
+    offset: u64,
+    /// Bytes the whole read returns.
+    len: u32,
+    /// Block past the read's last one (readahead is measured from there).
+    read_end: usize,
+    /// Blocks of the file that are missing, ascending.
+    missing: Vec<u32>,
+    /// Blocks of the read that were copied from the cache.
+    cached: u64,
+}
+
+/// The bytes of a miss's blocks once they arrived.
+pub struct MissData {
+    offset: u64,
+    len: u32,
+    /// (block of the file, its plaintext).
+    blocks: Vec<(u32, Box<[u8]>)>,
+}
+
+impl MissData {
+    /// Bytes the whole read returns.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes the blocks into the read's buffer (the one given to `read_into`, or one laid out
+    /// the same way) and returns the read's length.
+    pub fn write_into(&self, out: &mut ScatterBuf<'_>) -> io::Result<u32> {
+        let end = self.offset + u64::from(self.len);
+        for (b, data) in &self.blocks {
+            let start = u64::from(*b) * BS;
+            let (s, e) = (start.max(self.offset), (start + BS).min(end));
+            if s < e {
+                let skip = (s - start) as usize;
+                out.write((s - self.offset) as usize, &data[skip..skip + (e - s) as usize])?;
+            }
+        }
+        Ok(self.len)
+    }
+}
+
+impl Miss {
+    /// The missing blocks of the file, ascending.
+    pub fn missing_blocks(&self) -> &[u32] {
+        &self.missing
+    }
+
+    pub fn file(&self) -> u32 {
+        self.file
+    }
+
+    /// Waits for the missing blocks (fetching them unless a guest supplies them) until the
+    /// engine's read timeout; ETIME past it, EBADMSG if the remote keeps sending bad data.
+    pub async fn wait(self) -> Result<MissData> {
+        let c = &self.engine.counters;
+        c.cache_hits.fetch_add(self.cached, Relaxed);
+        c.cache_misses.fetch_add(self.missing.len() as u64, Relaxed);
+        c.reads_delayed.fetch_add(1, Relaxed);
+        let res = self.fetch().await;
+        c.reads.fetch_add(1, Relaxed);
+        if let Err(e) = &res {
+            if matches!(e, Error::Timeout) {
+                c.timeouts.fetch_add(1, Relaxed);
+            }
+            c.read_errors.fetch_add(1, Relaxed);
+        }
+        res
+    }
+
+    async fn fetch(&self) -> Result<MissData> {
+        let e = &self.engine;
+        if e.cfg.read_timeout.is_zero() {
+            return Err(Error::Timeout);
+        }
+        let deadline = Instant::now() + e.cfg.read_timeout;
+        let f = e.file(self.file)?;
+        let mut blocks = Vec::with_capacity(self.missing.len());
+        let mut missing: Vec<usize> = self.missing.iter().map(|&b| b as usize).collect();
+        loop {
+            for (hash, w) in e.request(self.file, f, &missing, self.read_end, deadline) {
+                let mut rx = w.done.subscribe();
+                let outcome = loop {
+                    // Blocks supplied by a guest may come through another daemon on this
+                    // cache: look again now and then rather than only when woken.
+                    let slice = match e.cfg.fill {
+                        FillSource::Supplied => deadline.min(Instant::now() + Duration::from_millis(200)),
+                        FillSource::Remote => deadline,
+                    };
+                    match tokio::time::timeout_at(slice, rx.wait_for(|o| o.is_some())).await {
+                        Err(_) if Instant::now() >= deadline => return Err(Error::Timeout),
+                        Err(_) if matches!(e.cache.lookup_fresh(&hash), Ok(Some(_))) => break Outcome::Retry,
+                        Err(_) => continue,
+                        Ok(Err(_)) => break Outcome::Retry, // sender dropped: look again
+                        Ok(Ok(o)) => break o.clone().unwrap_or(Outcome::Retry),
+                    }
+                };
+                match outcome {
+                    Outcome::Retry => {}
+                    Outcome::Corrupt => {
+                        return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into()))
+                    }
+                    Outcome::TimedOut => return Err(Error::Timeout),
+                    Outcome::Failed(e) => return Err(Error::Remote(e)),
+                }
+            }
+            // Read only what was missing.
+            let mut still = Vec::new();
+            for b in missing {
+                let mut data = vec![0u8; BLOCK_SIZE].into_boxed_slice();
+                if e.read_block(self.file, f, b, &mut data)? {
+                    blocks.push((b as u32, data));
+                } else {
+                    still.push(b);
+                }
+            }
+            if still.is_empty() {
+                return Ok(MissData { offset: self.offset, len: self.len, blocks });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout);
+            }
+            missing = still;
+            // Someone else's fetch ended without our block (lost to eviction, or their run
+            // was cut short): go round again, without spinning.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+impl Engine {
+    /// Reads `len` bytes at `offset` of file `file` into `out` (at least that long, the data
+    /// starting at its base): what the cache has is copied now, never waiting; the rest is a
+    /// [`Miss`]. Each block of the read is looked up in the cache once.
+    pub fn read_into(
+        self: &Arc<Self>,
+        file: u32,
+        offset: u64,
+        len: u32,
+        out: &mut ScatterBuf<'_>,
+    ) -> Result<ReadOutcome> {
+        let f = self.file(file)?;
+        let (n, first, last) = Self::span(f, offset, len);
+        if n as usize > out.len() {
+            return Err(Error::Invalid(format!("a read of {n} bytes into a buffer of {}", out.len())));
+        }
+        if let Some(r) = self.recorder.get() {
+            r.note(file, first, last);
+        }
+        let missing = self.copy_cached(file, f, offset, offset + n, first, last, out)?;
+        if missing.is_empty() {
+            self.count_hit(last - first);
+            return Ok(ReadOutcome::Done(n as u32));
+        }
+        Ok(ReadOutcome::Miss(Miss {
+            engine: self.clone(),
+            file,
+            offset,
+            len: n as u32,
+            read_end: last,
+            cached: (last - first - missing.len()) as u64,
+            missing,
+        }))
+    }
+
+    /// Reads verified plaintext, waiting for missing blocks until the read timeout.
+    pub async fn read(self: &Arc<Self>, file: u32, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let f = self.file(file)?;
+        let mut buf = vec![0u8; Self::span(f, offset, len).0 as usize];
+        let outcome = self.read_into(file, offset, len, &mut ScatterBuf::from_slice(&mut buf))?;
+        if let ReadOutcome::Miss(miss) = outcome {
+            let data = miss.wait().await?;
+            data.write_into(&mut ScatterBuf::from_slice(&mut buf)).map_err(|e| Error::io("copy fetched blocks", e))?;
+        }
+        Ok(buf)
+    }
+
+    /// Reads from the cache only: None when any block is missing. Never waits.
+    pub fn read_cached(self: &Arc<Self>, file: u32, offset: u64, len: u32) -> Result<Option<Vec<u8>>> {
+        let f = self.file(file)?;
+        let mut buf = vec![0u8; Self::span(f, offset, len).0 as usize];
+        Ok(self.read_cached_into(file, offset, len, &mut ScatterBuf::from_slice(&mut buf))?.map(|_| buf))
+    }
+
+    /// Reads from the cache only, into `out`: Some(bytes) when every block is cached, None
+    /// otherwise (nothing counted). Never waits.
+    pub fn read_cached_into(
+        self: &Arc<Self>,
+        file: u32,
+        offset: u64,
+        len: u32,
+        out: &mut ScatterBuf<'_>,
+    ) -> Result<Option<u32>> {
+        match self.read_into(file, offset, len, out)? {
+            ReadOutcome::Done(n) => Ok(Some(n)),
+            ReadOutcome::Miss(_) => Ok(None),
+        }
+    }
+
+    fn count_hit(&self, blocks: usize) {
+        // A daemon that only hits still shows up in the cache-wide ratio now and then.
+        if self.counters.reads.fetch_add(1, Relaxed) % 8192 == 8191 {
+            self.flush_stats();
+        }
+        self.counters.cache_hits.fetch_add(blocks as u64, Relaxed);
+    }
+
+    /// Where the cache holds blocks [first, last) of `f` (None: missing, or a zero block).
+    /// Hinted slots first; the index only for blocks without a hint.
+    fn cached_slots(&self, file: u32, f: &FileData, first: usize, last: usize) -> Vec<Option<u64>> {
+        let blocks = &f.blocks[first..last];
+        let mut slots: Vec<Option<u64>> = (first..last)
+            .map(|b| self.hint(file, b).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1))
+            .collect();
+        let unhinted: Vec<usize> =
+            (0..blocks.len()).filter(|&i| slots[i].is_none() && blocks[i].kind != BlockKind::Zero).collect();
+        if !unhinted.is_empty() {
+            self.counters.cache_lookups.fetch_add(unhinted.len() as u64, Relaxed);
+            let mut found = Vec::with_capacity(unhinted.len());
+            self.cache.lookup_many(unhinted.iter().map(|&i| &blocks[i].hash), &mut found);
+            for (&i, s) in unhinted.iter().zip(found) {
+                slots[i] = s;
+                if let (Some(h), Some(s)) = (self.hint(file, first + i), s) {
+                    h.store(s + 1, Relaxed);
+                }
+            }
+        }
+        slots
+    }
+
+    /// How many blocks from `i` on are stored in consecutive slots (one copy for them all).
+    fn slot_run(blocks: &[BlockRef], slots: &[Option<u64>], i: usize, slot: u64) -> usize {
+        let mut n = 1;
+        while i + n < blocks.len() && blocks[i + n].kind != BlockKind::Zero && slots[i + n] == Some(slot + n as u64) {
+            n += 1;
+        }
+        n
+    }
+
+    /// Copies the bytes [offset, end) of blocks [first, last) of `f` that the cache has into
+    /// `out` (file byte `offset` at the buffer's start), zeroes zero blocks, and returns the
+    /// blocks that are missing.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_cached(
+        &self,
+        file: u32,
+        f: &FileData,
+        offset: u64,
+        end: u64,
+        first: usize,
+        last: usize,
+        out: &mut ScatterBuf<'_>,
+    ) -> Result<Vec<u32>> {
+        let io = |e| Error::io("copy cached blocks", e);
+        let mut missing = Vec::new();
+        let blocks = &f.blocks[first..last];
+        let slots = self.cached_slots(file, f, first, last);
+        let mut i = 0;
+        while i < blocks.len() {
+            let b = first + i;
+            let start = b as u64 * BS;
+            let s = start.max(offset);
+            let at = (s - offset) as usize;
+            if blocks[i].kind == BlockKind::Zero {
+                out.zero(at, ((start + BS).min(end) - s) as usize).map_err(io)?;
+                i += 1;
+                continue;
+            }
+            let Some(slot) = slots[i] else {
+                missing.push(b as u32);
+                i += 1;
+                continue;
+            };
+            // A read that starts inside a block goes through a bounce buffer for that block;
+            // every later block starts on a block boundary in the file and in `out`.
+            let k = if s == start { Self::slot_run(blocks, &slots, i, slot) } else { 1 };
+            let e = ((b + k) as u64 * BS).min(end);
+            let copied = if s == start {
+                let hashes = blocks[i..i + k].iter().map(|r| &r.hash);
+                self.cache.read_run_into(slot, hashes, out, at, (e - s) as usize)?
+            } else {
+                self.copy_bounced(slot, &blocks[i], (s - start) as usize, out, at, (e - s) as usize)?
+            };
+            if !copied {
+                // Evicted or moved since the hint or the index said so. What the copy left in
+                // `out` may be another block's bytes: never let the guest keep them.
+                out.zero(at, (e - s) as usize).map_err(io)?;
+                self.forget_hints(file, b..b + k);
+                for j in b..b + k {
+                    if !self.copy_one(file, f, j, offset, end, out)? {
+                        missing.push(j as u32);
+                    }
+                }
+            }
+            i += k;
+        }
+        Ok(missing)
+    }
+
+    /// Copies bytes [skip, skip + len) of the block in `slot` to [at, at + len) of `out`.
+    fn copy_bounced(
+        &self,
+        slot: u64,
+        r: &BlockRef,
+        skip: usize,
+        out: &mut ScatterBuf<'_>,
+        at: usize,
+        len: usize,
+    ) -> Result<bool> {
+        let mut tmp = [0u8; BLOCK_SIZE];
+        if !self.cache.read_run(slot, &[r.hash], &mut tmp)? {
+            return Ok(false);
+        }
+        out.write(at, &tmp[skip..skip + len]).map_err(|e| Error::io("copy cached block", e))?;
+        Ok(true)
+    }
+
+    /// Copies block `b` of the read [offset, end) from wherever the cache index now says it
+    /// is (after a stale slot); false if it is not cached.
+    fn copy_one(
+        &self,
+        file: u32,
+        f: &FileData,
+        b: usize,
+        offset: u64,
+        end: u64,
+        out: &mut ScatterBuf<'_>,
+    ) -> Result<bool> {
+        self.counters.cache_lookups.fetch_add(1, Relaxed);
+        let Some(slot) = self.cache.lookup(&f.blocks[b].hash) else { return Ok(false) };
+        let start = b as u64 * BS;
+        let (s, e) = (start.max(offset), (start + BS).min(end));
+        let ok =
+            self.copy_bounced(slot, &f.blocks[b], (s - start) as usize, out, (s - offset) as usize, (e - s) as usize)?;
+        if ok {
+            if let Some(h) = self.hint(file, b) {
+                h.store(slot + 1, Relaxed);
+            }
+        }
+        Ok(ok)
+    }
+
+    /// The plaintext of block `b` of `f` from the cache into `out` (a whole block); false if
+    /// it is not cached.
+    fn read_block(&self, file: u32, f: &FileData, b: usize, out: &mut [u8]) -> Result<bool> {
+        let r = &f.blocks[b];
+        if r.kind == BlockKind::Zero {
+            out.fill(0);
+            return Ok(true);
+        }
+        let Some(slot) = self.cached_slots(file, f, b, b + 1)[0] else { return Ok(false) };
+        if self.cache.read_run(slot, &[r.hash], out)? {
+            return Ok(true);
+        }
+        self.forget_hints(file, b..b + 1);
+        Ok(false)
+    }
+}
