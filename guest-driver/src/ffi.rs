@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use incfs_wire::{file_id_from_hex, file_id_to_hex, names, COMPRESSION_NONE, COMPRESSION_ZSTD, FILE_ID_HEX_LEN};
+
 use crate::{file_id_of_fd, lock, DataBlock, Error, FileState, Mount, PendingWatcher, ReadRecord, RecordReader};
 
 #[repr(C, align(8))]
@@ -215,9 +217,9 @@ pub unsafe extern "C" fn IncFs_FileIdToString(id: IncFsFileId, out: *mut c_char)
     if out.is_null() {
         return -libc::EINVAL;
     }
-    let s = hex::encode(id.data);
+    let s = file_id_to_hex(&id.data);
     // SAFETY: the caller provides at least 32 bytes (kIncFsFileIdStringLength).
-    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr().cast::<c_char>(), out, 32) };
+    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr().cast::<c_char>(), out, FILE_ID_HEX_LEN) };
     0
 }
 
@@ -227,12 +229,8 @@ pub unsafe extern "C" fn IncFs_FileIdFromString(s: *const c_char) -> IncFsFileId
         return INVALID_ID;
     }
     // SAFETY: the caller passes at least 32 readable characters.
-    let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), 32) };
-    let mut id = [0u8; 16];
-    match hex::decode_to_slice(bytes, &mut id) {
-        Ok(()) => IncFsFileId { data: id },
-        Err(_) => INVALID_ID,
-    }
+    let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), FILE_ID_HEX_LEN) };
+    file_id_from_hex(bytes).map(|data| IncFsFileId { data }).unwrap_or(INVALID_ID)
 }
 
 /// Opens the mount at `dir`; NULL (errno set) if it is not a virtio-incfs mount.
@@ -305,7 +303,7 @@ pub unsafe extern "C" fn IncFs_GetControlFd(c: *const IncFsControl, kind: c_int)
                 use std::os::fd::AsRawFd;
                 let mut b = lock(&c.blocks_written);
                 if b.is_none() {
-                    match std::fs::File::open(c.mount.root().join(".blocks_written")) {
+                    match std::fs::File::open(c.mount.root().join(names::BLOCKS_WRITTEN)) {
                         Ok(f) => *b = Some(f),
                         Err(e) => return -e.raw_os_error().unwrap_or(libc::EIO),
                     }
@@ -507,7 +505,10 @@ pub unsafe extern "C" fn IncFs_WriteBlocks(blocks: *const IncFsDataBlock, count:
                     }
                     break;
                 }
-                if b.pageIndex < 0 || !(0..=2).contains(&b.compression) {
+                // LZ4 (between the two) passes, and the host refuses it with EINVAL.
+                let compression_known =
+                    (c_int::from(COMPRESSION_NONE)..=c_int::from(COMPRESSION_ZSTD)).contains(&b.compression);
+                if b.pageIndex < 0 || !compression_known {
                     if batch.is_empty() && done == 0 {
                         return if b.pageIndex < 0 { -libc::ERANGE } else { -libc::EINVAL };
                     }

@@ -22,23 +22,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub const BLOCK_SIZE: usize = 4096;
-pub const RECORD_SIZE: usize = 40;
-pub const FILL_HEADER_SIZE: usize = 32;
-pub const MAX_FILL_DATA: usize = 8192;
-/// One `.fill` write stays within this, so that the guest kernel forwards it as one FUSE
-/// WRITE whatever the buffer's alignment (16 pages + 1 is below every max_pages).
-pub const MAX_FILL_WRITE: usize = 64 << 10;
-/// The host caps one long poll at this; longer waits are several polls.
-pub const MAX_POLL_MS: u32 = 60_000;
-pub const XATTR_ID: &str = "user.incfs.id";
-pub const XATTR_SIZE: &str = "user.incfs.size";
+use incfs_wire::{names, FillHeader, FILL_FLAG_HASH};
 
-pub const COMPRESSION_NONE: u8 = 0;
-pub const COMPRESSION_LZ4: u8 = 1;
-pub const COMPRESSION_ZSTD: u8 = 2;
-
-pub type FileId = [u8; 16];
+// The wire format is incfs-wire's (shared with the host); re-exported so that users of this
+// crate need not depend on it.
+pub use incfs_wire::{
+    FileId, FileState, LastReadError, ReadRecord, BLOCK_SIZE, COMPRESSION_LZ4, COMPRESSION_NONE, COMPRESSION_ZSTD,
+    FILL_HEADER_SIZE, MAX_FILL_DATA, MAX_FILL_WRITE, MAX_POLL_MS, RECORD_SIZE, XATTR_FILE_ID, XATTR_FILE_SIZE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -54,6 +45,13 @@ pub enum Error {
     NoId(PathBuf),
     #[error("malformed control data: {0}")]
     Malformed(String),
+    #[error("malformed {what}: {source}")]
+    Decode {
+        /// Which control file.
+        what: &'static str,
+        #[source]
+        source: incfs_wire::DecodeError,
+    },
 }
 
 impl Error {
@@ -67,7 +65,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::NotIncfs(_) => libc::EINVAL,
             Error::NoId(_) => libc::ENOENT,
-            Error::Malformed(_) => libc::EIO,
+            Error::Malformed(_) | Error::Decode { .. } => libc::EIO,
         }
     }
 }
@@ -76,99 +74,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[o..o + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
-}
-
-/// One `incfs_pending_read_info2` record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReadRecord {
-    pub file_id: FileId,
-    pub timestamp_us: u64,
-    pub block: u32,
-    pub serial: u32,
-    pub uid: u32,
-}
-
-impl ReadRecord {
-    pub fn parse_all(b: &[u8]) -> Result<Vec<ReadRecord>> {
-        if b.len() % RECORD_SIZE != 0 {
-            return Err(Error::Malformed(format!("{} bytes is not a whole number of records", b.len())));
-        }
-        Ok(b.chunks_exact(RECORD_SIZE)
-            .map(|r| {
-                let mut file_id = [0u8; 16];
-                file_id.copy_from_slice(&r[..16]);
-                ReadRecord {
-                    file_id,
-                    timestamp_us: u64_at(r, 16),
-                    block: u32_at(r, 24),
-                    serial: u32_at(r, 28),
-                    uid: u32_at(r, 32),
-                }
-            })
-            .collect())
-    }
-}
-
-/// What `.filled/<id>` says about one file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileState {
-    pub size: u64,
-    pub total_blocks: u32,
-    pub filled_blocks: u32,
-    pub fully_loaded: bool,
-    /// [begin, end) block ranges present.
-    pub ranges: Vec<(u32, u32)>,
-}
-
-impl FileState {
-    pub fn parse(b: &[u8]) -> Result<FileState> {
-        if b.len() < 32 {
-            return Err(Error::Malformed(format!("file state of {} bytes", b.len())));
-        }
-        let count = u32_at(b, 16) as usize;
-        let body = &b[32..];
-        if body.len() != count.saturating_mul(8) {
-            return Err(Error::Malformed(format!("{count} ranges in {} bytes", body.len())));
-        }
-        Ok(FileState {
-            size: u64_at(b, 0),
-            total_blocks: u32_at(b, 8),
-            filled_blocks: u32_at(b, 12),
-            fully_loaded: u32_at(b, 20) & 1 != 0,
-            ranges: body.chunks_exact(8).map(|r| (u32_at(r, 0), u32_at(r, 4))).collect(),
-        })
-    }
-
-    pub fn is_filled(&self, block: u32) -> bool {
-        self.ranges.iter().any(|&(b, e)| block >= b && block < e)
-    }
-
-    pub fn missing(&self) -> Vec<u32> {
-        (0..self.total_blocks).filter(|&b| !self.is_filled(b)).collect()
-    }
-}
-
-/// The last failed read, from `.last_read_error`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct LastReadError {
-    pub file_id: FileId,
-    pub time_us: u64,
-    pub block: u32,
-    /// Positive errno; 0 when no read has failed.
-    pub errno: u32,
-    pub uid: u32,
 }
 
 /// One block to write through `.fill`.
@@ -187,13 +92,16 @@ impl DataBlock<'_> {
         FILL_HEADER_SIZE + self.data.len()
     }
 
+    /// Callers check `data.len() <= MAX_FILL_DATA` first, so the length fits the header.
     fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.file_id);
-        out.extend_from_slice(&self.block.to_le_bytes());
-        out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
-        out.push(self.compression);
-        out.push(u8::from(self.hash));
-        out.extend_from_slice(&[0u8; 6]);
+        FillHeader {
+            file_id: self.file_id,
+            block: self.block,
+            data_len: self.data.len() as u32,
+            compression: self.compression,
+            flags: if self.hash { FILL_FLAG_HASH } else { 0 },
+        }
+        .encode_into(out);
         out.extend_from_slice(self.data);
     }
 }
@@ -202,19 +110,18 @@ fn cpath(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Malformed(format!("{} contains NUL", p.display())))
 }
 
+/// An id written as hex (an xattr value or a directory entry); surrounding whitespace is
+/// tolerated.
 fn parse_id(hex_id: &[u8]) -> Option<FileId> {
-    let mut id = [0u8; 16];
-    hex::decode_to_slice(hex_id.trim_ascii(), &mut id).ok()?;
-    Some(id)
+    incfs_wire::file_id_from_hex(hex_id.trim_ascii())
 }
 
 /// A file's incfs id from its `user.incfs.id` xattr.
 pub fn file_id_of_path(path: &Path) -> Result<FileId> {
     let c = cpath(path)?;
     let mut buf = [0u8; 64];
-    let name = c"user.incfs.id";
     // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe { libc::getxattr(c.as_ptr(), XATTR_FILE_ID.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
         return Err(if e.raw_os_error() == Some(libc::ENODATA) {
@@ -229,9 +136,8 @@ pub fn file_id_of_path(path: &Path) -> Result<FileId> {
 /// A file's incfs id from an open fd.
 pub fn file_id_of_fd(fd: RawFd) -> Result<FileId> {
     let mut buf = [0u8; 64];
-    let name = c"user.incfs.id";
     // SAFETY: a C string and a buffer of the given length; a bad fd is reported as EBADF.
-    let n = unsafe { libc::fgetxattr(fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe { libc::fgetxattr(fd, XATTR_FILE_ID.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(Error::io(format!("fgetxattr fd {fd}"), std::io::Error::last_os_error()));
     }
@@ -248,7 +154,7 @@ pub struct Mount {
 impl Mount {
     pub fn open(root: impl AsRef<Path>) -> Result<Mount> {
         let root = root.as_ref().to_path_buf();
-        match std::fs::metadata(root.join(".pending_reads")) {
+        match std::fs::metadata(root.join(names::PENDING_READS)) {
             Ok(m) if m.is_file() => {}
             _ => return Err(Error::NotIncfs(root)),
         }
@@ -259,7 +165,7 @@ impl Mount {
     pub fn find_root(path: &Path) -> Option<PathBuf> {
         let mut p = if path.is_dir() { Some(path) } else { path.parent() };
         while let Some(d) = p {
-            if d.join(".pending_reads").is_file() && d.join(".fill").exists() {
+            if d.join(names::PENDING_READS).is_file() && d.join(names::FILL).exists() {
                 return Some(d.to_path_buf());
             }
             p = d.parent();
@@ -323,7 +229,8 @@ impl Mount {
     }
 
     pub fn file_state(&self, id: &FileId) -> Result<FileState> {
-        FileState::parse(&self.read_ctl(&format!(".filled/{}", hex::encode(id)))?)
+        FileState::decode(&self.read_ctl(&names::filled_path(id))?)
+            .map_err(|source| Error::Decode { what: names::FILLED_DIR, source })
     }
 
     pub fn file_state_by_path(&self, path: impl AsRef<Path>) -> Result<FileState> {
@@ -336,29 +243,20 @@ impl Mount {
 
     /// Ids of the files not fully loaded yet (`.incomplete`).
     pub fn incomplete_files(&self) -> Result<Vec<FileId>> {
-        let dir = self.ctl(".incomplete");
+        let dir = self.ctl(names::INCOMPLETE_DIR);
         let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
         Ok(rd.flatten().filter_map(|e| parse_id(e.file_name().as_bytes())).collect())
     }
 
     pub fn blocks_written(&self) -> Result<u64> {
-        let b = self.read_ctl(".blocks_written")?;
-        std::str::from_utf8(&b)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| Error::Malformed(".blocks_written".into()))
+        let b = self.read_ctl(names::BLOCKS_WRITTEN)?;
+        incfs_wire::decode_blocks_written(&b).ok_or_else(|| Error::Malformed(names::BLOCKS_WRITTEN.into()))
     }
 
     /// `.stats` as (name, value) pairs.
     pub fn stats(&self) -> Result<Vec<(String, u64)>> {
-        let b = self.read_ctl(".stats")?;
-        Ok(String::from_utf8_lossy(&b)
-            .lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_string(), v.trim().parse().ok()?))
-            })
-            .collect())
+        let b = self.read_ctl(names::STATS)?;
+        Ok(incfs_wire::stats::decode(&String::from_utf8_lossy(&b)).map(|(k, v)| (k.to_string(), v)).collect())
     }
 
     pub fn stat(&self, name: &str) -> Result<u64> {
@@ -370,34 +268,23 @@ impl Mount {
     }
 
     pub fn last_read_error(&self) -> Result<LastReadError> {
-        let b = self.read_ctl(".last_read_error")?;
-        if b.len() < 40 {
-            return Err(Error::Malformed(format!(".last_read_error of {} bytes", b.len())));
-        }
-        let mut file_id = [0u8; 16];
-        file_id.copy_from_slice(&b[..16]);
-        Ok(LastReadError {
-            file_id,
-            time_us: u64_at(&b, 16),
-            block: u32_at(&b, 24),
-            errno: u32_at(&b, 28),
-            uid: u32_at(&b, 32),
-        })
+        let b = self.read_ctl(names::LAST_READ_ERROR)?;
+        LastReadError::decode(&b).map_err(|source| Error::Decode { what: names::LAST_READ_ERROR, source })
     }
 
     pub fn pending_reads(&self) -> Result<RecordReader> {
-        RecordReader::open(&self.ctl(".pending_reads"))
+        RecordReader::open(&self.ctl(names::PENDING_READS))
     }
 
     pub fn read_log(&self) -> Result<RecordReader> {
-        RecordReader::open(&self.ctl(".log"))
+        RecordReader::open(&self.ctl(names::LOG))
     }
 
     /// The raw fd of `.fill`, opened on first use.
     pub fn fill_fd(&self) -> Result<RawFd> {
         let mut g = lock(&self.fill);
         if g.is_none() {
-            let p = self.ctl(".fill");
+            let p = self.ctl(names::FILL);
             // Never O_TRUNC: truncation is a SETATTR, which a read-only filesystem refuses.
             *g = Some(
                 OpenOptions::new().write(true).open(&p).map_err(|e| Error::io(format!("open {}", p.display()), e))?,
@@ -525,7 +412,9 @@ impl RecordReader {
 
     fn set_timeout(&mut self, ms: u32) -> Result<()> {
         if ms != self.timeout_ms {
-            self.file.write_all(&ms.to_le_bytes()).map_err(|e| Error::io("set long-poll timeout", e))?;
+            self.file
+                .write_all(&incfs_wire::encode_poll_timeout(ms))
+                .map_err(|e| Error::io("set long-poll timeout", e))?;
             self.timeout_ms = ms;
         }
         Ok(())
@@ -541,7 +430,8 @@ impl RecordReader {
             self.set_timeout(ms)?;
             let n = self.file.read(&mut buf).map_err(|e| Error::io("read records", e))?;
             if n > 0 || Instant::now() >= deadline {
-                return ReadRecord::parse_all(&buf[..n]);
+                return ReadRecord::decode_all(&buf[..n])
+                    .map_err(|source| Error::Decode { what: "read records", source });
             }
         }
     }
@@ -666,10 +556,10 @@ mod tests {
             b.extend_from_slice(&1000u32.to_le_bytes());
             b.extend_from_slice(&0u32.to_le_bytes());
         }
-        let r = ReadRecord::parse_all(&b).expect("parse");
+        let r = ReadRecord::decode_all(&b).expect("parse");
         assert_eq!(r.len(), 2);
         assert_eq!((r[1].file_id, r[1].timestamp_us, r[1].block, r[1].serial, r[1].uid), ([7; 16], 55, 9, 2, 1000));
-        assert!(ReadRecord::parse_all(&b[..41]).is_err());
+        assert!(ReadRecord::decode_all(&b[..41]).is_err());
     }
 
     #[test]
@@ -683,14 +573,14 @@ mod tests {
         for v in [0u32, 2, 5, 6] {
             b.extend_from_slice(&v.to_le_bytes());
         }
-        let s = FileState::parse(&b).expect("parse");
+        let s = FileState::decode(&b).expect("parse");
         assert_eq!((s.size, s.total_blocks, s.filled_blocks, s.fully_loaded), (20580, 6, 3, false));
         assert_eq!(s.ranges, vec![(0, 2), (5, 6)]);
         assert_eq!(s.missing(), vec![2, 3, 4]);
         // A range count that does not match the bytes is refused, not trusted.
         b[16] = 200;
-        assert!(FileState::parse(&b).is_err());
-        assert!(FileState::parse(&b[..10]).is_err());
+        assert!(FileState::decode(&b).is_err());
+        assert!(FileState::decode(&b[..10]).is_err());
     }
 
     #[test]
