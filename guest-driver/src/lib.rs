@@ -8,6 +8,10 @@
 //!   cannot wake poll() on a virtio-fs file itself.
 //! - [`ffi`]: the C ABI, a subset of libincfs's NDK functions (`include/incfs_guest.h`).
 
+// Most of this crate's unsafe code is the C ABI's: keep every contract written down (CI's
+// `-D warnings` makes these errors).
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 pub mod ffi;
 
 use std::collections::{HashMap, VecDeque};
@@ -120,7 +124,8 @@ fn parse_id(hex_id: &[u8]) -> Option<FileId> {
 pub fn file_id_of_path(path: &Path) -> Result<FileId> {
     let c = cpath(path)?;
     let mut buf = [0u8; 64];
-    // SAFETY: valid C strings and a buffer of the given length.
+    // SAFETY: both names are NUL-terminated C strings that outlive the call, and the kernel
+    // writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::getxattr(c.as_ptr(), XATTR_FILE_ID.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
@@ -136,7 +141,8 @@ pub fn file_id_of_path(path: &Path) -> Result<FileId> {
 /// A file's incfs id from an open fd.
 pub fn file_id_of_fd(fd: RawFd) -> Result<FileId> {
     let mut buf = [0u8; 64];
-    // SAFETY: a C string and a buffer of the given length; a bad fd is reported as EBADF.
+    // SAFETY: the name is a NUL-terminated C string, the kernel writes at most `buf.len()`
+    // bytes into `buf`, and a bad fd is reported as EBADF, not undefined behaviour.
     let n = unsafe { libc::fgetxattr(fd, XATTR_FILE_ID.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(Error::io(format!("fgetxattr fd {fd}"), std::io::Error::last_os_error()));
@@ -312,7 +318,8 @@ impl Mount {
                 blocks[done + n].encode(&mut buf);
                 n += 1;
             }
-            // SAFETY: fd is our open `.fill`; buf is valid for its length.
+            // SAFETY: `buf` is valid for reads of `buf.len()` bytes; `fd` is our open `.fill` (a
+            // bad fd would only fail with EBADF).
             let w = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
             if w < 0 {
                 let e = std::io::Error::last_os_error();
@@ -454,12 +461,12 @@ const WATCH_QUEUE_MAX: usize = 65536;
 impl PendingWatcher {
     pub fn start(mount: &Mount) -> Result<PendingWatcher> {
         let mut reader = mount.pending_reads()?;
-        // SAFETY: plain syscall; the result is checked.
+        // SAFETY: no pointers are passed; a failure is a negative result, checked below.
         let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if raw < 0 {
             return Err(Error::io("eventfd", std::io::Error::last_os_error()));
         }
-        // SAFETY: a fresh fd we own.
+        // SAFETY: `raw` is a fresh fd that nothing else owns, so OwnedFd may close it.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };
         let queue = Arc::new(Mutex::new(VecDeque::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -478,7 +485,8 @@ impl PendingWatcher {
                                 }
                             }
                             let one: u64 = 1;
-                            // SAFETY: fd stays open until this thread is joined.
+                            // SAFETY: `one` is 8 readable bytes, and `fd` stays open (owned by
+                            // `efd`) until Drop has joined this thread.
                             unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
                         }
                         Ok(_) => {}
@@ -503,14 +511,15 @@ impl PendingWatcher {
         // Reset the eventfd first: a record queued after this sets it again, so a wake-up is
         // never lost (at worst one is spurious).
         let mut v = 0u64;
-        // SAFETY: our eventfd, non-blocking; EAGAIN when already zero is fine.
+        // SAFETY: `v` is 8 writable bytes and the fd is our eventfd, non-blocking (EAGAIN when
+        // already zero is fine).
         unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
         let mut q = lock(&self.queue);
         let n = max.min(q.len());
         let out: Vec<ReadRecord> = q.drain(..n).collect();
         if !q.is_empty() {
             let one: u64 = 1;
-            // SAFETY: as above.
+            // SAFETY: `one` is 8 readable bytes and the fd is our eventfd.
             unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
         out
@@ -526,7 +535,7 @@ impl PendingWatcher {
                 return got;
             }
             let mut p = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
+            // SAFETY: `p` is one valid, writable pollfd, matching the count of 1.
             unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
         }
     }
@@ -600,19 +609,20 @@ mod tests {
     fn file_id_strings_round_trip() {
         let id = ffi::IncFsFileId { data: *b"0123456789abcdef" };
         let mut s = [0 as std::ffi::c_char; 33];
-        // SAFETY: 33-byte buffer; the string is NUL-terminated by the zeroed last byte.
+        // SAFETY: `s` has 33 writable bytes (32 are needed), and the zeroed last one keeps it
+        // NUL-terminated; FromString reads the 32 written.
         unsafe {
             assert_eq!(ffi::IncFs_FileIdToString(id, s.as_mut_ptr()), 0);
             assert_eq!(ffi::IncFs_FileIdFromString(s.as_ptr()), id);
         }
         let bad = c"zz3456789abcdef0123456789abcdef0";
-        // SAFETY: a 32-character C string.
+        // SAFETY: a C string of 32 characters, the number FromString reads.
         assert_eq!(unsafe { ffi::IncFs_FileIdFromString(bad.as_ptr()) }, ffi::INVALID_ID);
-        // SAFETY: NULL is handled.
+        // SAFETY: NULL is allowed (and refused).
         assert!(unsafe { ffi::IncFs_Open(std::ptr::null()) }.is_null());
         let tmp = std::env::temp_dir();
         let p = std::ffi::CString::new(tmp.as_os_str().as_bytes()).expect("path");
-        // SAFETY: a valid C string; not a mount, so NULL.
+        // SAFETY: a NUL-terminated string that outlives the call; not a mount, so NULL.
         assert!(unsafe { ffi::IncFs_Open(p.as_ptr()) }.is_null());
     }
 }
