@@ -605,6 +605,28 @@ mod tests {
         assert_eq!(&out[32..], b"xyz");
     }
 
+    /// Sizes and offsets as a C compiler lays out `include/incfs_guest.h` on 64-bit Linux, and
+    /// the enum values the header shares with the wire format: a field moved on one side only
+    /// fails here.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn c_abi_matches_the_header() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!((size_of::<ffi::IncFsFileId>(), align_of::<ffi::IncFsFileId>()), (16, 8));
+        assert_eq!(size_of::<ffi::IncFsReadInfo>(), 32);
+        assert_eq!((size_of::<ffi::IncFsReadInfoWithUid>(), offset_of!(ffi::IncFsReadInfoWithUid, uid)), (40, 32));
+        assert_eq!((size_of::<ffi::IncFsDataBlock>(), offset_of!(ffi::IncFsDataBlock, data)), (32, 24));
+        assert_eq!(size_of::<ffi::IncFsSpan>(), 16);
+        assert_eq!(size_of::<ffi::IncFsBlockRange>(), 8);
+        assert_eq!((size_of::<ffi::IncFsFilledRanges>(), offset_of!(ffi::IncFsFilledRanges, endIndex)), (32, 24));
+        assert_eq!(size_of::<ffi::IncFsBlockCounts>(), 32);
+        assert_eq!(size_of::<ffi::IncFsMetrics>(), 64);
+        assert_eq!((size_of::<ffi::IncFsLastReadError>(), offset_of!(ffi::IncFsLastReadError, errorNo)), (40, 28));
+        // IncFsCompressionKind's values are the `.fill` compression byte.
+        assert_eq!((COMPRESSION_NONE, COMPRESSION_LZ4, COMPRESSION_ZSTD), (0, 1, 2));
+        assert_eq!((ffi::CMD, ffi::PENDING_READS, ffi::LOGS, ffi::BLOCKS_WRITTEN), (0, 1, 2, 3));
+    }
+
     #[test]
     fn file_id_strings_round_trip() {
         let id = ffi::IncFsFileId { data: *b"0123456789abcdef" };
