@@ -144,7 +144,7 @@ pub fn file_id_from_hex(hex: &[u8]) -> Option<FileId> {
 pub const RECORD_SIZE: usize = 40;
 
 /// One read of one block as `.pending_reads` and `.log` carry it: `incfs_pending_read_info2`,
-/// file_id[16], timestamp_us u64, block_index u32, serial u32, uid u32, reserved u32 (0).
+/// `file_id[16]`, timestamp_us u64, block_index u32, serial u32, uid u32, reserved u32 (0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ReadRecord {
     pub file_id: FileId,
@@ -235,7 +235,7 @@ pub const COMPRESSION_ZSTD: u8 = 2;
 /// A hash-tree block (accepted and ignored: the host has the whole tree).
 pub const FILL_FLAG_HASH: u8 = 1;
 
-/// The header of one block in a `.fill` write: id[16], block_index u32, data_len u32,
+/// The header of one block in a `.fill` write: `id[16]`, block_index u32, data_len u32,
 /// compression u8, flags u8, 6 reserved zero bytes; `data_len` bytes of data follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FillHeader {
@@ -396,7 +396,7 @@ impl FileState {
 /// `.last_read_error` is one record of this size.
 pub const LAST_READ_ERROR_SIZE: usize = 40;
 
-/// The last failed read, `.last_read_error`: file_id[16], time_us u64, block u32, errno u32,
+/// The last failed read, `.last_read_error`: `file_id[16]`, time_us u64, block u32, errno u32,
 /// uid u32, reserved u32 (0). All zero (the default) when no read has failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LastReadError {
