@@ -13,6 +13,10 @@
  *   - IncFs_GetMetrics takes the mount directory instead of a sysfs instance name.
  *   - Hash-tree blocks (INCFS_BLOCK_KIND_HASH) are accepted and ignored: the host has the tree.
  *   - Block counts report 0 hash blocks.
+ * Pointers: NULL arguments are refused (-EINVAL, the invalid id, false or NULL), never
+ * dereferenced; other pointers must be valid for the sizes given by the count or size argument
+ * next to them, for the duration of the call. Strings are NUL-terminated unless noted. The
+ * exact contract of each function is the "# Safety" section of guest-driver/src/ffi.rs.
  * Link: gcc -static prog.c libincfs_guest.a -lpthread -ldl -lm
  */
 #ifndef INCFS_GUEST_H
@@ -65,6 +69,7 @@ typedef enum {
     FDS_COUNT,
 } IncFsFdType;
 
+/* The values are the compression byte of a .fill block header (incfs-wire's COMPRESSION_*). */
 typedef enum {
     INCFS_COMPRESSION_KIND_NONE,
     INCFS_COMPRESSION_KIND_LZ4, /* refused with -EINVAL */
@@ -149,14 +154,18 @@ IncFsFeatures IncFs_Features(void);
 bool IncFs_IsIncFsFd(int fd);
 bool IncFs_IsIncFsPath(const char* path);
 
-/* Writes 32 hex characters, no terminating NUL. */
+/* Writes 32 hex characters, no terminating NUL: out must hold kIncFsFileIdStringLength. */
 int IncFs_FileIdToString(IncFsFileId id, char* out);
+/* Reads exactly 32 characters (no NUL needed). */
 IncFsFileId IncFs_FileIdFromString(const char* in);
 
 /* dir: the mount point. NULL (errno set) if it is not a virtio-incfs mount. */
 IncFsControl* IncFs_Open(const char* dir);
+/* Also closes the fds IncFs_GetControlFd returned; nothing may use control afterwards. */
 void IncFs_DeleteControl(IncFsControl* control);
+/* The fd belongs to control: do not close it. */
 IncFsFd IncFs_GetControlFd(const IncFsControl* control, IncFsFdType type);
+/* *bufferSize: in capacity, out length of the root without its NUL; -ERANGE if it does not fit. */
 IncFsErrorCode IncFs_Root(const IncFsControl* control, char buffer[], size_t* bufferSize);
 
 /* path: absolute, or relative to the mount root. */
@@ -177,7 +186,8 @@ IncFsErrorCode IncFs_WaitForPageReadsWithUid(const IncFsControl* control, int32_
  * the end), -EINVAL (compression), -EBADF. */
 IncFsErrorCode IncFs_WriteBlocks(const IncFsDataBlock blocks[], size_t blocksCount);
 
-/* 0, or -ERANGE if outBuffer is too small (ranges that fit are valid). */
+/* 0, or -ERANGE if outBuffer is too small (ranges that fit are valid). outBuffer.data must be
+ * aligned for IncFsBlockRange; filledRanges->dataRanges points into it. */
 IncFsErrorCode IncFs_GetFilledRanges(int fd, IncFsSpan outBuffer, IncFsFilledRanges* filledRanges);
 IncFsErrorCode IncFs_GetFilledRangesStartingFrom(int fd, int startBlockIndex, IncFsSpan outBuffer,
                                                  IncFsFilledRanges* filledRanges);

@@ -4,14 +4,22 @@
 //! `include/incfs_guest.h`.
 //!
 //! Every function catches panics at the boundary (a panic must never unwind into C).
+//!
+//! Pointer arguments: NULL is never dereferenced (it is refused with -EINVAL, the invalid
+//! id, false or NULL, as the function returns; IncFs_DeleteControl ignores it); anything else
+//! must be valid as that function's `# Safety` section says. An `IncFsControl*` must be NULL
+//! or come from `IncFs_Open` and not yet be passed to `IncFs_DeleteControl` (a "live
+//! control"); several threads may use one at once.
 
-#![allow(non_snake_case, clippy::missing_safety_doc)]
+#![allow(non_snake_case)]
 
 use std::ffi::{c_char, c_int, CStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use incfs_wire::{file_id_from_hex, file_id_to_hex, names, COMPRESSION_NONE, COMPRESSION_ZSTD, FILE_ID_HEX_LEN};
 
 use crate::{file_id_of_fd, lock, DataBlock, Error, FileState, Mount, PendingWatcher, ReadRecord, RecordReader};
 
@@ -116,6 +124,7 @@ pub const LOGS: c_int = 2;
 pub const BLOCKS_WRITTEN: c_int = 3;
 
 pub const INCFS_FEATURE_CORE: c_int = 1;
+/// `IncFsBlockKind`: a hash-tree block (sent with the `.fill` hash flag).
 const BLOCK_KIND_HASH: c_int = 1;
 
 /// A mount opened by `IncFs_Open`.
@@ -137,18 +146,23 @@ fn neg(e: &Error) -> c_int {
     -e.errno()
 }
 
+/// A C path argument; `None` for NULL.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string that stays valid and unchanged for `'a`.
 unsafe fn path_arg<'a>(p: *const c_char) -> Option<&'a Path> {
     if p.is_null() {
         return None;
     }
-    // SAFETY: the caller passes a NUL-terminated string.
+    // SAFETY: not NULL, so NUL-terminated and valid for 'a (this function's contract).
     let c = unsafe { CStr::from_ptr(p) };
     Some(Path::new(std::ffi::OsStr::from_bytes(c.to_bytes())))
 }
 
 fn dev_of_fd(fd: c_int) -> Option<u64> {
-    // SAFETY: stat buffer is written by the kernel; a bad fd fails.
+    // SAFETY: `stat` is plain integers, for which all-zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer; a bad fd fails with EBADF.
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_dev)
 }
 
@@ -180,8 +194,13 @@ fn mount_of_fd(fd: c_int) -> Result<Arc<Mount>, c_int> {
     Ok(m)
 }
 
+/// The control behind a C handle; `None` for NULL.
+///
+/// # Safety
+/// `c` is NULL or from `IncFs_Open`, and `IncFs_DeleteControl` is not called on it for `'a`.
 unsafe fn control<'a>(c: *const IncFsControl) -> Option<&'a IncFsControl> {
-    // SAFETY: the caller passes a pointer from IncFs_Open (or NULL).
+    // SAFETY: NULL or a live Box from IncFs_Open (this function's contract); only shared
+    // references are ever made to it.
     unsafe { c.as_ref() }
 }
 
@@ -195,10 +214,14 @@ pub extern "C" fn IncFs_Features() -> c_int {
     INCFS_FEATURE_CORE
 }
 
+/// Whether `path` is on a virtio-incfs mount.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string, valid for the call.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_IsIncFsPath(path: *const c_char) -> bool {
     guard(false, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what path_arg needs (see # Safety).
         let Some(p) = (unsafe { path_arg(path) }) else { return false };
         Mount::find_root(p).is_some()
     })
@@ -210,36 +233,46 @@ pub extern "C" fn IncFs_IsIncFsFd(fd: c_int) -> bool {
 }
 
 /// Writes the 32 hex characters of `id` to `out` (no terminating NUL, as libincfs).
+///
+/// # Safety
+/// `out` is NULL or valid for writes of 32 bytes (`kIncFsFileIdStringLength`).
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_FileIdToString(id: IncFsFileId, out: *mut c_char) -> c_int {
     if out.is_null() {
         return -libc::EINVAL;
     }
-    let s = hex::encode(id.data);
-    // SAFETY: the caller provides at least 32 bytes (kIncFsFileIdStringLength).
-    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr().cast::<c_char>(), out, 32) };
+    let s = file_id_to_hex(&id.data);
+    // SAFETY: `s` is FILE_ID_HEX_LEN (32) bytes and the caller provides 32 writable bytes at
+    // `out`; a fresh String cannot overlap the caller's buffer.
+    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr().cast::<c_char>(), out, FILE_ID_HEX_LEN) };
     0
 }
 
+/// The id written as 32 hex characters at `s`; the invalid id if they are not hex.
+///
+/// # Safety
+/// `s` is NULL or valid for reads of 32 bytes (no NUL needed; bytes after the 32nd are not
+/// read).
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_FileIdFromString(s: *const c_char) -> IncFsFileId {
     if s.is_null() {
         return INVALID_ID;
     }
-    // SAFETY: the caller passes at least 32 readable characters.
-    let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), 32) };
-    let mut id = [0u8; 16];
-    match hex::decode_to_slice(bytes, &mut id) {
-        Ok(()) => IncFsFileId { data: id },
-        Err(_) => INVALID_ID,
-    }
+    // SAFETY: not NULL, so the caller guarantees 32 readable bytes (see # Safety), which
+    // nothing writes during the call.
+    let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), FILE_ID_HEX_LEN) };
+    file_id_from_hex(bytes).map(|data| IncFsFileId { data }).unwrap_or(INVALID_ID)
 }
 
-/// Opens the mount at `dir`; NULL (errno set) if it is not a virtio-incfs mount.
+/// Opens the mount at `dir`; NULL (errno set) if it is not a virtio-incfs mount. The result
+/// is released with `IncFs_DeleteControl`.
+///
+/// # Safety
+/// `dir` is NULL or a NUL-terminated string, valid for the call.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_Open(dir: *const c_char) -> *mut IncFsControl {
     guard(std::ptr::null_mut(), || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what path_arg needs (see # Safety).
         let Some(p) = (unsafe { path_arg(dir) }) else { return std::ptr::null_mut() };
         match Mount::open(p) {
             Ok(m) => {
@@ -253,7 +286,8 @@ pub unsafe extern "C" fn IncFs_Open(dir: *const c_char) -> *mut IncFsControl {
                 }))
             }
             Err(e) => {
-                // SAFETY: errno location of this thread.
+                // SAFETY: __errno_location returns this thread's errno, valid for writes for
+                // the thread's life.
                 unsafe { *libc::__errno_location() = e.errno() };
                 std::ptr::null_mut()
             }
@@ -261,10 +295,16 @@ pub unsafe extern "C" fn IncFs_Open(dir: *const c_char) -> *mut IncFsControl {
     })
 }
 
+/// Releases a control from `IncFs_Open`, with the fds `IncFs_GetControlFd` returned for it.
+///
+/// # Safety
+/// `c` is NULL or from `IncFs_Open` and not deleted before. No other thread may be using it
+/// during the call, and neither it nor the fds `IncFs_GetControlFd` gave for it may be used
+/// after.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_DeleteControl(c: *mut IncFsControl) {
     if !c.is_null() {
-        // SAFETY: from IncFs_Open, deleted once.
+        // SAFETY: a Box leaked by IncFs_Open, deleted once and no longer shared (see # Safety).
         drop(unsafe { Box::from_raw(c) });
     }
 }
@@ -279,11 +319,15 @@ fn ensure_watcher(c: &IncFsControl) -> Result<(), c_int> {
 
 /// PENDING_READS is an eventfd, readable while pending reads are queued (poll/epoll it, then
 /// call IncFs_WaitForPendingReads with timeout 0). CMD is `.fill`, LOGS `.log`,
-/// BLOCKS_WRITTEN `.blocks_written`; those are not pollable over virtio-fs.
+/// BLOCKS_WRITTEN `.blocks_written`; those are not pollable over virtio-fs. The fd belongs
+/// to the control: the caller must not close it, and it is closed by IncFs_DeleteControl.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_GetControlFd(c: *const IncFsControl, kind: c_int) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control needs (see # Safety).
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };
         match kind {
             PENDING_READS => match ensure_watcher(c) {
@@ -305,7 +349,7 @@ pub unsafe extern "C" fn IncFs_GetControlFd(c: *const IncFsControl, kind: c_int)
                 use std::os::fd::AsRawFd;
                 let mut b = lock(&c.blocks_written);
                 if b.is_none() {
-                    match std::fs::File::open(c.mount.root().join(".blocks_written")) {
+                    match std::fs::File::open(c.mount.root().join(names::BLOCKS_WRITTEN)) {
                         Ok(f) => *b = Some(f),
                         Err(e) => return -e.raw_os_error().unwrap_or(libc::EIO),
                     }
@@ -318,20 +362,28 @@ pub unsafe extern "C" fn IncFs_GetControlFd(c: *const IncFsControl, kind: c_int)
 }
 
 /// Copies the mount root into `buffer` (NUL-terminated); -ERANGE if it does not fit.
+/// `*size` is the buffer's capacity on entry and the root's length (without the NUL) on
+/// return.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `size` is NULL or valid for reads and
+/// writes of one `size_t`; `buffer` is NULL or valid for writes of `*size` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_Root(c: *const IncFsControl, buffer: *mut c_char, size: *mut usize) -> c_int {
-    // SAFETY: forwarded from the caller.
+    // SAFETY: the caller guarantees what control needs (see # Safety).
     let (Some(c), false, false) = (unsafe { control(c) }, buffer.is_null(), size.is_null()) else {
         return -libc::EINVAL;
     };
     let root = c.mount.root().as_os_str().as_bytes();
-    // SAFETY: size is a valid pointer.
+    // SAFETY: `size` is not NULL, so valid for reads and writes (see # Safety).
     let cap = unsafe { *size };
+    // SAFETY: as above.
     unsafe { *size = root.len() };
     if root.len() + 1 > cap {
         return -libc::ERANGE;
     }
-    // SAFETY: buffer has cap >= len + 1 bytes.
+    // SAFETY: `buffer` has `cap` >= len + 1 writable bytes (see # Safety), and `root` is our
+    // own memory, so they do not overlap.
     unsafe {
         std::ptr::copy_nonoverlapping(root.as_ptr().cast::<c_char>(), buffer, root.len());
         *buffer.add(root.len()) = 0;
@@ -340,10 +392,14 @@ pub unsafe extern "C" fn IncFs_Root(c: *const IncFsControl, buffer: *mut c_char,
 }
 
 /// The id of `path` (absolute, or relative to the mount root); the invalid id on error.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `path` is NULL or a NUL-terminated
+/// string, valid for the call.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_GetId(c: *const IncFsControl, path: *const c_char) -> IncFsFileId {
     guard(INVALID_ID, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control and path_arg need (see # Safety).
         let (Some(c), Some(p)) = (unsafe { control(c) }, unsafe { path_arg(path) }) else { return INVALID_ID };
         c.mount.file_id(p).map(|data| IncFsFileId { data }).unwrap_or(INVALID_ID)
     })
@@ -367,6 +423,10 @@ fn wait_log(c: &IncFsControl, timeout_ms: i32, max: usize) -> Result<Vec<ReadRec
 
 /// Shared body of the four Wait functions: fills `buffer`, sets `*count`; -ETIMEDOUT if
 /// nothing came within the timeout.
+///
+/// # Safety
+/// As the Wait functions: `c` is NULL or a live control; `count` is NULL or valid for reads
+/// and writes; `buffer` is NULL or valid for writes of `*count` elements.
 unsafe fn deliver<T>(
     c: *const IncFsControl,
     timeout_ms: i32,
@@ -376,12 +436,12 @@ unsafe fn deliver<T>(
     conv: impl Fn(&ReadRecord) -> T,
 ) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control needs (see # Safety).
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };
         if buffer.is_null() || count.is_null() {
             return -libc::EINVAL;
         }
-        // SAFETY: count is valid.
+        // SAFETY: `count` is not NULL, so valid for reads and writes (see # Safety).
         let max = unsafe { *count };
         let got = if log { wait_log(c, timeout_ms, max) } else { wait_pending(c, timeout_ms, max) };
         let recs = match got {
@@ -389,15 +449,16 @@ unsafe fn deliver<T>(
             Err(e) => return e,
         };
         if recs.is_empty() {
-            // SAFETY: as above.
+            // SAFETY: `count` is valid for writes, as above.
             unsafe { *count = 0 };
             return -libc::ETIMEDOUT;
         }
         for (i, r) in recs.iter().take(max).enumerate() {
-            // SAFETY: the buffer holds `max` elements.
+            // SAFETY: i < max = the caller's `*count`, and `buffer` holds that many writable
+            // elements (see # Safety).
             unsafe { buffer.add(i).write(conv(r)) };
         }
-        // SAFETY: as above.
+        // SAFETY: `count` is valid for writes, as above.
         unsafe { *count = recs.len().min(max) };
         0
     })
@@ -422,6 +483,12 @@ fn info_uid(r: &ReadRecord) -> IncFsReadInfoWithUid {
     }
 }
 
+/// Waits up to `timeout_ms` for pending reads (reads waiting for missing blocks).
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `count` is NULL or valid for reads
+/// and writes of one `size_t` (in: `buffer`'s capacity in elements, out: how many were
+/// written); `buffer` is NULL or valid for writes of `*count` elements.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_WaitForPendingReads(
     c: *const IncFsControl,
@@ -429,10 +496,16 @@ pub unsafe extern "C" fn IncFs_WaitForPendingReads(
     buffer: *mut IncFsReadInfo,
     count: *mut usize,
 ) -> c_int {
-    // SAFETY: forwarded.
+    // SAFETY: the caller guarantees what deliver needs (see # Safety).
     unsafe { deliver(c, timeout_ms, buffer, count, false, info) }
 }
 
+/// As IncFs_WaitForPendingReads, with the uid of each reader.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `count` is NULL or valid for reads
+/// and writes of one `size_t` (in: `buffer`'s capacity in elements, out: how many were
+/// written); `buffer` is NULL or valid for writes of `*count` elements.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_WaitForPendingReadsWithUid(
     c: *const IncFsControl,
@@ -440,10 +513,16 @@ pub unsafe extern "C" fn IncFs_WaitForPendingReadsWithUid(
     buffer: *mut IncFsReadInfoWithUid,
     count: *mut usize,
 ) -> c_int {
-    // SAFETY: forwarded.
+    // SAFETY: the caller guarantees what deliver needs (see # Safety).
     unsafe { deliver(c, timeout_ms, buffer, count, false, info_uid) }
 }
 
+/// Waits up to `timeout_ms` for read-log records (every block read that reached the host).
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `count` is NULL or valid for reads
+/// and writes of one `size_t` (in: `buffer`'s capacity in elements, out: how many were
+/// written); `buffer` is NULL or valid for writes of `*count` elements.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_WaitForPageReads(
     c: *const IncFsControl,
@@ -451,10 +530,16 @@ pub unsafe extern "C" fn IncFs_WaitForPageReads(
     buffer: *mut IncFsReadInfo,
     count: *mut usize,
 ) -> c_int {
-    // SAFETY: forwarded.
+    // SAFETY: the caller guarantees what deliver needs (see # Safety).
     unsafe { deliver(c, timeout_ms, buffer, count, true, info) }
 }
 
+/// As IncFs_WaitForPageReads, with the uid of each reader.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `count` is NULL or valid for reads
+/// and writes of one `size_t` (in: `buffer`'s capacity in elements, out: how many were
+/// written); `buffer` is NULL or valid for writes of `*count` elements.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_WaitForPageReadsWithUid(
     c: *const IncFsControl,
@@ -462,13 +547,17 @@ pub unsafe extern "C" fn IncFs_WaitForPageReadsWithUid(
     buffer: *mut IncFsReadInfoWithUid,
     count: *mut usize,
 ) -> c_int {
-    // SAFETY: forwarded.
+    // SAFETY: the caller guarantees what deliver needs (see # Safety).
     unsafe { deliver(c, timeout_ms, buffer, count, true, info_uid) }
 }
 
 /// Writes blocks of files opened on a virtio-incfs mount. Returns how many were processed
 /// (already present ones count), or -errno when the first one failed: -EBADMSG (does not
 /// match the hash tree; not stored), -E2BIG, -ERANGE, -EINVAL, -EBADF.
+///
+/// # Safety
+/// When `count` > 0, `blocks` is NULL or valid for reads of `count` `IncFsDataBlock`s, and
+/// the `data` of each is NULL or valid for reads of its `dataSize` bytes, all for the call.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_WriteBlocks(blocks: *const IncFsDataBlock, count: usize) -> c_int {
     guard(-libc::EIO, || {
@@ -478,7 +567,8 @@ pub unsafe extern "C" fn IncFs_WriteBlocks(blocks: *const IncFsDataBlock, count:
         if blocks.is_null() {
             return -libc::EINVAL;
         }
-        // SAFETY: the caller passes `count` blocks.
+        // SAFETY: not NULL, so valid for reads of `count` blocks (see # Safety); IncFsDataBlock
+        // is plain data, and nothing writes the blocks during the call.
         let blocks = unsafe { std::slice::from_raw_parts(blocks, count) };
         let mut done = 0usize;
         // Group consecutive blocks of the same mount into one call.
@@ -507,7 +597,10 @@ pub unsafe extern "C" fn IncFs_WriteBlocks(blocks: *const IncFsDataBlock, count:
                     }
                     break;
                 }
-                if b.pageIndex < 0 || !(0..=2).contains(&b.compression) {
+                // LZ4 (between the two) passes, and the host refuses it with EINVAL.
+                let compression_known =
+                    (c_int::from(COMPRESSION_NONE)..=c_int::from(COMPRESSION_ZSTD)).contains(&b.compression);
+                if b.pageIndex < 0 || !compression_known {
                     if batch.is_empty() && done == 0 {
                         return if b.pageIndex < 0 { -libc::ERANGE } else { -libc::EINVAL };
                     }
@@ -527,7 +620,8 @@ pub unsafe extern "C" fn IncFs_WriteBlocks(blocks: *const IncFsDataBlock, count:
                     data: if b.dataSize == 0 {
                         &[]
                     } else {
-                        // SAFETY: the caller's data pointer covers dataSize bytes.
+                        // SAFETY: not NULL here (checked above), so valid for reads of
+                        // `dataSize` bytes for the call (see # Safety).
                         unsafe { std::slice::from_raw_parts(b.data.cast::<u8>(), b.dataSize as usize) }
                     },
                 })
@@ -554,6 +648,12 @@ fn state_of_fd(fd: c_int) -> Result<FileState, c_int> {
 
 /// Filled data ranges of the file open as `fd`, from block `start`, into `out` (an array of
 /// IncFsBlockRange). -ERANGE when `out` is too small (the ranges that fit are valid).
+/// `ranges->dataRanges` and `hashRanges` point into `out`'s buffer.
+///
+/// # Safety
+/// `ranges` is NULL or valid for writes of one `IncFsFilledRanges`; `out.data` is NULL with
+/// `out.size` 0, or valid for writes of `out.size` bytes and aligned for `IncFsBlockRange`
+/// (4 bytes).
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_GetFilledRangesStartingFrom(
     fd: c_int,
@@ -584,11 +684,12 @@ pub unsafe extern "C" fn IncFs_GetFilledRangesStartingFrom(
                 end_index = b as i32;
                 break;
             }
-            // SAFETY: n < cap elements fit in the caller's buffer.
+            // SAFETY: n < cap, and the caller's buffer holds `cap` aligned, writable
+            // IncFsBlockRange (out.size bytes, see # Safety).
             unsafe { buf.add(n).write(IncFsBlockRange { begin: b as i32, end: e as i32 }) };
             n += 1;
         }
-        // SAFETY: ranges is valid.
+        // SAFETY: `ranges` is not NULL, so valid for writes (see # Safety).
         unsafe {
             *ranges = IncFsFilledRanges {
                 dataRanges: buf,
@@ -602,9 +703,13 @@ pub unsafe extern "C" fn IncFs_GetFilledRangesStartingFrom(
     })
 }
 
+/// IncFs_GetFilledRangesStartingFrom from block 0.
+///
+/// # Safety
+/// As IncFs_GetFilledRangesStartingFrom.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_GetFilledRanges(fd: c_int, out: IncFsSpan, ranges: *mut IncFsFilledRanges) -> c_int {
-    // SAFETY: forwarded.
+    // SAFETY: the same contract, forwarded unchanged.
     unsafe { IncFs_GetFilledRangesStartingFrom(fd, 0, out, ranges) }
 }
 
@@ -622,28 +727,41 @@ pub extern "C" fn IncFs_IsFullyLoaded(fd: c_int) -> c_int {
     guard(-libc::EIO, || loaded(state_of_fd(fd)))
 }
 
+/// As IncFs_IsFullyLoaded, by path (absolute, or relative to the mount root).
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `path` is NULL or a NUL-terminated
+/// string, valid for the call.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_IsFullyLoadedByPath(c: *const IncFsControl, path: *const c_char) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control and path_arg need (see # Safety).
         let (Some(c), Some(p)) = (unsafe { control(c) }, unsafe { path_arg(path) }) else { return -libc::EINVAL };
         loaded(c.mount.file_state_by_path(p).map_err(|e| neg(&e)))
     })
 }
 
+/// As IncFs_IsFullyLoaded, by file id.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_IsFullyLoadedById(c: *const IncFsControl, id: IncFsFileId) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control needs (see # Safety).
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };
         loaded(c.mount.file_state(&id.data).map_err(|e| neg(&e)))
     })
 }
 
+/// 0 when no file of the mount has missing blocks, -ENODATA otherwise.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_IsEverythingFullyLoaded(c: *const IncFsControl) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control needs (see # Safety).
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };
         match c.mount.incomplete_files() {
             Ok(v) if v.is_empty() => 0,
@@ -653,13 +771,17 @@ pub unsafe extern "C" fn IncFs_IsEverythingFullyLoaded(c: *const IncFsControl) -
     })
 }
 
-fn counts(r: Result<FileState, Error>, out: *mut IncFsBlockCounts) -> c_int {
+/// Writes a file's block counts to `out`.
+///
+/// # Safety
+/// `out` is NULL or valid for writes of one `IncFsBlockCounts`.
+unsafe fn counts(r: Result<FileState, Error>, out: *mut IncFsBlockCounts) -> c_int {
     if out.is_null() {
         return -libc::EINVAL;
     }
     match r {
         Ok(s) => {
-            // SAFETY: out is valid.
+            // SAFETY: `out` is not NULL, so valid for writes (this function's contract).
             unsafe {
                 *out = IncFsBlockCounts {
                     totalDataBlocks: s.total_blocks as i64,
@@ -675,6 +797,10 @@ fn counts(r: Result<FileState, Error>, out: *mut IncFsBlockCounts) -> c_int {
 }
 
 /// Data block counts; hash blocks are the host's business and reported as 0.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `path` is NULL or a NUL-terminated
+/// string, valid for the call; `out` is NULL or valid for writes of one `IncFsBlockCounts`.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_GetFileBlockCountByPath(
     c: *const IncFsControl,
@@ -682,12 +808,18 @@ pub unsafe extern "C" fn IncFs_GetFileBlockCountByPath(
     out: *mut IncFsBlockCounts,
 ) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control and path_arg need (see # Safety).
         let (Some(c), Some(p)) = (unsafe { control(c) }, unsafe { path_arg(path) }) else { return -libc::EINVAL };
-        counts(c.mount.file_state_by_path(p), out)
+        // SAFETY: the caller guarantees what counts needs (see # Safety).
+        unsafe { counts(c.mount.file_state_by_path(p), out) }
     })
 }
 
+/// As IncFs_GetFileBlockCountByPath, by file id.
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `out` is NULL or valid for writes of one
+/// `IncFsBlockCounts`.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_GetFileBlockCountById(
     c: *const IncFsControl,
@@ -695,14 +827,20 @@ pub unsafe extern "C" fn IncFs_GetFileBlockCountById(
     out: *mut IncFsBlockCounts,
 ) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control needs (see # Safety).
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };
-        counts(c.mount.file_state(&id.data), out)
+        // SAFETY: the caller guarantees what counts needs (see # Safety).
+        unsafe { counts(c.mount.file_state(&id.data), out) }
     })
 }
 
 /// Ids of incomplete files; -E2BIG when `ids` cannot hold them all (`*count` is then the
 /// number needed).
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `count` is NULL or valid for reads and
+/// writes of one `size_t` (in: `ids`' capacity, out: the number of incomplete files); `ids`
+/// is NULL or valid for writes of `*count` ids.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_ListIncompleteFiles(
     c: *const IncFsControl,
@@ -710,7 +848,7 @@ pub unsafe extern "C" fn IncFs_ListIncompleteFiles(
     count: *mut usize,
 ) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control needs (see # Safety).
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };
         if count.is_null() {
             return -libc::EINVAL;
@@ -719,7 +857,8 @@ pub unsafe extern "C" fn IncFs_ListIncompleteFiles(
             Ok(v) => v,
             Err(e) => return neg(&e),
         };
-        // SAFETY: count is valid; ids holds *count elements.
+        // SAFETY: `count` is not NULL, so valid for reads and writes; `ids` holds `cap` writable
+        // ids and is written only when not NULL and v.len() <= cap (see # Safety).
         unsafe {
             let cap = *count;
             *count = v.len();
@@ -735,10 +874,14 @@ pub unsafe extern "C" fn IncFs_ListIncompleteFiles(
 }
 
 /// incfs reads these from sysfs by instance name; here `sysfs_name` is the mount directory.
+///
+/// # Safety
+/// `sysfs_name` is NULL or a NUL-terminated string, valid for the call; `out` is NULL or
+/// valid for writes of one `IncFsMetrics`.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_GetMetrics(sysfs_name: *const c_char, out: *mut IncFsMetrics) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what path_arg needs (see # Safety).
         let Some(p) = (unsafe { path_arg(sysfs_name) }) else { return -libc::EINVAL };
         if out.is_null() {
             return -libc::EINVAL;
@@ -748,7 +891,7 @@ pub unsafe extern "C" fn IncFs_GetMetrics(sysfs_name: *const c_char, out: *mut I
             Err(e) => return neg(&e),
         };
         let g = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v).unwrap_or(0);
-        // SAFETY: out is valid.
+        // SAFETY: `out` is not NULL, so valid for writes (see # Safety).
         unsafe {
             *out = IncFsMetrics {
                 readsDelayedMin: g("reads_delayed_min") as u32,
@@ -768,17 +911,21 @@ pub unsafe extern "C" fn IncFs_GetMetrics(sysfs_name: *const c_char, out: *mut I
 
 /// The last failed read; all zero when none failed. `errorNo` is the negative errno (as
 /// libincfs documents: -ETIME for a timeout, -EBADMSG for a verification failure).
+///
+/// # Safety
+/// `c` is NULL or a live control from `IncFs_Open`; `out` is NULL or valid for writes of one
+/// `IncFsLastReadError`.
 #[no_mangle]
 pub unsafe extern "C" fn IncFs_GetLastReadError(c: *const IncFsControl, out: *mut IncFsLastReadError) -> c_int {
     guard(-libc::EIO, || {
-        // SAFETY: forwarded from the caller.
+        // SAFETY: the caller guarantees what control needs (see # Safety).
         let Some(c) = (unsafe { control(c) }) else { return -libc::EINVAL };
         if out.is_null() {
             return -libc::EINVAL;
         }
         match c.mount.last_read_error() {
             Ok(e) => {
-                // SAFETY: out is valid.
+                // SAFETY: `out` is not NULL, so valid for writes (see # Safety).
                 unsafe {
                     *out = IncFsLastReadError {
                         id: IncFsFileId { data: e.file_id },

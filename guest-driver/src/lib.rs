@@ -8,6 +8,10 @@
 //!   cannot wake poll() on a virtio-fs file itself.
 //! - [`ffi`]: the C ABI, a subset of libincfs's NDK functions (`include/incfs_guest.h`).
 
+// Most of this crate's unsafe code is the C ABI's: keep every contract written down (CI's
+// `-D warnings` makes these errors).
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 pub mod ffi;
 
 use std::collections::{HashMap, VecDeque};
@@ -22,23 +26,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub const BLOCK_SIZE: usize = 4096;
-pub const RECORD_SIZE: usize = 40;
-pub const FILL_HEADER_SIZE: usize = 32;
-pub const MAX_FILL_DATA: usize = 8192;
-/// One `.fill` write stays within this, so that the guest kernel forwards it as one FUSE
-/// WRITE whatever the buffer's alignment (16 pages + 1 is below every max_pages).
-pub const MAX_FILL_WRITE: usize = 64 << 10;
-/// The host caps one long poll at this; longer waits are several polls.
-pub const MAX_POLL_MS: u32 = 60_000;
-pub const XATTR_ID: &str = "user.incfs.id";
-pub const XATTR_SIZE: &str = "user.incfs.size";
+use incfs_wire::{names, FillHeader, FILL_FLAG_HASH};
 
-pub const COMPRESSION_NONE: u8 = 0;
-pub const COMPRESSION_LZ4: u8 = 1;
-pub const COMPRESSION_ZSTD: u8 = 2;
-
-pub type FileId = [u8; 16];
+// The wire format is incfs-wire's (shared with the host); re-exported so that users of this
+// crate need not depend on it.
+pub use incfs_wire::{
+    FileId, FileState, LastReadError, ReadRecord, BLOCK_SIZE, COMPRESSION_LZ4, COMPRESSION_NONE, COMPRESSION_ZSTD,
+    FILL_HEADER_SIZE, MAX_FILL_DATA, MAX_FILL_WRITE, MAX_POLL_MS, RECORD_SIZE, XATTR_FILE_ID, XATTR_FILE_SIZE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -54,6 +49,13 @@ pub enum Error {
     NoId(PathBuf),
     #[error("malformed control data: {0}")]
     Malformed(String),
+    #[error("malformed {what}: {source}")]
+    Decode {
+        /// Which control file.
+        what: &'static str,
+        #[source]
+        source: incfs_wire::DecodeError,
+    },
 }
 
 impl Error {
@@ -67,7 +69,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::NotIncfs(_) => libc::EINVAL,
             Error::NoId(_) => libc::ENOENT,
-            Error::Malformed(_) => libc::EIO,
+            Error::Malformed(_) | Error::Decode { .. } => libc::EIO,
         }
     }
 }
@@ -76,99 +78,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[o..o + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
-}
-
-/// One `incfs_pending_read_info2` record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReadRecord {
-    pub file_id: FileId,
-    pub timestamp_us: u64,
-    pub block: u32,
-    pub serial: u32,
-    pub uid: u32,
-}
-
-impl ReadRecord {
-    pub fn parse_all(b: &[u8]) -> Result<Vec<ReadRecord>> {
-        if b.len() % RECORD_SIZE != 0 {
-            return Err(Error::Malformed(format!("{} bytes is not a whole number of records", b.len())));
-        }
-        Ok(b.chunks_exact(RECORD_SIZE)
-            .map(|r| {
-                let mut file_id = [0u8; 16];
-                file_id.copy_from_slice(&r[..16]);
-                ReadRecord {
-                    file_id,
-                    timestamp_us: u64_at(r, 16),
-                    block: u32_at(r, 24),
-                    serial: u32_at(r, 28),
-                    uid: u32_at(r, 32),
-                }
-            })
-            .collect())
-    }
-}
-
-/// What `.filled/<id>` says about one file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileState {
-    pub size: u64,
-    pub total_blocks: u32,
-    pub filled_blocks: u32,
-    pub fully_loaded: bool,
-    /// [begin, end) block ranges present.
-    pub ranges: Vec<(u32, u32)>,
-}
-
-impl FileState {
-    pub fn parse(b: &[u8]) -> Result<FileState> {
-        if b.len() < 32 {
-            return Err(Error::Malformed(format!("file state of {} bytes", b.len())));
-        }
-        let count = u32_at(b, 16) as usize;
-        let body = &b[32..];
-        if body.len() != count.saturating_mul(8) {
-            return Err(Error::Malformed(format!("{count} ranges in {} bytes", body.len())));
-        }
-        Ok(FileState {
-            size: u64_at(b, 0),
-            total_blocks: u32_at(b, 8),
-            filled_blocks: u32_at(b, 12),
-            fully_loaded: u32_at(b, 20) & 1 != 0,
-            ranges: body.chunks_exact(8).map(|r| (u32_at(r, 0), u32_at(r, 4))).collect(),
-        })
-    }
-
-    pub fn is_filled(&self, block: u32) -> bool {
-        self.ranges.iter().any(|&(b, e)| block >= b && block < e)
-    }
-
-    pub fn missing(&self) -> Vec<u32> {
-        (0..self.total_blocks).filter(|&b| !self.is_filled(b)).collect()
-    }
-}
-
-/// The last failed read, from `.last_read_error`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct LastReadError {
-    pub file_id: FileId,
-    pub time_us: u64,
-    pub block: u32,
-    /// Positive errno; 0 when no read has failed.
-    pub errno: u32,
-    pub uid: u32,
 }
 
 /// One block to write through `.fill`.
@@ -187,13 +96,16 @@ impl DataBlock<'_> {
         FILL_HEADER_SIZE + self.data.len()
     }
 
+    /// Callers check `data.len() <= MAX_FILL_DATA` first, so the length fits the header.
     fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.file_id);
-        out.extend_from_slice(&self.block.to_le_bytes());
-        out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
-        out.push(self.compression);
-        out.push(u8::from(self.hash));
-        out.extend_from_slice(&[0u8; 6]);
+        FillHeader {
+            file_id: self.file_id,
+            block: self.block,
+            data_len: self.data.len() as u32,
+            compression: self.compression,
+            flags: if self.hash { FILL_FLAG_HASH } else { 0 },
+        }
+        .encode_into(out);
         out.extend_from_slice(self.data);
     }
 }
@@ -202,19 +114,19 @@ fn cpath(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Malformed(format!("{} contains NUL", p.display())))
 }
 
+/// An id written as hex (an xattr value or a directory entry); surrounding whitespace is
+/// tolerated.
 fn parse_id(hex_id: &[u8]) -> Option<FileId> {
-    let mut id = [0u8; 16];
-    hex::decode_to_slice(hex_id.trim_ascii(), &mut id).ok()?;
-    Some(id)
+    incfs_wire::file_id_from_hex(hex_id.trim_ascii())
 }
 
 /// A file's incfs id from its `user.incfs.id` xattr.
 pub fn file_id_of_path(path: &Path) -> Result<FileId> {
     let c = cpath(path)?;
     let mut buf = [0u8; 64];
-    let name = c"user.incfs.id";
-    // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: both names are NUL-terminated C strings that outlive the call, and the kernel
+    // writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::getxattr(c.as_ptr(), XATTR_FILE_ID.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
         return Err(if e.raw_os_error() == Some(libc::ENODATA) {
@@ -229,9 +141,9 @@ pub fn file_id_of_path(path: &Path) -> Result<FileId> {
 /// A file's incfs id from an open fd.
 pub fn file_id_of_fd(fd: RawFd) -> Result<FileId> {
     let mut buf = [0u8; 64];
-    let name = c"user.incfs.id";
-    // SAFETY: a C string and a buffer of the given length; a bad fd is reported as EBADF.
-    let n = unsafe { libc::fgetxattr(fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: the name is a NUL-terminated C string, the kernel writes at most `buf.len()`
+    // bytes into `buf`, and a bad fd is reported as EBADF, not undefined behaviour.
+    let n = unsafe { libc::fgetxattr(fd, XATTR_FILE_ID.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(Error::io(format!("fgetxattr fd {fd}"), std::io::Error::last_os_error()));
     }
@@ -248,7 +160,7 @@ pub struct Mount {
 impl Mount {
     pub fn open(root: impl AsRef<Path>) -> Result<Mount> {
         let root = root.as_ref().to_path_buf();
-        match std::fs::metadata(root.join(".pending_reads")) {
+        match std::fs::metadata(root.join(names::PENDING_READS)) {
             Ok(m) if m.is_file() => {}
             _ => return Err(Error::NotIncfs(root)),
         }
@@ -259,7 +171,7 @@ impl Mount {
     pub fn find_root(path: &Path) -> Option<PathBuf> {
         let mut p = if path.is_dir() { Some(path) } else { path.parent() };
         while let Some(d) = p {
-            if d.join(".pending_reads").is_file() && d.join(".fill").exists() {
+            if d.join(names::PENDING_READS).is_file() && d.join(names::FILL).exists() {
                 return Some(d.to_path_buf());
             }
             p = d.parent();
@@ -323,7 +235,8 @@ impl Mount {
     }
 
     pub fn file_state(&self, id: &FileId) -> Result<FileState> {
-        FileState::parse(&self.read_ctl(&format!(".filled/{}", hex::encode(id)))?)
+        FileState::decode(&self.read_ctl(&names::filled_path(id))?)
+            .map_err(|source| Error::Decode { what: names::FILLED_DIR, source })
     }
 
     pub fn file_state_by_path(&self, path: impl AsRef<Path>) -> Result<FileState> {
@@ -336,29 +249,20 @@ impl Mount {
 
     /// Ids of the files not fully loaded yet (`.incomplete`).
     pub fn incomplete_files(&self) -> Result<Vec<FileId>> {
-        let dir = self.ctl(".incomplete");
+        let dir = self.ctl(names::INCOMPLETE_DIR);
         let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
         Ok(rd.flatten().filter_map(|e| parse_id(e.file_name().as_bytes())).collect())
     }
 
     pub fn blocks_written(&self) -> Result<u64> {
-        let b = self.read_ctl(".blocks_written")?;
-        std::str::from_utf8(&b)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| Error::Malformed(".blocks_written".into()))
+        let b = self.read_ctl(names::BLOCKS_WRITTEN)?;
+        incfs_wire::decode_blocks_written(&b).ok_or_else(|| Error::Malformed(names::BLOCKS_WRITTEN.into()))
     }
 
     /// `.stats` as (name, value) pairs.
     pub fn stats(&self) -> Result<Vec<(String, u64)>> {
-        let b = self.read_ctl(".stats")?;
-        Ok(String::from_utf8_lossy(&b)
-            .lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_string(), v.trim().parse().ok()?))
-            })
-            .collect())
+        let b = self.read_ctl(names::STATS)?;
+        Ok(incfs_wire::stats::decode(&String::from_utf8_lossy(&b)).map(|(k, v)| (k.to_string(), v)).collect())
     }
 
     pub fn stat(&self, name: &str) -> Result<u64> {
@@ -370,34 +274,23 @@ impl Mount {
     }
 
     pub fn last_read_error(&self) -> Result<LastReadError> {
-        let b = self.read_ctl(".last_read_error")?;
-        if b.len() < 40 {
-            return Err(Error::Malformed(format!(".last_read_error of {} bytes", b.len())));
-        }
-        let mut file_id = [0u8; 16];
-        file_id.copy_from_slice(&b[..16]);
-        Ok(LastReadError {
-            file_id,
-            time_us: u64_at(&b, 16),
-            block: u32_at(&b, 24),
-            errno: u32_at(&b, 28),
-            uid: u32_at(&b, 32),
-        })
+        let b = self.read_ctl(names::LAST_READ_ERROR)?;
+        LastReadError::decode(&b).map_err(|source| Error::Decode { what: names::LAST_READ_ERROR, source })
     }
 
     pub fn pending_reads(&self) -> Result<RecordReader> {
-        RecordReader::open(&self.ctl(".pending_reads"))
+        RecordReader::open(&self.ctl(names::PENDING_READS))
     }
 
     pub fn read_log(&self) -> Result<RecordReader> {
-        RecordReader::open(&self.ctl(".log"))
+        RecordReader::open(&self.ctl(names::LOG))
     }
 
     /// The raw fd of `.fill`, opened on first use.
     pub fn fill_fd(&self) -> Result<RawFd> {
         let mut g = lock(&self.fill);
         if g.is_none() {
-            let p = self.ctl(".fill");
+            let p = self.ctl(names::FILL);
             // Never O_TRUNC: truncation is a SETATTR, which a read-only filesystem refuses.
             *g = Some(
                 OpenOptions::new().write(true).open(&p).map_err(|e| Error::io(format!("open {}", p.display()), e))?,
@@ -425,7 +318,8 @@ impl Mount {
                 blocks[done + n].encode(&mut buf);
                 n += 1;
             }
-            // SAFETY: fd is our open `.fill`; buf is valid for its length.
+            // SAFETY: `buf` is valid for reads of `buf.len()` bytes; `fd` is our open `.fill` (a
+            // bad fd would only fail with EBADF).
             let w = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
             if w < 0 {
                 let e = std::io::Error::last_os_error();
@@ -525,7 +419,9 @@ impl RecordReader {
 
     fn set_timeout(&mut self, ms: u32) -> Result<()> {
         if ms != self.timeout_ms {
-            self.file.write_all(&ms.to_le_bytes()).map_err(|e| Error::io("set long-poll timeout", e))?;
+            self.file
+                .write_all(&incfs_wire::encode_poll_timeout(ms))
+                .map_err(|e| Error::io("set long-poll timeout", e))?;
             self.timeout_ms = ms;
         }
         Ok(())
@@ -541,7 +437,8 @@ impl RecordReader {
             self.set_timeout(ms)?;
             let n = self.file.read(&mut buf).map_err(|e| Error::io("read records", e))?;
             if n > 0 || Instant::now() >= deadline {
-                return ReadRecord::parse_all(&buf[..n]);
+                return ReadRecord::decode_all(&buf[..n])
+                    .map_err(|source| Error::Decode { what: "read records", source });
             }
         }
     }
@@ -564,12 +461,12 @@ const WATCH_QUEUE_MAX: usize = 65536;
 impl PendingWatcher {
     pub fn start(mount: &Mount) -> Result<PendingWatcher> {
         let mut reader = mount.pending_reads()?;
-        // SAFETY: plain syscall; the result is checked.
+        // SAFETY: no pointers are passed; a failure is a negative result, checked below.
         let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if raw < 0 {
             return Err(Error::io("eventfd", std::io::Error::last_os_error()));
         }
-        // SAFETY: a fresh fd we own.
+        // SAFETY: `raw` is a fresh fd that nothing else owns, so OwnedFd may close it.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };
         let queue = Arc::new(Mutex::new(VecDeque::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -588,7 +485,8 @@ impl PendingWatcher {
                                 }
                             }
                             let one: u64 = 1;
-                            // SAFETY: fd stays open until this thread is joined.
+                            // SAFETY: `one` is 8 readable bytes, and `fd` stays open (owned by
+                            // `efd`) until Drop has joined this thread.
                             unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
                         }
                         Ok(_) => {}
@@ -613,14 +511,15 @@ impl PendingWatcher {
         // Reset the eventfd first: a record queued after this sets it again, so a wake-up is
         // never lost (at worst one is spurious).
         let mut v = 0u64;
-        // SAFETY: our eventfd, non-blocking; EAGAIN when already zero is fine.
+        // SAFETY: `v` is 8 writable bytes and the fd is our eventfd, non-blocking (EAGAIN when
+        // already zero is fine).
         unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
         let mut q = lock(&self.queue);
         let n = max.min(q.len());
         let out: Vec<ReadRecord> = q.drain(..n).collect();
         if !q.is_empty() {
             let one: u64 = 1;
-            // SAFETY: as above.
+            // SAFETY: `one` is 8 readable bytes and the fd is our eventfd.
             unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
         out
@@ -636,7 +535,7 @@ impl PendingWatcher {
                 return got;
             }
             let mut p = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
+            // SAFETY: `p` is one valid, writable pollfd, matching the count of 1.
             unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
         }
     }
@@ -666,10 +565,10 @@ mod tests {
             b.extend_from_slice(&1000u32.to_le_bytes());
             b.extend_from_slice(&0u32.to_le_bytes());
         }
-        let r = ReadRecord::parse_all(&b).expect("parse");
+        let r = ReadRecord::decode_all(&b).expect("parse");
         assert_eq!(r.len(), 2);
         assert_eq!((r[1].file_id, r[1].timestamp_us, r[1].block, r[1].serial, r[1].uid), ([7; 16], 55, 9, 2, 1000));
-        assert!(ReadRecord::parse_all(&b[..41]).is_err());
+        assert!(ReadRecord::decode_all(&b[..41]).is_err());
     }
 
     #[test]
@@ -683,14 +582,14 @@ mod tests {
         for v in [0u32, 2, 5, 6] {
             b.extend_from_slice(&v.to_le_bytes());
         }
-        let s = FileState::parse(&b).expect("parse");
+        let s = FileState::decode(&b).expect("parse");
         assert_eq!((s.size, s.total_blocks, s.filled_blocks, s.fully_loaded), (20580, 6, 3, false));
         assert_eq!(s.ranges, vec![(0, 2), (5, 6)]);
         assert_eq!(s.missing(), vec![2, 3, 4]);
         // A range count that does not match the bytes is refused, not trusted.
         b[16] = 200;
-        assert!(FileState::parse(&b).is_err());
-        assert!(FileState::parse(&b[..10]).is_err());
+        assert!(FileState::decode(&b).is_err());
+        assert!(FileState::decode(&b[..10]).is_err());
     }
 
     #[test]
@@ -706,23 +605,46 @@ mod tests {
         assert_eq!(&out[32..], b"xyz");
     }
 
+    /// Sizes and offsets as a C compiler lays out `include/incfs_guest.h` on 64-bit Linux, and
+    /// the enum values the header shares with the wire format: a field moved on one side only
+    /// fails here.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn c_abi_matches_the_header() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!((size_of::<ffi::IncFsFileId>(), align_of::<ffi::IncFsFileId>()), (16, 8));
+        assert_eq!(size_of::<ffi::IncFsReadInfo>(), 32);
+        assert_eq!((size_of::<ffi::IncFsReadInfoWithUid>(), offset_of!(ffi::IncFsReadInfoWithUid, uid)), (40, 32));
+        assert_eq!((size_of::<ffi::IncFsDataBlock>(), offset_of!(ffi::IncFsDataBlock, data)), (32, 24));
+        assert_eq!(size_of::<ffi::IncFsSpan>(), 16);
+        assert_eq!(size_of::<ffi::IncFsBlockRange>(), 8);
+        assert_eq!((size_of::<ffi::IncFsFilledRanges>(), offset_of!(ffi::IncFsFilledRanges, endIndex)), (32, 24));
+        assert_eq!(size_of::<ffi::IncFsBlockCounts>(), 32);
+        assert_eq!(size_of::<ffi::IncFsMetrics>(), 64);
+        assert_eq!((size_of::<ffi::IncFsLastReadError>(), offset_of!(ffi::IncFsLastReadError, errorNo)), (40, 28));
+        // IncFsCompressionKind's values are the `.fill` compression byte.
+        assert_eq!((COMPRESSION_NONE, COMPRESSION_LZ4, COMPRESSION_ZSTD), (0, 1, 2));
+        assert_eq!((ffi::CMD, ffi::PENDING_READS, ffi::LOGS, ffi::BLOCKS_WRITTEN), (0, 1, 2, 3));
+    }
+
     #[test]
     fn file_id_strings_round_trip() {
         let id = ffi::IncFsFileId { data: *b"0123456789abcdef" };
         let mut s = [0 as std::ffi::c_char; 33];
-        // SAFETY: 33-byte buffer; the string is NUL-terminated by the zeroed last byte.
+        // SAFETY: `s` has 33 writable bytes (32 are needed), and the zeroed last one keeps it
+        // NUL-terminated; FromString reads the 32 written.
         unsafe {
             assert_eq!(ffi::IncFs_FileIdToString(id, s.as_mut_ptr()), 0);
             assert_eq!(ffi::IncFs_FileIdFromString(s.as_ptr()), id);
         }
         let bad = c"zz3456789abcdef0123456789abcdef0";
-        // SAFETY: a 32-character C string.
+        // SAFETY: a C string of 32 characters, the number FromString reads.
         assert_eq!(unsafe { ffi::IncFs_FileIdFromString(bad.as_ptr()) }, ffi::INVALID_ID);
-        // SAFETY: NULL is handled.
+        // SAFETY: NULL is allowed (and refused).
         assert!(unsafe { ffi::IncFs_Open(std::ptr::null()) }.is_null());
         let tmp = std::env::temp_dir();
         let p = std::ffi::CString::new(tmp.as_os_str().as_bytes()).expect("path");
-        // SAFETY: a valid C string; not a mount, so NULL.
+        // SAFETY: a NUL-terminated string that outlives the call; not a mount, so NULL.
         assert!(unsafe { ffi::IncFs_Open(p.as_ptr()) }.is_null());
     }
 }

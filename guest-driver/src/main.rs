@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use incfs_guest::{Error, Mount, ReadRecord, RecordReader};
+use incfs_wire::file_id_to_hex;
 
 #[derive(Parser)]
 #[command(
@@ -70,7 +71,7 @@ fn line(m: &Mount, r: &ReadRecord) -> String {
         .map(|p| p.strip_prefix(m.root()).map(|q| q.display().to_string()).unwrap_or_else(|_| p.display().to_string()));
     format!(
         "file_id={} block={} serial={} timestamp_us={} uid={} path={}",
-        hex::encode(r.file_id),
+        file_id_to_hex(&r.file_id),
         r.block,
         r.serial,
         r.timestamp_us,
@@ -118,7 +119,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             if e.errno != 0 {
                 println!(
                     "last_read_error file_id={} block={} errno={} ({}) uid={} time_us={}",
-                    hex::encode(e.file_id),
+                    file_id_to_hex(&e.file_id),
                     e.block,
                     e.errno,
                     std::io::Error::from_raw_os_error(e.errno as i32),
@@ -135,7 +136,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let ranges: Vec<String> = s.ranges.iter().map(|(b, e)| format!("{b}-{e}")).collect();
             println!(
                 "file_id={} size={} blocks={}/{} fully_loaded={} ranges={}",
-                hex::encode(id),
+                file_id_to_hex(&id),
                 s.size,
                 s.filled_blocks,
                 s.total_blocks,
@@ -146,7 +147,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Cmd::Id { mount, path } => {
             let m = Mount::open(&mount)?;
-            println!("{}", hex::encode(m.file_id(&path)?));
+            println!("{}", file_id_to_hex(&m.file_id(&path)?));
             Ok(())
         }
         Cmd::Fill { mount, path, from, block } => {
