@@ -6,11 +6,11 @@
 
 use std::fs::File;
 use std::marker::PhantomData;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use memmap2::{MmapOptions, MmapRaw};
 
 use super::layout::{Record, RECORD_LEN, REC_ATIME, REC_FLAGS, REC_STATE, STATE_VALID};
 use super::read_full_at;
@@ -123,16 +123,12 @@ impl Records {
 /// file only ever grows (nothing truncates it); a record is touched only once the file is
 /// known to reach it, since a page past the end of a mapped file is SIGBUS.
 struct RecordMap {
-    base: NonNull<u8>,
+    /// MmapRaw, not MmapMut: the records change under us (other processes write them), so
+    /// they are only ever reached through atomics, never through a `&[u8]`.
+    map: MmapRaw,
     /// File bytes known to exist.
     covered: AtomicU64,
 }
-
-// SAFETY: the mapping is only accessed through atomics, like memory shared with other
-// processes must be.
-unsafe impl Send for RecordMap {}
-// SAFETY: as above.
-unsafe impl Sync for RecordMap {}
 
 /// Records [first, first + n) of a [`RecordMap`], known to be inside the file.
 struct RecordRun<'a> {
@@ -142,22 +138,15 @@ struct RecordRun<'a> {
 
 impl RecordMap {
     fn new(file: &File) -> Option<Self> {
-        // SAFETY: a fresh shared mapping of our own fd; nothing else is at that address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                RECORD_MAP_BYTES as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            tracing::debug!("cannot map cache slots: {}", std::io::Error::last_os_error());
-            return None;
+        // More than the file holds now: mapping past the end is allowed, touching it is not.
+        let len = usize::try_from(RECORD_MAP_BYTES).ok()?;
+        match MmapOptions::new().len(len).no_reserve_swap().map_raw(file) {
+            Ok(map) => Some(RecordMap { map, covered: AtomicU64::new(0) }),
+            Err(e) => {
+                tracing::debug!("cannot map cache slots: {e}");
+                None
+            }
         }
-        Some(RecordMap { base: NonNull::new(p.cast())?, covered: AtomicU64::new(0) })
     }
 
     /// Records [first, first + n), if mapped and inside the file.
@@ -173,19 +162,14 @@ impl RecordMap {
                 return None;
             }
         }
-        // SAFETY: end <= RECORD_MAP_BYTES, so the offset is inside the mapping.
-        let at = unsafe { self.base.as_ptr().add((first * RECORD_LEN as u64) as usize) };
+        // SAFETY: end <= RECORD_MAP_BYTES, the mapping's length, so the offset is inside it.
+        let at = unsafe { self.map.as_mut_ptr().add((first * RECORD_LEN as u64) as usize) };
         Some(RecordRun { at, _map: PhantomData })
     }
 }
 
-impl Drop for RecordMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped; no RecordRun outlives the map.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), RECORD_MAP_BYTES as usize) };
-    }
-}
-
+// Hand-written atomics over the mapping (no crate offers them): a record is shared memory
+// that other processes change, so plain references to it would be undefined behaviour.
 impl RecordRun<'_> {
     /// A 32-bit word of record i, as stored (little-endian).
     fn word32(&self, i: usize, off: usize) -> &AtomicU32 {
@@ -215,5 +199,36 @@ impl RecordRun<'_> {
             }
         }
         same
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::layout::empty_record;
+
+    #[test]
+    fn the_map_and_pread_pwrite_see_the_same_records() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("slots"))
+            .expect("open");
+        let records = Records::new(file);
+        assert!(records.map.is_some(), "slots are mapped");
+        let hash = [5u8; 32];
+        // Past the end of the file: not looked at through the map, and a miss.
+        assert!(!records.check_run(3, [hash].iter()).expect("check"));
+        records.write(3, &empty_record(&hash, 0)).expect("write");
+        assert!(!records.check_run(3, [hash].iter()).expect("check"), "an empty record is never served");
+        records.set_state(3, STATE_VALID).expect("state");
+        assert!(records.check_run(3, [hash].iter()).expect("check"));
+        assert!(!records.check_run(3, [[6u8; 32]].iter()).expect("check"), "another hash is a miss");
+        let mut seen = Vec::new();
+        records.scan(4, |slot, rec| seen.push((slot, rec.state(), rec.atime() > 0))).expect("scan");
+        assert_eq!(seen[3], (3, STATE_VALID, true), "pread sees the state and access time stored through the map");
     }
 }
