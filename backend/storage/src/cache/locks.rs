@@ -136,7 +136,8 @@ fn is_contended(e: &io::Error) -> bool {
 }
 
 /// An open-file-description lock on one byte (released when this process's file is closed,
-/// including when the process dies).
+/// including when the process dies). By hand: rustix's `fcntl_lock` locks only whole files,
+/// and nix would build libc with `extra_traits` everywhere for these two calls.
 fn ofd_lock(f: &File, byte: i64, exclusive: bool, wait: bool) -> io::Result<()> {
     // SAFETY: flock is plain old data; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
