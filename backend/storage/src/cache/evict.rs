@@ -1,7 +1,7 @@
 //! Making room: LRU eviction down to the size limit, pins that eviction spares, and gc
 //! (orphan reclaim, eviction to a given size, log compaction).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use rustix::fs::{fallocate, FallocateFlags};
@@ -142,10 +142,9 @@ impl BlockCache {
         })?;
         rep.log_records_before = self.read_header_field(H_LOG_END)? / LOG_RECORD_LEN as u64;
         rep.log_records_after = (live.len() / LOG_RECORD_LEN) as u64;
-        let tmp = self.dir.join(format!("log.gc.{}", std::process::id()));
-        fs::write(&tmp, &live).ctx(|| format!("write {}", tmp.display()))?;
+        let tmp = self.new_temp_file(&self.dir, "log.gc.", &live)?;
         self.with_header(|h, _| {
-            fs::rename(&tmp, self.dir.join(LOG_FILE))?;
+            tmp.persist(self.dir.join(LOG_FILE)).map_err(|e| e.error)?;
             h.log_end = live.len() as u64;
             h.epoch += 1;
             Ok(())
@@ -170,7 +169,7 @@ mod tests {
     #[test]
     fn punched_blocks_give_their_disk_space_back() {
         let dir = tempfile::tempdir().expect("tmp");
-        let file = fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)

@@ -31,12 +31,13 @@ mod verify;
 mod tests;
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use incfs_buf::ScatterBuf;
+use tempfile::NamedTempFile;
 
 use crate::error::{IoContext, Result};
 use crate::image::{Hash, BLOCK_SIZE};
@@ -177,6 +178,21 @@ impl BlockCache {
             8 => Ok(u64::from_le_bytes(b)),
             _ => Ok(0),
         }
+    }
+
+    /// A new file in `dir` holding `bytes`, to be renamed over one of the cache's files. Its
+    /// name is unpredictable and it is created 0600 (O_EXCL: a link planted there is not
+    /// followed); it then gets the mode of the cache's files, for the other daemons of the
+    /// host that share them.
+    fn new_temp_file(&self, dir: &Path, prefix: &str, bytes: &[u8]) -> Result<NamedTempFile> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempfile_in(dir)
+            .ctx(|| format!("create a temporary file in {}", dir.display()))?;
+        tmp.write_all(bytes)
+            .and_then(|()| tmp.as_file().set_permissions(self.header.metadata()?.permissions()))
+            .ctx(|| format!("write {}", tmp.path().display()))?;
+        Ok(tmp)
     }
 
     /// Calls `f` on the record of every slot allocated so far.
