@@ -30,6 +30,9 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use evict::GcReport;
+pub use stats::CacheUsage;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -41,7 +44,6 @@ use tempfile::NamedTempFile;
 
 use crate::error::{IoContext, Result};
 use crate::image::{Hash, BLOCK_SIZE};
-pub use evict::GcReport;
 use index::Index;
 use layout::{
     Header, Record, BLOCKS_FILE, FREE_FILE, HEADER_FILE, HEADER_LEN, H_NEXT_SLOT, LOCK_FILE, LOG_FILE, MANIFESTS_DIR,
@@ -49,7 +51,6 @@ use layout::{
 };
 use locks::Locks;
 use records::Records;
-pub use stats::CacheUsage;
 
 #[derive(Clone, Debug, Default)]
 pub struct CacheOptions {
@@ -57,14 +58,18 @@ pub struct CacheOptions {
     pub limit_bytes: Option<u64>,
 }
 
+/// One process's handle on a cache directory (the files are described in `layout.rs`).
 pub struct BlockCache {
     dir: PathBuf,
     header: File,
     blocks: File,
+    /// The `slots` file.
     records: Records,
     log: File,
     free: File,
+    /// The `lock` file.
     locks: Locks,
+    /// `CacheOptions::limit_bytes` in blocks.
     limit_slots: Option<u64>,
     index: RwLock<Index>,
 }
@@ -201,6 +206,8 @@ impl BlockCache {
     }
 }
 
+/// Reads at `off` until `buf` is full or the file ends: the bytes read (std's
+/// `read_exact_at` fails at the end of the file, where a short read is an answer here).
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
