@@ -1,0 +1,135 @@
+//! What this process knows of the cache: hash -> slot, learnt from this process's inserts
+//! and by tailing the log the others append to. Optimistic: a slot's record is checked on
+//! every read, so an entry that went stale costs a miss, never wrong bytes.
+
+use std::collections::HashMap;
+use std::fs::File;
+
+use super::layout::{decode_log_record, H_EPOCH, H_LOG_END, LOG_RECORD_LEN};
+use super::{read_full_at, BlockCache};
+use crate::error::{IoContext, Result};
+use crate::image::Hash;
+
+#[derive(Default)]
+pub(super) struct Index {
+    slots: HashMap<Hash, u64>,
+    /// The log epoch `log_pos` refers to (gc rewrites the log under a new one).
+    epoch: u64,
+    /// Bytes of the log read so far.
+    log_pos: u64,
+    /// Log records that were still being written when read (all zero): read again later.
+    pending: Vec<u64>,
+}
+
+impl Index {
+    pub(super) fn slot(&self, hash: &Hash) -> Option<u64> {
+        self.slots.get(hash).copied()
+    }
+
+    pub(super) fn insert(&mut self, hash: Hash, slot: u64) {
+        self.slots.insert(hash, slot);
+    }
+
+    /// Drops the entries of these slots (sorted).
+    pub(super) fn forget_slots(&mut self, sorted: &[u64]) {
+        self.slots.retain(|_, slot| sorted.binary_search(slot).is_err());
+    }
+
+    /// Drops the entries that point into a run of slots found stale.
+    fn forget_run<'a>(&mut self, first: u64, hashes: impl Iterator<Item = &'a Hash>) {
+        for (i, h) in hashes.enumerate() {
+            if self.slot(h) == Some(first + i as u64) {
+                self.slots.remove(h);
+            }
+        }
+    }
+
+    fn add_log_record(&mut self, rec: &[u8]) {
+        let (hash, slot) = decode_log_record(rec);
+        self.insert(hash, slot);
+    }
+
+    /// Reads the log of `epoch` up to `end`: what is new since the last call, and the
+    /// records that were pending then.
+    fn catch_up(&mut self, log: &File, epoch: u64, end: u64) -> Result<()> {
+        if epoch != self.epoch {
+            // gc rewrote the log: start over.
+            *self = Index { epoch, ..Index::default() };
+        }
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            for pos in pending {
+                let mut rec = [0u8; LOG_RECORD_LEN];
+                if read_full_at(log, &mut rec, pos).ctx(|| "read cache log".into())? == LOG_RECORD_LEN
+                    && rec != [0u8; LOG_RECORD_LEN]
+                {
+                    self.add_log_record(&rec);
+                } else {
+                    self.pending.push(pos);
+                }
+            }
+        }
+        let mut buf = vec![0u8; 4096 * LOG_RECORD_LEN];
+        while self.log_pos < end {
+            let start = self.log_pos;
+            let want = ((end - start) as usize).min(buf.len());
+            let got = read_full_at(log, &mut buf[..want], start).ctx(|| "read cache log".into())?;
+            let got = got - got % LOG_RECORD_LEN;
+            for (i, rec) in buf[..want].chunks_exact(LOG_RECORD_LEN).enumerate() {
+                let pos = start + (i * LOG_RECORD_LEN) as u64;
+                if i * LOG_RECORD_LEN >= got || rec.iter().all(|&b| b == 0) {
+                    self.pending.push(pos);
+                } else {
+                    self.add_log_record(rec);
+                }
+            }
+            self.log_pos = start + (want - want % LOG_RECORD_LEN) as u64;
+            if want < LOG_RECORD_LEN {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockCache {
+    /// Learns about blocks other processes have stored since the last look.
+    pub fn refresh(&self) -> Result<()> {
+        let epoch = self.read_header_field(H_EPOCH)?;
+        let end = self.read_header_field(H_LOG_END)?;
+        self.index_mut().catch_up(&self.log, epoch, end)
+    }
+
+    /// The slot holding `hash`, as far as this process knows.
+    pub fn lookup(&self, hash: &Hash) -> Option<u64> {
+        self.index().slot(hash)
+    }
+
+    /// Slots of several blocks under one lock (the warm read path).
+    pub fn lookup_many<'a>(&self, hashes: impl Iterator<Item = &'a Hash>, out: &mut Vec<Option<u64>>) {
+        let idx = self.index();
+        out.extend(hashes.map(|h| idx.slot(h)));
+    }
+
+    /// Like lookup, but first catches up with other processes when the hash is unknown.
+    pub fn lookup_fresh(&self, hash: &Hash) -> Result<Option<u64>> {
+        if let Some(s) = self.lookup(hash) {
+            return Ok(Some(s));
+        }
+        self.refresh()?;
+        Ok(self.lookup(hash))
+    }
+
+    /// Drops index entries that point into a run found stale.
+    pub(super) fn forget_run<'a>(&self, first: u64, hashes: impl Iterator<Item = &'a Hash>) {
+        self.index_mut().forget_run(first, hashes);
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+}

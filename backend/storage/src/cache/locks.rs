@@ -1,0 +1,196 @@
+//! The cache's locks: open-file-description (OFD) locks on single bytes of the `lock` file,
+//! which the kernel drops when the process holding them dies, so a killed daemon never
+//! wedges the others. OFD locks belong to an open file, not to a thread: each comes with an
+//! in-process guard that keeps this process's own threads apart where the kernel lock cannot.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Mutex, MutexGuard};
+
+use super::layout::{le32, LOCK_ALLOC, LOCK_BUCKETS, LOCK_BUCKETS_BASE, LOCK_EVICT, LOCK_WRITERS};
+use super::BlockCache;
+use crate::error::{Error, Result};
+use crate::image::Hash;
+
+pub(super) struct Locks {
+    file: File,
+    alloc: Mutex<()>,
+    evicting: Mutex<()>,
+    /// Fetch-lock buckets this process holds, with how many holds each.
+    buckets_held: Mutex<HashMap<u32, u32>>,
+}
+
+/// An OFD lock on one byte, released when dropped.
+pub(super) struct OfdLock<'a> {
+    file: &'a File,
+    byte: i64,
+}
+
+impl Drop for OfdLock<'_> {
+    fn drop(&mut self) {
+        let _ = ofd_unlock(self.file, self.byte);
+    }
+}
+
+/// An OFD lock together with the in-process guard that goes with it (the kernel lock is
+/// released first, as the fields drop in order).
+pub(super) struct ProcessLock<'a> {
+    _ofd: OfdLock<'a>,
+    _threads: MutexGuard<'a, ()>,
+}
+
+impl Locks {
+    pub(super) fn new(file: File) -> Self {
+        Locks { file, alloc: Mutex::new(()), evicting: Mutex::new(()), buckets_held: Mutex::new(HashMap::new()) }
+    }
+
+    fn ofd(&self, byte: i64, exclusive: bool, wait: bool) -> io::Result<OfdLock<'_>> {
+        ofd_lock(&self.file, byte, exclusive, wait)?;
+        Ok(OfdLock { file: &self.file, byte })
+    }
+
+    /// The allocation lock, which also guards the header. Waits.
+    pub(super) fn header(&self) -> io::Result<ProcessLock<'_>> {
+        let threads = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(ProcessLock { _ofd: self.ofd(LOCK_ALLOC, true, true)?, _threads: threads })
+    }
+
+    /// Held (shared) by every insert, so that gc can wait for the inserts in flight. Waits.
+    pub(super) fn writer(&self) -> io::Result<OfdLock<'_>> {
+        self.ofd(LOCK_WRITERS, false, true)
+    }
+
+    /// Held by gc: no insert is in flight meanwhile. Waits.
+    pub(super) fn writers_excluded(&self) -> io::Result<OfdLock<'_>> {
+        self.ofd(LOCK_WRITERS, true, true)
+    }
+
+    /// The eviction lock if no thread or process holds it; None if one does.
+    pub(super) fn try_evict(&self) -> io::Result<Option<ProcessLock<'_>>> {
+        let Ok(threads) = self.evicting.try_lock() else { return Ok(None) };
+        match self.ofd(LOCK_EVICT, true, false) {
+            Ok(ofd) => Ok(Some(ProcessLock { _ofd: ofd, _threads: threads })),
+            Err(e) if is_contended(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The eviction lock, waiting for it (gc).
+    pub(super) fn evict(&self) -> io::Result<ProcessLock<'_>> {
+        let threads = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(ProcessLock { _ofd: self.ofd(LOCK_EVICT, true, true)?, _threads: threads })
+    }
+
+    fn bucket(hash: &Hash) -> u32 {
+        le32(&hash[..4]) % LOCK_BUCKETS
+    }
+
+    /// Takes `hash`'s fetch lock unless another process holds it; re-entrant in-process.
+    fn try_lock_bucket(&self, hash: &Hash) -> io::Result<bool> {
+        let b = Self::bucket(hash);
+        let mut held = self.buckets_held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = held.get_mut(&b) {
+            *c += 1;
+            return Ok(true);
+        }
+        match ofd_lock(&self.file, LOCK_BUCKETS_BASE + b as i64, true, false) {
+            Ok(()) => {
+                held.insert(b, 1);
+                Ok(true)
+            }
+            Err(e) if is_contended(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives back one hold of `hash`'s fetch lock; the last one releases it.
+    fn unlock_bucket(&self, hash: &Hash) {
+        let b = Self::bucket(hash);
+        let mut held = self.buckets_held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = held.get_mut(&b) {
+            *c -= 1;
+            if *c == 0 {
+                held.remove(&b);
+                let _ = ofd_unlock(&self.file, LOCK_BUCKETS_BASE + b as i64);
+            }
+        }
+    }
+}
+
+impl BlockCache {
+    /// Tries to become the one process on this host fetching `hash`. Non-blocking.
+    pub fn try_lock_fetch(&self, hash: &Hash) -> Result<bool> {
+        self.locks.try_lock_bucket(hash).map_err(|e| Error::io("lock cache bucket", e))
+    }
+
+    pub fn unlock_fetch(&self, hash: &Hash) {
+        self.locks.unlock_bucket(hash)
+    }
+}
+
+/// Whether a non-blocking lock failed because someone else holds it.
+fn is_contended(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
+}
+
+/// An open-file-description lock on one byte (released when this process's file is closed,
+/// including when the process dies). By hand: rustix's `fcntl_lock` locks only whole files,
+/// and nix would build libc with `extra_traits` everywhere for these two calls.
+fn ofd_lock(f: &File, byte: i64, exclusive: bool, wait: bool) -> io::Result<()> {
+    // SAFETY: flock is plain old data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if exclusive { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    let cmd = if wait { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK };
+    loop {
+        // SAFETY: fcntl with a valid fd and a pointer to an initialised flock.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn ofd_unlock(f: &File, byte: i64) -> io::Result<()> {
+    // SAFETY: as above.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_UNLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    // SAFETY: as above.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_locks_exclude_other_open_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = BlockCache::open(dir.path()).expect("open");
+        let b = BlockCache::open(dir.path()).expect("open");
+        let h = [3u8; 32];
+        assert!(a.try_lock_fetch(&h).expect("lock"));
+        assert!(a.try_lock_fetch(&h).expect("re-entrant in-process"));
+        assert!(!b.try_lock_fetch(&h).expect("other"));
+        a.unlock_fetch(&h);
+        assert!(!b.try_lock_fetch(&h).expect("still held once"));
+        a.unlock_fetch(&h);
+        assert!(b.try_lock_fetch(&h).expect("free now"));
+    }
+}

@@ -1,0 +1,57 @@
+//! Saved image manifests (`manifests/<id>`), so a restarted daemon needs no remote to start.
+
+use std::fs;
+use std::path::PathBuf;
+
+use super::layout::MANIFESTS_DIR;
+use super::BlockCache;
+use crate::error::{IoContext, Result};
+use crate::image::ImageId;
+
+impl BlockCache {
+    fn manifest_path(&self, id: &ImageId) -> PathBuf {
+        self.dir.join(MANIFESTS_DIR).join(id.to_string())
+    }
+
+    /// A manifest saved earlier, if present and still hashing to its id.
+    pub fn load_manifest(&self, id: &ImageId) -> Option<Vec<u8>> {
+        let bytes = fs::read(self.manifest_path(id)).ok()?;
+        (ImageId::of_manifest(&bytes) == *id).then_some(bytes)
+    }
+
+    pub fn save_manifest(&self, id: &ImageId, bytes: &[u8]) -> Result<()> {
+        let dst = self.manifest_path(id);
+        let tmp = self.new_temp_file(&self.dir.join(MANIFESTS_DIR), &format!("{id}.tmp."), bytes)?;
+        tmp.persist(&dst).map_err(|e| e.error).ctx(|| format!("rename {}", dst.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::cache::layout::HEADER_FILE;
+
+    #[test]
+    fn saved_manifests_load_back_with_the_caches_mode_and_no_planted_link_is_followed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cache = BlockCache::open(dir.path()).expect("open");
+        let bytes = b"a manifest".to_vec();
+        let id = ImageId::of_manifest(&bytes);
+        // The name the temporary file had when it was predictable.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"untouched").expect("victim");
+        let planted = cache.manifest_path(&id).with_extension(format!("tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).expect("plant");
+        cache.save_manifest(&id, &bytes).expect("save");
+        assert_eq!(fs::read(&victim).expect("victim"), b"untouched");
+        assert_eq!(cache.load_manifest(&id), Some(bytes));
+        assert_eq!(cache.load_manifest(&ImageId::of_manifest(b"another")), None);
+        let mode = |p: &std::path::Path| fs::metadata(p).expect("stat").permissions().mode();
+        assert_eq!(mode(&cache.manifest_path(&id)), mode(&dir.path().join(HEADER_FILE)));
+        // The manifest and the planted link: no temporary file is left.
+        assert_eq!(fs::read_dir(dir.path().join(MANIFESTS_DIR)).expect("ls").count(), 2);
+    }
+}

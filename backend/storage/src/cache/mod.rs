@@ -1,0 +1,222 @@
+//! The on-disk block cache, shared by every daemon on a host.
+//!
+//! Blocks are keyed by their leaf hash (SHA-256 of the 4096-byte plaintext), so identical
+//! blocks of different files and different images are stored once. The directory's files
+//! are described in `layout.rs`; `docs/shared-cache.md` tells the whole design.
+//!
+//! Why it is safe:
+//! - A slot's record is written only after its data, and only for verified data; the log
+//!   record after both. A process killed mid-insert leaves a slot whose record is empty:
+//!   never served (and reclaimed by `gc`).
+//! - Readers check a slot's record *after* copying its data, and eviction marks the record
+//!   before it frees the data, so a block evicted (or its slot reused) under a reader is seen
+//!   as a miss, never as wrong bytes. Evicted slots are reused only after their data is freed.
+//! - OFD locks vanish with the process that held them: a killed daemon never wedges others.
+//!
+//! The parts: `layout` (the format), `index` (hash -> slot, tailing the log), `records`
+//! (the mapped slot records), `insert`, `evict` (eviction, pins, gc), `locks`, `manifests`,
+//! `stats` and `verify`.
+
+mod evict;
+mod index;
+mod insert;
+mod layout;
+mod locks;
+mod manifests;
+mod records;
+mod stats;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+pub use evict::GcReport;
+pub use stats::CacheUsage;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use incfs_buf::ScatterBuf;
+use tempfile::NamedTempFile;
+
+use crate::error::{IoContext, Result};
+use crate::image::{Hash, BLOCK_SIZE};
+use index::Index;
+use layout::{
+    Header, Record, BLOCKS_FILE, FREE_FILE, HEADER_FILE, HEADER_LEN, H_NEXT_SLOT, LOCK_FILE, LOG_FILE, MANIFESTS_DIR,
+    SLOTS_FILE,
+};
+use locks::Locks;
+use records::Records;
+
+#[derive(Clone, Debug, Default)]
+pub struct CacheOptions {
+    /// Keep the cache at most this many bytes of blocks (None: unbounded).
+    pub limit_bytes: Option<u64>,
+}
+
+/// One process's handle on a cache directory (the files are described in `layout.rs`).
+pub struct BlockCache {
+    dir: PathBuf,
+    header: File,
+    blocks: File,
+    /// The `slots` file.
+    records: Records,
+    log: File,
+    free: File,
+    /// The `lock` file.
+    locks: Locks,
+    /// `CacheOptions::limit_bytes` in blocks.
+    limit_slots: Option<u64>,
+    index: RwLock<Index>,
+}
+
+impl BlockCache {
+    /// Opens (creating if needed) a cache directory. Safe from many processes at once.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, CacheOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, opts: CacheOptions) -> Result<Self> {
+        fs::create_dir_all(dir.join(MANIFESTS_DIR)).ctx(|| format!("create cache {}", dir.display()))?;
+        let open = |name: &str| {
+            let p = dir.join(name);
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .ctx(|| format!("open {}", p.display()))
+        };
+        let slots = open(SLOTS_FILE)?;
+        let cache = BlockCache {
+            dir: dir.to_path_buf(),
+            header: open(HEADER_FILE)?,
+            blocks: open(BLOCKS_FILE)?,
+            records: Records::new(slots),
+            log: open(LOG_FILE)?,
+            free: open(FREE_FILE)?,
+            locks: Locks::new(open(LOCK_FILE)?),
+            limit_slots: opts.limit_bytes.map(|b| (b / BLOCK_SIZE as u64).max(1)),
+            index: RwLock::new(Index::default()),
+        };
+        // Creates the header if this is a new cache, checks it otherwise.
+        cache.with_header(|_, _| Ok(()))?;
+        cache.refresh()?;
+        Ok(cache)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Copies `hashes.len()` consecutive slots from `first` into `out`, then checks that each
+    /// slot still holds the expected hash. False (and the stale entries forgotten) if any slot
+    /// was evicted or reused meanwhile.
+    pub fn read_run(&self, first: u64, hashes: &[Hash], out: &mut [u8]) -> Result<bool> {
+        debug_assert_eq!(out.len(), hashes.len() * BLOCK_SIZE);
+        let got = read_full_at(&self.blocks, out, first * BLOCK_SIZE as u64).ctx(|| "read cache blocks".into())?;
+        if got != out.len() {
+            self.forget_run(first, hashes.iter());
+            return Ok(false);
+        }
+        self.check_run(first, hashes.iter())
+    }
+
+    /// Like `read_run`, straight into a guest's buffer: the first `len` bytes of the run
+    /// (`len` may end inside the last block) go to [at, at + len) of `out`.
+    pub fn read_run_into<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone,
+        out: &mut ScatterBuf<'_>,
+        at: usize,
+        len: usize,
+    ) -> Result<bool> {
+        debug_assert!(len <= hashes.len() * BLOCK_SIZE);
+        let got = out.read_from(&self.blocks, first * BLOCK_SIZE as u64, at, len).ctx(|| "read cache blocks".into())?;
+        if got != len {
+            self.forget_run(first, hashes);
+            return Ok(false);
+        }
+        self.check_run(first, hashes)
+    }
+
+    /// After the data of a run was copied: checks that every slot still holds its hash (and
+    /// notes the access), or forgets the run and reports a miss.
+    fn check_run<'a>(&self, first: u64, hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone) -> Result<bool> {
+        let ok = self.records.check_run(first, hashes.clone())?;
+        if !ok {
+            self.forget_run(first, hashes);
+        }
+        Ok(ok)
+    }
+
+    /// Runs `f` on the header under the allocation lock, writing it back afterwards.
+    /// `f` also learns whether the header was just created.
+    fn with_header<T>(&self, f: impl FnOnce(&mut Header, bool) -> io::Result<T>) -> Result<T> {
+        let res = {
+            let _alloc = self.locks.header().ctx(|| "lock cache header".into())?;
+            (|| {
+                let mut b = [0u8; HEADER_LEN];
+                let n = read_full_at(&self.header, &mut b, 0)?;
+                let fresh = n == 0;
+                if !fresh && !Header::is_valid(&b[..n]) {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "not an incfs cache of this version"));
+                }
+                let mut h = Header::decode(&b);
+                let out = f(&mut h, fresh)?;
+                self.header.write_all_at(&h.encode(), 0)?;
+                Ok(out)
+            })()
+        };
+        res.ctx(|| format!("cache header in {}", self.dir.display()))
+    }
+
+    fn read_header_field(&self, off: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        match read_full_at(&self.header, &mut b, off).ctx(|| "read cache header".into())? {
+            8 => Ok(u64::from_le_bytes(b)),
+            _ => Ok(0),
+        }
+    }
+
+    /// A new file in `dir` holding `bytes`, to be renamed over one of the cache's files. Its
+    /// name is unpredictable and it is created 0600 (O_EXCL: a link planted there is not
+    /// followed); it then gets the mode of the cache's files, for the other daemons of the
+    /// host that share them.
+    fn new_temp_file(&self, dir: &Path, prefix: &str, bytes: &[u8]) -> Result<NamedTempFile> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempfile_in(dir)
+            .ctx(|| format!("create a temporary file in {}", dir.display()))?;
+        tmp.write_all(bytes)
+            .and_then(|()| tmp.as_file().set_permissions(self.header.metadata()?.permissions()))
+            .ctx(|| format!("write {}", tmp.path().display()))?;
+        Ok(tmp)
+    }
+
+    /// Calls `f` on the record of every slot allocated so far.
+    fn scan_records(&self, f: impl FnMut(u64, Record<'_>)) -> Result<()> {
+        self.records.scan(self.read_header_field(H_NEXT_SLOT)?, f)
+    }
+}
+
+/// Reads at `off` until `buf` is full or the file ends: the bytes read (std's
+/// `read_exact_at` fails at the end of the file, where a short read is an answer here).
+fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,120 @@
+//! The cache's tests that go through several of its parts: insert and read, reopening (as
+//! another process would), orphans and gc, eviction.
+
+use std::os::unix::fs::FileExt;
+
+use super::layout::{LOG_RECORD_LEN, RECORD_LEN};
+use super::{BlockCache, CacheOptions};
+use crate::image::merkle::leaf_hash;
+use crate::image::{Hash, BLOCK_SIZE};
+
+fn block(v: u32) -> (Hash, Vec<u8>) {
+    let mut d = vec![0u8; BLOCK_SIZE];
+    d[..4].copy_from_slice(&v.to_le_bytes());
+    d[4] = 1;
+    (leaf_hash(&d), d)
+}
+
+fn insert(c: &BlockCache, vals: std::ops::Range<u32>) -> Vec<Hash> {
+    let blocks: Vec<(Hash, Vec<u8>)> = vals.map(block).collect();
+    let refs: Vec<(Hash, &[u8])> = blocks.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+    c.insert_verified(&refs).expect("insert");
+    blocks.iter().map(|(h, _)| *h).collect()
+}
+
+fn read(c: &BlockCache, h: &Hash) -> Option<Vec<u8>> {
+    let s = c.lookup_fresh(h).expect("lookup")?;
+    let mut out = vec![0u8; BLOCK_SIZE];
+    c.read_run(s, &[*h], &mut out).expect("read").then_some(out)
+}
+
+#[test]
+fn insert_read_and_reopen() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 1..3);
+    let first = c.lookup(&hs[0]).expect("slot");
+    assert_eq!(c.lookup(&hs[1]), Some(first + 1));
+    let mut out = vec![0u8; 2 * BLOCK_SIZE];
+    assert!(c.read_run(first, &hs, &mut out).expect("read"));
+    assert_eq!(out[..BLOCK_SIZE], block(1).1[..]);
+    // A second handle (another process, in effect) learns of it from the log.
+    let c2 = BlockCache::open(dir.path()).expect("open");
+    assert_eq!(c2.lookup(&hs[0]), Some(first));
+    let h3 = insert(&c2, 3..4);
+    assert_eq!(c.lookup(&h3[0]), None);
+    assert!(c.lookup_fresh(&h3[0]).expect("fresh").is_some());
+}
+
+#[test]
+fn wrong_hash_or_slot_is_a_miss() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 1..2);
+    let s = c.lookup(&hs[0]).expect("slot");
+    let mut out = vec![0u8; BLOCK_SIZE];
+    assert!(!c.read_run(s, &[[9; 32]], &mut out).expect("read"));
+    assert!(!c.read_run(s + 5, &hs, &mut out).expect("read past end"));
+}
+
+#[test]
+fn orphans_are_never_served_and_gc_reclaims_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    insert(&c, 1..3);
+    // A writer killed after allocating 5 slots and writing data, before its records.
+    c.with_header(|h, _| {
+        h.next_slot += 5;
+        h.log_end += 5 * LOG_RECORD_LEN as u64;
+        Ok(())
+    })
+    .expect("alloc");
+    c.blocks.write_all_at(&[7u8; BLOCK_SIZE], 2 * BLOCK_SIZE as u64).expect("data");
+    let c2 = BlockCache::open(dir.path()).expect("open");
+    assert_eq!(c2.valid_slots().expect("slots").len(), 2);
+    assert_eq!(c2.usage().expect("usage").empty, 5);
+    let rep = c2.gc(None).expect("gc");
+    assert_eq!(rep.orphans_reclaimed, 5);
+    assert_eq!(rep.log_records_after, 2);
+    // The reclaimed slots are reused; everyone sees the new log epoch.
+    let hs = insert(&c2, 10..13);
+    for (v, h) in (10..13).zip(&hs) {
+        assert!(c2.lookup(h).expect("slot") < 7);
+        assert_eq!(read(&c, h).expect("other handle reads it"), block(v).1);
+    }
+    assert_eq!(c2.usage().expect("usage").valid, 5);
+}
+
+#[test]
+fn lru_eviction_keeps_the_cache_under_its_limit_and_spares_pinned_and_recent_blocks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let limit = 20 * BLOCK_SIZE as u64;
+    let c = BlockCache::open_with(dir.path(), CacheOptions { limit_bytes: Some(limit) }).expect("open");
+    let old = insert(&c, 0..10);
+    assert_eq!(c.pin(&old[..2], true).expect("pin"), 2);
+    // Make blocks 2..10 look old, 0..2 too (they are pinned).
+    for s in 0..10u64 {
+        c.records.file.write_all_at(&1u32.to_le_bytes(), s * RECORD_LEN as u64 + 36).expect("age");
+    }
+    let newer = insert(&c, 10..25);
+    let u = c.usage().expect("usage");
+    assert!(u.valid <= 20, "{u:?}");
+    assert!(read(&c, &old[0]).is_some() && read(&c, &old[1]).is_some(), "pinned blocks stay");
+    assert!(read(&c, &old[5]).is_none(), "old blocks go first");
+    for h in &newer {
+        assert!(read(&c, h).is_some(), "recent blocks stay");
+    }
+    // Freed slots are reused: the files do not grow past the limit's worth of slots
+    // (plus one batch: eviction runs after each insert).
+    for b in 0..10 {
+        insert(&c, 100 + b * 4..104 + b * 4);
+    }
+    let u = c.usage().expect("usage");
+    assert!(u.valid <= 20 && u.slots <= 26, "{u:?}");
+    let c2 = BlockCache::open(dir.path()).expect("open");
+    for (slot, h) in c2.valid_slots().expect("valid") {
+        let mut b = [0u8; BLOCK_SIZE];
+        c2.raw_block(slot, &mut b).expect("raw");
+        assert_eq!(leaf_hash(&b), h);
+    }
+}
