@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use incfs_fuse::server::ServerStopper;
-use tokio::runtime::{Handle, Runtime};
-use tokio::signal::unix::{signal, SignalKind};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tokio::runtime::Handle;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::image::ImageId;
@@ -73,7 +74,7 @@ pub trait DeviceServer {
     fn serve_one(&mut self) -> Result<bool>;
 }
 
-/// Runs a device daemon until SIGINT/SIGTERM stops it.
+/// Runs a device daemon until SIGINT/SIGTERM stops it (a second signal exits at once).
 pub fn serve_device<D: Device>(cfg: DaemonConfig, device_cfg: D::Config) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.worker_threads.max(1))
@@ -97,7 +98,7 @@ pub fn serve_device<D: Device>(cfg: DaemonConfig, device_cfg: D::Config) -> Resu
     }
 
     let mut server = device.bind(&cfg.socket, rt.handle().clone())?;
-    stop_on_signals(&rt, server.stopper());
+    stop_on_signals(server.stopper())?;
     eprintln!("{}", device.ready_line(&cfg));
     let served = loop {
         match server.serve_one() {
@@ -108,7 +109,7 @@ pub fn serve_device<D: Device>(cfg: DaemonConfig, device_cfg: D::Config) -> Resu
     };
     device.finish();
     if let Some(path) = &cfg.record_trace {
-        record::write_trace(&engine, path, &mut 0);
+        record::write_trace(&engine, path, 0);
     }
     for (k, v) in engine.counters.snapshot().into_iter().chain(device.counters()) {
         tracing::info!("{k} {v}");
@@ -116,14 +117,27 @@ pub fn serve_device<D: Device>(cfg: DaemonConfig, device_cfg: D::Config) -> Resu
     served
 }
 
-/// Stops `server` on SIGINT or SIGTERM.
-fn stop_on_signals(rt: &Runtime, server: ServerStopper) {
-    rt.spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("signal received, stopping");
-        server.stop();
-    });
+/// Stops `server` on the first SIGINT or SIGTERM. Shutdown waits for the frontend to let
+/// go and for the final flush and trace; a second signal exits at once, with 128 + its
+/// number as a shell reports a process killed by it, for when that takes too long. The
+/// signals are taken on a thread of their own, so that they work even when the runtime is
+/// stuck.
+fn stop_on_signals(server: ServerStopper) -> Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| Error::io("handle SIGTERM and SIGINT", e))?;
+    std::thread::Builder::new()
+        .name("incfsd-signals".into())
+        .spawn(move || {
+            let mut signals = signals.forever();
+            if signals.next().is_none() {
+                return;
+            }
+            tracing::info!("signal received, stopping");
+            server.stop();
+            if let Some(second) = signals.next() {
+                eprintln!("incfsd: second signal, exiting without finishing the shutdown");
+                std::process::exit(128 + second);
+            }
+        })
+        .map_err(|e| Error::io("start the signal thread", e))?;
+    Ok(())
 }

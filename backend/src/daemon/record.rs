@@ -71,7 +71,16 @@ pub(crate) fn start_record_and_replay(
             let mut last = 0;
             loop {
                 tokio::time::sleep(RECORD_INTERVAL).await;
-                write_trace(&e, &path, &mut last);
+                // A file write may block (a stuck network filesystem): not on a worker, or
+                // the runtime's timers and sockets would stop with it.
+                let (e, path) = (e.clone(), path.clone());
+                last = match tokio::task::spawn_blocking(move || write_trace(&e, &path, last)).await {
+                    Ok(len) => len,
+                    Err(err) => {
+                        tracing::warn!("trace writer: {err}");
+                        return;
+                    }
+                };
             }
         });
     }
@@ -92,15 +101,19 @@ pub(crate) fn start_record_and_replay(
     Ok(())
 }
 
-/// Writes the recorded trace now and then, and once more at the end.
-pub(crate) fn write_trace(engine: &Engine, path: &Path, last_len: &mut usize) {
-    let Some((len, text)) = engine.recorded_trace() else { return };
-    if len == *last_len {
-        return;
+/// Writes the recorded trace if it grew since `last_len` entries; returns its length now
+/// (`last_len` again if the write failed). Called now and then, and once at the end.
+pub(crate) fn write_trace(engine: &Engine, path: &Path, last_len: usize) -> usize {
+    let Some((len, text)) = engine.recorded_trace() else { return last_len };
+    if len == last_len {
+        return last_len;
     }
     let tmp = path.with_extension("tmp");
     match std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => *last_len = len,
-        Err(e) => tracing::warn!("writing trace {}: {e}", path.display()),
+        Ok(()) => len,
+        Err(e) => {
+            tracing::warn!("writing trace {}: {e}", path.display());
+            last_len
+        }
     }
 }
