@@ -63,10 +63,6 @@ impl daemon::Device for BlkDevice {
         Ok(BlkDevice { disk, path: cfg.path, device: cfg.device })
     }
 
-    fn engine(&self) -> &Arc<Engine> {
-        self.disk.engine()
-    }
-
     fn bind(&self, socket: &Path, rt: Handle) -> Result<BlkServer> {
         BlkServer::bind(socket, self.disk.clone(), self.device, rt).map_err(Error::Blk)
     }

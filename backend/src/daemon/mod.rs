@@ -45,7 +45,7 @@ pub struct DaemonConfig {
 
 /// A vhost-user device served by [`serve_device`]: built on the connected engine, it binds
 /// its server and adds its own metrics, ready line and final flush.
-pub trait Device: Sized + Send + Sync + 'static {
+pub trait Device: Sized {
     /// What the device needs besides the engine.
     type Config;
     type Server: DeviceServer;
@@ -53,7 +53,6 @@ pub trait Device: Sized + Send + Sync + 'static {
     const THREAD_NAME: &'static str;
 
     fn open(cfg: Self::Config, engine: Arc<Engine>) -> Result<Self>;
-    fn engine(&self) -> &Arc<Engine>;
     fn bind(&self, socket: &Path, rt: Handle) -> Result<Self::Server>;
     /// Adds the device's metrics after the engine's.
     fn register_metrics(&self, _metrics: &mut Metrics) {}

@@ -40,10 +40,6 @@ impl Device for FsDevice {
         Ok(FsDevice { fs: Arc::new(ImageFs::new(engine.clone())), engine, cfg })
     }
 
-    fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
     fn bind(&self, socket: &Path, rt: Handle) -> Result<VirtioFsServer> {
         Ok(VirtioFsServer::bind(socket, self.fs.clone(), self.cfg, rt)?)
     }
