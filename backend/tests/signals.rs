@@ -3,9 +3,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use incfs_fuse::frontend::FuseFrontend;
@@ -15,27 +15,11 @@ const ROOT: u64 = 1;
 
 /// `incfsd run` on `store`, returned once it has printed its ready line.
 fn start_run(store: &str, id: &str, dir: &Path, extra: &[&str]) -> Child {
-    let socket = dir.join("fs.sock");
-    let mut child = Command::new(INCFSD)
-        .args(["run", "--image", id, "--store", store, "--cache"])
-        .arg(dir.join("cache"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("incfsd run");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        let line = lines.next().expect("incfsd exited before it was ready").expect("stderr");
-        if line.starts_with("incfsd: serving") {
-            break;
-        }
-    }
-    // Keep draining stderr so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(|l| eprintln!("incfsd> {}", l.unwrap_or_default())));
-    child
+    let (cache, socket) = (dir.join("cache"), dir.join("fs.sock"));
+    let mut args: Vec<&OsStr> = ["run", "--image", id, "--store", store, "--cache"].map(OsStr::new).to_vec();
+    args.extend([cache.as_os_str(), OsStr::new("--socket"), socket.as_os_str()]);
+    args.extend(extra.iter().map(OsStr::new));
+    start_until_ready(&args)
 }
 
 fn signal(child: &Child, sig: i32) {
