@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: device (guest request) -> filesystem ([`fs`], [`control`]) -> block
 //! engine (`incfs_storage`: cache -> fetch -> store). The storage modules are re-exported
-//! here under their old paths.
+//! here under their old paths. [`daemon`] runs a device (`incfsd run`, `incfsd blk`) and has
+//! the backend's own error type.
 
 pub mod blk;
 pub mod control;
@@ -10,5 +11,9 @@ pub mod daemon;
 pub mod fs;
 pub mod metrics;
 
-pub use incfs_storage::{cache, engine, error, image, inspect, pack, serve, store, trace};
+pub use incfs_storage::{cache, engine, error, http_store_server, image, inspect, pack, store, trace};
 pub use incfs_storage::{Error, Result};
+
+/// The old name of [`http_store_server`], still used by `backend/tests/support`.
+#[doc(hidden)]
+pub use incfs_storage::http_store_server as serve;

@@ -12,113 +12,111 @@ pub mod disk;
 pub mod overlay;
 pub mod request;
 
-use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::engine::{Engine, EngineConfig};
-use crate::error::{Error, Result};
-use crate::image::ImageId;
+use tokio::runtime::Handle;
+
+use crate::daemon::{self, DaemonConfig, DeviceServer, Error, Result};
+use crate::engine::Engine;
+use crate::metrics::{Metrics, Snapshot};
 
 pub use device::{BlkServer, DeviceConfig, ServerStopper};
 pub use disk::Disk;
 
 #[derive(Clone, Debug)]
 pub struct BlkConfig {
-    pub socket: PathBuf,
-    pub store: String,
-    pub image: ImageId,
+    pub daemon: DaemonConfig,
+    pub disk: DiskConfig,
+}
+
+/// What the block device adds to the daemon: which file is the disk, and its overlay.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
     /// The disk image's path inside the image.
     pub path: String,
-    pub cache: PathBuf,
-    /// Limit of the shared cache (None: unbounded).
-    pub cache_size: Option<u64>,
     pub overlay: Option<PathBuf>,
-    pub engine: EngineConfig,
     pub device: DeviceConfig,
-    pub metrics: Option<SocketAddr>,
-    /// Record the order of first reads here (reads served by the overlay are not engine
-    /// reads and are not recorded).
-    pub record_trace: Option<PathBuf>,
-    pub background: crate::daemon::Background,
 }
 
-/// Prometheus text: the engine's counters, then the device's.
-pub fn render_metrics(disk: &Disk) -> String {
-    let mut out = crate::metrics::render(disk.engine());
-    for (name, v) in disk.counters.snapshot() {
-        let _ = writeln!(out, "# TYPE incfs_{name}_total counter\nincfs_{name}_total {v}");
-    }
-    let _ = writeln!(out, "# TYPE incfs_blk_disk_bytes gauge\nincfs_blk_disk_bytes {}", disk.size());
-    if let Some(o) = disk.overlay() {
-        let _ =
-            writeln!(out, "# TYPE incfs_blk_overlay_blocks gauge\nincfs_blk_overlay_blocks {}", o.overlaid_blocks());
-    }
-    out
-}
-
-async fn serve_metrics(listener: tokio::net::TcpListener, disk: Arc<Disk>) {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let d = disk.clone();
-            async move { render_metrics(&d) }
-        }),
-    );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("metrics server: {e}");
-    }
-}
-
-/// Runs the daemon: serves one frontend after another until SIGINT/SIGTERM.
+/// Serves the disk until SIGINT/SIGTERM. Reads served by the overlay are not engine reads
+/// and are not recorded in a trace.
 pub fn run(cfg: BlkConfig) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.device.threads.max(2))
-        .thread_name("incfsd-blk-io")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("start runtime", e))?;
-    let engine = rt.block_on(Engine::connect(&cfg.store, cfg.image, &cfg.cache, cfg.cache_size, cfg.engine.clone()))?;
-    let disk = Arc::new(Disk::new(engine, &cfg.path, cfg.overlay.as_deref())?);
-    tracing::info!(image = %cfg.image, path = %cfg.path, bytes = disk.size(), writable = disk.writable(), "disk loaded");
-    crate::daemon::start_record_and_replay(&rt, disk.engine(), cfg.record_trace.clone(), &cfg.background)?;
+    daemon::serve_device::<BlkDevice>(cfg.daemon, cfg.disk)
+}
 
-    if let Some(addr) = cfg.metrics {
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
-        rt.spawn(serve_metrics(listener, disk.clone()));
+struct BlkDevice {
+    disk: Arc<Disk>,
+    path: String,
+    device: DeviceConfig,
+}
+
+impl daemon::Device for BlkDevice {
+    type Config = DiskConfig;
+    type Server = BlkServer;
+    const THREAD_NAME: &'static str = "incfsd-blk-io";
+
+    fn open(cfg: DiskConfig, engine: Arc<Engine>) -> Result<Self> {
+        let image = engine.image().id;
+        let disk = Arc::new(Disk::new(engine, &cfg.path, cfg.overlay.as_deref())?);
+        tracing::info!(%image, path = %cfg.path, bytes = disk.size(), writable = disk.writable(), "disk loaded");
+        Ok(BlkDevice { disk, path: cfg.path, device: cfg.device })
     }
 
-    let mut server = BlkServer::bind(&cfg.socket, disk.clone(), cfg.device, rt.handle().clone())?;
-    crate::daemon::stop_on_signals(&rt, server.stopper());
-    // Ready: tests and scripts wait for this line before starting the VM.
-    eprintln!(
-        "incfsd: serving {} of image {} ({} bytes, {}) on {}",
-        cfg.path,
-        cfg.image,
-        disk.size(),
-        if disk.writable() { "overlay" } else { "read-only" },
-        cfg.socket.display()
-    );
-    let res = loop {
-        match server.serve_one() {
-            Ok(true) => tracing::info!("frontend gone; waiting for the next one"),
-            Ok(false) => break Ok(()),
-            Err(e) => break Err(e),
+    fn bind(&self, socket: &Path, rt: Handle) -> Result<BlkServer> {
+        BlkServer::bind(socket, self.disk.clone(), self.device, rt).map_err(Error::Blk)
+    }
+
+    fn register_metrics(&self, metrics: &mut Metrics) {
+        metrics.register(DiskSnapshot(self.disk.clone()));
+    }
+
+    fn ready_line(&self, cfg: &DaemonConfig) -> String {
+        format!(
+            "incfsd: serving {} of image {} ({} bytes, {}) on {}",
+            self.path,
+            cfg.image,
+            self.disk.size(),
+            if self.disk.writable() { "overlay" } else { "read-only" },
+            cfg.socket.display()
+        )
+    }
+
+    fn finish(&self) {
+        // Whatever the guest wrote and did not flush is kept as well as we can.
+        if let Err(e) = self.disk.flush() {
+            tracing::warn!("final overlay flush: {e}");
         }
-    };
-    // Whatever the guest wrote and did not flush is kept as well as we can.
-    if let Err(e) = disk.flush() {
-        tracing::warn!("final overlay flush: {e}");
     }
-    if let Some(path) = &cfg.record_trace {
-        crate::daemon::write_trace(disk.engine(), path, &mut 0);
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.disk.counters.snapshot()
     }
-    for (k, v) in disk.engine().counters.snapshot().into_iter().chain(disk.counters.snapshot()) {
-        tracing::info!("{k} {v}");
+}
+
+impl DeviceServer for BlkServer {
+    fn stopper(&self) -> ServerStopper {
+        BlkServer::stopper(self)
     }
-    res
+
+    fn serve_one(&mut self) -> Result<bool> {
+        BlkServer::serve_one(self).map_err(Error::Blk)
+    }
+}
+
+/// The device's counters, the disk's size and, with an overlay, how many blocks it holds.
+struct DiskSnapshot(Arc<Disk>);
+
+impl Snapshot for DiskSnapshot {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.0.counters.snapshot()
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, u64)> {
+        let mut gauges = vec![("blk_disk_bytes", self.0.size())];
+        if let Some(o) = self.0.overlay() {
+            gauges.push(("blk_overlay_blocks", o.overlaid_blocks()));
+        }
+        gauges
+    }
 }

@@ -3,7 +3,7 @@
 //!
 //! - [`image`]: the image format (manifest, Merkle tree) and [`pack`] to make one.
 //! - [`store`]: where blobs and manifests live (a directory or an HTTP(S) server);
-//!   [`serve`] serves a directory store over HTTP.
+//!   [`http_store_server`] serves a directory store over HTTP (`incfsd serve`).
 //! - [`cache`]: the block cache shared by every daemon of a host.
 //! - [`engine`]: verified reads of an image's files, fetching missing blocks lazily.
 //! - [`trace`]: recorded read orders, replayed as prefetch.
@@ -11,10 +11,10 @@
 pub mod cache;
 pub mod engine;
 pub mod error;
+pub mod http_store_server;
 pub mod image;
 pub mod inspect;
 pub mod pack;
-pub mod serve;
 pub mod store;
 pub mod trace;
 

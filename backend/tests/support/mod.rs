@@ -338,3 +338,31 @@ pub fn compressible(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Starts `incfsd` with `args` and returns once it has printed its ready line
+/// (`incfsd: serving ...`); its stderr is copied to the test's from then on.
+pub fn start_until_ready(args: &[&std::ffi::OsStr]) -> Child {
+    use std::io::BufRead;
+    let mut child = Command::new(INCFSD).args(args).stderr(Stdio::piped()).spawn().expect("incfsd");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    loop {
+        let line = lines.next().expect("incfsd exited before it was ready").expect("stderr");
+        if line.starts_with("incfsd: serving") {
+            break;
+        }
+    }
+    // Keep draining stderr so that the daemon never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(|l| eprintln!("incfsd> {}", l.unwrap_or_default())));
+    child
+}
+
+/// GET `path` from a local HTTP server: the whole response, headers included.
+pub fn http_get_local(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}

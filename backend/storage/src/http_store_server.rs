@@ -9,6 +9,7 @@ use tower_http::services::ServeDir;
 
 use crate::error::{Error, IoContext, Result};
 
+/// The routes of a store: images, blobs and published traces, each a static directory.
 pub fn router(store: &Path) -> Router {
     Router::new()
         .nest_service("/images", ServeDir::new(store.join("images")))
@@ -16,8 +17,9 @@ pub fn router(store: &Path) -> Router {
         .nest_service("/traces", ServeDir::new(store.join("traces")))
 }
 
-/// Serves until the process is stopped. `on_bound` gets the bound address (port 0 picks one).
-pub async fn serve(store: &Path, listen: SocketAddr, on_bound: impl FnOnce(SocketAddr)) -> Result<()> {
+/// Serves the store at `store` on `listen` until the process is stopped. `on_bound` gets the
+/// bound address (port 0 picks one).
+pub async fn run(store: &Path, listen: SocketAddr, on_bound: impl FnOnce(SocketAddr)) -> Result<()> {
     if !store.join("images").is_dir() {
         return Err(Error::NotFound(format!("{} is not a store directory (no images/)", store.display())));
     }

@@ -1,0 +1,405 @@
+//! `incfsd`'s command line: clap definitions, their checks, and their conversion into the
+//! library's configs. The arguments `run` and `blk` share are defined once ([`DeviceArgs`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use incfs::blk::{BlkConfig, DiskConfig};
+use incfs::daemon::{Background, DaemonConfig, FetchAll, Prefetch, RunConfig};
+use incfs::engine::{EngineConfig, FillSource};
+use incfs::image::ImageId;
+
+#[derive(Parser)]
+#[command(name = "incfsd", version, about = "Serve incremental images to VM guests, fetching blocks lazily")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Pack a directory tree into an image in a store; prints the image id last.
+    Pack(PackArgs),
+    /// Serve a store over HTTP (single-range GET).
+    Serve {
+        store: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Write one file of an image to stdout through the block engine.
+    Cat {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Print the engine's counters to stderr afterwards.
+        #[arg(long)]
+        stats: bool,
+        path: String,
+    },
+    /// Serve an image to a VM as a vhost-user virtio-fs device.
+    Run(RunArgs),
+    /// Serve one file of an image (a raw disk image) to a VM as a vhost-user-blk device.
+    Blk(BlkArgs),
+    /// Print an image's tree with sizes (and how much of each file is cached).
+    Inspect {
+        #[command(flatten)]
+        src: ImageArgs,
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Look after a cache directory.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+}
+
+#[derive(Args)]
+pub struct PackArgs {
+    pub src: PathBuf,
+    #[arg(long)]
+    pub store: PathBuf,
+    /// zstd compression level.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub level: i32,
+    /// Close a blob once it reaches this size.
+    #[arg(long, default_value_t = 64)]
+    pub blob_size_mb: u64,
+    /// Publish this read trace (from `run --record-trace`) with the image, as
+    /// STORE/traces/ID: daemons prefetch it from start-up.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum CacheCmd {
+    /// Blocks, bytes and images in a cache.
+    Status { dir: PathBuf },
+    /// Re-hash every cached block against its record; exit 1 if any is wrong.
+    Verify { dir: PathBuf },
+    /// Reclaim space left by killed daemons, evict down to --size, compact the index.
+    /// Safe while daemons run.
+    Gc {
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Mount tag, for the record (QEMU takes the tag from its own command line).
+    #[arg(long, default_value = "incfs")]
+    pub tag: String,
+    /// Request queues offered (QEMU's num-request-queues may be up to this).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=63))]
+    pub queues: u32,
+    /// Where missing blocks come from: `remote` (fetched by the daemon) or `guest` (only a
+    /// guest data loader supplies them through `.fill`; see docs/pending-reads.md).
+    #[arg(long, value_enum, default_value_t = FillFrom::Remote)]
+    pub fill_from: FillFrom,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FillFrom {
+    Remote,
+    Guest,
+}
+
+#[derive(Args)]
+pub struct BlkArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// The disk image's path inside the image, e.g. system.img.
+    #[arg(long)]
+    pub path: String,
+    /// Per-VM copy-on-write overlay file (created if missing); without it the disk is
+    /// read-only.
+    #[arg(long)]
+    pub overlay: Option<PathBuf>,
+    /// Request queues offered. QEMU's num-queues must be at most this; its default is the
+    /// guest's vCPU count.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub queues: u32,
+    /// Logical block size reported to the guest (512 with 4 KiB physical, or 4096).
+    #[arg(long, default_value_t = 512)]
+    pub logical_block_size: u32,
+}
+
+/// What `run` and `blk` share. `--queues` is not here: its default and limit are the
+/// device's (virtio-fs has a hiprio queue besides the request queues).
+#[derive(Args)]
+pub struct DeviceArgs {
+    /// vhost-user socket to listen on (QEMU connects to it).
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Threads serving the queues (and fetching).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    #[arg(long, default_value_t = DEFAULT_POLL_US, help = POLL_HELP)]
+    pub poll_us: u64,
+    /// Serve counters in Prometheus format on this address (GET /metrics).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+const DEFAULT_POLL_US: u64 = incfs_fuse::server::DEFAULT_POLL_MAX.as_micros() as u64;
+const POLL_HELP: &str = "Longest time a queue thread keeps polling a queue that ran dry before it sleeps, in microseconds (adaptive, as QEMU's iothread poll-max-ns; 0: never poll)";
+
+/// An image, its cache and how its blocks are fetched: what the block engine needs.
+#[derive(Args)]
+pub struct EngineArgs {
+    #[command(flatten)]
+    pub src: ImageArgs,
+    #[arg(long)]
+    pub cache: PathBuf,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
+}
+
+#[derive(Args)]
+pub struct ImageArgs {
+    /// Store directory or http(s):// URL of one.
+    #[arg(long)]
+    pub store: String,
+    #[arg(long)]
+    pub image: ImageId,
+}
+
+#[derive(Args)]
+pub struct FetchArgs {
+    /// How long a read waits for missing blocks before failing with ETIME.
+    #[arg(long, default_value_t = 10_000)]
+    pub read_timeout_ms: u64,
+    /// Largest fetch, missing blocks included.
+    #[arg(long, default_value_t = 512)]
+    pub readahead_kb: u64,
+    /// Keep the shared cache under this size (e.g. 512M, 20G), evicting least recently
+    /// used blocks. Unbounded if not given.
+    #[arg(long, value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+    /// Stop readahead at the end of the file being read (by default it continues into the
+    /// files packed after it, within the same window).
+    #[arg(long)]
+    pub no_cross_file_readahead: bool,
+}
+
+/// Record and replay of first reads, and fetching the whole image in the background.
+#[derive(Args)]
+pub struct TraceArgs {
+    /// Record the order of first reads to this file (rewritten every 2 s and at exit).
+    #[arg(long)]
+    pub record_trace: Option<PathBuf>,
+    /// Prefetch the blocks of this trace in order, in the background, from start-up.
+    /// Without it, a trace published with the image (STORE/traces/ID) is used.
+    #[arg(long)]
+    pub prefetch_trace: Option<PathBuf>,
+    /// Do not prefetch a trace published with the image.
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// After the trace, fetch every block of the image in the background (demand reads
+    /// still go first), so the VM keeps running if the remote goes away later.
+    #[arg(long)]
+    pub fetch_all: bool,
+    /// Cap for --fetch-all: it pauses while the daemon's downloads, demand reads included,
+    /// run above this many bytes per second (suffixes K, M, G), e.g. 10M.
+    #[arg(long, value_parser = parse_size, requires = "fetch_all")]
+    pub fetch_all_rate: Option<u64>,
+}
+
+/// Smallest size a size argument takes: one block.
+const MIN_SIZE: u64 = 4096;
+
+/// "4096", "64K", "512M", "20G", "1T": powers of 1024, as "64KiB", "1.5G" or "20 GB" are.
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .ok()
+        .filter(|&n| n >= MIN_SIZE)
+        .ok_or_else(|| format!("{s:?} is not a size of at least {MIN_SIZE} bytes (suffixes K, M, G, T)"))
+}
+
+impl FetchArgs {
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            read_timeout: Duration::from_millis(self.read_timeout_ms),
+            readahead: self.readahead_kb.max(4) << 10,
+            cross_file_readahead: !self.no_cross_file_readahead,
+            ..EngineConfig::default()
+        }
+    }
+}
+
+impl TraceArgs {
+    fn background(&self) -> Background {
+        let trace = match (&self.prefetch_trace, self.no_prefetch) {
+            (_, true) => Prefetch::None,
+            (Some(p), false) => Prefetch::File(p.clone()),
+            (None, false) => Prefetch::Published,
+        };
+        // A rate of 0 means no cap.
+        let fetch_all = self.fetch_all.then(|| FetchAll { rate: self.fetch_all_rate.filter(|&r| r > 0) });
+        Background { trace, fetch_all }
+    }
+}
+
+impl DeviceArgs {
+    fn daemon_config(self, engine: EngineConfig, worker_threads: usize) -> DaemonConfig {
+        let background = self.trace.background();
+        DaemonConfig {
+            socket: self.socket,
+            store: self.engine.src.store,
+            image: self.engine.src.image,
+            cache: self.engine.cache,
+            cache_size: self.engine.fetch.cache_size,
+            engine,
+            worker_threads,
+            metrics: self.metrics,
+            record_trace: self.trace.record_trace,
+            background,
+        }
+    }
+}
+
+impl RunArgs {
+    pub fn config(self) -> RunConfig {
+        let queues = self.queues as usize;
+        let engine = EngineConfig {
+            // `guest`: the daemon never fetches file data; misses wait for `.fill`.
+            fill: match self.fill_from {
+                FillFrom::Remote => FillSource::Remote,
+                FillFrom::Guest => FillSource::Supplied,
+            },
+            ..self.device.engine.fetch.engine_config()
+        };
+        let device = incfs_fuse::DeviceConfig {
+            request_queues: queues.max(1),
+            threads: self.device.threads.clamp(1, queues.max(1)),
+            poll_max: Duration::from_micros(self.device.poll_us),
+            ..incfs_fuse::DeviceConfig::default()
+        };
+        // One runtime worker per queue thread asked for, for the fetches they start.
+        let worker_threads = self.device.threads.max(1);
+        RunConfig { daemon: self.device.daemon_config(engine, worker_threads), device }
+    }
+}
+
+impl BlkArgs {
+    pub fn config(self) -> BlkConfig {
+        let queues = self.queues as usize;
+        let engine = self.device.engine.fetch.engine_config();
+        let device = incfs::blk::DeviceConfig {
+            queues,
+            threads: self.device.threads.clamp(1, queues),
+            logical_block_size: self.logical_block_size,
+            opt_io: engine.readahead.min(1 << 20) as u32,
+            poll_max: Duration::from_micros(self.device.poll_us),
+            ..incfs::blk::DeviceConfig::default()
+        };
+        // Flushes and overlay writes run on the runtime too: at least two workers.
+        let worker_threads = device.threads.max(2);
+        let disk = DiskConfig { path: self.path, overlay: self.overlay, device };
+        BlkConfig { daemon: self.device.daemon_config(engine, worker_threads), disk }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert!(parse_size("1K").is_err(), "below one block");
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    fn parse(args: &[&str]) -> Cmd {
+        Cli::try_parse_from(args).map(|c| c.cmd).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    const ID: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn run_defaults() {
+        let Cmd::Run(args) = parse(&["incfsd", "run", "--socket", "s", "--store", "d", "--image", ID, "--cache", "c"])
+        else {
+            panic!("not run")
+        };
+        assert_eq!(args.tag, "incfs");
+        let cfg = args.config();
+        assert_eq!((cfg.device.request_queues, cfg.device.threads, cfg.daemon.worker_threads), (4, 2, 2));
+        assert_eq!(cfg.device.poll_max, incfs_fuse::server::DEFAULT_POLL_MAX);
+        assert_eq!(cfg.daemon.engine.read_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.daemon.engine.readahead, 512 << 10);
+        assert!(matches!(cfg.daemon.engine.fill, FillSource::Remote));
+        assert!(matches!(cfg.daemon.background.trace, Prefetch::Published));
+        assert!(cfg.daemon.background.fetch_all.is_none() && cfg.daemon.cache_size.is_none());
+    }
+
+    #[test]
+    fn blk_defaults_and_shared_flags() {
+        let Cmd::Blk(args) = parse(&[
+            "incfsd",
+            "blk",
+            "--socket",
+            "s",
+            "--store",
+            "d",
+            "--image",
+            ID,
+            "--cache",
+            "c",
+            "--path",
+            "system.img",
+            "--cache-size",
+            "20G",
+            "--fetch-all",
+            "--fetch-all-rate",
+            "10M",
+            "--no-prefetch",
+            "--threads",
+            "16",
+        ]) else {
+            panic!("not blk")
+        };
+        let cfg = args.config();
+        assert_eq!((cfg.disk.device.queues, cfg.disk.device.threads, cfg.daemon.worker_threads), (8, 8, 8));
+        assert_eq!(cfg.disk.device.logical_block_size, 512);
+        assert_eq!(cfg.daemon.cache_size, Some(20 << 30));
+        assert!(matches!(cfg.daemon.background.trace, Prefetch::None));
+        assert_eq!(cfg.daemon.background.fetch_all.map(|f| f.rate), Some(Some(10 << 20)));
+    }
+
+    #[test]
+    fn checks() {
+        let base = ["incfsd", "run", "--socket", "s", "--store", "d", "--image", ID, "--cache", "c"];
+        let with = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra)).map(|_| ());
+        assert!(with(&["--fill-from", "guest"]).is_ok());
+        assert!(with(&["--fill-from", "elsewhere"]).is_err());
+        assert!(with(&["--queues", "64"]).is_err(), "virtio-fs offers at most 63 request queues");
+        assert!(with(&["--fetch-all-rate", "10M"]).is_err(), "the rate needs --fetch-all");
+    }
+}

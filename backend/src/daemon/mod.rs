@@ -1,0 +1,142 @@
+//! The daemon behind `incfsd run` and `incfsd blk`: one runner owns the runtime, the engine,
+//! record and replay, the metrics endpoint, signal handling and the serve loop; a [`Device`]
+//! supplies only what differs (the server it binds, its metrics, its final flush).
+
+mod error;
+mod record;
+mod virtio_fs;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use incfs_fuse::server::ServerStopper;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tokio::runtime::Handle;
+
+use crate::engine::{Engine, EngineConfig};
+use crate::image::ImageId;
+use crate::metrics::{self, EngineSnapshot, Metrics};
+
+pub use error::{Error, Result};
+pub use record::{Background, FetchAll, Prefetch};
+pub use virtio_fs::{run, RunConfig};
+
+/// What every device daemon needs: the image and where it comes from, the engine, the
+/// metrics address, and what to fetch or record in the background.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// vhost-user socket to listen on.
+    pub socket: PathBuf,
+    pub store: String,
+    pub image: ImageId,
+    pub cache: PathBuf,
+    /// Shared cache size limit in bytes (LRU eviction), None for unbounded.
+    pub cache_size: Option<u64>,
+    pub engine: EngineConfig,
+    /// Runtime worker threads (fetches, the device's async work).
+    pub worker_threads: usize,
+    pub metrics: Option<SocketAddr>,
+    /// Record the order of first reads here.
+    pub record_trace: Option<PathBuf>,
+    pub background: Background,
+}
+
+/// A vhost-user device served by [`serve_device`]: built on the connected engine, it binds
+/// its server and adds its own metrics, ready line and final flush.
+pub trait Device: Sized {
+    /// What the device needs besides the engine.
+    type Config;
+    type Server: DeviceServer;
+    /// Names the runtime's threads.
+    const THREAD_NAME: &'static str;
+
+    fn open(cfg: Self::Config, engine: Arc<Engine>) -> Result<Self>;
+    fn bind(&self, socket: &Path, rt: Handle) -> Result<Self::Server>;
+    /// Adds the device's metrics after the engine's.
+    fn register_metrics(&self, _metrics: &mut Metrics) {}
+    /// The line printed on stderr once the socket listens: tests and scripts wait for it.
+    fn ready_line(&self, cfg: &DaemonConfig) -> String;
+    /// After the last frontend, before the trace is written: keep what must be kept.
+    fn finish(&self);
+    /// The device's own counters, logged at exit after the engine's.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+/// The socket server of a device: serves one frontend after another until stopped.
+pub trait DeviceServer {
+    fn stopper(&self) -> ServerStopper;
+    /// Serves one frontend until it disconnects: true, or false once stopped.
+    fn serve_one(&mut self) -> Result<bool>;
+}
+
+/// Runs a device daemon until SIGINT/SIGTERM stops it (a second signal exits at once).
+pub fn serve_device<D: Device>(cfg: DaemonConfig, device_cfg: D::Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads.max(1))
+        .thread_name(D::THREAD_NAME)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("start runtime", e))?;
+    let engine = rt.block_on(Engine::connect(&cfg.store, cfg.image, &cfg.cache, cfg.cache_size, cfg.engine.clone()))?;
+    let device = D::open(device_cfg, engine.clone())?;
+
+    record::start_record_and_replay(&rt, &engine, cfg.record_trace.clone(), &cfg.background)?;
+
+    if let Some(addr) = cfg.metrics {
+        let mut metrics = Metrics::new();
+        metrics.register(EngineSnapshot(engine.clone()));
+        device.register_metrics(&mut metrics);
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
+        rt.spawn(metrics::run_http_endpoint(listener, Arc::new(metrics)));
+    }
+
+    let mut server = device.bind(&cfg.socket, rt.handle().clone())?;
+    stop_on_signals(server.stopper())?;
+    eprintln!("{}", device.ready_line(&cfg));
+    let served = loop {
+        match server.serve_one() {
+            Ok(true) => tracing::info!("frontend gone; waiting for the next one"),
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    device.finish();
+    if let Some(path) = &cfg.record_trace {
+        record::write_trace(&engine, path, 0);
+    }
+    for (k, v) in engine.counters.snapshot().into_iter().chain(device.counters()) {
+        tracing::info!("{k} {v}");
+    }
+    served
+}
+
+/// Stops `server` on the first SIGINT or SIGTERM. Shutdown waits for the frontend to let
+/// go and for the final flush and trace; a second signal exits at once, with 128 + its
+/// number as a shell reports a process killed by it, for when that takes too long. The
+/// signals are taken on a thread of their own, so that they work even when the runtime is
+/// stuck.
+fn stop_on_signals(server: ServerStopper) -> Result<()> {
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| Error::io("handle SIGTERM and SIGINT", e))?;
+    std::thread::Builder::new()
+        .name("incfsd-signals".into())
+        .spawn(move || {
+            let mut signals = signals.forever();
+            if signals.next().is_none() {
+                return;
+            }
+            tracing::info!("signal received, stopping");
+            server.stop();
+            if let Some(second) = signals.next() {
+                eprintln!("incfsd: second signal, exiting without finishing the shutdown");
+                std::process::exit(128 + second);
+            }
+        })
+        .map_err(|e| Error::io("start the signal thread", e))?;
+    Ok(())
+}
