@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use incfs_fuse::abi::{self, OutHeader};
 use incfs_fuse::{
-    Attr, DirEntry, DirSink, DirectBuf, Dispatcher, Entry, Errno, FileSystem, FuseConfig, Reply, ReplyBuf, Response,
+    Attr, DirEntry, DirSink, Dispatcher, Entry, Errno, FileSystem, FuseConfig, Reply, ReplyBuf, Response, ScatterBuf,
 };
 use libfuzzer_sys::fuzz_target;
 use vm_memory::ByteValued;
@@ -48,7 +48,7 @@ impl FileSystem for Trivial {
         offset: u64,
         size: u32,
         _ctx: &incfs_fuse::Context,
-        buf: &mut DirectBuf<'_>,
+        buf: &mut ScatterBuf<'_>,
     ) -> Option<u32> {
         // Writes everything it may, then claims one byte more on offsets that are 2 mod 4:
         // the dispatcher must refuse that.
@@ -99,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
     // The zero-copy READ path first, as the device tries it: within the buffer, a header
     // that tells the truth, or nothing at all.
     let mut out = vec![0u8; capacity];
-    if let Some(n) = d.read_direct(req, &mut DirectBuf::from_slice(&mut out)) {
+    if let Some(n) = d.read_direct(req, &mut ScatterBuf::from_slice(&mut out)) {
         let n = n as usize;
         assert!(n >= 16 && n <= capacity, "direct reply {n} of {capacity}");
         let (hdr, _) = abi::read_struct::<OutHeader>(&out).expect("out header");
