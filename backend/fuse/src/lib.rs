@@ -5,8 +5,8 @@
 //! - [`direct`]: zero-copy READ replies into guest memory.
 //! - [`dispatch`]: request decoding and reply encoding, independent of the transport.
 //! - [`virtio_fs`]: the vhost-user-fs device and [`serve`].
-//! - `frontend` (feature `frontend`): a synchronous vhost-user frontend playing QEMU's part,
-//!   for tests and benchmarks.
+//!
+//! The test frontend that plays QEMU's part is in the dev-only crate `incfs-testing`.
 //!
 //! Typical use by the daemon:
 //!
@@ -21,8 +21,6 @@ pub mod abi;
 
 pub mod dispatch;
 pub mod filesystem;
-#[cfg(feature = "frontend")]
-pub mod frontend;
 pub mod server;
 pub mod virtio_fs;
 

@@ -1,14 +1,12 @@
 //! A synchronous vhost-user-blk frontend that plays QEMU's (and the guest driver's) part, for
-//! the device tests: virtio-blk requests on `incfs_fuse::frontend::Transport` (the guest
-//! memory, rings and negotiation the virtio-fs test frontend uses too).
-
-#![allow(dead_code)]
+//! the device tests: virtio-blk requests on [`Transport`] (the guest memory, rings and
+//! negotiation the virtio-fs test frontend uses too).
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::time::Duration;
 
-pub use incfs_fuse::frontend::{Completion, DescSpec, FrontendError, Result, Transport, TransportConfig};
+pub use crate::{Completion, DescSpec, FrontendError, Result, Transport, TransportConfig};
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
