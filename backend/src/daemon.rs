@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use incfs_fuse::server::ServerStopper;
 use incfs_fuse::{DeviceConfig, VirtioFsServer};
+use incfs_vhost::ServerStopper;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};

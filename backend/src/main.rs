@@ -201,7 +201,7 @@ struct ImageArgs {
     image: ImageId,
 }
 
-const DEFAULT_POLL_US: u64 = incfs_fuse::server::DEFAULT_POLL_MAX.as_micros() as u64;
+const DEFAULT_POLL_US: u64 = incfs_vhost::DEFAULT_POLL_MAX.as_micros() as u64;
 const POLL_HELP: &str = "Longest time a queue thread keeps polling a queue that ran dry before it sleeps, in microseconds (adaptive, as QEMU's iothread poll-max-ns; 0: never poll)";
 
 #[derive(Args, Clone)]

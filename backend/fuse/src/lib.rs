@@ -2,9 +2,8 @@
 //!
 //! - [`abi`]: the FUSE kernel ABI structs and constants.
 //! - [`filesystem`]: the [`FileSystem`] trait a read-only image implements.
-//! - [`direct`]: zero-copy READ replies into guest memory.
 //! - [`dispatch`]: request decoding and reply encoding, independent of the transport.
-//! - [`virtio_fs`]: the vhost-user-fs device and [`serve`].
+//! - [`virtio_fs`]: the virtio-fs device on `incfs_vhost`'s device server, and [`serve`].
 //!
 //! The test frontend that plays QEMU's part is in the dev-only crate `incfs-testing`.
 //!
@@ -21,10 +20,9 @@ pub mod abi;
 
 pub mod dispatch;
 pub mod filesystem;
-pub mod server;
 pub mod virtio_fs;
 
 pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, Response};
 pub use filesystem::{Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, Reply, StatFs};
 pub use incfs_buf::ScatterBuf;
-pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFsServer};
+pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFs, VirtioFsServer};
