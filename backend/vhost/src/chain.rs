@@ -69,7 +69,7 @@ impl Chain {
 }
 
 /// Walks `chain`, copying at most `max_request` readable bytes out of `mem`.
-pub fn walk<M>(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>, max_request: usize) -> Chain
+pub(crate) fn walk<M>(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>, max_request: usize) -> Chain
 where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
