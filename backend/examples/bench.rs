@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use incfs_fuse::frontend::{FrontendConfig, FuseFrontend};
+use incfs_testing::{FrontendConfig, FuseFrontend};
 
 struct Args {
     /// Drive this already running daemon with one workload, then exit (for profiling).

@@ -151,7 +151,7 @@ pub struct DeviceArgs {
     pub trace: TraceArgs,
 }
 
-const DEFAULT_POLL_US: u64 = incfs_fuse::server::DEFAULT_POLL_MAX.as_micros() as u64;
+const DEFAULT_POLL_US: u64 = incfs_vhost::DEFAULT_POLL_MAX.as_micros() as u64;
 const POLL_HELP: &str = "Longest time a queue thread keeps polling a queue that ran dry before it sleeps, in microseconds (adaptive, as QEMU's iothread poll-max-ns; 0: never poll)";
 
 /// An image, its cache and how its blocks are fetched: what the block engine needs.
@@ -351,7 +351,7 @@ mod tests {
         assert_eq!(args.tag, "incfs");
         let cfg = args.config();
         assert_eq!((cfg.device.request_queues, cfg.device.threads, cfg.daemon.worker_threads), (4, 2, 2));
-        assert_eq!(cfg.device.poll_max, incfs_fuse::server::DEFAULT_POLL_MAX);
+        assert_eq!(cfg.device.poll_max, incfs_vhost::DEFAULT_POLL_MAX);
         assert_eq!(cfg.daemon.engine.read_timeout, Duration::from_secs(10));
         assert_eq!(cfg.daemon.engine.readahead, 512 << 10);
         assert!(matches!(cfg.daemon.engine.fill, FillSource::Remote));

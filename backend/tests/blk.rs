@@ -1,15 +1,13 @@
 //! The vhost-user-blk device (`incfsd blk`).
 //!
 //! Device-level tests drive the device through a vhost-user frontend that plays QEMU's part
-//! (tests/support/blk_frontend.rs): IN/OUT/FLUSH/GET_ID/DISCARD/WRITE_ZEROES, malformed chains,
+//! (`incfs_testing::blk`): IN/OUT/FLUSH/GET_ID/DISCARD/WRITE_ZEROES, malformed chains,
 //! read timeout, read-only without an overlay, the overlay across restarts and kill -9.
 //!
 //! `guest_*` tests boot a real QEMU guest (qemu/setup, qemu/run-vm) on an ext4 image served
 //! over HTTP (nginx). `guest_debian_rootfs` (ignored: it debootstraps Debian, minutes) runs a
 //! real program from a Debian root filesystem; run it with `--ignored`, or qemu/blk-debian.
 
-#[path = "support/blk_frontend.rs"]
-mod blk_frontend;
 mod support;
 
 use std::fs;
@@ -19,13 +17,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blk_frontend::*;
 use incfs::blk::{BlkServer, DeviceConfig, Disk, ServerStopper};
 use incfs::cache::BlockCache;
 use incfs::engine::{Engine, EngineConfig};
 use incfs::image::{merkle, ImageId};
 use incfs::pack::{pack, PackOptions};
 use incfs::store::{Remote, Store};
+use incfs_testing::blk::*;
 use support::*;
 
 const MIB: usize = 1 << 20;

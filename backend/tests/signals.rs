@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use incfs_fuse::frontend::FuseFrontend;
+use incfs_testing::FuseFrontend;
 use support::*;
 
 const ROOT: u64 = 1;

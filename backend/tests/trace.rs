@@ -6,7 +6,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use incfs_fuse::frontend::FuseFrontend;
+use incfs_testing::FuseFrontend;
 use support::*;
 
 const ROOT: u64 = 1;

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use incfs_fuse::abi;
-use incfs_fuse::frontend::{DescSpec, FuseFrontend, FuseReply};
+use incfs_testing::{DescSpec, FuseFrontend, FuseReply};
 use support::*;
 use vm_memory::ByteValued;
 

@@ -2,11 +2,10 @@
 //!
 //! - [`abi`]: the FUSE kernel ABI structs and constants.
 //! - [`filesystem`]: the [`FileSystem`] trait a read-only image implements.
-//! - [`direct`]: zero-copy READ replies into guest memory.
 //! - [`dispatch`]: request decoding and reply encoding, independent of the transport.
-//! - [`virtio_fs`]: the vhost-user-fs device and [`serve`].
-//! - `frontend` (feature `frontend`): a synchronous vhost-user frontend playing QEMU's part,
-//!   for tests and benchmarks.
+//! - [`virtio_fs`]: the virtio-fs device on `incfs_vhost`'s device server, and [`serve`].
+//!
+//! The test frontend that plays QEMU's part is in the dev-only crate `incfs-testing`.
 //!
 //! Typical use by the daemon:
 //!
@@ -21,9 +20,6 @@ pub mod abi;
 
 pub mod dispatch;
 pub mod filesystem;
-#[cfg(feature = "frontend")]
-pub mod frontend;
-pub mod server;
 pub mod virtio_fs;
 
 pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, ReplyFuture, ReplyWriter, Response};
@@ -32,4 +28,4 @@ pub use filesystem::{
     Reply, StatFs,
 };
 pub use incfs_buf::ScatterBuf;
-pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFsServer};
+pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFs, VirtioFsServer};

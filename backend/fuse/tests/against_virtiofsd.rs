@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use incfs_fuse::abi;
-use incfs_fuse::frontend::FuseFrontend;
+use incfs_testing::FuseFrontend;
 
 #[test]
 #[ignore = "needs a virtiofsd binary"]

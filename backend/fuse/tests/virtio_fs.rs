@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use incfs_fuse::abi;
-use incfs_fuse::frontend::{DescSpec, FrontendConfig, FuseFrontend, FuseReply};
 use incfs_fuse::DeviceConfig;
+use incfs_testing::{DescSpec, FrontendConfig, FuseFrontend, FuseReply};
 use vm_memory::ByteValued;
 
-fn errno<T: std::fmt::Debug>(r: incfs_fuse::frontend::Result<T>) -> i32 {
+fn errno<T: std::fmt::Debug>(r: incfs_testing::Result<T>) -> i32 {
     match r {
         Err(e) => e.errno().unwrap_or_else(|| panic!("not a FUSE error: {e}")),
         Ok(v) => panic!("expected an error, got {v:?}"),

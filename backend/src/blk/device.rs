@@ -1,48 +1,33 @@
-//! The vhost-user-blk device: virtqueues in, [`Disk`] operations, status bytes out.
+//! The vhost-user-blk device: virtio-blk requests to [`Disk`] operations, status bytes back.
 //!
-//! Follows the virtio-fs device (backend/fuse/src/virtio_fs.rs): each queue belongs to one
-//! epoll worker thread of vhost-user-backend. A request that can be answered without the
-//! network (cached or overlaid data, a write whose partial blocks are cached, GET_ID, errors)
-//! completes inline on the queue thread. Otherwise it is parked on the tokio runtime, which
-//! fetches through the engine and then writes the data and status and puts the chain on the
-//! used ring itself. FLUSH (fdatasync) also runs off the queue thread. Every completion
-//! happens under the vring's lock and only if the queue is still the one the request came
-//! from (same generation, still ready): after GET_VRING_BASE or a device reset, stale replies
-//! are dropped instead of being written into buffers the guest may have reused.
+//! The transport (queues, worker threads, completion under the vring lock, stop) is
+//! `incfs_vhost`. A request that can be answered without the network (cached or overlaid
+//! data, a write whose partial blocks are cached, GET_ID, errors) completes inline on the
+//! queue thread. Otherwise it is parked on the tokio runtime, which fetches through the
+//! engine and then completes the chain. FLUSH (fdatasync) also runs off the queue thread.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use incfs_vhost::{Completer, Device, DeviceServer, ServerConfig, VhostUserProtocolFeatures};
 use tokio::runtime::Handle;
-use tracing::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use tracing::debug;
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use vm_memory::ByteValued;
 
-pub use incfs_fuse::server::ServerStopper;
-use incfs_fuse::server::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
+pub use incfs_vhost::ServerStopper;
 
 use super::disk::Disk;
 use super::request::{self as rq, Limits, Request, Support};
 use crate::error::{Error, Result};
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-/// Data to copy into a chain's writable regions.
-type Payload<'a> = (&'a [(GuestAddress, usize)], &'a [u8]);
-
-const VIRTIO_F_VERSION_1: u32 = 32;
-const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
-const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-
 /// Size of the virtio-blk config space we fill (up to write_zeroes_may_unmap and padding).
-pub const CONFIG_LEN: usize = 60;
+pub const CONFIG_LEN: usize = std::mem::size_of::<VirtioBlkConfig>();
 
 /// Device-level configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,22 +49,23 @@ pub struct DeviceConfig {
     /// Preferred I/O size hint (bytes), e.g. the engine's readahead.
     pub opt_io: u32,
     /// Longest adaptive poll of a queue that ran dry (zero: never poll); see
-    /// `incfs_fuse::server::QueuePoll`.
+    /// `incfs_vhost::ServerConfig::poll_max`.
     pub poll_max: std::time::Duration,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
+        let server = ServerConfig::default();
         DeviceConfig {
             queues: 1,
-            queue_size: 1024,
-            threads: 1,
-            event_idx: true,
+            queue_size: server.queue_size,
+            threads: server.threads,
+            event_idx: server.event_idx,
             logical_block_size: 512,
             size_max: 64 << 10,
             seg_max: 126,
             opt_io: 128 << 10,
-            poll_max: DEFAULT_POLL_MAX,
+            poll_max: server.poll_max,
         }
     }
 }
@@ -89,12 +75,7 @@ impl DeviceConfig {
         if self.queues == 0 || self.queues > 64 {
             return Err(Error::Invalid("queues must be 1..=64".into()));
         }
-        if !self.queue_size.is_power_of_two() {
-            return Err(Error::Invalid("queue_size must be a power of two".into()));
-        }
-        if self.threads == 0 {
-            return Err(Error::Invalid("threads must be at least 1".into()));
-        }
+        self.server().validate().map_err(vhost_error)?;
         if self.logical_block_size != 512 && self.logical_block_size != 4096 {
             return Err(Error::Invalid("logical block size must be 512 or 4096".into()));
         }
@@ -104,13 +85,14 @@ impl DeviceConfig {
         Ok(())
     }
 
-    fn thread_masks(&self) -> Vec<u64> {
-        let threads = self.threads.min(self.queues).max(1);
-        let mut masks = vec![0u64; threads];
-        for q in 0..self.queues {
-            masks[q % threads] |= 1 << q;
+    /// What the device-independent server is configured with.
+    pub fn server(&self) -> ServerConfig {
+        ServerConfig {
+            queue_size: self.queue_size,
+            threads: self.threads,
+            event_idx: self.event_idx,
+            poll_max: self.poll_max,
         }
-        masks
     }
 
     fn limits(&self, capacity: u64) -> Limits {
@@ -126,80 +108,93 @@ impl DeviceConfig {
 const MAX_DISCARD_SECTORS: u32 = 1 << 22; // 2 GiB
 const MAX_DISCARD_SEG: u32 = 32;
 
-/// The virtio-blk config space for `disk` (struct virtio_blk_config, little endian).
-pub fn config_space(cfg: &DeviceConfig, disk: &Disk) -> [u8; CONFIG_LEN] {
-    let mut c = [0u8; CONFIG_LEN];
-    let lbs = cfg.logical_block_size;
-    c[0..8].copy_from_slice(&(disk.size() / rq::SECTOR_SIZE).to_le_bytes());
-    c[8..12].copy_from_slice(&cfg.size_max.to_le_bytes());
-    c[12..16].copy_from_slice(&cfg.seg_max.to_le_bytes());
-    // geometry (16..20) left zero
-    c[20..24].copy_from_slice(&lbs.to_le_bytes());
-    // topology: physical block 4 KiB, no offset, min I/O one physical block, optimal opt_io.
-    c[24] = (4096 / lbs).trailing_zeros() as u8;
-    c[25] = 0;
-    c[26..28].copy_from_slice(&((4096 / lbs) as u16).to_le_bytes());
-    c[28..32].copy_from_slice(&(cfg.opt_io.max(lbs) / lbs).to_le_bytes());
-    c[32] = u8::from(disk.writable()); // writeback: FLUSH is needed for durability
-    c[34..36].copy_from_slice(&(cfg.queues as u16).to_le_bytes());
-    if disk.writable() {
-        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        c[44..48].copy_from_slice(&8u32.to_le_bytes()); // 4 KiB, in sectors
-        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        c[56] = 1; // write_zeroes_may_unmap
+/// `struct virtio_blk_geometry`.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VirtioBlkGeometry {
+    pub cylinders: u16,
+    pub heads: u8,
+    pub sectors: u8,
+}
+
+/// `struct virtio_blk_config` up to `write_zeroes_may_unmap` (little endian, as the guest
+/// reads it with GET_CONFIG).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VirtioBlkConfig {
+    pub capacity: u64,
+    pub size_max: u32,
+    pub seg_max: u32,
+    pub geometry: VirtioBlkGeometry,
+    pub blk_size: u32,
+    pub physical_block_exp: u8,
+    pub alignment_offset: u8,
+    pub min_io_size: u16,
+    pub opt_io_size: u32,
+    pub writeback: u8,
+    pub unused0: u8,
+    pub num_queues: u16,
+    pub max_discard_sectors: u32,
+    pub max_discard_seg: u32,
+    pub discard_sector_alignment: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
+    pub write_zeroes_may_unmap: u8,
+    pub unused1: [u8; 3],
+}
+
+// SAFETY: plain integers, packed (no padding), and every bit pattern is a valid value.
+unsafe impl ByteValued for VirtioBlkGeometry {}
+// SAFETY: as above.
+unsafe impl ByteValued for VirtioBlkConfig {}
+
+impl VirtioBlkConfig {
+    /// The config space for `disk` served with `cfg`.
+    pub fn new(cfg: &DeviceConfig, disk: &Disk) -> Self {
+        let lbs = cfg.logical_block_size;
+        let mut c = VirtioBlkConfig {
+            capacity: (disk.size() / rq::SECTOR_SIZE).to_le(),
+            size_max: cfg.size_max.to_le(),
+            seg_max: cfg.seg_max.to_le(),
+            blk_size: lbs.to_le(),
+            // Topology: physical block 4 KiB, no offset, min I/O one physical block, optimal
+            // opt_io.
+            physical_block_exp: (4096 / lbs).trailing_zeros() as u8,
+            alignment_offset: 0,
+            min_io_size: ((4096 / lbs) as u16).to_le(),
+            opt_io_size: (cfg.opt_io.max(lbs) / lbs).to_le(),
+            // Writeback: FLUSH is needed for durability.
+            writeback: u8::from(disk.writable()),
+            num_queues: (cfg.queues as u16).to_le(),
+            ..VirtioBlkConfig::default()
+        };
+        if disk.writable() {
+            c.max_discard_sectors = MAX_DISCARD_SECTORS.to_le();
+            c.max_discard_seg = MAX_DISCARD_SEG.to_le();
+            c.discard_sector_alignment = 8u32.to_le(); // 4 KiB, in sectors
+            c.max_write_zeroes_sectors = MAX_DISCARD_SECTORS.to_le();
+            c.max_write_zeroes_seg = MAX_DISCARD_SEG.to_le();
+            c.write_zeroes_may_unmap = 1;
+        }
+        c
     }
-    c
 }
 
-/// What a completion needs, cloneable into a tokio task.
-#[derive(Clone)]
-struct Completer {
-    vring: VringRwLock,
-    mem: Mem,
-    queue: Arc<QueueState>,
-    generation: u64,
-    event_idx: bool,
-}
-
-impl Completer {
-    /// Writes `data` (if any) and the status byte, adds the chain to the used ring, and
-    /// optionally signals. `status` None: return the chain with nothing written.
-    fn complete(&self, head: u16, status: Option<(GuestAddress, u8)>, data: Option<Payload<'_>>, signal: bool) -> bool {
-        let mut state = self.vring.get_mut();
-        if self.queue.generation.load(Ordering::Acquire) != self.generation || !state.get_queue().ready() {
-            debug!(head, "dropping completion for a stopped queue");
-            return false;
-        }
-        let mem = self.mem.memory();
-        let mut len = 0u32;
-        if let Some((addr, mut s)) = status {
-            if let Some((regions, bytes)) = data {
-                match rq::scatter(&mem, regions, bytes) {
-                    Some(n) => len = n as u32,
-                    None => s = rq::VIRTIO_BLK_S_IOERR,
-                }
-            }
-            if mem.write_obj(s, addr).is_ok() {
-                len += 1;
-            } else {
-                len = 0;
-            }
-        }
-        if let Err(e) = state.add_used(head, len) {
-            warn!(head, error = %e, "add_used failed");
-            return false;
-        }
-        if signal {
-            let needed = !self.event_idx || state.needs_notification().unwrap_or(true);
-            if needed {
-                if let Err(e) = state.signal_used_queue() {
-                    warn!(error = %e, "cannot signal used queue");
-                }
-            }
-        }
-        true
+/// Writes as much of `data` as fits into the chain's data regions, then the status byte,
+/// and completes the chain (with nothing written if its buffers are no longer guest memory).
+fn answer(c: &Completer<'_>, chain: &rq::Chain, status: u8, data: &[u8]) {
+    let mut regions = Vec::with_capacity(chain.writable.len() + 1);
+    regions.extend_from_slice(&chain.writable);
+    regions.push((chain.status, 1));
+    let filled = c.fill(&regions, |buf| {
+        let room = buf.len().checked_sub(1)?;
+        let n = data.len().min(room);
+        buf.write(0, &data[..n]).ok()?;
+        buf.write(room, &[status]).ok()?;
+        u32::try_from(n + 1).ok()
+    });
+    if !filled {
+        c.complete_empty();
     }
 }
 
@@ -213,123 +208,64 @@ fn status_of(r: &Result<()>) -> u8 {
     }
 }
 
-/// The vhost-user backend for one frontend connection.
-struct BlkBackend {
+/// The vhost-user-blk device of one frontend connection.
+pub struct Blk {
     disk: Arc<Disk>,
     cfg: DeviceConfig,
-    config: [u8; CONFIG_LEN],
+    config: VirtioBlkConfig,
     limits: Limits,
     support: Support,
     rt: Handle,
-    mem: Mem,
-    queues: Queues,
 }
 
-impl BlkBackend {
-    fn new(disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle, mem: Mem) -> Self {
+impl Blk {
+    pub fn new(disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle) -> Self {
         let w = disk.writable();
-        BlkBackend {
-            config: config_space(&cfg, &disk),
+        Blk {
+            config: VirtioBlkConfig::new(&cfg, &disk),
             limits: cfg.limits(disk.size()),
             support: Support { writable: w, discard: w, write_zeroes: w },
-            queues: Queues::new(cfg.queues, cfg.thread_masks(), cfg.poll_max),
             disk,
             cfg,
             rt,
-            mem,
         }
     }
 
-    fn process_queue(&self, vring: &VringRwLock, qidx: usize) -> std::io::Result<()> {
-        let Some(queue) = self.queues.get(qidx) else {
-            return Ok(());
-        };
-        let event_idx = self.queues.event_idx();
-        let mut used_any = false;
-        loop {
-            let mem = self.mem.memory();
-            let (chain, generation) = {
-                let mut state = vring.get_mut();
-                let generation = queue.generation.load(Ordering::Acquire);
-                (state.get_queue_mut().pop_descriptor_chain(&*mem), generation)
-            };
-            let Some(chain) = chain else { break };
-            let completer =
-                Completer { vring: vring.clone(), mem: self.mem.clone(), queue: queue.clone(), generation, event_idx };
-            let mut chain = match rq::walk(&mem, chain, &self.limits) {
-                Ok(c) => c,
-                Err((head, status, e)) => {
-                    debug!(queue = qidx, head, error = ?e, "bad descriptor chain");
-                    self.disk.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    used_any |= completer.complete(head, status.map(|a| (a, rq::VIRTIO_BLK_S_IOERR)), None, false);
-                    continue;
-                }
-            };
-            drop(mem);
-            let req = rq::interpret(&mut chain, &self.limits, self.support);
-            used_any |= self.execute(req, chain, completer);
-        }
-        if used_any {
-            let needed = !event_idx || vring.needs_notification().unwrap_or(true);
-            if needed {
-                vring.signal_used_queue()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs one request; true if it completed inline.
-    fn execute(&self, req: Request, chain: rq::Chain, c: Completer) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let head = chain.head;
-        let status_addr = chain.status;
+    /// Runs one request, completing it now or from a task.
+    fn execute(&self, req: Request, chain: rq::Chain, c: Completer<'_>) {
         let counters = &self.disk.counters;
-        let done = |s: u8| c.complete(head, Some((status_addr, s)), None, false);
         match req {
             Request::Status(s) => {
                 if s != rq::VIRTIO_BLK_S_OK {
                     counters.errors.fetch_add(1, Relaxed);
                 }
-                done(s)
+                answer(&c, &chain, s, &[]);
             }
-            Request::GetId => {
-                let id = *self.disk.serial();
-                c.complete(head, Some((status_addr, rq::VIRTIO_BLK_S_OK)), Some((&chain.writable, &id[..])), false)
-            }
+            Request::GetId => answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &self.disk.serial()[..]),
             Request::Read { offset, len } => {
                 counters.reads.fetch_add(1, Relaxed);
                 counters.read_bytes.fetch_add(len as u64, Relaxed);
                 match self.disk.read_now(offset, len) {
-                    Ok(Some(data)) => c.complete(
-                        head,
-                        Some((status_addr, rq::VIRTIO_BLK_S_OK)),
-                        Some((&chain.writable, &data)),
-                        false,
-                    ),
+                    Ok(Some(data)) => answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &data),
                     Ok(None) => {
                         counters.reads_parked.fetch_add(1, Relaxed);
                         let disk = self.disk.clone();
+                        let c = c.detach();
                         self.rt.spawn(async move {
                             match disk.read(offset, len).await {
-                                Ok(data) => c.complete(
-                                    head,
-                                    Some((status_addr, rq::VIRTIO_BLK_S_OK)),
-                                    Some((&chain.writable, &data)),
-                                    true,
-                                ),
+                                Ok(data) => answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &data),
                                 Err(e) => {
                                     debug!(offset, len, error = %e, "read failed");
                                     disk.counters.errors.fetch_add(1, Relaxed);
-                                    c.complete(head, Some((status_addr, rq::VIRTIO_BLK_S_IOERR)), None, true)
+                                    answer(&c, &chain, rq::VIRTIO_BLK_S_IOERR, &[]);
                                 }
-                            };
+                            }
                         });
-                        false
                     }
                     Err(e) => {
                         debug!(offset, len, error = %e, "read failed");
                         counters.errors.fetch_add(1, Relaxed);
-                        done(rq::VIRTIO_BLK_S_IOERR)
+                        answer(&c, &chain, rq::VIRTIO_BLK_S_IOERR, &[]);
                     }
                 }
             }
@@ -337,32 +273,33 @@ impl BlkBackend {
                 counters.writes.fetch_add(1, Relaxed);
                 counters.write_bytes.fetch_add(data.len() as u64, Relaxed);
                 match self.disk.write_now(offset, &data) {
-                    Ok(true) => done(rq::VIRTIO_BLK_S_OK),
+                    Ok(true) => answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &[]),
                     Ok(false) => {
                         counters.writes_parked.fetch_add(1, Relaxed);
                         let disk = self.disk.clone();
+                        let c = c.detach();
                         self.rt.spawn(async move {
                             let r = disk.write(offset, &data).await;
                             if r.is_err() {
                                 disk.counters.errors.fetch_add(1, Relaxed);
                             }
-                            c.complete(head, Some((status_addr, status_of(&r))), None, true);
+                            answer(&c, &chain, status_of(&r), &[]);
                         });
-                        false
                     }
                     Err(e) => {
                         let r = Err(e);
                         counters.errors.fetch_add(1, Relaxed);
-                        done(status_of(&r))
+                        answer(&c, &chain, status_of(&r), &[]);
                     }
                 }
             }
             Request::Flush => {
                 counters.flushes.fetch_add(1, Relaxed);
                 if !self.disk.writable() {
-                    return done(rq::VIRTIO_BLK_S_OK);
+                    return answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &[]);
                 }
                 let disk = self.disk.clone();
+                let c = c.detach();
                 self.rt.spawn(async move {
                     let d = disk.clone();
                     let r = match tokio::task::spawn_blocking(move || d.flush()).await {
@@ -372,14 +309,13 @@ impl BlkBackend {
                     if r.is_err() {
                         disk.counters.errors.fetch_add(1, Relaxed);
                     }
-                    c.complete(head, Some((status_addr, status_of(&r))), None, true);
+                    answer(&c, &chain, status_of(&r), &[]);
                 });
-                false
             }
             Request::Discard(segs) => {
                 counters.discards.fetch_add(1, Relaxed);
                 let r = segs.iter().try_for_each(|s| self.disk.discard(s.offset, s.len));
-                done(status_of(&r))
+                answer(&c, &chain, status_of(&r), &[]);
             }
             Request::WriteZeroes(segs) => {
                 counters.write_zeroes.fetch_add(1, Relaxed);
@@ -391,15 +327,16 @@ impl BlkBackend {
                             all = false;
                             break;
                         }
-                        Err(e) => return done(status_of(&Err(e))),
+                        Err(e) => return answer(&c, &chain, status_of(&Err(e)), &[]),
                     }
                 }
                 if all {
-                    return done(rq::VIRTIO_BLK_S_OK);
+                    return answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &[]);
                 }
                 // Some partial block needs its base: redo all segments (idempotent) off the
                 // queue thread.
                 let disk = self.disk.clone();
+                let c = c.detach();
                 self.rt.spawn(async move {
                     let mut r = Ok(());
                     for s in &segs {
@@ -408,44 +345,32 @@ impl BlkBackend {
                             break;
                         }
                     }
-                    c.complete(head, Some((status_addr, status_of(&r))), None, true);
+                    answer(&c, &chain, status_of(&r), &[]);
                 });
-                false
             }
         }
     }
 }
 
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+impl Device for Blk {
+    const NAME: &'static str = "incfs-vhost-user-blk";
 
     fn num_queues(&self) -> usize {
         self.cfg.queues
     }
 
-    fn max_queue_size(&self) -> usize {
-        usize::from(self.cfg.queue_size)
-    }
-
     fn features(&self) -> u64 {
         let bit = |b: u32| 1u64 << b;
-        let mut f = bit(VIRTIO_F_VERSION_1)
-            | bit(VIRTIO_RING_F_INDIRECT_DESC)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | bit(rq::VIRTIO_BLK_F_SIZE_MAX)
-            | bit(rq::VIRTIO_BLK_F_SEG_MAX)
-            | bit(rq::VIRTIO_BLK_F_BLK_SIZE)
-            | bit(rq::VIRTIO_BLK_F_FLUSH)
-            | bit(rq::VIRTIO_BLK_F_TOPOLOGY)
-            | bit(rq::VIRTIO_BLK_F_MQ);
-        if self.cfg.event_idx {
-            f |= bit(VIRTIO_RING_F_EVENT_IDX);
-        }
+        let mut f = bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_TOPOLOGY)
+            | bit(VIRTIO_BLK_F_MQ);
         if self.disk.writable() {
-            f |= bit(rq::VIRTIO_BLK_F_DISCARD) | bit(rq::VIRTIO_BLK_F_WRITE_ZEROES);
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         } else {
-            f |= bit(rq::VIRTIO_BLK_F_RO);
+            f |= bit(VIRTIO_BLK_F_RO);
         }
         f
     }
@@ -459,122 +384,83 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config.as_slice();
         let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(CONFIG_LEN);
-        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_LEN);
-        out[..end - start].copy_from_slice(&self.config[start..end]);
+        let start = (offset as usize).min(config.len());
+        let end = (offset as usize).saturating_add(size as usize).min(config.len());
+        out[..end - start].copy_from_slice(&config[start..end]);
         out
     }
 
-    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+    fn set_config(&self, offset: u32, data: &[u8]) -> std::io::Result<()> {
         // Only `writeback` is writable (CONFIG_WCE), which we do not offer: ignore.
-        debug!(offset, len = buf.len(), "SET_CONFIG ignored");
+        debug!(offset, len = data.len(), "SET_CONFIG ignored");
         Ok(())
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.queues.set_event_idx(enabled);
+    fn max_request_len(&self) -> usize {
+        rq::max_readable(&self.limits)
     }
 
-    fn update_memory(&self, _mem: Mem) -> std::io::Result<()> {
-        Ok(())
+    fn process(&self, queue: usize, chain: incfs_vhost::Chain, c: Completer<'_>) {
+        let mut chain = match rq::validate(chain, &self.limits) {
+            Ok(chain) => chain,
+            Err((head, status, e)) => {
+                debug!(queue, head, error = ?e, "bad descriptor chain");
+                self.disk.counters.errors.fetch_add(1, Relaxed);
+                match status {
+                    Some(addr) => c.write(&[(addr, 1)], &[&[rq::VIRTIO_BLK_S_IOERR]]),
+                    None => c.complete_empty(),
+                };
+                return;
+            }
+        };
+        let req = rq::interpret(&mut chain, &self.limits, self.support);
+        self.execute(req, chain, c);
     }
+}
 
-    fn reset_device(&self) {
-        self.queues.stop_all();
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        self.queues.masks()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        exit_event()
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        self.queues.stop(queue_index as usize);
-        Ok(())
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        thread_id: usize,
-    ) -> std::io::Result<()> {
-        self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| {
-            self.process_queue(vring, qidx)
-        });
-        Ok(())
+/// A server error as this crate's error: configuration problems stay messages, the rest
+/// keeps the typed error as the payload of an I/O error.
+fn vhost_error(e: incfs_vhost::Error) -> Error {
+    match e {
+        incfs_vhost::Error::Config(msg) => Error::Invalid(msg.into()),
+        incfs_vhost::Error::Io { context, source } => Error::io(context, source),
+        e => Error::io("vhost-user-blk", std::io::Error::other(e)),
     }
 }
 
 /// A vhost-user-blk server on a socket, serving one frontend at a time.
 pub struct BlkServer {
-    listener: Listener,
-    disk: Arc<Disk>,
-    cfg: DeviceConfig,
-    rt: Handle,
-    stopper: ServerStopper,
+    server: DeviceServer<Blk>,
 }
 
 impl BlkServer {
     /// Binds `socket` (replacing a stale socket file there).
     pub fn bind(socket: &Path, disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
-        let listener =
-            Listener::new(socket, true).map_err(|e| Error::Invalid(format!("listen on {}: {e}", socket.display())))?;
-        Self::with_listener(listener, disk, cfg, rt)
+        cfg.validate()?;
+        let server = DeviceServer::bind(socket, cfg.server(), move || Blk::new(disk.clone(), cfg, rt.clone()))
+            .map_err(vhost_error)?;
+        Ok(BlkServer { server })
     }
 
     /// Serves on an already bound listener (socket activation, tests).
     pub fn from_listener(listener: UnixListener, disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
-        Self::with_listener(Listener::from(listener), disk, cfg, rt)
-    }
-
-    fn with_listener(listener: Listener, disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
         cfg.validate()?;
-        let stopper = ServerStopper::new().map_err(|e| Error::io("eventfd", e))?;
-        Ok(BlkServer { listener, disk, cfg, rt, stopper })
+        let server =
+            DeviceServer::from_listener(listener, cfg.server(), move || Blk::new(disk.clone(), cfg, rt.clone()))
+                .map_err(vhost_error)?;
+        Ok(BlkServer { server })
     }
 
     pub fn stopper(&self) -> ServerStopper {
-        self.stopper.clone()
-    }
-
-    fn wait_for_frontend(&self) -> Result<bool> {
-        self.stopper.wait_for_frontend(self.listener.as_raw_fd()).map_err(|e| Error::io("wait for a frontend", e))
+        self.server.stopper()
     }
 
     /// Waits for one frontend, serves it until it disconnects, returns Ok(true); Ok(false)
     /// once stopped.
     pub fn serve_one(&mut self) -> Result<bool> {
-        if !self.wait_for_frontend()? {
-            return Ok(false);
-        }
-        let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(BlkBackend::new(self.disk.clone(), self.cfg, self.rt.clone(), mem.clone()));
-        let mut daemon = VhostUserDaemon::new("incfs-vhost-user-blk".to_string(), backend.clone(), mem)
-            .map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
-        daemon.start(&mut self.listener).map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
-        info!("vhost-user-blk frontend connected");
-        self.stopper.set_connection(daemon.shutdown_handle());
-        if self.stopper.is_stopped() {
-            daemon.request_shutdown();
-        }
-        let result = daemon.wait();
-        self.stopper.set_connection(None);
-        backend.queues.stop_all();
-        drop(daemon);
-        info!("vhost-user-blk frontend disconnected");
-        match result {
-            Ok(()) => Ok(true),
-            Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => Ok(true),
-            Err(e) => Err(Error::Invalid(format!("vhost-user daemon: {e}"))),
-        }
+        self.server.serve_one().map_err(vhost_error)
     }
 }
 
@@ -585,8 +471,30 @@ mod tests {
     #[test]
     fn masks() {
         let cfg = DeviceConfig { queues: 3, threads: 2, ..Default::default() };
-        assert_eq!(cfg.thread_masks(), vec![0b101, 0b010]);
+        assert_eq!(incfs_vhost::round_robin(0, cfg.queues, cfg.threads), vec![0b101, 0b010]);
         let cfg = DeviceConfig { queues: 1, threads: 4, ..Default::default() };
-        assert_eq!(cfg.thread_masks(), vec![0b1]);
+        assert_eq!(incfs_vhost::round_robin(0, cfg.queues, cfg.threads), vec![0b1]);
+    }
+
+    #[test]
+    fn config_space_is_laid_out_as_virtio_blk_config() {
+        use std::mem::offset_of;
+        assert_eq!(CONFIG_LEN, 60);
+        let at = [
+            (offset_of!(VirtioBlkConfig, size_max), 8),
+            (offset_of!(VirtioBlkConfig, blk_size), 20),
+            (offset_of!(VirtioBlkConfig, physical_block_exp), 24),
+            (offset_of!(VirtioBlkConfig, min_io_size), 26),
+            (offset_of!(VirtioBlkConfig, opt_io_size), 28),
+            (offset_of!(VirtioBlkConfig, writeback), 32),
+            (offset_of!(VirtioBlkConfig, num_queues), 34),
+            (offset_of!(VirtioBlkConfig, max_discard_sectors), 36),
+            (offset_of!(VirtioBlkConfig, discard_sector_alignment), 44),
+            (offset_of!(VirtioBlkConfig, max_write_zeroes_seg), 52),
+            (offset_of!(VirtioBlkConfig, write_zeroes_may_unmap), 56),
+        ];
+        for (got, want) in at {
+            assert_eq!(got, want);
+        }
     }
 }

@@ -1,41 +1,32 @@
-//! virtio-blk requests: the wire constants, descriptor-chain parsing and validation.
+//! virtio-blk requests: the wire constants, descriptor-chain validation and interpretation.
 //!
-//! Everything here treats the guest as hostile. A chain is walked once: every descriptor must
-//! lie inside guest memory, device-readable descriptors come before device-writable ones, the
-//! readable part starts with the 16-byte header, the last writable byte is the status byte,
-//! and the total size is bounded. Sector ranges are checked against the capacity with checked
-//! arithmetic. A chain that fails is answered with VIRTIO_BLK_S_IOERR when it has a status
+//! Everything here treats the guest as hostile. A chain is walked once (by `incfs_vhost`):
+//! every descriptor must lie inside guest memory, device-readable descriptors come before
+//! device-writable ones. Here: the readable part starts with the 16-byte header, the last
+//! writable byte is the status byte, and the total size is bounded. Sector ranges are
+//! checked against the capacity with checked arithmetic. A chain that fails is answered with VIRTIO_BLK_S_IOERR when it has a status
 //! byte, and returned with nothing written when it has none.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use incfs_vhost::ChainError as WalkError;
+use virtio_bindings::bindings::virtio_blk;
+use vm_memory::{Address, GuestAddress};
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const SECTOR_SHIFT: u32 = 9;
 
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+pub use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+// The status byte is a u8 on the wire; the bindings spell the values as u32.
+pub const VIRTIO_BLK_S_OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
-pub const VIRTIO_BLK_ID_BYTES: usize = 20;
-/// Flag of a WRITE_ZEROES segment: the device may deallocate.
-pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
-
-pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
-pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
-pub const VIRTIO_BLK_F_RO: u32 = 5;
-pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
-pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
-pub const VIRTIO_BLK_F_TOPOLOGY: u32 = 10;
-pub const VIRTIO_BLK_F_MQ: u32 = 12;
-pub const VIRTIO_BLK_F_DISCARD: u32 = 13;
-pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+pub const VIRTIO_BLK_ID_BYTES: usize = virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// Header of every request: type, reserved (ioprio), sector.
 pub const HEADER_LEN: usize = 16;
@@ -132,46 +123,21 @@ pub enum Request {
     Status(u8),
 }
 
-/// Walks `chain`: every descriptor inside `mem`, readable ones first, sizes bounded.
-pub fn walk<M>(
-    mem: &GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<M>,
-    limits: &Limits,
-) -> Result<Chain, (u16, Option<GuestAddress>, ChainError)>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
-    let head = chain.head_index();
-    let max_in = HEADER_LEN + limits.max_data.max(SEGMENT_LEN * limits.max_discard_seg as usize);
+/// Most readable bytes a valid request has: the header, then the data or the segments.
+pub fn max_readable(limits: &Limits) -> usize {
+    HEADER_LEN + limits.max_data.max(SEGMENT_LEN * limits.max_discard_seg as usize)
+}
+
+/// Checks a chain the transport walked (descriptors inside guest memory, readable ones
+/// first; at most [`max_readable`] bytes copied): sizes bounded, a header, and the status
+/// byte split off the writable regions.
+pub fn validate(walked: incfs_vhost::Chain, limits: &Limits) -> Result<Chain, (u16, Option<GuestAddress>, ChainError)> {
+    let head = walked.head;
+    let max_in = max_readable(limits);
     // Writable: the data (at most max_data) plus the status byte.
     let max_out = limits.max_data + 1;
-    let mut readable: Vec<(GuestAddress, usize)> = Vec::new();
-    let mut readable_len = 0usize;
-    let mut writable: Vec<(GuestAddress, usize)> = Vec::new();
-    let mut writable_len = 0usize;
-    let mut error: Option<&'static str> = None;
-    for desc in chain {
-        let addr = desc.addr();
-        let len = desc.len() as usize;
-        if len == 0 {
-            continue;
-        }
-        if !GuestMemoryBackend::check_range(mem, addr, len) {
-            error.get_or_insert("descriptor outside guest memory");
-            continue;
-        }
-        if desc.is_write_only() {
-            writable_len = writable_len.saturating_add(len);
-            writable.push((addr, len));
-        } else {
-            if !writable.is_empty() {
-                error.get_or_insert("readable descriptor after a writable one");
-            }
-            readable_len = readable_len.saturating_add(len);
-            readable.push((addr, len));
-        }
-    }
+    let mut writable = walked.writable;
+    let mut writable_len = walked.writable_len;
     // The status byte: the last byte of the last writable descriptor.
     let Some(&(last_addr, last_len)) = writable.last() else {
         return Err((head, None, ChainError::NoStatus));
@@ -180,13 +146,13 @@ where
         return Err((head, None, ChainError::NoStatus));
     };
     let fail = |e| Err((head, Some(status), ChainError::Malformed(e)));
-    if let Some(e) = error {
-        return fail(e);
+    if let Some(e) = walked.error {
+        return fail(WalkError::as_str(e));
     }
-    if readable_len < HEADER_LEN {
+    if walked.readable_len < HEADER_LEN {
         return fail("no 16-byte request header");
     }
-    if readable_len > max_in {
+    if walked.readable_len > max_in {
         return fail("readable part too large");
     }
     if writable_len > max_out {
@@ -199,15 +165,7 @@ where
     } else if let Some(l) = writable.last_mut() {
         l.1 -= 1;
     }
-    let mut bytes = vec![0u8; readable_len];
-    let mut at = 0;
-    for (addr, len) in readable {
-        if mem.read_slice(&mut bytes[at..at + len], addr).is_err() {
-            return fail("cannot read a readable descriptor");
-        }
-        at += len;
-    }
-    Ok(Chain { head, readable: bytes, writable, writable_len, status })
+    Ok(Chain { head, readable: walked.request, writable, writable_len, status })
 }
 
 fn le_u32(b: &[u8], at: usize) -> u32 {
@@ -309,20 +267,6 @@ pub fn interpret(chain: &mut Chain, limits: &Limits, support: Support) -> Reques
         }
         Kind::Other(_) => Request::Status(VIRTIO_BLK_S_UNSUPP),
     }
-}
-
-/// Copies `data` into the writable regions (as much as fits); returns the bytes written.
-pub fn scatter(mem: &GuestMemoryMmap, regions: &[(GuestAddress, usize)], data: &[u8]) -> Option<usize> {
-    let mut at = 0usize;
-    for &(addr, len) in regions {
-        if at >= data.len() {
-            break;
-        }
-        let n = len.min(data.len() - at);
-        mem.write_slice(&data[at..at + n], addr).ok()?;
-        at += n;
-    }
-    Some(at)
 }
 
 #[cfg(test)]

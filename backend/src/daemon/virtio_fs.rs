@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use incfs_fuse::server::ServerStopper;
 use incfs_fuse::{DeviceConfig, VirtioFsServer};
+use incfs_vhost::ServerStopper;
 use tokio::runtime::Handle;
 
 use super::{serve_device, DaemonConfig, Device, DeviceServer, Result};

@@ -1,31 +1,31 @@
 //! A synchronous vhost-user-blk frontend that plays QEMU's (and the guest driver's) part, for
-//! the device tests: virtio-blk requests on `incfs_fuse::frontend::Transport` (the guest
-//! memory, rings and negotiation the virtio-fs test frontend uses too).
-
-#![allow(dead_code)]
+//! the device tests: virtio-blk requests on [`Transport`] (the guest memory, rings and
+//! negotiation the virtio-fs test frontend uses too).
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::time::Duration;
 
-pub use incfs_fuse::frontend::{Completion, DescSpec, FrontendError, Result, Transport, TransportConfig};
+use virtio_bindings::bindings::virtio_blk;
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
-pub const F_RO: u32 = 5;
-pub const F_DISCARD: u32 = 13;
-pub const F_WRITE_ZEROES: u32 = 14;
-pub const F_FLUSH: u32 = 9;
-pub const F_MQ: u32 = 12;
-/// VIRTIO_RING_F_EVENT_IDX: not negotiated here (the device tests count on a kick per submit).
-const F_EVENT_IDX: u32 = 29;
+pub use crate::{Completion, DescSpec, FrontendError, Result, Transport, TransportConfig};
+
+pub const T_IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
+pub const T_FLUSH: u32 = virtio_blk::VIRTIO_BLK_T_FLUSH;
+pub const T_GET_ID: u32 = virtio_blk::VIRTIO_BLK_T_GET_ID;
+pub const T_DISCARD: u32 = virtio_blk::VIRTIO_BLK_T_DISCARD;
+pub const T_WRITE_ZEROES: u32 = virtio_blk::VIRTIO_BLK_T_WRITE_ZEROES;
+// The status byte is a u8 on the wire; the bindings spell the values as u32.
+pub const S_OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const S_IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const S_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
+pub const F_RO: u32 = virtio_blk::VIRTIO_BLK_F_RO;
+pub const F_DISCARD: u32 = virtio_blk::VIRTIO_BLK_F_DISCARD;
+pub const F_WRITE_ZEROES: u32 = virtio_blk::VIRTIO_BLK_F_WRITE_ZEROES;
+pub const F_FLUSH: u32 = virtio_blk::VIRTIO_BLK_F_FLUSH;
+pub const F_MQ: u32 = virtio_blk::VIRTIO_BLK_F_MQ;
 
 /// The status byte of a virtio-blk completion.
 pub trait Status {
@@ -71,7 +71,8 @@ impl BlkFrontend {
                 slot_size: (8 << 20) + 4096,
                 slots: 64,
                 timeout: Duration::from_secs(20),
-                features: !(1u64 << F_EVENT_IDX),
+                // Not EVENT_IDX: the device tests count on a kick per submit.
+                features: !(1u64 << VIRTIO_RING_F_EVENT_IDX),
                 config_len: 60,
                 whole_buffers: true,
             },

@@ -3,8 +3,6 @@
 //! device-independent [`Transport`] (guest memory, rings, EVENT_IDX), which the
 //! vhost-user-blk tests use too.
 
-mod transport;
-
 use std::mem::size_of;
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
@@ -13,9 +11,9 @@ use std::time::Duration;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::ByteValued;
 
-pub use transport::{Completion, DescSpec, FrontendError, Result, Transport, TransportConfig};
+use incfs_fuse::abi::{self, read_struct, InHeader, OutHeader};
 
-use crate::abi::{self, read_struct, InHeader, OutHeader};
+use crate::{DescSpec, FrontendError, Result, Transport, TransportConfig};
 
 /// Configuration of a virtio-fs frontend.
 #[derive(Debug, Clone, Copy)]

@@ -1,11 +1,9 @@
-//! What every vhost-user device server here shares: a stop handle that ends the connection
-//! being served and any wait for the next one, from another thread; per-queue generations
-//! that keep parked replies out of stopped rings; and the queue event loop with its adaptive
-//! polling.
+//! Queues and their polling: per-queue generations that keep parked completions out of
+//! stopped rings, which worker thread serves which queue, EVENT_IDX, and the drain loop with
+//! its adaptive polling.
 
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -14,92 +12,13 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-/// Stops a server: disconnects the frontend being served and makes its `serve_one` return
-/// `Ok(false)` from then on (also while it waits for a frontend).
-#[derive(Clone)]
-pub struct ServerStopper {
-    inner: Arc<StopState>,
-}
-
-struct StopState {
-    stopped: AtomicBool,
-    /// Wakes a server waiting for a connection.
-    event: EventFd,
-    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
-}
-
-impl ServerStopper {
-    pub fn new() -> std::io::Result<Self> {
-        Ok(ServerStopper {
-            inner: Arc::new(StopState {
-                stopped: AtomicBool::new(false),
-                event: EventFd::new(EFD_NONBLOCK)?,
-                connection: Mutex::new(None),
-            }),
-        })
-    }
-
-    /// Stops the server.
-    pub fn stop(&self) {
-        self.inner.stopped.store(true, Ordering::Release);
-        if let Err(e) = self.inner.event.write(1) {
-            warn!(error = %e, "cannot wake the server");
-        }
-        if let Ok(guard) = self.inner.connection.lock() {
-            if let Some(h) = guard.as_ref() {
-                h.shutdown();
-            }
-        }
-    }
-
-    pub fn is_stopped(&self) -> bool {
-        self.inner.stopped.load(Ordering::Acquire)
-    }
-
-    /// The connection `stop` ends (None once it is over).
-    pub fn set_connection(&self, handle: Option<vhost_user_backend::ShutdownHandle>) {
-        if let Ok(mut slot) = self.inner.connection.lock() {
-            *slot = handle;
-        }
-    }
-
-    /// Blocks until `listener` has a frontend waiting (true) or the server is stopped (false).
-    pub fn wait_for_frontend(&self, listener: RawFd) -> std::io::Result<bool> {
-        let mut fds = [
-            libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.inner.event.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
-        loop {
-            if self.is_stopped() {
-                return Ok(false);
-            }
-            // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if self.is_stopped() {
-                return Ok(false);
-            }
-            if fds[0].revents != 0 {
-                return Ok(true);
-            }
-        }
-    }
-}
 
 /// One queue's state shared by its worker thread and the tasks completing its requests.
-pub struct QueueState {
+pub(crate) struct QueueState {
     /// Bumped when the queue is stopped or the device reset, so a reply parked under an
     /// older generation is dropped instead of written into a ring that is gone.
-    pub generation: AtomicU64,
-    pub poll: QueuePoll,
+    pub(crate) generation: AtomicU64,
+    pub(crate) poll: QueuePoll,
 }
 
 /// Adaptive polling of a queue that ran dry, as QEMU's iothreads do (poll-max-ns): for a
@@ -109,7 +28,7 @@ pub struct QueueState {
 /// window grows when the queue was woken soon after it slept and drops to nothing when it
 /// slept longer than the maximum, so an idle queue, or one whose guest is slow anyway,
 /// costs no CPU.
-pub struct QueuePoll {
+pub(crate) struct QueuePoll {
     max_ns: u64,
     cur_ns: AtomicU64,
     /// When the worker last went to sleep on this queue (ns since `epoch`), 0 if awake.
@@ -127,7 +46,7 @@ pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(100);
 const POLL_START_NS: u64 = 4_000;
 
 impl QueuePoll {
-    pub fn new(max: Duration) -> Self {
+    pub(crate) fn new(max: Duration) -> Self {
         QueuePoll {
             max_ns: u64::try_from(max.as_nanos()).unwrap_or(u64::MAX),
             cur_ns: AtomicU64::new(0),
@@ -180,7 +99,7 @@ impl QueuePoll {
 
 /// The queues of a device: their states, which worker thread serves which (one bit per
 /// queue in each thread's mask), and whether EVENT_IDX was negotiated.
-pub struct Queues {
+pub(crate) struct Queues {
     states: Vec<Arc<QueueState>>,
     masks: Vec<u64>,
     event_idx: AtomicBool,
@@ -189,7 +108,7 @@ pub struct Queues {
 impl Queues {
     /// `n` queues served by threads with these `masks`; `poll_max`: longest adaptive poll
     /// window (zero: never poll).
-    pub fn new(n: usize, masks: Vec<u64>, poll_max: Duration) -> Self {
+    pub(crate) fn new(n: usize, masks: Vec<u64>, poll_max: Duration) -> Self {
         Queues {
             states: (0..n)
                 .map(|_| Arc::new(QueueState { generation: AtomicU64::new(0), poll: QueuePoll::new(poll_max) }))
@@ -199,32 +118,32 @@ impl Queues {
         }
     }
 
-    pub fn get(&self, q: usize) -> Option<&Arc<QueueState>> {
+    pub(crate) fn get(&self, q: usize) -> Option<&Arc<QueueState>> {
         self.states.get(q)
     }
 
     /// For `VhostUserBackend::queues_per_thread`.
-    pub fn masks(&self) -> Vec<u64> {
+    pub(crate) fn masks(&self) -> Vec<u64> {
         self.masks.clone()
     }
 
-    pub fn set_event_idx(&self, enabled: bool) {
+    pub(crate) fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Release);
     }
 
-    pub fn event_idx(&self) -> bool {
+    pub(crate) fn event_idx(&self) -> bool {
         self.event_idx.load(Ordering::Acquire)
     }
 
     /// Invalidates what is parked on queue `q` (VHOST_USER_GET_VRING_BASE stops it).
-    pub fn stop(&self, q: usize) {
+    pub(crate) fn stop(&self, q: usize) {
         if let Some(s) = self.states.get(q) {
             s.generation.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// Invalidates everything parked (reset, disconnect).
-    pub fn stop_all(&self) {
+    pub(crate) fn stop_all(&self) {
         for s in &self.states {
             s.generation.fetch_add(1, Ordering::AcqRel);
         }
@@ -233,7 +152,7 @@ impl Queues {
     /// `VhostUserBackend::handle_event` of a device: the kicked queue (the `device_event`-th
     /// of worker `thread_id`, whose vrings are `vrings`) is drained with
     /// `process(vring, global queue index)`.
-    pub fn handle_event<M: GuestAddressSpace>(
+    pub(crate) fn handle_event<M: GuestAddressSpace>(
         &self,
         device_event: u16,
         evset: EventSet,
@@ -315,7 +234,7 @@ fn drain_queue<M>(
 }
 
 /// The event a worker thread waits on to exit.
-pub fn exit_event() -> Option<(EventConsumer, EventNotifier)> {
+pub(crate) fn exit_event() -> Option<(EventConsumer, EventNotifier)> {
     match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
         Ok(pair) => Some(pair),
         Err(e) => {

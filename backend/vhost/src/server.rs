@@ -1,0 +1,284 @@
+//! The one vhost-user device server: a socket, one frontend at a time, one
+//! [`VhostUserBackend`] for every [`Device`].
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tracing::info;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::chain::walk;
+use crate::queue::{exit_event, Queues, DEFAULT_POLL_MAX};
+use crate::{Completer, Device, Error, Mem, Result, ServerStopper};
+
+/// What every device server is configured with, whatever the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest virtqueue size the frontend may configure (power of two).
+    pub queue_size: u16,
+    /// Worker threads serving the queues (see [`Device::thread_masks`]).
+    pub threads: usize,
+    /// Offer VIRTIO_RING_F_EVENT_IDX (notification suppression).
+    pub event_idx: bool,
+    /// Longest adaptive poll of a queue that ran dry (zero: never poll): for that long at
+    /// most the worker thread keeps looking at the ring instead of sleeping, as QEMU's
+    /// iothreads do (poll-max-ns). The window adapts below this, so an idle queue costs
+    /// nothing.
+    pub poll_max: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { queue_size: 1024, threads: 1, event_idx: true, poll_max: DEFAULT_POLL_MAX }
+    }
+}
+
+impl ServerConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !self.queue_size.is_power_of_two() {
+            return Err(Error::Config("queue_size must be a power of two"));
+        }
+        if self.threads == 0 {
+            return Err(Error::Config("threads must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// The vhost-user backend of one frontend connection: the device plus its queues.
+struct Backend<D> {
+    device: D,
+    cfg: ServerConfig,
+    mem: Mem,
+    queues: Queues,
+}
+
+impl<D: Device> Backend<D> {
+    /// Pops, walks and hands to the device every chain on queue `qidx`, then signals the
+    /// guest once if any was completed inline.
+    fn process_queue(&self, vring: &VringRwLock, qidx: usize) -> std::io::Result<()> {
+        let Some(queue) = self.queues.get(qidx) else {
+            return Ok(());
+        };
+        let event_idx = self.queues.event_idx();
+        let max_request = self.device.max_request_len();
+        let used_any = AtomicBool::new(false);
+        loop {
+            let mem = self.mem.memory();
+            let (chain, generation) = {
+                let mut state = vring.get_mut();
+                let generation = queue.generation.load(Ordering::Acquire);
+                (state.get_queue_mut().pop_descriptor_chain(&*mem), generation)
+            };
+            let Some(chain) = chain else { break };
+            let chain = walk(&mem, chain, max_request);
+            drop(mem);
+            let completer = Completer::new(
+                vring.clone(),
+                self.mem.clone(),
+                queue.clone(),
+                generation,
+                event_idx,
+                chain.head,
+                &used_any,
+            );
+            self.device.process(qidx, chain, completer);
+        }
+        if used_any.load(Ordering::Relaxed) {
+            let needed = !event_idx || vring.needs_notification().unwrap_or(true);
+            if needed {
+                vring.signal_used_queue()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<D: Device> VhostUserBackend for Backend<D> {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.device.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.cfg.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | self.device.features();
+        if self.cfg.event_idx {
+            f |= 1u64 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.device.protocol_features()
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.device.get_config(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        self.device.set_config(offset, buf)
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.queues.set_event_idx(enabled);
+    }
+
+    fn update_memory(&self, _mem: Mem) -> std::io::Result<()> {
+        // The same GuestMemoryAtomic we hold is updated in place by the handler.
+        Ok(())
+    }
+
+    fn reset_device(&self) {
+        self.queues.stop_all();
+        self.device.reset();
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.queues.masks()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        exit_event()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        self.queues.stop(queue_index as usize);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| {
+            self.process_queue(vring, qidx)
+        });
+        Ok(())
+    }
+}
+
+/// A vhost-user device server listening on a socket, serving one frontend at a time, each
+/// with a fresh device from `new_device`.
+pub struct DeviceServer<D: Device> {
+    listener: Listener,
+    cfg: ServerConfig,
+    new_device: Box<dyn Fn() -> D + Send>,
+    stopper: ServerStopper,
+}
+
+impl<D: Device> DeviceServer<D> {
+    /// Binds `socket` (replacing a stale socket file there; the file is removed on drop).
+    pub fn bind(socket: &Path, cfg: ServerConfig, new_device: impl Fn() -> D + Send + 'static) -> Result<Self> {
+        let listener = Listener::new(socket, true)
+            .map_err(|source| Error::Listen { path: socket.display().to_string(), source })?;
+        Self::with_listener(listener, cfg, Box::new(new_device))
+    }
+
+    /// Serves on an already bound listener (socket activation, tests).
+    pub fn from_listener(
+        listener: UnixListener,
+        cfg: ServerConfig,
+        new_device: impl Fn() -> D + Send + 'static,
+    ) -> Result<Self> {
+        Self::with_listener(Listener::from(listener), cfg, Box::new(new_device))
+    }
+
+    fn with_listener(listener: Listener, cfg: ServerConfig, new_device: Box<dyn Fn() -> D + Send>) -> Result<Self> {
+        cfg.validate()?;
+        let stopper = ServerStopper::new().map_err(|source| Error::Io { context: "create the stop event", source })?;
+        Ok(DeviceServer { listener, cfg, new_device, stopper })
+    }
+
+    /// A handle that stops the server from another thread.
+    pub fn stopper(&self) -> ServerStopper {
+        self.stopper.clone()
+    }
+
+    /// Waits for one frontend, serves it until it disconnects, and returns `Ok(true)`; call
+    /// again to accept the next one (QEMU reconnecting, a new benchmark run). Returns
+    /// `Ok(false)` once the server has been stopped.
+    pub fn serve_one(&mut self) -> Result<bool> {
+        let waiting = self
+            .stopper
+            .wait_for_frontend(self.listener.as_raw_fd())
+            .map_err(|source| Error::Io { context: "wait for a frontend", source })?;
+        if !waiting {
+            return Ok(false);
+        }
+        let device = (self.new_device)();
+        let masks = device.thread_masks(self.cfg.threads);
+        let queues = Queues::new(device.num_queues(), masks, self.cfg.poll_max);
+        let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = std::sync::Arc::new(Backend { device, cfg: self.cfg, mem: mem.clone(), queues });
+        let mut daemon = VhostUserDaemon::new(D::NAME.to_string(), backend.clone(), mem)?;
+        daemon.start(&mut self.listener)?;
+        info!(device = D::NAME, "vhost-user frontend connected");
+        self.stopper.set_connection(daemon.shutdown_handle());
+        // A stop() that raced with the connection setup.
+        if self.stopper.is_stopped() {
+            daemon.request_shutdown();
+        }
+        let result = daemon.wait();
+        self.stopper.set_connection(None);
+        // Whatever is still parked must not complete into a ring that is gone.
+        backend.queues.stop_all();
+        backend.device.reset();
+        // Dropping the daemon stops and joins its queue threads.
+        drop(daemon);
+        info!(device = D::NAME, "vhost-user frontend disconnected");
+        match result {
+            Ok(()) => Ok(true),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Queue masks that spread queues `first..n` round-robin over at most `threads` worker
+/// threads (never more threads than queues), queue `first` on thread 0.
+pub fn round_robin(first: usize, n: usize, threads: usize) -> Vec<u64> {
+    let threads = threads.min(n.saturating_sub(first)).max(1);
+    let mut masks = vec![0u64; threads];
+    for q in first..n.min(64) {
+        masks[(q - first) % threads] |= 1 << q;
+    }
+    masks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_masks() {
+        assert_eq!(round_robin(0, 3, 2), vec![0b101, 0b010]);
+        assert_eq!(round_robin(0, 1, 4), vec![0b1]);
+        assert_eq!(round_robin(1, 4, 2), vec![0b1010, 0b0100]);
+    }
+}
