@@ -307,7 +307,7 @@ impl Walker {
 /// The extended attributes of a path (not following symlinks), sorted by name.
 fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Invalid("NUL in path".into()))?;
-    let names = xattr_call(|buf, len| unsafe { libc::llistxattr(c.as_ptr(), buf as *mut libc::c_char, len) })
+    let names = xattr_call(|| rustix::fs::llistxattr_query(c.as_c_str()), |buf| rustix::fs::llistxattr(c.as_c_str(), buf))
         .ctx(|| format!("list xattrs of {}", path.display()))?;
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
@@ -315,9 +315,10 @@ fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
             continue;
         }
         let cn = CString::new(name).map_err(|_| Error::Invalid("NUL in xattr name".into()))?;
-        let value = match xattr_call(|buf, len| unsafe {
-            libc::lgetxattr(c.as_ptr(), cn.as_ptr(), buf as *mut libc::c_void, len)
-        }) {
+        let value = match xattr_call(
+            || rustix::fs::lgetxattr_query(c.as_c_str(), cn.as_c_str()),
+            |buf| rustix::fs::lgetxattr(c.as_c_str(), cn.as_c_str(), buf),
+        ) {
             Ok(v) => v,
             // Removed between list and get.
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
@@ -332,26 +333,26 @@ fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
-/// Calls a size-probing xattr syscall until the buffer is large enough.
-fn xattr_call(f: impl Fn(*mut u8, usize) -> isize) -> std::io::Result<Vec<u8>> {
+/// Runs an xattr call that fills a buffer: asks for the size first, then again if the value
+/// grew in between. A filesystem without xattrs has none.
+fn xattr_call(
+    size: impl Fn() -> rustix::io::Result<usize>,
+    f: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
+) -> std::io::Result<Vec<u8>> {
     loop {
-        let n = f(std::ptr::null_mut(), 0);
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOTSUP) => Ok(Vec::new()),
-                _ => Err(e),
-            };
-        }
-        let mut buf = vec![0u8; n as usize];
-        let m = f(buf.as_mut_ptr(), buf.len());
-        if m >= 0 {
-            buf.truncate(m as usize);
-            return Ok(buf);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ERANGE) {
-            return Err(e);
+        let n = match size() {
+            Ok(n) => n,
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut buf = vec![0u8; n];
+        match f(&mut buf) {
+            Ok(m) => {
+                buf.truncate(m);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
