@@ -561,11 +561,20 @@ impl Image {
         }
     }
 
-    /// Resolves a '/'-separated path from the root (no symlinks followed).
+    /// Resolves a '/'-separated path from the root (no symlinks followed). Paths come from
+    /// hostile traces: `..` at the root stays there, and any component after a non-directory
+    /// (even `.`, `..` or a trailing `/`) names nothing, as ENOTDIR would.
     pub fn resolve(&self, path: &[u8]) -> Option<u32> {
         let mut cur = 0u32;
-        for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty() && *p != b".") {
-            cur = if part == b".." { self.parent[cur as usize] } else { self.lookup(cur, part)? };
+        for part in path.split(|&c| c == b'/') {
+            if !matches!(self.inode(cur)?.kind, InodeKind::Dir(_)) {
+                return None;
+            }
+            cur = match part {
+                b"" | b"." => cur,
+                b".." => *self.parent.get(cur as usize).filter(|&&p| p != u32::MAX)?,
+                name => self.lookup(cur, name)?,
+            };
         }
         Some(cur)
     }
@@ -635,6 +644,67 @@ mod tests {
         assert_eq!(img.resolve(b"l"), Some(2));
         assert_eq!(img.nlink[0], 2);
         assert!(Image::from_manifest_bytes(ImageId([0; 32]), &bytes).is_err());
+    }
+
+    /// Root with a file `f` and a directory `d` holding a file `g`.
+    fn tree() -> Image {
+        let h = merkle::leaf_hash(b"x");
+        let file = |_: ()| FileData {
+            size: 1,
+            root: h,
+            blocks: vec![BlockRef { hash: h, kind: BlockKind::Raw, blob: 0, len: 1, offset: 0 }],
+        };
+        let node = |mode, kind| Inode { mode, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, xattrs: vec![], kind };
+        let m = Manifest {
+            blobs: vec![Blob { id: [7; 32], size: 1 }],
+            inodes: vec![
+                node(
+                    0o40755,
+                    InodeKind::Dir(vec![
+                        DirEntry { name: b"d".to_vec(), ino: 2 },
+                        DirEntry { name: b"f".to_vec(), ino: 1 },
+                    ]),
+                ),
+                node(0o100644, InodeKind::File(file(()))),
+                node(0o40755, InodeKind::Dir(vec![DirEntry { name: b"g".to_vec(), ino: 3 }])),
+                node(0o100644, InodeKind::File(file(()))),
+            ],
+        };
+        let bytes = m.encode();
+        Image::from_manifest_bytes(ImageId::of_manifest(&bytes), &bytes).expect("image")
+    }
+
+    #[test]
+    fn resolve_handles_dot_dot_and_odd_paths_without_panicking() {
+        let img = tree();
+        // `..` under a non-directory used to index parent[u32::MAX].
+        assert_eq!(img.resolve(b"f/../.."), None);
+        assert_eq!(img.resolve(b"f/.."), None);
+        assert_eq!(img.resolve(b"d/g/.."), None);
+        // A path through a file names nothing, as ENOTDIR.
+        assert_eq!(img.resolve(b"f/."), None);
+        assert_eq!(img.resolve(b"f/"), None);
+        assert_eq!(img.resolve(b"f/x"), None);
+        // `..` at the root stays at the root, as in POSIX.
+        assert_eq!(img.resolve(b".."), Some(0));
+        assert_eq!(img.resolve(b"../../d/../f"), Some(1));
+        assert_eq!(img.resolve(b"d/.."), Some(0));
+        assert_eq!(img.resolve(b"//d//./g"), Some(3));
+        assert_eq!(img.resolve(b"d/"), Some(2));
+        assert_eq!(img.resolve(b""), Some(0));
+        assert_eq!(img.resolve(b"d/\0g"), None);
+        // Every short path over a small alphabet: no panic, and a hit is always a real inode.
+        let alphabet: [&[u8]; 6] = [b"f", b"d", b"g", b"..", b".", b""];
+        for a in alphabet {
+            for b in alphabet {
+                for c in alphabet {
+                    let p = [a, b, c].join(&b'/');
+                    if let Some(ino) = img.resolve(&p) {
+                        assert!(img.inode(ino).is_some(), "{}", String::from_utf8_lossy(&p));
+                    }
+                }
+            }
+        }
     }
 
     #[test]
