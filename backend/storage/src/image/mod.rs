@@ -593,7 +593,7 @@ impl Image {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn sample() -> Manifest {
@@ -646,8 +646,8 @@ mod tests {
         assert!(Image::from_manifest_bytes(ImageId([0; 32]), &bytes).is_err());
     }
 
-    /// Root with a file `f` and a directory `d` holding a file `g`.
-    fn tree() -> Image {
+    /// Root with a file `f` and a directory `d` holding a file `g`, one block each.
+    pub(crate) fn tree() -> Image {
         let h = merkle::leaf_hash(b"x");
         let file = |_: ()| FileData {
             size: 1,
