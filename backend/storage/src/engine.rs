@@ -629,7 +629,7 @@ impl Engine {
                 Err(FetchError::Permanent(e)) => {
                     tracing::warn!("fetch failed: {e}");
                     for &i in &fetch {
-                        outcome[i] = Some(Outcome::Failed(e.clone()));
+                        outcome[i] = Some(Outcome::Failed(e.to_string()));
                     }
                     continue;
                 }
@@ -692,7 +692,7 @@ impl Engine {
             }
             self.counters.blocks_fetched.fetch_add(good.len() as u64, Relaxed);
             let refs: Vec<(Hash, &[u8])> = good.iter().map(|(h, d)| (*h, d.as_slice())).collect();
-            self.cache.insert_verified(&refs).map_err(|e| FetchError::Transient(format!("cache: {e}")))?;
+            self.cache.insert_verified(&refs).map_err(|e| FetchError::Transient(format!("cache: {e}").into()))?;
             self.flush_stats();
             s = e;
         }
@@ -883,8 +883,8 @@ async fn load_image(remote: &Remote, id: &ImageId, cache: &BlockCache, patience:
     let bytes = loop {
         match remote.manifest(id).await {
             Ok(b) => break b,
-            Err(FetchError::Permanent(e)) => return Err(Error::Remote(e)),
-            Err(FetchError::Transient(e)) if Instant::now() + backoff >= give_up => return Err(Error::Remote(e)),
+            Err(FetchError::Permanent(e)) => return Err(Error::Fetch(e)),
+            Err(FetchError::Transient(e)) if Instant::now() + backoff >= give_up => return Err(Error::Fetch(e)),
             Err(FetchError::Transient(e)) => {
                 tracing::warn!("fetching manifest: {e}; retrying");
                 tokio::time::sleep(backoff).await;
