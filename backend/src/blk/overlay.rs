@@ -110,13 +110,20 @@ impl Overlay {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
             // Linked into place, never renamed: a racing creator must not replace an overlay
             // another daemon already opened (and may have written).
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .ctx(|| format!("create {}", tmp.display()))?;
+            // A fresh file, never one found there (a stale one, or a link another local user
+            // planted), and for the VM's owner only: it holds what the guest wrote.
+            let create = || {
+                use std::os::unix::fs::OpenOptionsExt;
+                OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp)
+            };
+            let f = match create() {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::remove_file(&tmp).ctx(|| format!("remove stale {}", tmp.display()))?;
+                    create()
+                }
+                r => r,
+            }
+            .ctx(|| format!("create {}", tmp.display()))?;
             f.write_all_at(&want, 0).ctx(|| format!("write {}", tmp.display()))?;
             f.set_len(data_off + blocks * BLOCK).ctx(|| format!("size {}", tmp.display()))?;
             f.sync_all().ctx(|| format!("sync {}", tmp.display()))?;
@@ -514,6 +521,25 @@ mod tests {
         drop(o);
         let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("reopen");
         assert_eq!(o.overlaid_blocks(), 0, "no bit reached the disk after the fsync error");
+    }
+
+    #[test]
+    fn a_new_overlay_is_private_and_never_made_through_a_planted_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("ov");
+        // Another local user plants a symlink where the temporary file will be made.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
+        let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("open");
+        let victim_now = std::fs::read(&victim).expect("read");
+        assert!(victim_now == b"precious", "wrote {} bytes through the planted link", victim_now.len());
+        // The guest's writes are for the VM's owner only.
+        let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "overlay mode {mode:o}");
+        drop(o);
     }
 
     #[test]
