@@ -267,7 +267,7 @@ impl Remote {
                 if status != StatusCode::OK {
                     return Err(resp.unexpected());
                 }
-                (what, resp.body(MANIFEST_FETCH_MAX, None).await?.to_vec())
+                (what, Vec::from(resp.body(MANIFEST_FETCH_MAX, None).await?))
             }
         };
         let want = *id;
@@ -300,7 +300,7 @@ impl Remote {
                 let resp = self.get(&rel, None).await?;
                 match resp.inner.status() {
                     StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => return Ok(None),
-                    StatusCode::OK => resp.prefix(cap).await?.to_vec(),
+                    StatusCode::OK => Vec::from(resp.prefix(cap).await?),
                     _ => return Err(resp.unexpected()),
                 }
             }
