@@ -15,12 +15,22 @@
 //! acknowledged before a completed FLUSH is there. Blocks written after the last FLUSH may
 //! read as their previous content (like a disk's volatile write cache).
 //!
+//! An fdatasync error poisons the overlay: the kernel may have dropped the pages that failed
+//! to reach the disk and marked them clean, so a later fdatasync can succeed without them and
+//! a bitmap flushed then would vouch for lost data. Every later write and flush fails with
+//! EIO (as PostgreSQL does); the overlay on disk stays as of the last good flush.
+//!
+//! One daemon at a time: `open` takes an exclusive flock on the file, so a second daemon cannot
+//! flush its own bitmap over the first's bits.
+//!
 //! The overlay never touches the shared block cache; the base content comes from the engine.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Mutex;
 
 use crate::error::{Error, IoContext, Result};
@@ -42,13 +52,20 @@ struct State {
 }
 
 pub struct Overlay {
+    /// Holds the exclusive flock for as long as the overlay is open.
     file: File,
+    path: PathBuf,
     size: u64,
     blocks: u64,
     data_off: u64,
     state: Mutex<State>,
     /// Held for a whole flush: snapshots reach the disk in order.
     flushing: Mutex<()>,
+    /// Set by a failed fdatasync; never cleared (see the module comment).
+    poisoned: AtomicBool,
+    /// Test hook: this many coming `fdatasync`s fail with EIO, as a dying disk's would.
+    #[cfg(test)]
+    fail_syncs: std::sync::atomic::AtomicU32,
 }
 
 fn header(size: u64, image: &ImageId, path: &str) -> Vec<u8> {
@@ -66,7 +83,6 @@ fn header(size: u64, image: &ImageId, path: &str) -> Vec<u8> {
 }
 
 fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on an fd we own; no memory is passed.
     let r = unsafe {
         libc::fallocate(
@@ -92,17 +108,33 @@ impl Overlay {
         let want = header(size, image, image_path);
         if !path.exists() {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .ctx(|| format!("create {}", tmp.display()))?;
+            // Linked into place, never renamed: a racing creator must not replace an overlay
+            // another daemon already opened (and may have written).
+            // A fresh file, never one found there (a stale one, or a link another local user
+            // planted), and for the VM's owner only: it holds what the guest wrote.
+            let create = || {
+                use std::os::unix::fs::OpenOptionsExt;
+                OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&tmp)
+            };
+            let f = match create() {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::remove_file(&tmp).ctx(|| format!("remove stale {}", tmp.display()))?;
+                    create()
+                }
+                r => r,
+            }
+            .ctx(|| format!("create {}", tmp.display()))?;
             f.write_all_at(&want, 0).ctx(|| format!("write {}", tmp.display()))?;
             f.set_len(data_off + blocks * BLOCK).ctx(|| format!("size {}", tmp.display()))?;
             f.sync_all().ctx(|| format!("sync {}", tmp.display()))?;
-            std::fs::rename(&tmp, path).ctx(|| format!("rename to {}", path.display()))?;
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(Error::io(format!("link {} to {}", tmp.display(), path.display()), e))
+                }
+                _ => {}
+            }
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 if let Ok(d) = File::open(dir) {
                     let _ = d.sync_all();
@@ -111,6 +143,16 @@ impl Overlay {
         }
         let file =
             OpenOptions::new().read(true).write(true).open(path).ctx(|| format!("open overlay {}", path.display()))?;
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            let what = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                format!("overlay {} is in use by another daemon (it holds the file's lock)", path.display())
+            } else {
+                format!("lock overlay {}", path.display())
+            };
+            return Err(Error::io(what, e));
+        }
         let mut h = vec![0u8; HEADER as usize];
         file.read_exact_at(&mut h, 0).ctx(|| format!("read overlay header of {}", path.display()))?;
         if &h[..8] != MAGIC {
@@ -143,12 +185,27 @@ impl Overlay {
         let overlaid = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
         Ok(Overlay {
             file,
+            path: path.to_path_buf(),
             size,
             blocks,
             data_off,
             state: Mutex::new(State { bitmap, dirty: None, data_dirty: false, overlaid }),
             flushing: Mutex::new(()),
+            poisoned: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_syncs: Default::default(),
         })
+    }
+
+    /// EIO once an fdatasync has failed: nothing written since can be vouched for.
+    fn check_poisoned(&self) -> Result<()> {
+        if self.poisoned.load(SeqCst) {
+            return Err(Error::io(
+                format!("overlay {}: an earlier fdatasync failed, writes may have been lost", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -247,6 +304,7 @@ impl Overlay {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let first = offset.div_ceil(BLOCK);
         let end = ((offset + len) / BLOCK).min(self.blocks);
+        self.check_poisoned()?;
         if first >= end {
             return Ok(());
         }
@@ -261,6 +319,7 @@ impl Overlay {
     }
 
     fn write_inner(&self, offset: u64, len: u64, data: Option<&[u8]>, bases: &HashMap<u64, Vec<u8>>) -> Result<()> {
+        self.check_poisoned()?;
         if len == 0 {
             return Ok(());
         }
@@ -311,9 +370,32 @@ impl Overlay {
         Ok(())
     }
 
+    /// `fdatasync` of the overlay file (failing on demand in tests). A failure poisons the
+    /// overlay for good.
+    fn sync_data(&self) -> std::io::Result<()> {
+        let res = self.sync_data_once();
+        if let Err(e) = &res {
+            tracing::error!(overlay = %self.path.display(), "fdatasync failed, the overlay fails every write from now: {e}");
+            self.poisoned.store(true, SeqCst);
+        }
+        res
+    }
+
+    fn sync_data_once(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.fail_syncs.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+        self.file.sync_data()
+    }
+
     /// Makes every write completed before this call durable (see the module comment).
     pub fn flush(&self) -> Result<()> {
         let _serial = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_poisoned()?;
         let (data_dirty, snapshot) = {
             let mut st = self.lock();
             let snap = st.dirty.take().map(|(lo, hi)| (lo, st.bitmap[lo..hi].to_vec()));
@@ -321,17 +403,17 @@ impl Overlay {
         };
         let res = (|| {
             if data_dirty || snapshot.is_some() {
-                self.file.sync_data().ctx(|| "fdatasync overlay".into())?;
+                self.sync_data().ctx(|| "fdatasync overlay".into())?;
             }
             if let Some((lo, words)) = &snapshot {
                 let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
                 self.file.write_all_at(&bytes, HEADER + *lo as u64 * 8).ctx(|| "write overlay bitmap".into())?;
-                self.file.sync_data().ctx(|| "fdatasync overlay bitmap".into())?;
+                self.sync_data().ctx(|| "fdatasync overlay bitmap".into())?;
             }
             Ok(())
         })();
-        if res.is_err() {
-            // Try again at the next flush.
+        if res.is_err() && !self.poisoned.load(SeqCst) {
+            // Not an fdatasync error (the bitmap write): try again at the next flush.
             let mut st = self.lock();
             st.data_dirty |= data_dirty;
             if let Some((lo, words)) = snapshot {
@@ -400,9 +482,64 @@ mod tests {
         assert!(
             two[..BLOCK as usize + 512].iter().all(|&x| x == 0) && two[BLOCK as usize + 512..].iter().all(|&x| x == 1)
         );
+        drop(o); // else the lock, not the header, would refuse the opens below
         assert!(Overlay::open(&p, size, &ImageId([8u8; 32]), "disk.img").is_err());
         assert!(Overlay::open(&p, size, &id(), "other.img").is_err());
         assert!(Overlay::open(&p, size + BLOCK, &id(), "disk.img").is_err());
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_overlay_fails_clearly() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("ov");
+        let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("open");
+        let err = Overlay::open(&p, 8 * BLOCK, &id(), "d").err().expect("a second opener must be refused");
+        let msg = err.to_string();
+        assert!(msg.contains(&p.display().to_string()) && msg.contains("in use"), "{msg}");
+        drop(o);
+        Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("free again once the first is closed");
+    }
+
+    #[test]
+    fn an_fsync_error_poisons_the_overlay() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("ov");
+        let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("open");
+        o.write(0, &vec![1u8; BLOCK as usize], &HashMap::new()).expect("write");
+        o.fail_syncs.store(1, SeqCst);
+        let err = o.flush().expect_err("the fsync error reaches the guest");
+        assert_eq!(err.errno(), libc::EIO);
+        // The kernel may have dropped the pages: no later flush may report success, nor
+        // persist the bit of a block whose data may be gone.
+        let again = o.flush().expect_err("a flush after an fsync error must fail too");
+        assert_eq!(again.errno(), libc::EIO);
+        let w = o.write(BLOCK, &vec![1u8; BLOCK as usize], &HashMap::new()).expect_err("writes fail");
+        assert_eq!(w.errno(), libc::EIO);
+        assert_eq!(o.discard(0, 8 * BLOCK).err().map(|e| e.errno()), Some(libc::EIO));
+        assert_eq!(o.write_zeroes(0, BLOCK, &HashMap::new()).err().map(|e| e.errno()), Some(libc::EIO));
+        drop(o);
+        let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("reopen");
+        assert_eq!(o.overlaid_blocks(), 0, "no bit reached the disk after the fsync error");
+    }
+
+    #[test]
+    fn a_new_overlay_is_private_and_never_made_through_a_planted_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("ov");
+        // Another local user plants a symlink where the temporary file will be made.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
+        let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("open");
+        let victim_now = std::fs::read(&victim).expect("read");
+        assert!(victim_now == b"precious", "wrote {} bytes through the planted link", victim_now.len());
+        // The guest's writes are for the VM's owner only.
+        let mode = std::fs::metadata(&p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "overlay mode {mode:o}");
+        drop(o);
     }
 
     #[test]

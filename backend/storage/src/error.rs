@@ -16,6 +16,9 @@ pub enum Error {
     ImageIdMismatch { expected: String, actual: String },
     #[error("remote: {0}")]
     Remote(String),
+    /// A request to the store failed (EIO); the typed failure keeps the status and source.
+    #[error("remote: {0}")]
+    Fetch(#[from] crate::store::FetchFailure),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("invalid argument: {0}")]

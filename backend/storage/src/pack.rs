@@ -307,8 +307,9 @@ impl Walker {
 /// The extended attributes of a path (not following symlinks), sorted by name.
 fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Invalid("NUL in path".into()))?;
-    let names = xattr_call(|| rustix::fs::llistxattr_query(c.as_c_str()), |buf| rustix::fs::llistxattr(c.as_c_str(), buf))
-        .ctx(|| format!("list xattrs of {}", path.display()))?;
+    let names =
+        xattr_call(|| rustix::fs::llistxattr_query(c.as_c_str()), |buf| rustix::fs::llistxattr(c.as_c_str(), buf))
+            .ctx(|| format!("list xattrs of {}", path.display()))?;
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         if name.len() > XATTR_NAME_MAX {

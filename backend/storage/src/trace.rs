@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::image::{Image, InodeKind};
 
 /// A run of blocks of one file: (image inode, first block, count).
@@ -119,8 +119,9 @@ fn unescape(s: &str) -> Option<Vec<u8>> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Two hex digits exactly: from_str_radix alone would take "+1".
+            let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -141,32 +142,48 @@ pub fn format(image: &Image, ranges: &[Range]) -> String {
     s
 }
 
-/// Parses a trace against an image: lines for paths the image lacks, or past a file's end,
-/// are skipped (counted in the second value); malformed lines are an error.
+/// Most trace text `parse` reads; the rest is ignored. A trace is a hint from the store (it is
+/// not covered by the image id), so it may cost at most this much memory and time. 8 MiB is
+/// about a million runs, far more than any workload's first touches merge into.
+pub const MAX_TRACE_BYTES: usize = 8 << 20;
+
+/// Longest line: a path of PATH_MAX bytes, each escaped (`%XX`), and two numbers.
+const MAX_LINE: usize = 3 * crate::image::PATH_MAX + 32;
+
+/// Parses a trace against an image. A trace is only a hint: lines for paths the image lacks,
+/// past a file's end, or malformed, are skipped and counted in the second value (malformed
+/// ones are warned about once, with their count), and text past MAX_TRACE_BYTES is ignored.
+/// Never fails; the Result stays for the callers.
 pub fn parse(image: &Image, text: &str) -> Result<(Vec<Range>, usize)> {
+    let mut body = text;
+    if body.len() > MAX_TRACE_BYTES {
+        // Cut at the last line end before the limit: a line split in two is not a line.
+        let cut = body.as_bytes()[..MAX_TRACE_BYTES].iter().rposition(|&b| b == b'\n').map_or(0, |n| n + 1);
+        tracing::warn!(
+            bytes = text.len(),
+            used = cut,
+            "trace longer than {MAX_TRACE_BYTES} bytes: the rest is ignored"
+        );
+        body = &body[..cut];
+    }
     let mut out = Vec::new();
-    let mut skipped = 0;
-    for (n, line) in text.lines().enumerate() {
+    let (mut skipped, mut malformed) = (0usize, 0usize);
+    let mut first_bad = None;
+    for (n, line) in body.lines().enumerate() {
         let line = line.trim_end_matches('\r');
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let bad = || Error::Invalid(format!("trace line {}: expected PATH<TAB>FIRST<TAB>COUNT", n + 1));
-        let mut it = line.split('\t');
-        let (Some(p), Some(first), Some(count), None) = (it.next(), it.next(), it.next(), it.next()) else {
-            return Err(bad());
+        let Some((path, first, count)) = parse_line(line) else {
+            malformed += 1;
+            first_bad.get_or_insert(n + 1);
+            continue;
         };
-        let path = unescape(p).ok_or_else(bad)?;
-        let first: u32 = first.parse().map_err(|_| bad())?;
-        let count: u32 = count.parse().map_err(|_| bad())?;
-        let Some(ino) = image.resolve(&path) else {
+        let Some(f) = image.resolve(&path).and_then(|ino| Some((ino, image.file(ino)?))) else {
             skipped += 1;
             continue;
         };
-        let Some(f) = image.file(ino) else {
-            skipped += 1;
-            continue;
-        };
+        let (ino, f) = f;
         let end = (first as u64 + count as u64).min(f.blocks.len() as u64) as u32;
         if first >= end {
             skipped += 1;
@@ -174,12 +191,87 @@ pub fn parse(image: &Image, text: &str) -> Result<(Vec<Range>, usize)> {
         }
         out.push((ino, first, end - first));
     }
-    Ok((out, skipped))
+    if let Some(line) = first_bad {
+        tracing::warn!(malformed, first = line, "trace: skipped malformed lines (expected PATH<TAB>FIRST<TAB>COUNT)");
+    }
+    Ok((out, skipped + malformed))
+}
+
+/// PATH<TAB>FIRST<TAB>COUNT, or None.
+fn parse_line(line: &str) -> Option<(Vec<u8>, u32, u32)> {
+    if line.len() > MAX_LINE {
+        return None;
+    }
+    let mut it = line.split('\t');
+    let (Some(p), Some(first), Some(count), None) = (it.next(), it.next(), it.next(), it.next()) else {
+        return None;
+    };
+    Some((unescape(p)?, number(first)?, number(count)?))
+}
+
+/// Decimal digits only: `str::parse` alone would take "+1".
+fn number(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::tests::tree;
+
+    #[test]
+    fn malformed_lines_are_skipped_and_counted_not_fatal() {
+        let img = tree();
+        let text = "# incfs-trace v1 image 00\n\
+                    f\t0\t1\n\
+                    no tabs here\n\
+                    f\t0\n\
+                    f\t0\t1\textra\n\
+                    f\tx\t1\n\
+                    f\t0\t-1\n\
+                    f\t99999999999\t1\n\
+                    %zz\t0\t1\n\
+                    f/../..\t0\t1\n\
+                    \t\t\n\
+                    d/g\t0\t4294967295\r\n";
+        let (ranges, skipped) = parse(&img, text).expect("a bad line is skipped, not an error");
+        assert_eq!(ranges, vec![(1, 0, 1), (3, 0, 1)]);
+        assert_eq!(skipped, 9);
+    }
+
+    #[test]
+    fn any_bytes_parse_without_panic() {
+        let img = tree();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for len in 0..2000usize {
+            let bytes: Vec<u8> = (0..len % 97)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let alphabet = b"f/d.g%0A\t\n\r19-+ \xff";
+                    alphabet[(x % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = parse(&img, &text);
+        }
+    }
+
+    #[test]
+    fn text_past_the_size_limit_is_ignored() {
+        let img = tree();
+        let mut text = "f\t0\t1\n".repeat((8 << 20) / 6);
+        text.push_str("d/g\t0\t1\n");
+        let (ranges, _) = parse(&img, &text).expect("parse");
+        assert!(!ranges.iter().any(|r| r.0 == 3), "a line past the limit was used");
+        // A line longer than any escaped path is malformed, whatever it holds.
+        let long = format!("{}\t0\t1\n", "%2F".repeat(5000));
+        assert_eq!(parse(&img, &long).expect("parse"), (vec![], 1));
+    }
 
     #[test]
     fn escaping_round_trips_any_bytes() {

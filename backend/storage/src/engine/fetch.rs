@@ -14,7 +14,7 @@ use super::{Engine, FillSource};
 use crate::cache::BlockCache;
 use crate::error::{Error, Result};
 use crate::image::{merkle, BlockKind, BlockRef, FileData, Hash, Image, ImageId, BLOCK_SIZE};
-use crate::store::{FetchError, Remote};
+use crate::store::{FetchError, FetchFailure, Remote};
 
 /// How a fetch of a block ended, as its waiters see it.
 #[derive(Clone, Debug)]
@@ -24,7 +24,7 @@ pub(super) enum Outcome {
     Corrupt,
     /// Nobody waiting on it any more: the reader's deadline passed.
     TimedOut,
-    Failed(String),
+    Failed(FetchFailure),
 }
 
 pub(super) struct InFlight {
@@ -253,9 +253,8 @@ impl Engine {
                 .ok_or_else(|| FetchError::Permanent("block in unknown blob".into()))?;
             let len = z.offset + z.len as u64 - a.offset;
             self.counters.remote_requests.fetch_add(1, Relaxed);
-            let data = tokio::time::timeout(self.cfg.attempt_timeout, self.remote.range(&blob.id, a.offset, len))
-                .await
-                .map_err(|_| FetchError::Transient("remote request timed out".into()))??;
+            // The remote bounds each attempt itself, with a deadline that grows with `len`.
+            let data = self.remote.range(&blob.id, a.offset, len).await?;
             self.counters.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
             let mut good: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(e - s);
             for &i in &idx[s..e] {
@@ -272,7 +271,7 @@ impl Engine {
             }
             self.counters.blocks_fetched.fetch_add(good.len() as u64, Relaxed);
             let refs: Vec<(Hash, &[u8])> = good.iter().map(|(h, d)| (*h, d.as_slice())).collect();
-            self.cache.insert_verified(&refs).map_err(|e| FetchError::Transient(format!("cache: {e}")))?;
+            self.cache.insert_verified(&refs).map_err(|e| FetchError::Transient(format!("cache: {e}").into()))?;
             self.flush_stats();
             s = e;
         }
@@ -317,8 +316,8 @@ pub(super) async fn load_image(remote: &Remote, id: &ImageId, cache: &BlockCache
     let bytes = loop {
         match remote.manifest(id).await {
             Ok(b) => break b,
-            Err(FetchError::Permanent(e)) => return Err(Error::Remote(e)),
-            Err(FetchError::Transient(e)) if Instant::now() + backoff >= give_up => return Err(Error::Remote(e)),
+            Err(FetchError::Permanent(e)) => return Err(Error::Fetch(e)),
+            Err(FetchError::Transient(e)) if Instant::now() + backoff >= give_up => return Err(Error::Fetch(e)),
             Err(FetchError::Transient(e)) => {
                 tracing::warn!("fetching manifest: {e}; retrying");
                 tokio::time::sleep(backoff).await;

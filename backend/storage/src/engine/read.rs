@@ -139,7 +139,7 @@ impl Miss {
                         return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into()))
                     }
                     Outcome::TimedOut => return Err(Error::Timeout),
-                    Outcome::Failed(e) => return Err(Error::Remote(e)),
+                    Outcome::Failed(e) => return Err(Error::Fetch(e)),
                 }
             }
             // Read only what was missing.
