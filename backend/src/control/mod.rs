@@ -139,7 +139,7 @@ pub fn now_us() -> u64 {
 impl Control {
     pub fn new(engine: Arc<Engine>) -> Arc<Self> {
         let img = engine.image();
-        let mut files: Vec<(u32, [u8; 16])> = img.files().map(|(i, _)| (i, crate::fs::file_id(&img.id.0, i))).collect();
+        let mut files: Vec<(u32, [u8; 16])> = img.files().map(|(i, _)| (i, img.file_id(i))).collect();
         files.sort_unstable_by_key(|f| f.0);
         let by_id = files.iter().map(|&(i, id)| (id, i)).collect();
         let started = now_us() / 1_000_000;

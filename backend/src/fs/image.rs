@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use incfs_buf::ScatterBuf;
 use incfs_fuse::{abi, Attr, Context, DirEntry, DirSink, Entry, Errno, ReadFill, ReadReply, StatFs};
-use sha2::{Digest, Sha256};
 
 use crate::engine::{Engine, ReadOutcome};
 use crate::image::{BlockKind, Image, Inode, InodeKind, BLOCK_SIZE};
@@ -112,21 +111,6 @@ impl ImageTree {
         }
     }
 
-    /// incfs file id: 16 bytes derived from the image and the inode, stable across mounts.
-    pub fn file_id(&self, idx: u32) -> [u8; 16] {
-        file_id(&self.image().id.0, idx)
-    }
-}
-
-pub fn file_id(image: &[u8; 32], idx: u32) -> [u8; 16] {
-    let mut h = Sha256::new();
-    h.update(b"incfs file id");
-    h.update(image);
-    h.update(idx.to_le_bytes());
-    let d = h.finalize();
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&d[..16]);
-    id
 }
 
 /// The kernel's dev_t encoding, as FUSE's 32-bit rdev carries it (old_encode_dev-compatible
@@ -269,7 +253,7 @@ impl ImageTree {
         let (i, node) = self.node(ino)?;
         if let InodeKind::File(f) = &node.kind {
             if name == XATTR_INCFS_ID {
-                return Ok(hex::encode(self.file_id(i)).into_bytes());
+                return Ok(incfs_wire::file_id_to_hex(&self.image().file_id(i)).into_bytes());
             }
             if name == XATTR_INCFS_SIZE {
                 return Ok(f.size.to_le_bytes().to_vec());

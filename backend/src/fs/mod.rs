@@ -11,7 +11,7 @@ use std::time::Duration;
 use incfs_buf::ScatterBuf;
 use incfs_fuse::{abi, Attr, Context, DirSink, Entry, Errno, FileSystem, ReadReply, Reply, StatFs};
 
-pub use image::{file_id, ImageTree, ReadObserver, XATTR_INCFS_ID, XATTR_INCFS_SIZE};
+pub use image::{ImageTree, ReadObserver, XATTR_INCFS_ID, XATTR_INCFS_SIZE};
 
 use crate::control::{Control, Lookup};
 use crate::engine::Engine;

@@ -602,6 +602,19 @@ impl Image {
         }
     }
 
+    /// The incfs file id of inode `idx`: 16 bytes derived from the image and the inode,
+    /// stable across mounts and hosts.
+    pub fn file_id(&self, idx: u32) -> [u8; 16] {
+        let mut h = Sha256::new();
+        h.update(b"incfs file id");
+        h.update(self.id.0);
+        h.update(idx.to_le_bytes());
+        let d = h.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&d[..16]);
+        id
+    }
+
     /// Resolves a '/'-separated path from the root (no symlinks followed). Paths come from
     /// hostile traces: `..` at the root stays there, and any component after a non-directory
     /// (even `.`, `..` or a trailing `/`) names nothing, as ENOTDIR would.
