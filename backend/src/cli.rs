@@ -190,7 +190,18 @@ pub struct FetchArgs {
     /// files packed after it, within the same window).
     #[arg(long)]
     pub no_cross_file_readahead: bool,
+    /// How long one request to the store may take before its answer starts; the body then
+    /// gets this plus its length at 256 KiB/s, so big runs and manifests on slow links
+    /// finish. A late answer counts as a transient failure and is retried.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fetch_timeout_ms: u64,
+    /// Bytes that reads waiting for blocks may hold at once, in MiB; past it, further waiting
+    /// reads wait for room before allocating anything.
+    #[arg(long, default_value_t = DEFAULT_MAX_PARKED_MB, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_parked_mb: u64,
 }
+
+const DEFAULT_MAX_PARKED_MB: u64 = incfs::engine::DEFAULT_MAX_PARKED_BYTES >> 20;
 
 /// Record and replay of first reads, and fetching the whole image in the background.
 #[derive(Args)]
@@ -234,6 +245,8 @@ impl FetchArgs {
             read_timeout: Duration::from_millis(self.read_timeout_ms),
             readahead: self.readahead_kb.max(4) << 10,
             cross_file_readahead: !self.no_cross_file_readahead,
+            attempt_timeout: Duration::from_millis(self.fetch_timeout_ms),
+            max_parked_bytes: self.max_parked_mb.saturating_mul(1 << 20),
             ..EngineConfig::default()
         }
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use incfs::cache::BlockCache;
+use incfs::cache::{BlockCache, CacheOptions};
 use incfs::engine::{Engine, EngineConfig, ReadOutcome};
 use incfs::image::{ImageId, InodeKind};
 use incfs::pack::{pack, PackOptions};
@@ -549,4 +549,67 @@ async fn a_read_miss_looks_up_each_block_once_before_it_fetches() {
     assert!(matches!(outcome, ReadOutcome::Done(n) if n as usize == data.len()));
     assert_eq!(again, data);
     assert_eq!(lookups(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_smaller_than_one_read_still_serves_it() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(22, 1 << 20);
+    fs::write(src.join("f"), &data).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    // 16 blocks of cache under a 256-block read with 128 blocks of readahead: every fetched
+    // run is evicted before the reader could read it back from the cache.
+    let cache =
+        BlockCache::open_with(&t.path().join("cache"), CacheOptions { limit_bytes: Some(64 << 10) }).expect("cache");
+    let cfg = EngineConfig { read_timeout: Duration::from_secs(5), ..EngineConfig::default() };
+    let remote = Remote::open(&nginx.url, cfg.attempt_timeout).expect("remote");
+    let e = Engine::open(remote, id, Arc::new(cache), cfg).await.expect("engine");
+    let ino = e.image().resolve(b"f").expect("f");
+    let got = e.read(ino, 0, 1 << 20).await.expect("a small cache must not starve the read");
+    assert_eq!(got, data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_reads_hold_at_most_the_parked_bytes_budget() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let files: Vec<Vec<u8>> = (0..6).map(|i| pseudo_random(30 + i, 64 << 10)).collect();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(src.join(format!("f{i}")), d).expect("write");
+    }
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    // A slow link, so the reads overlap.
+    let nginx = Nginx::start(&store, 256 << 10);
+    let cfg = EngineConfig {
+        max_parked_bytes: 64 << 10,
+        cross_file_readahead: false,
+        read_timeout: Duration::from_secs(20),
+        ..EngineConfig::default()
+    };
+    let e = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let reads: Vec<_> = (0..files.len())
+        .map(|i| {
+            let e = e.clone();
+            let ino = e.image().resolve(format!("f{i}").as_bytes()).expect("file");
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let outcome = e.read_into(ino, 0, 64 << 10, &mut ScatterBuf::from_slice(&mut buf)).expect("read");
+                let ReadOutcome::Miss(miss) = outcome else { panic!("nothing cached yet") };
+                let data = miss.wait().await.expect("fetch");
+                data.write_into(&mut ScatterBuf::from_slice(&mut buf)).expect("write");
+                buf
+            })
+        })
+        .collect();
+    for (i, r) in reads.into_iter().enumerate() {
+        assert_eq!(r.await.expect("join"), files[i]);
+    }
+    // 16 blocks of room for six reads of 16 missing blocks each: all but the first waited.
+    assert!(e.counters.parked_waits.load(Relaxed) >= 1, "reads waited for room");
 }

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::engine::Engine;
+use incfs_buf::ScatterBuf;
+
+use crate::engine::{Engine, ParkedBytes};
 use crate::error::{Error, Result};
 use crate::image::BLOCK_SIZE;
 
@@ -110,27 +112,24 @@ impl Disk {
         if n == 0 {
             return Ok(true);
         }
-        match self.engine.read_cached(self.ino, offset, n as u32)? {
-            Some(d) if d.len() == n => {
-                buf[..n].copy_from_slice(&d);
-                Ok(true)
-            }
+        let len = n as u32;
+        match self.engine.read_cached_into(self.ino, offset, len, &mut ScatterBuf::from_slice(&mut buf[..n]))? {
+            Some(got) if got == len => Ok(true),
             Some(_) => Err(Error::Invalid("short read from the engine".into())),
             None => Ok(false),
         }
     }
 
-    async fn base(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Base content, waiting for missing blocks, within room the caller reserved.
+    async fn base(&self, room: &ParkedBytes, offset: u64, buf: &mut [u8]) -> Result<()> {
         let n = self.in_file(offset, buf.len());
         buf[n..].fill(0);
         if n == 0 {
             return Ok(());
         }
-        let d = self.engine.read(self.ino, offset, n as u32).await?;
-        if d.len() != n {
+        if self.engine.read_within(room, self.ino, offset, &mut buf[..n]).await? != n {
             return Err(Error::Invalid("short read from the engine".into()));
         }
-        buf[..n].copy_from_slice(&d);
         Ok(())
     }
 
@@ -170,8 +169,10 @@ impl Disk {
         Ok(Some(buf))
     }
 
-    /// Reads, fetching missing base blocks (until the engine's read timeout).
+    /// Reads, fetching missing base blocks (until the engine's read timeout). Waits for room
+    /// in the daemon's parked-bytes budget before allocating anything.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let room = self.engine.reserve_parked(Engine::room_for(len)).await;
         let mut buf = vec![0u8; len];
         for (s, n, ov) in self.pieces(offset, len) {
             let at = (s - offset) as usize;
@@ -179,7 +180,7 @@ impl Disk {
             if ov {
                 self.overlay.as_ref().map(|o| o.read(s, part)).transpose()?;
             } else {
-                self.base(s, part).await?;
+                self.base(&room, s, part).await?;
             }
         }
         Ok(buf)
@@ -202,11 +203,14 @@ impl Disk {
         Ok(Some(m))
     }
 
-    async fn bases(&self, need: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
+    /// The bases of the partly written blocks `need` of a parked write that holds `held`
+    /// bytes of data: waits for room for both in the parked-bytes budget first.
+    async fn bases(&self, need: &[u64], held: usize) -> Result<HashMap<u64, Vec<u8>>> {
+        let room = self.engine.reserve_parked(Engine::room_for(need.len() * BLOCK_SIZE) + held).await;
         let mut m = HashMap::new();
         for &b in need {
             let mut v = vec![0u8; BLOCK_SIZE];
-            self.base(b * BLOCK, &mut v).await?;
+            self.base(&room, b * BLOCK, &mut v).await?;
             m.insert(b, v);
         }
         Ok(m)
@@ -223,7 +227,7 @@ impl Disk {
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let o = self.overlay_or_ro()?;
-        let bases = self.bases(&o.needs_base(offset, data.len() as u64)).await?;
+        let bases = self.bases(&o.needs_base(offset, data.len() as u64), data.len()).await?;
         o.write(offset, data, &bases)
     }
 
@@ -238,7 +242,7 @@ impl Disk {
 
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let o = self.overlay_or_ro()?;
-        let bases = self.bases(&o.needs_base(offset, len)).await?;
+        let bases = self.bases(&o.needs_base(offset, len), 0).await?;
         o.write_zeroes(offset, len, &bases)
     }
 

@@ -110,7 +110,6 @@ impl ImageTree {
             blksize: BLOCK_SIZE as u32,
         }
     }
-
 }
 
 /// The kernel's dev_t encoding, as FUSE's 32-bit rdev carries it (old_encode_dev-compatible

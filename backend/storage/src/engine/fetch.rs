@@ -1,7 +1,9 @@
 //! Fetching: single flight per block in this process (`inflight`) and across processes (the
 //! cache's fetch locks), runs of neighbouring blocks in one range request, retries with
 //! backoff, verification against the leaf hash, and storing in the cache. Readers wait on an
-//! [`InFlight`] and then read the block from the cache.
+//! [`InFlight`]; a fetch hands its waiters the verified plaintext, so a reader never depends
+//! on the block surviving in the cache (a cache smaller than a read cannot livelock it). A
+//! block stored by another process is read from the cache.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,9 @@ use crate::store::{FetchError, FetchFailure, Remote};
 /// How a fetch of a block ended, as its waiters see it.
 #[derive(Clone, Debug)]
 pub(super) enum Outcome {
-    /// Look in the cache again (stored, or someone else is on it).
+    /// Fetched, verified and stored: its plaintext (a whole block).
+    Stored(Arc<[u8]>),
+    /// Look in the cache again (stored by someone else, or someone else is on it).
     Retry,
     Corrupt,
     /// Nobody waiting on it any more: the reader's deadline passed.
@@ -47,6 +51,10 @@ impl InFlight {
         *self.deadline.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// What one fetch got: (index, plaintext) of the blocks that verified, and the indexes of
+/// those that did not.
+type Fetched = (Vec<(usize, Arc<[u8]>)>, Vec<usize>);
 
 impl Engine {
     /// Joins or starts fetches for the missing blocks; returns what to wait on.
@@ -189,11 +197,9 @@ impl Engine {
                 }
             }
             match res {
-                Ok(bad) => {
-                    for &i in &fetch {
-                        if !bad.contains(&i) {
-                            outcome[i] = Some(Outcome::Retry);
-                        }
+                Ok((good, bad)) => {
+                    for (i, plain) in good {
+                        outcome[i] = Some(Outcome::Stored(plain));
                     }
                     if bad.is_empty() {
                         continue;
@@ -234,10 +240,11 @@ impl Engine {
     }
 
     /// Fetches blocks `idx` (in order) with one range request per stretch of adjoining
-    /// blocks, verifies them, stores the good ones; returns the indexes that failed
-    /// verification.
-    async fn fetch_and_store(&self, blocks: &[BlockRef], idx: &[usize]) -> Result<Vec<usize>, FetchError> {
+    /// blocks, verifies them, stores the good ones; returns the good ones' plaintext and the
+    /// indexes that failed verification.
+    async fn fetch_and_store(&self, blocks: &[BlockRef], idx: &[usize]) -> Result<Fetched, FetchError> {
         let mut bad = Vec::new();
+        let mut fetched = Vec::with_capacity(idx.len());
         let mut s = 0;
         while s < idx.len() {
             let mut e = s + 1;
@@ -256,12 +263,12 @@ impl Engine {
             // The remote bounds each attempt itself, with a deadline that grows with `len`.
             let data = self.remote.range(&blob.id, a.offset, len).await?;
             self.counters.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
-            let mut good: Vec<(Hash, Vec<u8>)> = Vec::with_capacity(e - s);
+            let mut good: Vec<(usize, Arc<[u8]>)> = Vec::with_capacity(e - s);
             for &i in &idx[s..e] {
                 let r = &blocks[i];
                 let at = (r.offset - a.offset) as usize;
                 match decode_verified(r, &data[at..at + r.len as usize]) {
-                    Some(plain) => good.push((r.hash, plain)),
+                    Some(plain) => good.push((i, plain.into())),
                     None => {
                         self.counters.verify_failures.fetch_add(1, Relaxed);
                         tracing::warn!(hash = %hex::encode(r.hash), "block from remote failed verification");
@@ -270,12 +277,13 @@ impl Engine {
                 }
             }
             self.counters.blocks_fetched.fetch_add(good.len() as u64, Relaxed);
-            let refs: Vec<(Hash, &[u8])> = good.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+            let refs: Vec<(Hash, &[u8])> = good.iter().map(|(i, d)| (blocks[*i].hash, &d[..])).collect();
             self.cache.insert_verified(&refs).map_err(|e| FetchError::Transient(format!("cache: {e}").into()))?;
             self.flush_stats();
+            fetched.extend(good);
             s = e;
         }
-        Ok(bad)
+        Ok((fetched, bad))
     }
 
     /// Hashes currently being fetched or waited for (for diagnostics).

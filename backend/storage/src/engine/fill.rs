@@ -28,7 +28,7 @@ impl Engine {
         self.cache.insert_verified(&[(r.hash, &plain)])?;
         self.counters.blocks_supplied.fetch_add(1, Relaxed);
         if let Some(fl) = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.hash) {
-            fl.done.send_replace(Some(Outcome::Retry));
+            fl.done.send_replace(Some(Outcome::Stored(plain.into())));
         }
         Ok(true)
     }

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod fetch;
 mod fill;
@@ -55,6 +55,9 @@ pub struct EngineConfig {
     pub fill: FillSource,
     /// Let readahead continue into the files packed after the one being read.
     pub cross_file_readahead: bool,
+    /// Bytes that reads waiting for blocks may hold at once; past it they wait for room
+    /// before allocating anything (a guest cannot make the daemon allocate without bound).
+    pub max_parked_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             corrupt_attempts: 3,
             fill: FillSource::Remote,
             cross_file_readahead: true,
+            max_parked_bytes: DEFAULT_MAX_PARKED_BYTES,
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct Counters {
     pub prefetch_blocks: AtomicU64,
     /// Blocks that reads looked up in the cache's index (blocks with a slot hint are not).
     pub cache_lookups: AtomicU64,
+    /// Waiting reads that had to wait for room for their data (`max_parked_bytes`).
+    pub parked_waits: AtomicU64,
 }
 
 impl Counters {
@@ -111,8 +117,19 @@ impl Counters {
             ("waits_on_other_process", c(&self.waits_on_other_process)),
             ("prefetch_blocks", c(&self.prefetch_blocks)),
             ("cache_lookups", c(&self.cache_lookups)),
+            ("parked_waits", c(&self.parked_waits)),
         ]
     }
+}
+
+/// Default for [`EngineConfig::max_parked_bytes`]: room for 16 blk requests of 8 MiB, or
+/// 128 virtio-fs reads of 1 MiB that miss every block.
+pub const DEFAULT_MAX_PARKED_BYTES: u64 = 128 << 20;
+
+/// Room reserved for a waiting read's data; given back when dropped.
+pub struct ParkedBytes {
+    /// None only if the semaphore were closed, which it never is.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub struct Engine {
@@ -131,6 +148,9 @@ pub struct Engine {
     /// since the cache checks every slot's record on read.
     slot_hints: Box<[AtomicU64]>,
     block_base: Vec<u64>,
+    /// Room for parked reads' data, in blocks (see `EngineConfig::max_parked_bytes`).
+    parked: Arc<tokio::sync::Semaphore>,
+    parked_blocks: u32,
 }
 
 impl Drop for Engine {
@@ -151,6 +171,8 @@ impl Engine {
             total += f.blocks.len() as u64;
         }
         let slot_hints = (0..total).map(|_| AtomicU64::new(0)).collect();
+        let parked_blocks =
+            u32::try_from(cfg.max_parked_bytes / BLOCK_SIZE as u64).unwrap_or(u32::MAX).clamp(1, 1 << 28);
         Ok(Arc::new(Engine {
             slot_hints,
             block_base,
@@ -162,6 +184,8 @@ impl Engine {
             counters: Counters::default(),
             flushed: Mutex::new((0, 0)),
             recorder: std::sync::OnceLock::new(),
+            parked: Arc::new(tokio::sync::Semaphore::new(parked_blocks as usize)),
+            parked_blocks,
         }))
     }
 
@@ -203,6 +227,18 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Reserves room for `bytes` of a read that waits (all of the daemon's room if it asks
+    /// for more), waiting while other parked reads hold it.
+    pub async fn reserve_parked(&self, bytes: usize) -> ParkedBytes {
+        let blocks = u32::try_from(bytes.div_ceil(BLOCK_SIZE)).unwrap_or(u32::MAX).clamp(1, self.parked_blocks);
+        let t = Instant::now();
+        let permit = self.parked.clone().acquire_many_owned(blocks).await;
+        if t.elapsed() > Duration::from_millis(1) {
+            self.counters.parked_waits.fetch_add(1, Relaxed);
+        }
+        ParkedBytes { _permit: permit.ok() }
     }
 
     fn file(&self, ino: u32) -> Result<&FileData> {

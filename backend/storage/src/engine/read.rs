@@ -4,6 +4,7 @@
 //! the missing blocks and returns only their bytes, which [`MissData::write_into`] puts where
 //! they belong in the same buffer.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -13,9 +14,9 @@ use incfs_buf::ScatterBuf;
 use tokio::time::Instant;
 
 use super::fetch::Outcome;
-use super::{Engine, FillSource};
+use super::{Engine, FillSource, ParkedBytes};
 use crate::error::{Error, Result};
-use crate::image::{BlockKind, BlockRef, FileData, BLOCK_SIZE};
+use crate::image::{BlockKind, BlockRef, FileData, Hash, BLOCK_SIZE};
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -49,7 +50,10 @@ pub struct MissData {
     offset: u64,
     len: u32,
     /// (block of the file, its plaintext).
-    blocks: Vec<(u32, Box<[u8]>)>,
+    blocks: Vec<(u32, Arc<[u8]>)>,
+    /// The room these bytes take in the daemon's parked-bytes budget (None when the caller
+    /// reserved it).
+    _room: Option<ParkedBytes>,
 }
 
 impl MissData {
@@ -90,7 +94,16 @@ impl Miss {
 
     /// Waits for the missing blocks (fetching them unless a guest supplies them) until the
     /// engine's read timeout; ETIME past it, EBADMSG if the remote keeps sending bad data.
+    /// First it waits for room for their bytes in the daemon's parked-bytes budget.
     pub async fn wait(self) -> Result<MissData> {
+        let room = self.engine.reserve_parked(self.missing.len() * BLOCK_SIZE).await;
+        let mut data = self.wait_within(&room).await?;
+        data._room = Some(room);
+        Ok(data)
+    }
+
+    /// As [`Miss::wait`], for a caller that reserved room for the whole read already.
+    pub async fn wait_within(self, _room: &ParkedBytes) -> Result<MissData> {
         let c = &self.engine.counters;
         c.cache_hits.fetch_add(self.cached, Relaxed);
         c.cache_misses.fetch_add(self.missing.len() as u64, Relaxed);
@@ -116,6 +129,8 @@ impl Miss {
         let mut blocks = Vec::with_capacity(self.missing.len());
         let mut missing: Vec<usize> = self.missing.iter().map(|&b| b as usize).collect();
         loop {
+            // What this process's fetches handed over: no need for the cache to still have it.
+            let mut fetched: HashMap<Hash, Arc<[u8]>> = HashMap::new();
             for (hash, w) in e.request(self.file, f, &missing, self.read_end, deadline) {
                 let mut rx = w.done.subscribe();
                 let outcome = loop {
@@ -134,6 +149,9 @@ impl Miss {
                     }
                 };
                 match outcome {
+                    Outcome::Stored(data) => {
+                        fetched.insert(hash, data);
+                    }
                     Outcome::Retry => {}
                     Outcome::Corrupt => {
                         return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into()))
@@ -142,18 +160,22 @@ impl Miss {
                     Outcome::Failed(e) => return Err(Error::Fetch(e)),
                 }
             }
-            // Read only what was missing.
+            // Only what was missing: handed over, else stored by someone else.
             let mut still = Vec::new();
             for b in missing {
-                let mut data = vec![0u8; BLOCK_SIZE].into_boxed_slice();
+                if let Some(data) = fetched.get(&f.blocks[b].hash) {
+                    blocks.push((b as u32, data.clone()));
+                    continue;
+                }
+                let mut data = vec![0u8; BLOCK_SIZE];
                 if e.read_block(self.file, f, b, &mut data)? {
-                    blocks.push((b as u32, data));
+                    blocks.push((b as u32, data.into()));
                 } else {
                     still.push(b);
                 }
             }
             if still.is_empty() {
-                return Ok(MissData { offset: self.offset, len: self.len, blocks });
+                return Ok(MissData { offset: self.offset, len: self.len, blocks, _room: None });
             }
             if Instant::now() >= deadline {
                 return Err(Error::Timeout);
@@ -201,16 +223,43 @@ impl Engine {
         }))
     }
 
-    /// Reads verified plaintext, waiting for missing blocks until the read timeout.
+    /// Reads verified plaintext, waiting for missing blocks until the read timeout. It first
+    /// waits for room in the parked-bytes budget for the read and its missing blocks.
     pub async fn read(self: &Arc<Self>, file: u32, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let f = self.file(file)?;
-        let mut buf = vec![0u8; Self::span(f, offset, len).0 as usize];
-        let outcome = self.read_into(file, offset, len, &mut ScatterBuf::from_slice(&mut buf))?;
-        if let ReadOutcome::Miss(miss) = outcome {
-            let data = miss.wait().await?;
-            data.write_into(&mut ScatterBuf::from_slice(&mut buf)).map_err(|e| Error::io("copy fetched blocks", e))?;
-        }
+        let n = Self::span(self.file(file)?, offset, len).0 as usize;
+        let room = self.reserve_parked(Self::room_for(n)).await;
+        let mut buf = vec![0u8; n];
+        self.read_within(&room, file, offset, &mut buf).await?;
         Ok(buf)
+    }
+
+    /// Room a waiting read of `n` bytes needs: its buffer, and as much again (plus the partial
+    /// blocks at either end) for the blocks it waits for.
+    pub fn room_for(n: usize) -> usize {
+        2 * n + 2 * BLOCK_SIZE
+    }
+
+    /// Reads `out.len()` bytes at `offset` (zeroes past the end of the file) into `out`,
+    /// waiting for missing blocks until the read timeout, for a caller that reserved
+    /// [`Engine::room_for`] bytes; returns the bytes that are file data.
+    pub async fn read_within(
+        self: &Arc<Self>,
+        room: &ParkedBytes,
+        file: u32,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<usize> {
+        let len = u32::try_from(out.len()).map_err(|_| Error::Invalid(format!("a read of {} bytes", out.len())))?;
+        let outcome = self.read_into(file, offset, len, &mut ScatterBuf::from_slice(out))?;
+        let n = match outcome {
+            ReadOutcome::Done(n) => n,
+            ReadOutcome::Miss(miss) => {
+                let data = miss.wait_within(room).await?;
+                data.write_into(&mut ScatterBuf::from_slice(out)).map_err(|e| Error::io("copy fetched blocks", e))?
+            }
+        };
+        out[n as usize..].fill(0);
+        Ok(n as usize)
     }
 
     /// Reads from the cache only: None when any block is missing. Never waits.
