@@ -613,3 +613,26 @@ async fn waiting_reads_hold_at_most_the_parked_bytes_budget() {
     // 16 blocks of room for six reads of 16 missing blocks each: all but the first waited.
     assert!(e.counters.parked_waits.load(Relaxed) >= 1, "reads waited for room");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_a_guest_never_supplies_leave_nothing_behind() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("f"), pseudo_random(23, 8 * 4096)).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    let cfg = EngineConfig {
+        fill: incfs::engine::FillSource::Supplied,
+        read_timeout: Duration::from_millis(100),
+        ..EngineConfig::default()
+    };
+    let e = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let ino = e.image().resolve(b"f").expect("f");
+    for off in [0u64, 4096, 5 * 4096] {
+        let err = e.read(ino, off, 4096).await.expect_err("nobody supplies the block");
+        assert!(matches!(err, incfs::Error::Timeout), "{err}");
+    }
+    assert_eq!(e.inflight_count(), 0, "timed-out waits are forgotten");
+}

@@ -286,6 +286,18 @@ impl Engine {
         Ok((fetched, bad))
     }
 
+    /// With a guest supplying blocks nobody fetches, so nobody else ends a wait: a reader
+    /// that gives up removes the entries of `hashes` whose every waiter's deadline has passed.
+    pub(super) fn forget_expired_waits(&self, hashes: impl Iterator<Item = Hash>) {
+        let now = Instant::now();
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        for h in hashes {
+            if map.get(&h).is_some_and(|fl| fl.deadline() <= now) {
+                map.remove(&h);
+            }
+        }
+    }
+
     /// Hashes currently being fetched or waited for (for diagnostics).
     pub fn inflight_count(&self) -> usize {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner()).len()

@@ -109,6 +109,12 @@ impl Miss {
         c.cache_misses.fetch_add(self.missing.len() as u64, Relaxed);
         c.reads_delayed.fetch_add(1, Relaxed);
         let res = self.fetch().await;
+        if matches!(res, Err(Error::Timeout)) && self.engine.cfg.fill == FillSource::Supplied {
+            if let Ok(f) = self.engine.file(self.file) {
+                let hashes = self.missing.iter().filter_map(|&b| f.blocks.get(b as usize)).map(|r| r.hash);
+                self.engine.forget_expired_waits(hashes);
+            }
+        }
         c.reads.fetch_add(1, Relaxed);
         if let Err(e) = &res {
             if matches!(e, Error::Timeout) {
