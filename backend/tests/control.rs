@@ -25,6 +25,12 @@ struct Setup {
 }
 
 async fn setup(fill: FillSource, read_timeout: Duration) -> Setup {
+    let (engine, data, dir) = engine(fill, read_timeout).await;
+    Setup { fs: Arc::new(MountFs::new(engine)), data, _dir: dir }
+}
+
+/// An engine over a small image: "a" (its bytes returned), "sub/b", "zeros".
+async fn engine(fill: FillSource, read_timeout: Duration) -> (Arc<Engine>, Vec<u8>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tmp");
     let src = dir.path().join("src");
     std::fs::create_dir_all(src.join("sub")).expect("mkdir");
@@ -40,7 +46,7 @@ async fn setup(fill: FillSource, read_timeout: Duration) -> Setup {
     let remote = Remote::open(store.to_str().expect("utf8"), cfg.attempt_timeout).expect("remote");
     let cache = Arc::new(BlockCache::open(&dir.path().join("cache")).expect("cache"));
     let engine = Engine::open(remote, id, cache, cfg).await.expect("engine");
-    Setup { fs: Arc::new(MountFs::new(engine)), data, _dir: dir }
+    (engine, data, dir)
 }
 
 /// READ through the FileSystem trait into a fresh buffer, as the dispatcher would.
@@ -449,4 +455,30 @@ async fn remote_fetch_shows_pending_reads_while_under_way() {
     assert_eq!(r.await.expect("read"), s.data[..8192]);
     assert!(s.fs.control().pending_now().is_empty());
     assert!(stat(fs, "blocks_written") >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_file_snapshots_are_bounded() {
+    let (engine, _data, _dir) = engine(FillSource::Remote, Duration::from_secs(10)).await;
+    let c = Control::with_snapshot_limit(engine, 2000);
+    let stats = |c: &Arc<Control>, fh: u64, size: u32| match c.read(incfs::control::INO_STATS, fh, 0, size, &ctx(0)) {
+        Reply::Ready(r) => r,
+        Reply::Pending(_) => panic!("generated files answer at once"),
+    };
+    let open = |c: &Arc<Control>| c.open(incfs::control::INO_STATS, libc::O_RDONLY as u32).expect("open").0;
+    // A READ that takes the whole file keeps nothing, however many handles do it.
+    let whole: Vec<u64> = (0..20).map(|_| open(&c)).collect();
+    for &fh in &whole {
+        assert!(stats(&c, fh, 65536).expect("read").len() > 100);
+    }
+    // Reading in pieces keeps a snapshot per handle, until the limit.
+    let pieces: Vec<u64> = (0..20).map(|_| open(&c)).collect();
+    let results: Vec<_> = pieces.iter().map(|&fh| stats(&c, fh, 16)).collect();
+    assert!(results.iter().take(2).all(|r| r.is_ok()), "the first snapshots fit");
+    assert!(results.contains(&Err(libc::ENOMEM)), "past the limit: ENOMEM, not more memory");
+    // Releasing a handle gives its snapshot back.
+    for &fh in &pieces[..2] {
+        c.release(fh);
+    }
+    assert_eq!(stats(&c, *pieces.last().expect("handle"), 16).map(|d| d.len()), Ok(16));
 }

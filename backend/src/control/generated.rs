@@ -10,15 +10,29 @@ use super::{lock, Control, INO_BLOCKS_WRITTEN, INO_FILLED_BASE, INO_LAST_READ_ER
 
 impl Control {
     /// Text and binary files generated on demand. The READ at offset 0 takes a snapshot that
-    /// later offsets of the same handle read from, so a reader never sees a torn value.
+    /// later offsets of the same handle read from, so a reader never sees a torn value; a
+    /// READ that takes the whole file needs none. Snapshots count against the channel's
+    /// limit: past it, ENOMEM.
     pub(super) fn read_generated(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let cached = lock(&self.handles).get(&fh).and_then(|h| h.snapshot.clone());
         let data = match cached {
             Some(d) if offset != 0 => d,
             _ => {
                 let d = Arc::new(self.generate(ino)?);
-                if let Some(h) = lock(&self.handles).get_mut(&fh) {
-                    h.snapshot = Some(d.clone());
+                let keep = d.len() > size as usize;
+                let mut handles = lock(&self.handles);
+                if let Some(h) = handles.get_mut(&fh) {
+                    let old = h.snapshot.take();
+                    self.forget_snapshot(old);
+                    if keep {
+                        let len = d.len() as u64;
+                        let held = self.snapshot_bytes.fetch_add(len, Relaxed);
+                        if held.saturating_add(len) > self.snapshot_limit {
+                            self.snapshot_bytes.fetch_sub(len, Relaxed);
+                            return Err(libc::ENOMEM);
+                        }
+                        h.snapshot = Some(d.clone());
+                    }
                 }
                 d
             }
@@ -26,6 +40,13 @@ impl Control {
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
         let end = start.saturating_add(size as usize).min(data.len());
         Ok(data[start..end].to_vec())
+    }
+
+    /// Gives a handle's snapshot's bytes back to the limit.
+    pub(super) fn forget_snapshot(&self, snapshot: Option<Arc<Vec<u8>>>) {
+        if let Some(d) = snapshot {
+            self.snapshot_bytes.fetch_sub(d.len() as u64, Relaxed);
+        }
     }
 
     pub fn blocks_written(&self) -> u64 {

@@ -74,6 +74,9 @@ pub const LOG_CAPACITY: usize = 16384;
 pub const MAX_POLL: Duration = Duration::from_millis(incfs_wire::MAX_POLL_MS as u64);
 /// Open control handles at once; each costs a little memory the guest could otherwise grow.
 pub const MAX_HANDLES: usize = 4096;
+/// Bytes of generated-file snapshots kept for handles at once (a `.filled` of a large,
+/// patchily loaded file runs to megabytes); past it a READ that needs one fails with ENOMEM.
+pub const MAX_SNAPSHOT_BYTES: u64 = 64 << 20;
 
 /// The last read that failed.
 pub use incfs_wire::LastReadError as LastError;
@@ -126,6 +129,9 @@ pub struct Control {
     last_error: Mutex<Option<LastError>>,
     started: u64,
     pub counters: ControlCounters,
+    /// Bytes of the snapshots handles keep, and the most they may.
+    snapshot_bytes: AtomicU64,
+    snapshot_limit: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,6 +144,11 @@ pub fn now_us() -> u64 {
 
 impl Control {
     pub fn new(engine: Arc<Engine>) -> Arc<Self> {
+        Self::with_snapshot_limit(engine, MAX_SNAPSHOT_BYTES)
+    }
+
+    /// With at most `snapshot_limit` bytes of generated-file snapshots kept at once.
+    pub fn with_snapshot_limit(engine: Arc<Engine>, snapshot_limit: u64) -> Arc<Self> {
         let img = engine.image();
         let mut files: Vec<(u32, [u8; 16])> = img.files().map(|(i, _)| (i, img.file_id(i))).collect();
         files.sort_unstable_by_key(|f| f.0);
@@ -156,6 +167,8 @@ impl Control {
             last_error: Mutex::new(None),
             started,
             counters: ControlCounters::default(),
+            snapshot_bytes: AtomicU64::new(0),
+            snapshot_limit,
         })
     }
 
@@ -312,12 +325,16 @@ impl Control {
     }
 
     pub fn release(&self, fh: u64) {
-        lock(&self.handles).remove(&fh);
+        if let Some(h) = lock(&self.handles).remove(&fh) {
+            self.forget_snapshot(h.snapshot);
+        }
     }
 
     /// The guest unmounted or went away: its handles will never be released one by one.
     pub fn drop_handles(&self) {
-        lock(&self.handles).clear();
+        for (_, h) in lock(&self.handles).drain() {
+            self.forget_snapshot(h.snapshot);
+        }
     }
 
     pub fn read(self: &Arc<Self>, ino: u64, fh: u64, offset: u64, size: u32, _ctx: &Context) -> Reply<Vec<u8>> {
