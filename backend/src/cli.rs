@@ -294,11 +294,11 @@ impl RunArgs {
             },
             ..self.device.engine.fetch.engine_config()
         };
-        let device = incfs_fuse::DeviceConfig {
+        let device = incfs_fuse::VirtioFsConfig {
             request_queues: queues.max(1),
             threads: self.device.threads.clamp(1, queues.max(1)),
             poll_max: Duration::from_micros(self.device.poll_us),
-            ..incfs_fuse::DeviceConfig::default()
+            ..incfs_fuse::VirtioFsConfig::default()
         };
         // One runtime worker per queue thread asked for, for the fetches they start.
         let worker_threads = self.device.threads.max(1);
@@ -310,13 +310,13 @@ impl BlkArgs {
     pub fn config(self) -> BlkConfig {
         let queues = self.queues as usize;
         let engine = self.device.engine.fetch.engine_config();
-        let device = incfs::blk::DeviceConfig {
+        let device = incfs::blk::BlkDeviceConfig {
             queues,
             threads: self.device.threads.clamp(1, queues),
             logical_block_size: self.logical_block_size,
             opt_io: engine.readahead.min(1 << 20) as u32,
             poll_max: Duration::from_micros(self.device.poll_us),
-            ..incfs::blk::DeviceConfig::default()
+            ..incfs::blk::BlkDeviceConfig::default()
         };
         // Flushes and overlay writes run on the runtime too: at least two workers.
         let worker_threads = device.threads.max(2);

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use incfs::blk::{BlkServer, DeviceConfig, Disk, ServerStopper};
+use incfs::blk::{BlkDeviceConfig, BlkServer, Disk, ServerStopper};
 use incfs::cache::BlockCache;
 use incfs::engine::{Engine, EngineConfig};
 use incfs::image::{merkle, ImageId};
@@ -73,7 +73,7 @@ impl Served {
     }
 
     /// Starts the device (read-only, or with the overlay file `overlay`).
-    fn start(&mut self, overlay: Option<&Path>, ecfg: EngineConfig, dcfg: DeviceConfig) {
+    fn start(&mut self, overlay: Option<&Path>, ecfg: EngineConfig, dcfg: BlkDeviceConfig) {
         self.stop();
         let remote = Remote::open(&self.url(), ecfg.attempt_timeout).expect("remote");
         let cache = Arc::new(BlockCache::open(&self.cache_dir()).expect("cache"));
@@ -88,7 +88,7 @@ impl Served {
     fn start_default(&mut self, overlay: Option<&Path>) {
         let ecfg =
             EngineConfig { read_timeout: Duration::from_secs(10), readahead: 64 << 10, ..EngineConfig::default() };
-        self.start(overlay, ecfg, DeviceConfig { queues: 2, threads: 2, ..DeviceConfig::default() });
+        self.start(overlay, ecfg, BlkDeviceConfig { queues: 2, threads: 2, ..BlkDeviceConfig::default() });
     }
 
     fn stop(&mut self) {
@@ -261,7 +261,7 @@ fn read_timeout_is_ioerr() {
         attempt_timeout: Duration::from_millis(300),
         ..EngineConfig::default()
     };
-    s.start(None, ecfg, DeviceConfig::default());
+    s.start(None, ecfg, BlkDeviceConfig::default());
     let mut f = s.connect(1);
     s.server.as_ref().expect("server").set_always(Some(Fault::Stall(Duration::from_secs(3))));
     let t = Instant::now();

@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! let fs: Arc<dyn FileSystem> = Arc::new(MountFs::new(..));
-//! let mut server = VirtioFsServer::bind(&socket, fs, DeviceConfig::default(), rt.handle().clone())?;
+//! let mut server = VirtioFsServer::bind(&socket, fs, VirtioFsConfig::default(), rt.handle().clone())?;
 //! let stopper = server.stopper();           // stopper.stop() from a signal handler task
 //! while server.serve_one()? {}              // one frontend (QEMU) after another
 //! ```
@@ -28,4 +28,4 @@ pub use filesystem::{
     Reply, StatFs,
 };
 pub use incfs_buf::ScatterBuf;
-pub use virtio_fs::{serve, DeviceConfig, Error, Result, ServerStopper, VirtioFs, VirtioFsServer};
+pub use virtio_fs::{serve, Error, Result, ServerStopper, VirtioFs, VirtioFsConfig, VirtioFsServer};

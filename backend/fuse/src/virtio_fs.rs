@@ -25,7 +25,7 @@ pub use incfs_vhost::{Error, Result, ServerStopper};
 
 /// Device-level configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceConfig {
+pub struct VirtioFsConfig {
     /// Number of request queues (not counting the hiprio queue). The guest uses at most
     /// what its `num-request-queues` says.
     pub request_queues: usize,
@@ -42,10 +42,10 @@ pub struct DeviceConfig {
     pub poll_max: std::time::Duration,
 }
 
-impl Default for DeviceConfig {
+impl Default for VirtioFsConfig {
     fn default() -> Self {
         let server = ServerConfig::default();
-        DeviceConfig {
+        VirtioFsConfig {
             request_queues: 1,
             queue_size: server.queue_size,
             threads: server.threads,
@@ -56,7 +56,7 @@ impl Default for DeviceConfig {
     }
 }
 
-impl DeviceConfig {
+impl VirtioFsConfig {
     fn validate(&self) -> Result<()> {
         // 63: the queue masks are u64 and queue 0 is hiprio.
         if self.request_queues == 0 || self.request_queues > 63 {
@@ -91,12 +91,12 @@ impl DeviceConfig {
 /// The virtio-fs device of one frontend connection.
 pub struct VirtioFs {
     dispatcher: Arc<Dispatcher>,
-    cfg: DeviceConfig,
+    cfg: VirtioFsConfig,
     rt: Handle,
 }
 
 impl VirtioFs {
-    pub fn new(fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle) -> Self {
+    pub fn new(fs: Arc<dyn FileSystem>, cfg: VirtioFsConfig, rt: Handle) -> Self {
         VirtioFs { dispatcher: Arc::new(Dispatcher::new(fs, cfg.fuse)), cfg, rt }
     }
 }
@@ -192,7 +192,7 @@ pub struct VirtioFsServer {
 
 impl VirtioFsServer {
     /// Binds `socket` (replacing a stale socket file there; the file is removed on drop).
-    pub fn bind(socket: &Path, fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
+    pub fn bind(socket: &Path, fs: Arc<dyn FileSystem>, cfg: VirtioFsConfig, rt: Handle) -> Result<Self> {
         cfg.validate()?;
         let server = DeviceServer::bind(socket, cfg.server(), move || VirtioFs::new(fs.clone(), cfg, rt.clone()))?;
         Ok(VirtioFsServer { server })
@@ -202,7 +202,7 @@ impl VirtioFsServer {
     pub fn from_listener(
         listener: UnixListener,
         fs: Arc<dyn FileSystem>,
-        cfg: DeviceConfig,
+        cfg: VirtioFsConfig,
         rt: Handle,
     ) -> Result<Self> {
         cfg.validate()?;
@@ -226,7 +226,7 @@ impl VirtioFsServer {
 
 /// Serves one frontend connection on `socket` and returns when it disconnects. To serve
 /// frontends one after another on the same socket, use [`VirtioFsServer`].
-pub fn serve(socket: &Path, fs: Arc<dyn FileSystem>, cfg: DeviceConfig, rt: Handle) -> Result<()> {
+pub fn serve(socket: &Path, fs: Arc<dyn FileSystem>, cfg: VirtioFsConfig, rt: Handle) -> Result<()> {
     VirtioFsServer::bind(socket, fs, cfg, rt)?.serve_one().map(|_| ())
 }
 
@@ -236,9 +236,9 @@ mod tests {
 
     #[test]
     fn masks() {
-        let cfg = DeviceConfig { request_queues: 3, threads: 2, ..Default::default() };
+        let cfg = VirtioFsConfig { request_queues: 3, threads: 2, ..Default::default() };
         assert_eq!(cfg.thread_masks(cfg.threads), vec![0b1011, 0b0100]);
-        let cfg = DeviceConfig { request_queues: 1, threads: 4, ..Default::default() };
+        let cfg = VirtioFsConfig { request_queues: 1, threads: 4, ..Default::default() };
         assert_eq!(cfg.thread_masks(cfg.threads), vec![0b11]);
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use incfs_fuse::abi;
-use incfs_fuse::DeviceConfig;
+use incfs_fuse::VirtioFsConfig;
 use incfs_testing::{DescSpec, FrontendConfig, FuseFrontend, FuseReply};
 use vm_memory::ByteValued;
 
@@ -23,7 +23,7 @@ fn connect(h: &Harness) -> FuseFrontend {
 
 #[test]
 fn every_opcode() {
-    let mut h = Harness::start(DeviceConfig::default(), 1);
+    let mut h = Harness::start(VirtioFsConfig::default(), 1);
     let mut f = connect(&h);
 
     // Before INIT everything is EIO.
@@ -187,7 +187,7 @@ fn every_opcode() {
 
 #[test]
 fn init_negotiation() {
-    let mut h = Harness::start(DeviceConfig::default(), 1);
+    let mut h = Harness::start(VirtioFsConfig::default(), 1);
     let mut f = connect(&h);
     // An old guest without MAX_PAGES gets 32 pages; flags we do not support are dropped.
     let out = f.init_with(7, 31, abi::FUSE_ASYNC_READ | abi::FUSE_WRITEBACK_CACHE, 4 << 20).expect("init");
@@ -208,7 +208,7 @@ fn init_negotiation() {
 /// Garbage of every kind is answered (or returned empty) and never breaks the daemon.
 #[test]
 fn hostile_requests() {
-    let mut h = Harness::start(DeviceConfig::default(), 1);
+    let mut h = Harness::start(VirtioFsConfig::default(), 1);
     let mut f = connect(&h);
     f.init().expect("init");
     let q = 1;
@@ -349,7 +349,7 @@ fn hostile_requests() {
 /// A parked read completes later while other requests on the same queue are answered inline.
 #[test]
 fn pending_read_does_not_block_queue() {
-    let mut h = Harness::start(DeviceConfig::default(), 1);
+    let mut h = Harness::start(VirtioFsConfig::default(), 1);
     let mut f = connect(&h);
     f.init().expect("init");
     let q = 1;
@@ -397,7 +397,7 @@ fn pending_read_does_not_block_queue() {
 /// A read parked when the queue is stopped must not be completed into the stopped ring.
 #[test]
 fn stopped_queue_drops_parked_reply() {
-    let mut h = Harness::start(DeviceConfig::default(), 1);
+    let mut h = Harness::start(VirtioFsConfig::default(), 1);
     let mut f = connect(&h);
     f.init().expect("init");
     let (fh, _) = f.open(SLOW, 0).expect("open slow");
@@ -431,7 +431,7 @@ fn multiqueue_and_batches_event_idx() {
 }
 
 fn multiqueue(event_idx: bool) {
-    let cfg = DeviceConfig { request_queues: 3, threads: 2, ..Default::default() };
+    let cfg = VirtioFsConfig { request_queues: 3, threads: 2, ..Default::default() };
     let mut h = Harness::start(cfg, 1);
     let fcfg = FrontendConfig { request_queues: 3, event_idx, ..Default::default() };
     let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
@@ -479,7 +479,7 @@ fn multiqueue(event_idx: bool) {
 fn adaptive_polling_saves_kicks_and_loses_no_request() {
     let mut kicks_by_window = Vec::new();
     for poll_max in [Duration::ZERO, Duration::from_micros(50), Duration::from_millis(20)] {
-        let cfg = DeviceConfig { poll_max, ..Default::default() };
+        let cfg = VirtioFsConfig { poll_max, ..Default::default() };
         let mut h = Harness::start(cfg, 1);
         let fcfg = FrontendConfig { event_idx: true, ..Default::default() };
         let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
@@ -521,7 +521,8 @@ fn adaptive_polling_saves_kicks_and_loses_no_request() {
 /// A thread polling one queue does not make another queue it serves wait for the window.
 #[test]
 fn polling_one_queue_does_not_hold_up_another() {
-    let cfg = DeviceConfig { request_queues: 2, threads: 1, poll_max: Duration::from_millis(50), ..Default::default() };
+    let cfg =
+        VirtioFsConfig { request_queues: 2, threads: 1, poll_max: Duration::from_millis(50), ..Default::default() };
     let mut h = Harness::start(cfg, 1);
     let fcfg = FrontendConfig { request_queues: 2, event_idx: true, ..Default::default() };
     let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
@@ -553,7 +554,7 @@ fn polling_one_queue_does_not_hold_up_another() {
 /// After a frontend disconnects, serve_one returns and the next one is served.
 #[test]
 fn reconnect() {
-    let mut h = Harness::start(DeviceConfig::default(), 2);
+    let mut h = Harness::start(VirtioFsConfig::default(), 2);
     for _ in 0..2 {
         let mut f = connect(&h);
         // A parked read in flight at disconnect must not trouble the daemon.
@@ -578,7 +579,7 @@ fn reconnect() {
 /// The stopper disconnects a connected frontend.
 #[test]
 fn stopper_ends_connection() {
-    let mut h = Harness::start(DeviceConfig::default(), 3);
+    let mut h = Harness::start(VirtioFsConfig::default(), 3);
     let fcfg = FrontendConfig { timeout: Duration::from_millis(500), ..Default::default() };
     let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
     f.init().expect("init");
@@ -592,7 +593,7 @@ fn stopper_ends_connection() {
 /// A stop while nobody is connected ends a waiting serve_one.
 #[test]
 fn stopper_ends_wait() {
-    let mut h = Harness::start(DeviceConfig::default(), 1);
+    let mut h = Harness::start(VirtioFsConfig::default(), 1);
     std::thread::sleep(Duration::from_millis(100));
     h.stopper.stop();
     let results: Vec<bool> = h.join().into_iter().map(|r| r.expect("serve_one")).collect();

@@ -31,7 +31,7 @@ pub const CONFIG_LEN: usize = std::mem::size_of::<VirtioBlkConfig>();
 
 /// Device-level configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceConfig {
+pub struct BlkDeviceConfig {
     /// Request queues offered (the frontend's num-queues may be up to this).
     pub queues: usize,
     /// Largest virtqueue size the frontend may configure (power of two).
@@ -53,10 +53,10 @@ pub struct DeviceConfig {
     pub poll_max: std::time::Duration,
 }
 
-impl Default for DeviceConfig {
+impl Default for BlkDeviceConfig {
     fn default() -> Self {
         let server = ServerConfig::default();
-        DeviceConfig {
+        BlkDeviceConfig {
             queues: 1,
             queue_size: server.queue_size,
             threads: server.threads,
@@ -70,7 +70,7 @@ impl Default for DeviceConfig {
     }
 }
 
-impl DeviceConfig {
+impl BlkDeviceConfig {
     pub fn validate(&self) -> Result<()> {
         if self.queues == 0 || self.queues > 64 {
             return Err(Error::Invalid("queues must be 1..=64".into()));
@@ -150,7 +150,7 @@ unsafe impl ByteValued for VirtioBlkConfig {}
 
 impl VirtioBlkConfig {
     /// The config space for `disk` served with `cfg`.
-    pub fn new(cfg: &DeviceConfig, disk: &Disk) -> Self {
+    pub fn new(cfg: &BlkDeviceConfig, disk: &Disk) -> Self {
         let lbs = cfg.logical_block_size;
         let mut c = VirtioBlkConfig {
             capacity: (disk.size() / rq::SECTOR_SIZE).to_le(),
@@ -211,7 +211,7 @@ fn status_of(r: &Result<()>) -> u8 {
 /// The vhost-user-blk device of one frontend connection.
 pub struct Blk {
     disk: Arc<Disk>,
-    cfg: DeviceConfig,
+    cfg: BlkDeviceConfig,
     config: VirtioBlkConfig,
     limits: Limits,
     support: Support,
@@ -219,7 +219,7 @@ pub struct Blk {
 }
 
 impl Blk {
-    pub fn new(disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle) -> Self {
+    pub fn new(disk: Arc<Disk>, cfg: BlkDeviceConfig, rt: Handle) -> Self {
         let w = disk.writable();
         Blk {
             config: VirtioBlkConfig::new(&cfg, &disk),
@@ -437,7 +437,7 @@ pub struct BlkServer {
 
 impl BlkServer {
     /// Binds `socket` (replacing a stale socket file there).
-    pub fn bind(socket: &Path, disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
+    pub fn bind(socket: &Path, disk: Arc<Disk>, cfg: BlkDeviceConfig, rt: Handle) -> Result<Self> {
         cfg.validate()?;
         let server = DeviceServer::bind(socket, cfg.server(), move || Blk::new(disk.clone(), cfg, rt.clone()))
             .map_err(vhost_error)?;
@@ -445,7 +445,7 @@ impl BlkServer {
     }
 
     /// Serves on an already bound listener (socket activation, tests).
-    pub fn from_listener(listener: UnixListener, disk: Arc<Disk>, cfg: DeviceConfig, rt: Handle) -> Result<Self> {
+    pub fn from_listener(listener: UnixListener, disk: Arc<Disk>, cfg: BlkDeviceConfig, rt: Handle) -> Result<Self> {
         cfg.validate()?;
         let server =
             DeviceServer::from_listener(listener, cfg.server(), move || Blk::new(disk.clone(), cfg, rt.clone()))
@@ -470,9 +470,9 @@ mod tests {
 
     #[test]
     fn masks() {
-        let cfg = DeviceConfig { queues: 3, threads: 2, ..Default::default() };
+        let cfg = BlkDeviceConfig { queues: 3, threads: 2, ..Default::default() };
         assert_eq!(incfs_vhost::round_robin(0, cfg.queues, cfg.threads), vec![0b101, 0b010]);
-        let cfg = DeviceConfig { queues: 1, threads: 4, ..Default::default() };
+        let cfg = BlkDeviceConfig { queues: 1, threads: 4, ..Default::default() };
         assert_eq!(incfs_vhost::round_robin(0, cfg.queues, cfg.threads), vec![0b1]);
     }
 

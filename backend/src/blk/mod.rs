@@ -21,7 +21,7 @@ use crate::daemon::{self, DaemonConfig, DeviceServer, Error, Result};
 use crate::engine::Engine;
 use crate::metrics::{Metrics, Snapshot};
 
-pub use device::{BlkServer, DeviceConfig, ServerStopper};
+pub use device::{BlkDeviceConfig, BlkServer, ServerStopper};
 pub use disk::Disk;
 
 #[derive(Clone, Debug)]
@@ -36,7 +36,7 @@ pub struct DiskConfig {
     /// The disk image's path inside the image.
     pub path: String,
     pub overlay: Option<PathBuf>,
-    pub device: DeviceConfig,
+    pub device: BlkDeviceConfig,
 }
 
 /// Serves the disk until SIGINT/SIGTERM. Reads served by the overlay are not engine reads
@@ -48,7 +48,7 @@ pub fn run(cfg: BlkConfig) -> Result<()> {
 struct BlkDevice {
     disk: Arc<Disk>,
     path: String,
-    device: DeviceConfig,
+    device: BlkDeviceConfig,
 }
 
 impl daemon::Device for BlkDevice {

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use incfs_fuse::{DeviceConfig, VirtioFsServer};
+use incfs_fuse::{VirtioFsConfig, VirtioFsServer};
 use incfs_vhost::ServerStopper;
 use tokio::runtime::Handle;
 
@@ -15,7 +15,7 @@ use crate::fs::MountFs;
 pub struct RunConfig {
     pub daemon: DaemonConfig,
     /// Queues, queue threads and polling.
-    pub device: DeviceConfig,
+    pub device: VirtioFsConfig,
 }
 
 /// Serves the image as a virtio-fs device until SIGINT/SIGTERM.
@@ -26,15 +26,15 @@ pub fn run(cfg: RunConfig) -> Result<()> {
 struct FsDevice {
     fs: Arc<MountFs>,
     engine: Arc<Engine>,
-    cfg: DeviceConfig,
+    cfg: VirtioFsConfig,
 }
 
 impl Device for FsDevice {
-    type Config = DeviceConfig;
+    type Config = VirtioFsConfig;
     type Server = VirtioFsServer;
     const THREAD_NAME: &'static str = "incfsd-io";
 
-    fn open(cfg: DeviceConfig, engine: Arc<Engine>) -> Result<Self> {
+    fn open(cfg: VirtioFsConfig, engine: Arc<Engine>) -> Result<Self> {
         let img = engine.image();
         tracing::info!(image = %img.id, inodes = img.manifest.inodes.len(), bytes = img.data_size(), "image loaded");
         Ok(FsDevice { fs: Arc::new(MountFs::new(engine.clone())), engine, cfg })

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use incfs_fuse::{
-    Attr, Context, DeviceConfig, DirEntry, DirSink, Entry, Errno, FileSystem, ReadReply, Reply, ScatterBuf, StatFs,
+    Attr, Context, DirEntry, DirSink, Entry, Errno, FileSystem, ReadReply, Reply, ScatterBuf, StatFs, VirtioFsConfig,
     VirtioFsServer,
 };
 
@@ -242,7 +242,7 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub fn start(cfg: DeviceConfig, connections: usize) -> Self {
+    pub fn start(cfg: VirtioFsConfig, connections: usize) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("vfs.sock");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");

@@ -60,7 +60,7 @@ impl Engine {
     /// Joins or starts fetches for the missing blocks; returns what to wait on.
     pub(super) fn request(
         self: &Arc<Self>,
-        ino: u32,
+        file: u32,
         f: &FileData,
         missing: &[usize],
         read_end: usize,
@@ -96,12 +96,12 @@ impl Engine {
                 // directory are read together: one round trip instead of one per file).
                 let mut run = vec![(f.blocks[b], fl)];
                 let limit = window.max(read_end.saturating_sub(b));
-                let (mut cur_ino, mut cur, mut next) = (ino, f, b + 1);
+                let (mut cur_file, mut cur, mut next) = (file, f, b + 1);
                 while run.len() < limit {
                     if next >= cur.blocks.len() {
-                        let n = self.image.next_file.get(cur_ino as usize).copied().unwrap_or(u32::MAX);
+                        let n = self.image.next_file.get(cur_file as usize).copied().unwrap_or(u32::MAX);
                         match (self.cfg.cross_file_readahead, self.image.file(n)) {
-                            (true, Some(nf)) => (cur_ino, cur, next) = (n, nf, 0),
+                            (true, Some(nf)) => (cur_file, cur, next) = (n, nf, 0),
                             _ => break,
                         }
                         continue;

@@ -11,8 +11,8 @@ use crate::image::{BlockKind, BlockRef, BLOCK_SIZE};
 impl Engine {
     /// A block supplied by someone other than the remote (a guest data loader): verified,
     /// stored, and any reads waiting on it are woken. Ok(false) if it was already present.
-    pub fn supply_block(&self, ino: u32, index: u32, kind: BlockKind, data: &[u8]) -> Result<bool> {
-        let f = self.file(ino)?;
+    pub fn supply_block(&self, file: u32, index: u32, kind: BlockKind, data: &[u8]) -> Result<bool> {
+        let f = self.file(file)?;
         let r = f
             .blocks
             .get(index as usize)
@@ -34,16 +34,16 @@ impl Engine {
     }
 
     /// Blocks of a file that are present (zero blocks always are), and its block count.
-    pub fn fill_state(&self, ino: u32) -> Result<(u64, u64)> {
-        let f = self.file(ino)?;
+    pub fn fill_state(&self, file: u32) -> Result<(u64, u64)> {
+        let f = self.file(file)?;
         let filled =
             f.blocks.iter().filter(|r| r.kind == BlockKind::Zero || self.cache.lookup(&r.hash).is_some()).count();
         Ok((filled as u64, f.blocks.len() as u64))
     }
 
     /// Ranges [begin, end) of present blocks.
-    pub fn filled_ranges(&self, ino: u32) -> Result<Vec<(u32, u32)>> {
-        let f = self.file(ino)?;
+    pub fn filled_ranges(&self, file: u32) -> Result<Vec<(u32, u32)>> {
+        let f = self.file(file)?;
         let mut out: Vec<(u32, u32)> = Vec::new();
         for (i, r) in f.blocks.iter().enumerate() {
             if r.kind == BlockKind::Zero || self.cache.lookup(&r.hash).is_some() {
@@ -58,8 +58,8 @@ impl Engine {
 
     /// Indexes of the blocks of a read of `len` bytes at `offset` that are not in the cache
     /// (zero blocks are never missing). Never waits; a read past the end has none.
-    pub fn missing_blocks(&self, ino: u32, offset: u64, len: u32) -> Result<Vec<u32>> {
-        let f = self.file(ino)?;
+    pub fn missing_blocks(&self, file: u32, offset: u64, len: u32) -> Result<Vec<u32>> {
+        let f = self.file(file)?;
         let (_, first, last) = Self::span(f, offset, len);
         Ok((first..last)
             .filter(|&b| f.blocks[b].kind != BlockKind::Zero && self.cache.lookup(&f.blocks[b].hash).is_none())
@@ -68,8 +68,8 @@ impl Engine {
     }
 
     /// Block range [first, last) a read of `len` bytes at `offset` covers, clamped to the file.
-    pub fn block_span(&self, ino: u32, offset: u64, len: u32) -> Result<(u32, u32)> {
-        let f = self.file(ino)?;
+    pub fn block_span(&self, file: u32, offset: u64, len: u32) -> Result<(u32, u32)> {
+        let f = self.file(file)?;
         let (_, first, last) = Self::span(f, offset, len);
         Ok((first as u32, last as u32))
     }

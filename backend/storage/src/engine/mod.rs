@@ -241,8 +241,8 @@ impl Engine {
         ParkedBytes { _permit: permit.ok() }
     }
 
-    fn file(&self, ino: u32) -> Result<&FileData> {
-        self.image.file(ino).ok_or_else(|| Error::Invalid(format!("inode {ino} is not a regular file")))
+    fn file(&self, file: u32) -> Result<&FileData> {
+        self.image.file(file).ok_or_else(|| Error::Invalid(format!("inode {file} is not a regular file")))
     }
 
     /// Block range [first, end) covering a read, clamped to the file.
@@ -256,16 +256,16 @@ impl Engine {
         (end - offset, first, last)
     }
 
-    /// The slot hint of block `block` of file `ino`, if the image has one.
-    fn hint(&self, ino: u32, block: usize) -> Option<&AtomicU64> {
-        let base = *self.block_base.get(ino as usize)?;
+    /// The slot hint of block `block` of file `file`, if the image has one.
+    fn hint(&self, file: u32, block: usize) -> Option<&AtomicU64> {
+        let base = *self.block_base.get(file as usize)?;
         self.slot_hints.get(usize::try_from(base).ok()?.checked_add(block)?)
     }
 
-    /// Clears the slot hints of blocks `blocks` of file `ino` (found stale).
-    fn forget_hints(&self, ino: u32, blocks: std::ops::Range<usize>) {
+    /// Clears the slot hints of blocks `blocks` of file `file` (found stale).
+    fn forget_hints(&self, file: u32, blocks: std::ops::Range<usize>) {
         for b in blocks {
-            if let Some(h) = self.hint(ino, b) {
+            if let Some(h) = self.hint(file, b) {
                 h.store(0, Relaxed);
             }
         }

@@ -39,7 +39,7 @@ impl Engine {
     /// `rate` as `prefetch`. Returns the blocks it asked for.
     pub async fn fetch_all(self: &Arc<Self>, rate: Option<u64>) -> u64 {
         let ranges = (0..self.image.manifest.inodes.len() as u32)
-            .filter_map(|ino| Some((ino, 0, u32::try_from(self.image.file(ino)?.blocks.len()).ok()?)))
+            .filter_map(|file| Some((file, 0, u32::try_from(self.image.file(file)?.blocks.len()).ok()?)))
             .filter(|r| r.2 > 0)
             .collect();
         self.prefetch(ranges, rate).await
@@ -67,8 +67,8 @@ impl Engine {
                 tokio::time::sleep_until(start + due).await;
             }
         };
-        for (ino, first, count) in ranges {
-            let Ok(f) = self.file(ino) else { continue };
+        for (file, first, count) in ranges {
+            let Ok(f) = self.file(file) else { continue };
             let end = (first as usize + count as usize).min(f.blocks.len());
             let mut at = first as usize;
             while at < end {
@@ -86,7 +86,7 @@ impl Engine {
                 }
                 asked += missing.len() as u64;
                 self.counters.prefetch_blocks.fetch_add(missing.len() as u64, Relaxed);
-                let waits = self.request(ino, f, &missing, piece_end, Instant::now() + Duration::from_secs(60));
+                let waits = self.request(file, f, &missing, piece_end, Instant::now() + Duration::from_secs(60));
                 tokio::spawn(async move {
                     for (_, w) in waits {
                         let mut rx = w.done.subscribe();
