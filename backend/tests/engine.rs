@@ -636,3 +636,38 @@ async fn reads_a_guest_never_supplies_leave_nothing_behind() {
     }
     assert_eq!(e.inflight_count(), 0, "timed-out waits are forgotten");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_reused_under_a_read_leaves_no_foreign_bytes_in_the_buffer() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(24, 8 * 4096);
+    fs::write(src.join("f"), &data).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    let cache = t.path().join("cache");
+    let e = open(&nginx.url, id, &cache, EngineConfig::default()).await;
+    let ino = e.image().resolve(b"f").expect("f");
+    assert_eq!(e.read(ino, 0, 8 * 4096).await.expect("fetch"), data);
+    // Another process evicts block 1 and reuses its slot for another image's block: other
+    // bytes in `blocks`, the record no longer valid.
+    let h = e.image().file(ino).expect("file").blocks[1].hash;
+    let slot = e.cache().lookup(&h).expect("cached");
+    let blocks = fs::OpenOptions::new().write(true).open(cache.join("blocks")).expect("blocks");
+    std::os::unix::fs::FileExt::write_all_at(&blocks, &[0xab; 4096], slot * 4096).expect("reuse");
+    let slots = fs::OpenOptions::new().write(true).open(cache.join("slots")).expect("slots");
+    std::os::unix::fs::FileExt::write_all_at(&slots, &2u32.to_le_bytes(), slot * 48 + 32).expect("evict");
+    let mut buf = vec![0xeeu8; 8 * 4096];
+    let outcome = e.read_into(ino, 0, 8 * 4096, &mut ScatterBuf::from_slice(&mut buf)).expect("read");
+    let ReadOutcome::Miss(miss) = outcome else { panic!("block 1 is gone") };
+    assert!(miss.missing_blocks().contains(&1));
+    assert!(!buf.contains(&0xab), "the other image's bytes never stay in the guest's buffer");
+    for b in 0..8u32 {
+        if !miss.missing_blocks().contains(&b) {
+            let r = b as usize * 4096..(b as usize + 1) * 4096;
+            assert_eq!(&buf[r.clone()], &data[r], "block {b} copied");
+        }
+    }
+}
