@@ -468,5 +468,48 @@ mod tests {
         assert!(with(&["--fill-from", "elsewhere"]).is_err());
         assert!(with(&["--queues", "64"]).is_err(), "virtio-fs offers at most 63 request queues");
         assert!(with(&["--fetch-all-rate", "10M"]).is_err(), "the rate needs --fetch-all");
+        assert!(with(&["--sandbox", "jail"]).is_err());
+        assert!(with(&["--seccomp", "trap"]).is_err());
+    }
+
+    #[test]
+    fn sandbox_on_by_default_and_configurable() {
+        let base = ["incfsd", "run", "--socket", "s", "--store", "d", "--image", ID, "--cache", "c"];
+        let Cmd::Run(args) = parse(&base) else { panic!("not run") };
+        assert_eq!(args.config().daemon.sandbox, SandboxConfig::default());
+        assert_eq!(
+            SandboxConfig::default(),
+            SandboxConfig { fs: FsSandbox::Namespace, seccomp: SeccompMode::Kill, rlimit_nofile: Some(4096) }
+        );
+        let Cmd::Blk(args) = parse(&[
+            "incfsd",
+            "blk",
+            "--socket",
+            "s",
+            "--store",
+            "d",
+            "--image",
+            ID,
+            "--cache",
+            "c",
+            "--path",
+            "disk.img",
+            "--overlay",
+            "vm/overlay",
+            "--sandbox",
+            "landlock",
+            "--seccomp",
+            "log",
+            "--rlimit-nofile",
+            "0",
+        ]) else {
+            panic!("not blk")
+        };
+        let cfg = args.config();
+        let expected = SandboxConfig { fs: FsSandbox::Landlock, seccomp: SeccompMode::Log, rlimit_nofile: None };
+        assert_eq!(cfg.daemon.sandbox, expected);
+        let kept = &cfg.daemon.device_paths[0];
+        assert!(kept.path.is_absolute() && kept.path.ends_with("vm") && kept.access == Access::ReadWrite);
+        assert!(cfg.disk.overlay.is_some_and(|o| o.is_absolute()));
     }
 }

@@ -8,7 +8,7 @@
 //! sandbox. The child ends with _exit, never returning into the test harness.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 

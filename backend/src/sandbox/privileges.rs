@@ -105,7 +105,7 @@ pub fn limit_open_files(n: u64) -> Result<u64> {
     if set(n) {
         return Ok(n);
     }
-    let hard = current.rlim_max as u64;
+    let hard: u64 = current.rlim_max;
     if n > hard && set(hard) {
         tracing::warn!(asked = n, hard, "cannot raise RLIMIT_NOFILE above the hard limit; keeping the hard limit");
         return Ok(hard);

@@ -223,7 +223,7 @@ fn allow_list() -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
     // Non-blocking and close-on-exec flags, and the bytes waiting on a socket.
     let ioctl = [libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, libc::FIONREAD]
         .into_iter()
-        .map(|op| rule([Cond::new(1, Len::Dword, Op::Eq, op as u64)?]))
+        .map(|op| rule([Cond::new(1, Len::Dword, Op::Eq, op)?]))
         .collect::<Result<_>>()?;
     rules.insert(libc::SYS_ioctl, ioctl);
     Ok(rules)
