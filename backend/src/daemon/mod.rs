@@ -18,7 +18,7 @@ use tokio::runtime::Handle;
 use crate::engine::{Engine, EngineConfig};
 use crate::image::ImageId;
 use crate::metrics::{self, EngineSnapshot, Metrics};
-use crate::sandbox::{self, Access, Reachable, Sandbox, SandboxConfig};
+use crate::sandbox::{self, Access, FsSandbox, Reachable, Sandbox, SandboxConfig};
 
 pub use error::{Error, Result};
 pub use record::{Background, FetchAll, Prefetch};
@@ -72,6 +72,12 @@ impl DaemonConfig {
             keep("the recorded trace's directory", dir_of(t), Access::ReadWrite, true);
         }
         if self.store.starts_with("http://") || self.store.starts_with("https://") {
+            if self.sandbox.fs == FsSandbox::Chroot && !store_host_is_an_address(&self.store) {
+                tracing::warn!(
+                    store = %self.store,
+                    "--sandbox chroot: new connections to the store cannot resolve its host name; give an address"
+                );
+            }
             for f in sandbox::RESOLVER_FILES.iter().map(Path::new).filter(|f| f.exists()) {
                 keep("a resolver file", f.to_path_buf(), Access::ReadOnly, false);
             }
@@ -87,6 +93,12 @@ impl DaemonConfig {
         paths.extend(self.device_paths.iter().cloned());
         Ok(paths)
     }
+}
+
+/// Whether an HTTP store's URL names its host by address (no resolver needed).
+fn store_host_is_an_address(url: &str) -> bool {
+    let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok()
 }
 
 /// A vhost-user device served by [`serve_device`]: built on the connected engine, it binds
@@ -190,4 +202,16 @@ fn stop_on_signals(server: ServerStopper) -> Result<()> {
         })
         .map_err(|e| Error::io("start the signal thread", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_hosts_given_by_address() {
+        assert!(store_host_is_an_address("http://127.0.0.1:8080/store"));
+        assert!(store_host_is_an_address("https://[::1]:8443"));
+        assert!(!store_host_is_an_address("https://images.example.com/store"));
+    }
 }
