@@ -207,6 +207,41 @@ fn namespace_sandbox_keeps_only_the_given_paths() {
 }
 
 #[test]
+fn refused_namespaces_fall_back_to_landlock() {
+    // A host that refuses namespaces, made with a filter of the test's own: unshare fails
+    // with EPERM, as without user namespaces.
+    let refuse_unshare = seccompiler::SeccompFilter::new(
+        [(libc::SYS_unshare, Vec::new())].into_iter().collect(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        std::env::consts::ARCH.try_into().expect("arch"),
+    )
+    .and_then(seccompiler::BpfProgram::try_from)
+    .expect("filter");
+    let dir = tempfile::tempdir().expect("tmp");
+    let paths = [Reachable {
+        what: "a directory",
+        path: dir.path().to_path_buf(),
+        access: Access::ReadOnly,
+        while_serving: true,
+    }];
+    let cfg = SandboxConfig { fs: FsSandbox::Namespace, seccomp: SeccompMode::None, rlimit_nofile: None };
+    let end = in_child(|| {
+        seccompiler::apply_filter(&refuse_unshare).expect("install");
+        match Sandbox::enter(&cfg, &paths).map(|s| s.fs) {
+            Ok(incfs::sandbox::InForce::Landlock { .. }) => 0,
+            // A kernel without Landlock: the fallback's fallback, with a warning.
+            Ok(incfs::sandbox::InForce::None) => 0,
+            other => {
+                eprintln!("{other:?}");
+                40
+            }
+        }
+    });
+    assert_eq!(end, End::Exited(0));
+}
+
+#[test]
 fn landlock_sandbox_keeps_only_the_given_paths() {
     assert_eq!(confined(FsSandbox::Landlock), End::Exited(0));
 }

@@ -91,6 +91,12 @@ impl DaemonConfig {
             keep("the trace to prefetch", t.clone(), Access::ReadOnly, false);
         }
         paths.extend(self.device_paths.iter().cloned());
+        for r in paths.iter().filter(|r| r.access == Access::ReadWrite && r.path.parent().is_none()) {
+            tracing::warn!(
+                "{} is /: the whole filesystem stays writable in the sandbox; use a directory of its own",
+                r.what
+            );
+        }
         Ok(paths)
     }
 }
