@@ -11,6 +11,7 @@ use incfs::blk::{BlkConfig, DiskConfig};
 use incfs::daemon::{Background, DaemonConfig, FetchAll, Prefetch, RunConfig};
 use incfs::engine::{EngineConfig, FillSource};
 use incfs::image::ImageId;
+use incfs::sandbox::{Access, FsSandbox, Reachable, SandboxConfig, SeccompMode, DEFAULT_RLIMIT_NOFILE};
 
 #[derive(Parser)]
 #[command(name = "incfsd", version, about = "Serve incremental images to VM guests, fetching blocks lazily")]
@@ -149,6 +150,59 @@ pub struct DeviceArgs {
     pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub trace: TraceArgs,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// How the daemon confines itself (docs/sandbox.md).
+#[derive(Args)]
+pub struct SandboxArgs {
+    /// Filesystem sandbox: `namespace` (a mount namespace whose root holds only the paths
+    /// in use; Landlock if namespaces are refused), `landlock`, `chroot` (into an empty
+    /// directory once everything is open) or `none`.
+    #[arg(long, value_enum, default_value_t = SandboxArg::Namespace)]
+    pub sandbox: SandboxArg,
+    /// System calls outside the daemon's allow-list: `kill` the process, `log` them to the
+    /// audit log and let them run, or `none` (no filter).
+    #[arg(long, value_enum, default_value_t = SeccompArg::Kill)]
+    pub seccomp: SeccompArg,
+    /// Limit on open file descriptors (soft and hard); 0 leaves the inherited limit.
+    #[arg(long, default_value_t = DEFAULT_RLIMIT_NOFILE)]
+    pub rlimit_nofile: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SandboxArg {
+    Namespace,
+    Landlock,
+    Chroot,
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SeccompArg {
+    Kill,
+    Log,
+    None,
+}
+
+impl SandboxArgs {
+    fn config(&self) -> SandboxConfig {
+        SandboxConfig {
+            fs: match self.sandbox {
+                SandboxArg::Namespace => FsSandbox::Namespace,
+                SandboxArg::Landlock => FsSandbox::Landlock,
+                SandboxArg::Chroot => FsSandbox::Chroot,
+                SandboxArg::None => FsSandbox::None,
+            },
+            seccomp: match self.seccomp {
+                SeccompArg::Kill => SeccompMode::Kill,
+                SeccompArg::Log => SeccompMode::Log,
+                SeccompArg::None => SeccompMode::None,
+            },
+            rlimit_nofile: (self.rlimit_nofile > 0).then_some(self.rlimit_nofile),
+        }
+    }
 }
 
 const DEFAULT_POLL_US: u64 = incfs_vhost::DEFAULT_POLL_MAX.as_micros() as u64;
@@ -279,6 +333,8 @@ impl DeviceArgs {
             metrics: self.metrics,
             record_trace: self.trace.record_trace,
             background,
+            sandbox: self.sandbox.config(),
+            device_paths: Vec::new(),
         }
     }
 }
@@ -320,8 +376,19 @@ impl BlkArgs {
         };
         // Flushes and overlay writes run on the runtime too: at least two workers.
         let worker_threads = device.threads.max(2);
-        let disk = DiskConfig { path: self.path, overlay: self.overlay, device };
-        BlkConfig { daemon: self.device.daemon_config(engine, worker_threads), disk }
+        // The overlay is created (or opened) by name in its directory once sandboxed.
+        let overlay = self.overlay.map(|p| std::path::absolute(&p).unwrap_or(p));
+        let mut daemon = self.device.daemon_config(engine, worker_threads);
+        if let Some(dir) = overlay.as_deref().and_then(std::path::Path::parent) {
+            daemon.device_paths.push(Reachable {
+                what: "the overlay's directory",
+                path: dir.to_path_buf(),
+                access: Access::ReadWrite,
+                while_serving: false,
+            });
+        }
+        let disk = DiskConfig { path: self.path, overlay, device };
+        BlkConfig { daemon, disk }
     }
 }
 
@@ -414,5 +481,48 @@ mod tests {
         assert!(with(&["--fill-from", "elsewhere"]).is_err());
         assert!(with(&["--queues", "64"]).is_err(), "virtio-fs offers at most 63 request queues");
         assert!(with(&["--fetch-all-rate", "10M"]).is_err(), "the rate needs --fetch-all");
+        assert!(with(&["--sandbox", "jail"]).is_err());
+        assert!(with(&["--seccomp", "trap"]).is_err());
+    }
+
+    #[test]
+    fn sandbox_on_by_default_and_configurable() {
+        let base = ["incfsd", "run", "--socket", "s", "--store", "d", "--image", ID, "--cache", "c"];
+        let Cmd::Run(args) = parse(&base) else { panic!("not run") };
+        assert_eq!(args.config().daemon.sandbox, SandboxConfig::default());
+        assert_eq!(
+            SandboxConfig::default(),
+            SandboxConfig { fs: FsSandbox::Namespace, seccomp: SeccompMode::Kill, rlimit_nofile: Some(4096) }
+        );
+        let Cmd::Blk(args) = parse(&[
+            "incfsd",
+            "blk",
+            "--socket",
+            "s",
+            "--store",
+            "d",
+            "--image",
+            ID,
+            "--cache",
+            "c",
+            "--path",
+            "disk.img",
+            "--overlay",
+            "vm/overlay",
+            "--sandbox",
+            "landlock",
+            "--seccomp",
+            "log",
+            "--rlimit-nofile",
+            "0",
+        ]) else {
+            panic!("not blk")
+        };
+        let cfg = args.config();
+        let expected = SandboxConfig { fs: FsSandbox::Landlock, seccomp: SeccompMode::Log, rlimit_nofile: None };
+        assert_eq!(cfg.daemon.sandbox, expected);
+        let kept = &cfg.daemon.device_paths[0];
+        assert!(kept.path.is_absolute() && kept.path.ends_with("vm") && kept.access == Access::ReadWrite);
+        assert!(cfg.disk.overlay.is_some_and(|o| o.is_absolute()));
     }
 }

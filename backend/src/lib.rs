@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod metrics;
+pub mod sandbox;
 
 pub use incfs_storage::{cache, engine, error, http_store_server, image, inspect, pack, store, trace};
 pub use incfs_storage::{Error, Result};

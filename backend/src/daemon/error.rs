@@ -22,6 +22,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("sandbox")]
+    Sandbox(#[from] crate::sandbox::Error),
     #[error("{0}: not found")]
     NotFound(String),
     #[error("{0} is not a regular file")]

@@ -18,6 +18,7 @@ use tokio::runtime::Handle;
 use crate::engine::{Engine, EngineConfig};
 use crate::image::ImageId;
 use crate::metrics::{self, EngineSnapshot, Metrics};
+use crate::sandbox::{self, Access, FsSandbox, Reachable, Sandbox, SandboxConfig};
 
 pub use error::{Error, Result};
 pub use record::{Background, FetchAll, Prefetch};
@@ -41,6 +42,69 @@ pub struct DaemonConfig {
     /// Record the order of first reads here.
     pub record_trace: Option<PathBuf>,
     pub background: Background,
+    pub sandbox: SandboxConfig,
+    /// Paths the device opens by name besides the daemon's own (the blk overlay's
+    /// directory): they stay reachable inside the sandbox.
+    pub device_paths: Vec<Reachable>,
+}
+
+impl DaemonConfig {
+    /// The paths the daemon opens by name once sandboxed (made absolute, as the sandbox
+    /// may change the root): the cache (created if missing), the socket's directory, the
+    /// recorded trace's directory, a local store, a trace file to replay, the resolver's
+    /// files for an HTTP store, and the device's.
+    fn reachable_paths(&mut self) -> Result<Vec<Reachable>> {
+        let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::io(format!("resolve {}", p.display()), e));
+        let dir_of =
+            |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).map_or(PathBuf::from("."), Path::to_path_buf);
+        let mut paths = Vec::new();
+        let mut keep =
+            |what, path: PathBuf, access, while_serving| paths.push(Reachable { what, path, access, while_serving });
+
+        self.cache = absolute(&self.cache)?;
+        std::fs::create_dir_all(&self.cache)
+            .map_err(|e| Error::io(format!("create cache {}", self.cache.display()), e))?;
+        keep("the cache", self.cache.clone(), Access::ReadWrite, false);
+        self.socket = absolute(&self.socket)?;
+        keep("the socket's directory", dir_of(&self.socket), Access::ReadWrite, false);
+        if let Some(t) = &mut self.record_trace {
+            *t = absolute(t)?;
+            keep("the recorded trace's directory", dir_of(t), Access::ReadWrite, true);
+        }
+        if self.store.starts_with("http://") || self.store.starts_with("https://") {
+            if self.sandbox.fs == FsSandbox::Chroot && !store_host_is_an_address(&self.store) {
+                tracing::warn!(
+                    store = %self.store,
+                    "--sandbox chroot: new connections to the store cannot resolve its host name; give an address"
+                );
+            }
+            for f in sandbox::RESOLVER_FILES.iter().map(Path::new).filter(|f| f.exists()) {
+                keep("a resolver file", f.to_path_buf(), Access::ReadOnly, false);
+            }
+        } else {
+            let store = absolute(Path::new(&self.store))?;
+            self.store = store.to_string_lossy().into_owned();
+            keep("the store", store, Access::ReadOnly, true);
+        }
+        if let Prefetch::File(t) = &mut self.background.trace {
+            *t = absolute(t)?;
+            keep("the trace to prefetch", t.clone(), Access::ReadOnly, false);
+        }
+        paths.extend(self.device_paths.iter().cloned());
+        for r in paths.iter().filter(|r| r.access == Access::ReadWrite && r.path.parent().is_none()) {
+            tracing::warn!(
+                "{} is /: the whole filesystem stays writable in the sandbox; use a directory of its own",
+                r.what
+            );
+        }
+        Ok(paths)
+    }
+}
+
+/// Whether an HTTP store's URL names its host by address (no resolver needed).
+fn store_host_is_an_address(url: &str) -> bool {
+    let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok()
 }
 
 /// A vhost-user device served by [`serve_device`]: built on the connected engine, it binds
@@ -74,7 +138,10 @@ pub trait DeviceServer {
 }
 
 /// Runs a device daemon until SIGINT/SIGTERM stops it (a second signal exits at once).
-pub fn serve_device<D: Device>(cfg: DaemonConfig, device_cfg: D::Config) -> Result<()> {
+pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> Result<()> {
+    // Before any thread: namespaces, Landlock and capabilities are per thread.
+    let paths = cfg.reachable_paths()?;
+    let sandbox = Sandbox::enter(&cfg.sandbox, &paths)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.worker_threads.max(1))
         .thread_name(D::THREAD_NAME)
@@ -98,6 +165,8 @@ pub fn serve_device<D: Device>(cfg: DaemonConfig, device_cfg: D::Config) -> Resu
 
     let mut server = device.bind(&cfg.socket, rt.handle().clone())?;
     stop_on_signals(server.stopper())?;
+    // Everything is open and every thread but the frontend's runs: lock before serving.
+    sandbox.lock()?;
     eprintln!("{}", device.ready_line(&cfg));
     let served = loop {
         match server.serve_one() {
@@ -139,4 +208,16 @@ fn stop_on_signals(server: ServerStopper) -> Result<()> {
         })
         .map_err(|e| Error::io("start the signal thread", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_hosts_given_by_address() {
+        assert!(store_host_is_an_address("http://127.0.0.1:8080/store"));
+        assert!(store_host_is_an_address("https://[::1]:8443"));
+        assert!(!store_host_is_an_address("https://images.example.com/store"));
+    }
 }
