@@ -101,15 +101,19 @@ fn filtered(mode: SeccompMode, forbidden: impl FnOnce() -> i32) -> End {
 
 #[test]
 fn calls_outside_the_allow_list_kill_the_process() {
-    // SAFETY (each closure): raw system calls with constant or null arguments; they are
-    // refused before the kernel reads any of them.
+    // Raw system calls with constant or null arguments; they are refused before the kernel
+    // reads any of them.
+    // SAFETY: PTRACE_TRACEME takes no pointers.
     let ptrace = || unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) as i32 };
     assert_eq!(filtered(SeccompMode::Kill, ptrace), End::Signaled(libc::SIGSYS), "ptrace");
+    // SAFETY: NUL-terminated constant strings and a null data pointer.
     let mount = || unsafe { libc::mount(c"none".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) };
     assert_eq!(filtered(SeccompMode::Kill, mount), End::Signaled(libc::SIGSYS), "mount");
     let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+    // SAFETY: a NUL-terminated path and a null-terminated argv that outlive the call.
     let execve = || unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null()) };
     assert_eq!(filtered(SeccompMode::Kill, execve), End::Signaled(libc::SIGSYS), "execve");
+    // SAFETY: unshare takes only flags.
     let unshare = || unsafe { libc::unshare(libc::CLONE_NEWUSER) };
     assert_eq!(filtered(SeccompMode::Kill, unshare), End::Signaled(libc::SIGSYS), "unshare");
 }
