@@ -320,6 +320,15 @@ impl TraceArgs {
 }
 
 impl DeviceArgs {
+    /// The vhost server's settings for a device of `queues` queues.
+    fn server(&self, queues: usize) -> incfs_vhost::ServerConfig {
+        incfs_vhost::ServerConfig {
+            threads: self.threads.clamp(1, queues),
+            poll_max: Duration::from_micros(self.poll_us),
+            ..incfs_vhost::ServerConfig::default()
+        }
+    }
+
     fn daemon_config(self, engine: EngineConfig, worker_threads: usize) -> DaemonConfig {
         let background = self.trace.background();
         DaemonConfig {
@@ -352,8 +361,7 @@ impl RunArgs {
         };
         let device = incfs_fuse::VirtioFsConfig {
             request_queues: queues.max(1),
-            threads: self.device.threads.clamp(1, queues.max(1)),
-            poll_max: Duration::from_micros(self.device.poll_us),
+            server: self.device.server(queues.max(1)),
             ..incfs_fuse::VirtioFsConfig::default()
         };
         // One runtime worker per queue thread asked for, for the fetches they start.
@@ -368,14 +376,13 @@ impl BlkArgs {
         let engine = self.device.engine.fetch.engine_config();
         let device = incfs::blk::BlkDeviceConfig {
             queues,
-            threads: self.device.threads.clamp(1, queues),
+            server: self.device.server(queues),
             logical_block_size: self.logical_block_size,
             opt_io: engine.readahead.min(1 << 20) as u32,
-            poll_max: Duration::from_micros(self.device.poll_us),
             ..incfs::blk::BlkDeviceConfig::default()
         };
         // Flushes and overlay writes run on the runtime too: at least two workers.
-        let worker_threads = device.threads.max(2);
+        let worker_threads = device.server.threads.max(2);
         // The overlay is created (or opened) by name in its directory once sandboxed.
         let overlay = self.overlay.map(|p| std::path::absolute(&p).unwrap_or(p));
         let mut daemon = self.device.daemon_config(engine, worker_threads);
@@ -430,8 +437,8 @@ mod tests {
         };
         assert_eq!(args.tag, "incfs");
         let cfg = args.config();
-        assert_eq!((cfg.device.request_queues, cfg.device.threads, cfg.daemon.worker_threads), (4, 2, 2));
-        assert_eq!(cfg.device.poll_max, incfs_vhost::DEFAULT_POLL_MAX);
+        assert_eq!((cfg.device.request_queues, cfg.device.server.threads, cfg.daemon.worker_threads), (4, 2, 2));
+        assert_eq!(cfg.device.server.poll_max, incfs_vhost::DEFAULT_POLL_MAX);
         assert_eq!(cfg.daemon.engine.read_timeout, Duration::from_secs(10));
         assert_eq!(cfg.daemon.engine.readahead, 512 << 10);
         assert!(matches!(cfg.daemon.engine.fill, FillSource::Remote));
@@ -466,7 +473,7 @@ mod tests {
             panic!("not blk")
         };
         let cfg = args.config();
-        assert_eq!((cfg.disk.device.queues, cfg.disk.device.threads, cfg.daemon.worker_threads), (8, 8, 8));
+        assert_eq!((cfg.disk.device.queues, cfg.disk.device.server.threads, cfg.daemon.worker_threads), (8, 8, 8));
         assert_eq!(cfg.disk.device.logical_block_size, 512);
         assert_eq!(cfg.daemon.cache_size, Some(20 << 30));
         assert!(matches!(cfg.daemon.background.trace, Prefetch::None));

@@ -15,6 +15,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+
+use incfs_vhost::ServerConfig;
 use std::time::{Duration, Instant};
 
 use incfs::blk::{BlkDeviceConfig, BlkServer, Disk, ServerStopper};
@@ -88,7 +90,15 @@ impl Served {
     fn start_default(&mut self, overlay: Option<&Path>) {
         let ecfg =
             EngineConfig { read_timeout: Duration::from_secs(10), readahead: 64 << 10, ..EngineConfig::default() };
-        self.start(overlay, ecfg, BlkDeviceConfig { queues: 2, threads: 2, ..BlkDeviceConfig::default() });
+        self.start(
+            overlay,
+            ecfg,
+            BlkDeviceConfig {
+                queues: 2,
+                server: ServerConfig { threads: 2, ..ServerConfig::default() },
+                ..BlkDeviceConfig::default()
+            },
+        );
     }
 
     fn stop(&mut self) {

@@ -28,4 +28,5 @@ pub use filesystem::{
     Reply, StatFs,
 };
 pub use incfs_buf::ScatterBuf;
+pub use incfs_vhost::ServerConfig;
 pub use virtio_fs::{serve, Error, Result, ServerStopper, VirtioFs, VirtioFsConfig, VirtioFsServer};

@@ -29,30 +29,15 @@ pub struct VirtioFsConfig {
     /// Number of request queues (not counting the hiprio queue). The guest uses at most
     /// what its `num-request-queues` says.
     pub request_queues: usize,
-    /// Largest virtqueue size the frontend may configure (power of two).
-    pub queue_size: u16,
-    /// Number of worker threads handling queues (at most `request_queues`).
-    pub threads: usize,
-    /// Offer VIRTIO_RING_F_EVENT_IDX (notification suppression).
-    pub event_idx: bool,
     /// FUSE limits offered at INIT.
     pub fuse: FuseConfig,
-    /// Longest adaptive poll of a queue that ran dry (zero: never poll); see
-    /// [`ServerConfig::poll_max`].
-    pub poll_max: std::time::Duration,
+    /// Queue size, worker threads (at most `request_queues` are used), EVENT_IDX, polling.
+    pub server: ServerConfig,
 }
 
 impl Default for VirtioFsConfig {
     fn default() -> Self {
-        let server = ServerConfig::default();
-        VirtioFsConfig {
-            request_queues: 1,
-            queue_size: server.queue_size,
-            threads: server.threads,
-            event_idx: server.event_idx,
-            fuse: FuseConfig::default(),
-            poll_max: server.poll_max,
-        }
+        VirtioFsConfig { request_queues: 1, fuse: FuseConfig::default(), server: ServerConfig::default() }
     }
 }
 
@@ -63,16 +48,6 @@ impl VirtioFsConfig {
             return Err(Error::Config("request_queues must be 1..=63"));
         }
         Ok(())
-    }
-
-    /// What the device-independent server is configured with.
-    pub fn server(&self) -> ServerConfig {
-        ServerConfig {
-            queue_size: self.queue_size,
-            threads: self.threads,
-            event_idx: self.event_idx,
-            poll_max: self.poll_max,
-        }
     }
 
     fn num_queues(&self) -> usize {
@@ -194,7 +169,7 @@ impl VirtioFsServer {
     /// Binds `socket` (replacing a stale socket file there; the file is removed on drop).
     pub fn bind(socket: &Path, fs: Arc<dyn FileSystem>, cfg: VirtioFsConfig, rt: Handle) -> Result<Self> {
         cfg.validate()?;
-        let server = DeviceServer::bind(socket, cfg.server(), move || VirtioFs::new(fs.clone(), cfg, rt.clone()))?;
+        let server = DeviceServer::bind(socket, cfg.server, move || VirtioFs::new(fs.clone(), cfg, rt.clone()))?;
         Ok(VirtioFsServer { server })
     }
 
@@ -207,7 +182,7 @@ impl VirtioFsServer {
     ) -> Result<Self> {
         cfg.validate()?;
         let server =
-            DeviceServer::from_listener(listener, cfg.server(), move || VirtioFs::new(fs.clone(), cfg, rt.clone()))?;
+            DeviceServer::from_listener(listener, cfg.server, move || VirtioFs::new(fs.clone(), cfg, rt.clone()))?;
         Ok(VirtioFsServer { server })
     }
 
@@ -236,9 +211,17 @@ mod tests {
 
     #[test]
     fn masks() {
-        let cfg = VirtioFsConfig { request_queues: 3, threads: 2, ..Default::default() };
-        assert_eq!(cfg.thread_masks(cfg.threads), vec![0b1011, 0b0100]);
-        let cfg = VirtioFsConfig { request_queues: 1, threads: 4, ..Default::default() };
-        assert_eq!(cfg.thread_masks(cfg.threads), vec![0b11]);
+        let cfg = VirtioFsConfig {
+            request_queues: 3,
+            server: ServerConfig { threads: 2, ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(cfg.thread_masks(cfg.server.threads), vec![0b1011, 0b0100]);
+        let cfg = VirtioFsConfig {
+            request_queues: 1,
+            server: ServerConfig { threads: 4, ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(cfg.thread_masks(cfg.server.threads), vec![0b11]);
     }
 }

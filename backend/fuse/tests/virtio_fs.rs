@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use incfs_fuse::abi;
-use incfs_fuse::VirtioFsConfig;
+use incfs_fuse::{ServerConfig, VirtioFsConfig};
 use incfs_testing::{DescSpec, FrontendConfig, FuseFrontend, FuseReply};
 use vm_memory::ByteValued;
 
@@ -431,7 +431,11 @@ fn multiqueue_and_batches_event_idx() {
 }
 
 fn multiqueue(event_idx: bool) {
-    let cfg = VirtioFsConfig { request_queues: 3, threads: 2, ..Default::default() };
+    let cfg = VirtioFsConfig {
+        request_queues: 3,
+        server: ServerConfig { threads: 2, ..Default::default() },
+        ..Default::default()
+    };
     let mut h = Harness::start(cfg, 1);
     let fcfg = FrontendConfig { request_queues: 3, event_idx, ..Default::default() };
     let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
@@ -479,7 +483,7 @@ fn multiqueue(event_idx: bool) {
 fn adaptive_polling_saves_kicks_and_loses_no_request() {
     let mut kicks_by_window = Vec::new();
     for poll_max in [Duration::ZERO, Duration::from_micros(50), Duration::from_millis(20)] {
-        let cfg = VirtioFsConfig { poll_max, ..Default::default() };
+        let cfg = VirtioFsConfig { server: ServerConfig { poll_max, ..Default::default() }, ..Default::default() };
         let mut h = Harness::start(cfg, 1);
         let fcfg = FrontendConfig { event_idx: true, ..Default::default() };
         let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");
@@ -521,8 +525,11 @@ fn adaptive_polling_saves_kicks_and_loses_no_request() {
 /// A thread polling one queue does not make another queue it serves wait for the window.
 #[test]
 fn polling_one_queue_does_not_hold_up_another() {
-    let cfg =
-        VirtioFsConfig { request_queues: 2, threads: 1, poll_max: Duration::from_millis(50), ..Default::default() };
+    let cfg = VirtioFsConfig {
+        request_queues: 2,
+        server: ServerConfig { threads: 1, poll_max: Duration::from_millis(50), ..Default::default() },
+        ..Default::default()
+    };
     let mut h = Harness::start(cfg, 1);
     let fcfg = FrontendConfig { request_queues: 2, event_idx: true, ..Default::default() };
     let mut f = FuseFrontend::connect_with(&h.socket, fcfg).expect("connect");

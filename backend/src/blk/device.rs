@@ -34,12 +34,8 @@ pub const CONFIG_LEN: usize = std::mem::size_of::<VirtioBlkConfig>();
 pub struct BlkDeviceConfig {
     /// Request queues offered (the frontend's num-queues may be up to this).
     pub queues: usize,
-    /// Largest virtqueue size the frontend may configure (power of two).
-    pub queue_size: u16,
-    /// Worker threads serving the queues (queue q goes to thread q % threads).
-    pub threads: usize,
-    /// Offer VIRTIO_RING_F_EVENT_IDX.
-    pub event_idx: bool,
+    /// Queue size, worker threads (queue q goes to thread q % threads), EVENT_IDX, polling.
+    pub server: ServerConfig,
     /// Logical block size reported to the guest: 512 (with 4 KiB physical blocks in the
     /// topology hints) or 4096.
     pub logical_block_size: u32,
@@ -48,24 +44,17 @@ pub struct BlkDeviceConfig {
     pub seg_max: u32,
     /// Preferred I/O size hint (bytes), e.g. the engine's readahead.
     pub opt_io: u32,
-    /// Longest adaptive poll of a queue that ran dry (zero: never poll); see
-    /// `incfs_vhost::ServerConfig::poll_max`.
-    pub poll_max: std::time::Duration,
 }
 
 impl Default for BlkDeviceConfig {
     fn default() -> Self {
-        let server = ServerConfig::default();
         BlkDeviceConfig {
             queues: 1,
-            queue_size: server.queue_size,
-            threads: server.threads,
-            event_idx: server.event_idx,
+            server: ServerConfig::default(),
             logical_block_size: 512,
             size_max: 64 << 10,
             seg_max: 126,
             opt_io: 128 << 10,
-            poll_max: server.poll_max,
         }
     }
 }
@@ -75,7 +64,7 @@ impl BlkDeviceConfig {
         if self.queues == 0 || self.queues > 64 {
             return Err(Error::Invalid("queues must be 1..=64".into()));
         }
-        self.server().validate().map_err(vhost_error)?;
+        self.server.validate().map_err(vhost_error)?;
         if self.logical_block_size != 512 && self.logical_block_size != 4096 {
             return Err(Error::Invalid("logical block size must be 512 or 4096".into()));
         }
@@ -83,16 +72,6 @@ impl BlkDeviceConfig {
             return Err(Error::Invalid("size_max * seg_max must be within 4 KiB..64 MiB".into()));
         }
         Ok(())
-    }
-
-    /// What the device-independent server is configured with.
-    pub fn server(&self) -> ServerConfig {
-        ServerConfig {
-            queue_size: self.queue_size,
-            threads: self.threads,
-            event_idx: self.event_idx,
-            poll_max: self.poll_max,
-        }
     }
 
     fn limits(&self, capacity: u64) -> Limits {
@@ -439,7 +418,7 @@ impl BlkServer {
     /// Binds `socket` (replacing a stale socket file there).
     pub fn bind(socket: &Path, disk: Arc<Disk>, cfg: BlkDeviceConfig, rt: Handle) -> Result<Self> {
         cfg.validate()?;
-        let server = DeviceServer::bind(socket, cfg.server(), move || Blk::new(disk.clone(), cfg, rt.clone()))
+        let server = DeviceServer::bind(socket, cfg.server, move || Blk::new(disk.clone(), cfg, rt.clone()))
             .map_err(vhost_error)?;
         Ok(BlkServer { server })
     }
@@ -447,9 +426,8 @@ impl BlkServer {
     /// Serves on an already bound listener (socket activation, tests).
     pub fn from_listener(listener: UnixListener, disk: Arc<Disk>, cfg: BlkDeviceConfig, rt: Handle) -> Result<Self> {
         cfg.validate()?;
-        let server =
-            DeviceServer::from_listener(listener, cfg.server(), move || Blk::new(disk.clone(), cfg, rt.clone()))
-                .map_err(vhost_error)?;
+        let server = DeviceServer::from_listener(listener, cfg.server, move || Blk::new(disk.clone(), cfg, rt.clone()))
+            .map_err(vhost_error)?;
         Ok(BlkServer { server })
     }
 
@@ -470,10 +448,18 @@ mod tests {
 
     #[test]
     fn masks() {
-        let cfg = BlkDeviceConfig { queues: 3, threads: 2, ..Default::default() };
-        assert_eq!(incfs_vhost::round_robin(0, cfg.queues, cfg.threads), vec![0b101, 0b010]);
-        let cfg = BlkDeviceConfig { queues: 1, threads: 4, ..Default::default() };
-        assert_eq!(incfs_vhost::round_robin(0, cfg.queues, cfg.threads), vec![0b1]);
+        let cfg = BlkDeviceConfig {
+            queues: 3,
+            server: ServerConfig { threads: 2, ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(incfs_vhost::round_robin(0, cfg.queues, cfg.server.threads), vec![0b101, 0b010]);
+        let cfg = BlkDeviceConfig {
+            queues: 1,
+            server: ServerConfig { threads: 4, ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(incfs_vhost::round_robin(0, cfg.queues, cfg.server.threads), vec![0b1]);
     }
 
     #[test]
