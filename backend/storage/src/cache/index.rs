@@ -96,8 +96,17 @@ impl BlockCache {
     /// Learns about blocks other processes have stored since the last look.
     pub fn refresh(&self) -> Result<()> {
         let epoch = self.read_header_field(H_EPOCH)?;
+        let (mut log_epoch, mut log) = self.log();
+        if log_epoch != epoch {
+            // gc renamed a new log into place: open it (the header names its epoch).
+            (log_epoch, log) = self.with_header(|h, _| Ok((h.epoch, self.log_of_epoch_locked(h.epoch)?)))?;
+        }
         let end = self.read_header_field(H_LOG_END)?;
-        self.index_mut().catch_up(&self.log, epoch, end)
+        if self.read_header_field(H_EPOCH)? != log_epoch {
+            // Another gc meanwhile: `end` may be the newer log's; catch up next time.
+            return Ok(());
+        }
+        self.index_mut().catch_up(&log, log_epoch, end)
     }
 
     /// The slot holding `hash`, as far as this process knows.

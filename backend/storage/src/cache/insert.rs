@@ -29,7 +29,9 @@ impl BlockCache {
     fn insert_locked(&self, blocks: &[(Hash, &[u8])]) -> Result<()> {
         let n = blocks.len() as u64;
         // Reuse freed slots first, then grow.
-        let (slots, log_pos) = self.with_header(|h, _| {
+        let (slots, log_pos, log) = self.with_header(|h, _| {
+            // gc may have renamed a new log into place (no gc runs while we hold `writer`).
+            let log = self.log_of_epoch_locked(h.epoch)?;
             let k = h.nfree.min(n);
             let mut slots = Vec::with_capacity(n as usize);
             if k > 0 {
@@ -44,7 +46,7 @@ impl BlockCache {
             h.log_end += n * LOG_RECORD_LEN as u64;
             h.live += n;
             h.fetched += n;
-            Ok((slots, log_pos))
+            Ok((slots, log_pos, log))
         })?;
         let t = now_secs();
         // Data first (one write per run of consecutive slots), then records, then the log.
@@ -64,11 +66,11 @@ impl BlockCache {
             self.records.write(*s, &empty_record(h, t))?;
             self.records.set_state(*s, STATE_VALID)?;
         }
-        let mut log = Vec::with_capacity(blocks.len() * LOG_RECORD_LEN);
+        let mut log_records = Vec::with_capacity(blocks.len() * LOG_RECORD_LEN);
         for (s, (h, _)) in slots.iter().zip(blocks) {
-            encode_log_record(h, *s, &mut log);
+            encode_log_record(h, *s, &mut log_records);
         }
-        self.log.write_all_at(&log, log_pos).ctx(|| "write cache log".into())?;
+        log.write_all_at(&log_records, log_pos).ctx(|| "write cache log".into())?;
         let mut idx = self.index_mut();
         for (s, (h, _)) in slots.iter().zip(blocks) {
             idx.insert(*h, *s);

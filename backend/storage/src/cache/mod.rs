@@ -37,7 +37,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use incfs_buf::ScatterBuf;
 use tempfile::NamedTempFile;
@@ -58,6 +58,12 @@ pub struct CacheOptions {
     pub limit_bytes: Option<u64>,
 }
 
+/// The log file as this process has it open, and the epoch it was opened in.
+struct LogFile {
+    epoch: u64,
+    file: Arc<File>,
+}
+
 /// One process's handle on a cache directory (the files are described in `layout.rs`).
 pub struct BlockCache {
     dir: PathBuf,
@@ -65,7 +71,8 @@ pub struct BlockCache {
     blocks: File,
     /// The `slots` file.
     records: Records,
-    log: File,
+    /// The `log` file of the epoch it was opened in: gc renames a new one into place.
+    log: RwLock<LogFile>,
     free: File,
     /// The `lock` file.
     locks: Locks,
@@ -82,30 +89,22 @@ impl BlockCache {
 
     pub fn open_with(dir: &Path, opts: CacheOptions) -> Result<Self> {
         fs::create_dir_all(dir.join(MANIFESTS_DIR)).ctx(|| format!("create cache {}", dir.display()))?;
-        let open = |name: &str| {
-            let p = dir.join(name);
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&p)
-                .ctx(|| format!("open {}", p.display()))
-        };
+        let open = |name: &str| open_cache_file(dir, name).ctx(|| format!("open {}", dir.join(name).display()));
         let slots = open(SLOTS_FILE)?;
         let cache = BlockCache {
             dir: dir.to_path_buf(),
             header: open(HEADER_FILE)?,
             blocks: open(BLOCKS_FILE)?,
             records: Records::new(slots),
-            log: open(LOG_FILE)?,
+            log: RwLock::new(LogFile { epoch: 0, file: Arc::new(open(LOG_FILE)?) }),
             free: open(FREE_FILE)?,
             locks: Locks::new(open(LOCK_FILE)?),
             limit_slots: opts.limit_bytes.map(|b| (b / BLOCK_SIZE as u64).max(1)),
             index: RwLock::new(Index::default()),
         };
-        // Creates the header if this is a new cache, checks it otherwise.
-        cache.with_header(|_, _| Ok(()))?;
+        // Creates the header if this is a new cache, checks it otherwise; the log opened
+        // above may predate a gc that renamed a new one into place before the header was read.
+        cache.with_header(|h, _| cache.log_of_epoch_locked(h.epoch).map(drop))?;
         cache.refresh()?;
         Ok(cache)
     }
@@ -177,6 +176,27 @@ impl BlockCache {
         res.ctx(|| format!("cache header in {}", self.dir.display()))
     }
 
+    /// The log file of `epoch`, the header's current one: reopened if gc renamed a new log
+    /// into place since this process opened it. Call under the allocation lock, which gc
+    /// holds while it renames the log and bumps the epoch.
+    fn log_of_epoch_locked(&self, epoch: u64) -> io::Result<Arc<File>> {
+        {
+            let log = self.log.read().unwrap_or_else(|e| e.into_inner());
+            if log.epoch == epoch {
+                return Ok(log.file.clone());
+            }
+        }
+        let file = Arc::new(open_cache_file(&self.dir, LOG_FILE)?);
+        *self.log.write().unwrap_or_else(|e| e.into_inner()) = LogFile { epoch, file: file.clone() };
+        Ok(file)
+    }
+
+    /// The log file this process has open, and its epoch.
+    fn log(&self) -> (u64, Arc<File>) {
+        let log = self.log.read().unwrap_or_else(|e| e.into_inner());
+        (log.epoch, log.file.clone())
+    }
+
     fn read_header_field(&self, off: u64) -> Result<u64> {
         let mut b = [0u8; 8];
         match read_full_at(&self.header, &mut b, off).ctx(|| "read cache header".into())? {
@@ -204,6 +224,11 @@ impl BlockCache {
     fn scan_records(&self, f: impl FnMut(u64, Record<'_>)) -> Result<()> {
         self.records.scan(self.read_header_field(H_NEXT_SLOT)?, f)
     }
+}
+
+/// Opens (creating if needed) one of the cache's files.
+fn open_cache_file(dir: &Path, name: &str) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(name))
 }
 
 /// Reads at `off` until `buf` is full or the file ends: the bytes read (std's

@@ -58,7 +58,8 @@ impl BlockCache {
             STATE_EVICTED => u.evicted += 1,
             _ => u.empty += 1,
         })?;
-        for f in [&self.blocks, &self.records.file, &self.log, &self.free] {
+        let (_, log) = self.log();
+        for f in [&self.blocks, &self.records.file, &log, &self.free] {
             if let Ok(m) = f.metadata() {
                 u.disk_bytes += m.blocks() * 512;
             }

@@ -118,3 +118,20 @@ fn lru_eviction_keeps_the_cache_under_its_limit_and_spares_pinned_and_recent_blo
         assert_eq!(leaf_hash(&b), h);
     }
 }
+
+#[test]
+fn daemons_opened_before_and_after_a_gc_see_each_others_inserts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let before = BlockCache::open(dir.path()).expect("open");
+    insert(&before, 1..3);
+    BlockCache::open(dir.path()).expect("open").gc(None).expect("gc");
+    let after = BlockCache::open(dir.path()).expect("open");
+    let from_before = insert(&before, 10..12);
+    let from_after = insert(&after, 20..22);
+    for (v, h) in (10..12).zip(&from_before) {
+        assert_eq!(read(&after, h), Some(block(v).1), "a daemon opened after gc sees older daemons' inserts");
+    }
+    for (v, h) in (20..22).zip(&from_after) {
+        assert_eq!(read(&before, h), Some(block(v).1), "a daemon opened before gc sees newer daemons' inserts");
+    }
+}
