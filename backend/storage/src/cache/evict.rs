@@ -7,10 +7,10 @@ use std::os::unix::fs::FileExt;
 use rustix::fs::{fallocate, FallocateFlags};
 
 use super::layout::{
-    encode_log_record, le64, FLAG_PINNED, FREE_ENTRY_LEN, H_LIVE, H_LOG_END, H_NFREE, LOG_FILE, LOG_RECORD_LEN,
-    STATE_EVICTED, STATE_VALID,
+    encode_log_record, le64, FLAG_PINNED, FREE_ENTRY_LEN, H_LIVE, H_LOG_END, H_NEXT_SLOT, H_NFREE, LOG_FILE,
+    LOG_RECORD_LEN, STATE_EVICTED, STATE_VALID,
 };
-use super::BlockCache;
+use super::{read_full_at, BlockCache};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Hash, BLOCK_SIZE};
 
@@ -64,10 +64,25 @@ impl BlockCache {
         Ok(victims.len() as u64)
     }
 
-    /// Marks slots evicted, frees their data, then hands them to the free list.
-    fn free_slots(&self, victims: &[u64]) -> Result<()> {
+    /// Marks slots evicted, frees their data, then hands them to the free list. (Killed
+    /// before the last step, it leaves slots evicted but not listed: gc lists them.)
+    pub(super) fn free_slots(&self, victims: &[u64]) -> Result<()> {
+        self.evict_slots(victims)?;
+        let list: Vec<u8> = victims.iter().flat_map(|s| s.to_le_bytes()).collect();
+        self.with_header(|h, _| {
+            self.free.write_all_at(&list, h.nfree * FREE_ENTRY_LEN as u64)?;
+            h.nfree += victims.len() as u64;
+            h.live = h.live.saturating_sub(victims.len() as u64);
+            Ok(())
+        })?;
+        self.index_mut().forget_slots(victims);
+        Ok(())
+    }
+
+    /// Marks slots (sorted) evicted, with a new generation, then frees their data.
+    fn evict_slots(&self, victims: &[u64]) -> Result<()> {
         for &s in victims {
-            self.records.set_state(s, STATE_EVICTED)?;
+            self.records.set_state(s, STATE_EVICTED, true)?;
         }
         let mut i = 0;
         while i < victims.len() {
@@ -78,14 +93,6 @@ impl BlockCache {
             punch_hole(&self.blocks, victims[i] * BLOCK_SIZE as u64, (j - i) as u64 * BLOCK_SIZE as u64);
             i = j;
         }
-        let list: Vec<u8> = victims.iter().flat_map(|s| s.to_le_bytes()).collect();
-        self.with_header(|h, _| {
-            self.free.write_all_at(&list, h.nfree * FREE_ENTRY_LEN as u64)?;
-            h.nfree += victims.len() as u64;
-            h.live = h.live.saturating_sub(victims.len() as u64);
-            Ok(())
-        })?;
-        self.index_mut().forget_slots(victims);
         Ok(())
     }
 
@@ -102,34 +109,46 @@ impl BlockCache {
         Ok(n)
     }
 
-    /// Offline maintenance, safe while daemons run: reclaims slots left by killed writers,
-    /// evicts down to `limit_bytes` if given, and rewrites the log without dead records.
+    /// Offline maintenance, safe while daemons run: reclaims slots left by killed writers
+    /// and evictors, recounts live blocks, evicts down to `limit_bytes` if given, and
+    /// rewrites the log without dead records.
     pub fn gc(&self, limit_bytes: Option<u64>) -> Result<GcReport> {
         let mut rep = GcReport::default();
-        // Exclusive: no insert is in flight, so an empty record below next_slot that is not
-        // on the free list belongs to a writer that died.
+        // Exclusive: no insert or eviction is in flight, so every slot that is not valid is
+        // free: the listed ones, and orphans (empty: a killed insert; evicted but not listed:
+        // a killed evictor).
         let _writers = self.locks.writers_excluded().ctx(|| "lock cache for gc".into())?;
         let _evicting = self.locks.evict().ctx(|| "lock cache for gc".into())?;
-        let nfree = self.read_header_field(H_NFREE)?;
-        let mut b = vec![0u8; nfree as usize * FREE_ENTRY_LEN];
-        self.free.read_exact_at(&mut b, 0).ctx(|| "read cache free list".into())?;
-        let mut listed: Vec<u64> = b.chunks_exact(FREE_ENTRY_LEN).map(le64).collect();
-        listed.sort_unstable();
-        let mut orphans = Vec::new();
+        let listed = self.free_list()?;
+        let (mut valid, mut free, mut orphans) = (0u64, Vec::new(), Vec::new());
         self.scan_records(|slot, rec| match rec.state() {
-            STATE_VALID | STATE_EVICTED => {}
-            _ if listed.binary_search(&slot).is_err() => orphans.push(slot),
-            _ => {}
+            STATE_VALID => valid += 1,
+            state => {
+                free.push(slot);
+                if state != STATE_EVICTED || listed.binary_search(&slot).is_err() {
+                    orphans.push(slot);
+                }
+            }
         })?;
-        if !orphans.is_empty() {
-            // Orphans were never counted live; free_slots subtracts, so add them first.
-            self.with_header(|h, _| {
-                h.live += orphans.len() as u64;
-                Ok(())
-            })?;
-            self.free_slots(&orphans)?;
-        }
-        rep.orphans_reclaimed = orphans.len() as u64;
+        self.evict_slots(&orphans)?;
+        let next_slot = self.read_header_field(H_NEXT_SLOT)?;
+        let scanned = self.records.scan_end(next_slot)?;
+        rep.orphans_reclaimed = orphans.len() as u64 + (next_slot - scanned);
+        // Rebuild the free list. Emptied first: killed midway, this leaves free slots
+        // unlisted (the next gc lists them), never one slot listed twice.
+        self.with_header(|h, _| {
+            h.nfree = 0;
+            Ok(())
+        })?;
+        let list: Vec<u8> = free.iter().flat_map(|s| s.to_le_bytes()).collect();
+        self.free.write_all_at(&list, 0).ctx(|| "write cache free list".into())?;
+        self.with_header(|h, _| {
+            h.nfree = free.len() as u64;
+            h.live = valid;
+            // Slots allocated past the records on file were never written: not slots.
+            h.next_slot = scanned;
+            Ok(())
+        })?;
         if let Some(l) = limit_bytes {
             rep.evicted = self.evict_to(l / BLOCK_SIZE as u64)?;
         }
@@ -150,6 +169,19 @@ impl BlockCache {
             Ok(())
         })?;
         Ok(rep)
+    }
+
+    /// The free list's slots, sorted, bounded by what the file holds and by `next_slot`.
+    fn free_list(&self) -> Result<Vec<u64>> {
+        let on_file = self.free.metadata().ctx(|| "stat cache free list".into())?.len() / FREE_ENTRY_LEN as u64;
+        let next_slot = self.read_header_field(H_NEXT_SLOT)?;
+        let n = self.read_header_field(H_NFREE)?.min(on_file).min(next_slot);
+        let mut b = vec![0u8; n as usize * FREE_ENTRY_LEN];
+        let got = read_full_at(&self.free, &mut b, 0).ctx(|| "read cache free list".into())?;
+        let mut listed: Vec<u64> = b[..got].chunks_exact(FREE_ENTRY_LEN).map(le64).filter(|&s| s < next_slot).collect();
+        listed.sort_unstable();
+        listed.dedup();
+        Ok(listed)
     }
 }
 

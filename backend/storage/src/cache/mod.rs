@@ -31,6 +31,7 @@ mod verify;
 mod tests;
 
 pub use evict::GcReport;
+pub use layout::BadHeader;
 pub use stats::CacheUsage;
 
 use std::fs::{self, File, OpenOptions};
@@ -50,7 +51,7 @@ use layout::{
     SLOTS_FILE,
 };
 use locks::Locks;
-use records::Records;
+use records::{Records, RunSnapshot};
 
 #[derive(Clone, Debug, Default)]
 pub struct CacheOptions {
@@ -118,12 +119,9 @@ impl BlockCache {
     /// was evicted or reused meanwhile.
     pub fn read_run(&self, first: u64, hashes: &[Hash], out: &mut [u8]) -> Result<bool> {
         debug_assert_eq!(out.len(), hashes.len() * BLOCK_SIZE);
+        let Some(before) = self.snapshot_run(first, hashes.iter())? else { return Ok(false) };
         let got = read_full_at(&self.blocks, out, first * BLOCK_SIZE as u64).ctx(|| "read cache blocks".into())?;
-        if got != out.len() {
-            self.forget_run(first, hashes.iter());
-            return Ok(false);
-        }
-        self.check_run(first, hashes.iter())
+        self.confirm_run(first, hashes.iter(), before, got == out.len())
     }
 
     /// Like `read_run`, straight into a guest's buffer: the first `len` bytes of the run
@@ -137,18 +135,40 @@ impl BlockCache {
         len: usize,
     ) -> Result<bool> {
         debug_assert!(len <= hashes.len() * BLOCK_SIZE);
+        let Some(before) = self.snapshot_run(first, hashes.clone())? else { return Ok(false) };
         let got = out.read_from(&self.blocks, first * BLOCK_SIZE as u64, at, len).ctx(|| "read cache blocks".into())?;
-        if got != len {
-            self.forget_run(first, hashes);
-            return Ok(false);
-        }
-        self.check_run(first, hashes)
+        self.confirm_run(first, hashes, before, got == len)
     }
 
-    /// After the data of a run was copied: checks that every slot still holds its hash (and
-    /// notes the access), or forgets the run and reports a miss.
-    fn check_run<'a>(&self, first: u64, hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone) -> Result<bool> {
-        let ok = self.records.check_run(first, hashes.clone())?;
+    /// Before copying a run's data: what its records say (None, and the run forgotten, if
+    /// any slot is not valid with its hash). Slots snapshotted are below MAX_SLOTS, so the
+    /// data's offsets cannot overflow.
+    fn snapshot_run<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone,
+    ) -> Result<Option<RunSnapshot>> {
+        let before = self.records.snapshot_run(first, hashes.clone())?;
+        if before.is_none() {
+            self.forget_run(first, hashes);
+        }
+        #[cfg(test)]
+        tests::race_point(tests::RacePoint::BeforeCopy);
+        Ok(before)
+    }
+
+    /// After the data of a run was copied (`complete` if all of it): checks that no slot
+    /// changed since `before` (and notes the access), or forgets the run and reports a miss.
+    fn confirm_run<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone,
+        before: RunSnapshot,
+        complete: bool,
+    ) -> Result<bool> {
+        #[cfg(test)]
+        tests::race_point(tests::RacePoint::AfterCopy);
+        let ok = complete && self.records.confirm_run(first, hashes.clone(), before)?;
         if !ok {
             self.forget_run(first, hashes);
         }
@@ -164,8 +184,8 @@ impl BlockCache {
                 let mut b = [0u8; HEADER_LEN];
                 let n = read_full_at(&self.header, &mut b, 0)?;
                 let fresh = n == 0;
-                if !fresh && !Header::is_valid(&b[..n]) {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "not an incfs cache of this version"));
+                if !fresh {
+                    Header::check(&b[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 }
                 let mut h = Header::decode(&b);
                 let out = f(&mut h, fresh)?;
@@ -220,9 +240,10 @@ impl BlockCache {
         Ok(tmp)
     }
 
-    /// Calls `f` on the record of every slot allocated so far.
+    /// Calls `f` on the record of every slot allocated so far that the slots file holds.
     fn scan_records(&self, f: impl FnMut(u64, Record<'_>)) -> Result<()> {
-        self.records.scan(self.read_header_field(H_NEXT_SLOT)?, f)
+        let end = self.records.scan_end(self.read_header_field(H_NEXT_SLOT)?)?;
+        self.records.scan(end, f)
     }
 }
 

@@ -58,6 +58,8 @@ impl BlockCache {
             STATE_EVICTED => u.evicted += 1,
             _ => u.empty += 1,
         })?;
+        // Slots allocated past the records on file: not yet written (or never will be).
+        u.empty += u.slots - self.records.scan_end(u.slots)?;
         let (_, log) = self.log();
         for f in [&self.blocks, &self.records.file, &log, &self.free] {
             if let Ok(m) = f.metadata() {

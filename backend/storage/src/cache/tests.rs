@@ -8,6 +8,29 @@ use super::{BlockCache, CacheOptions};
 use crate::image::merkle::leaf_hash;
 use crate::image::{Hash, BLOCK_SIZE};
 
+/// Where a read of a run can be made to race with other processes (tests only).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum RacePoint {
+    BeforeCopy,
+    AfterCopy,
+}
+
+/// What another process does at a race point.
+type RaceHook = Box<dyn FnMut(RacePoint)>;
+
+thread_local! {
+    static RACE: std::cell::RefCell<Option<RaceHook>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs this thread's race hook, if any.
+pub(super) fn race_point(at: RacePoint) {
+    let hook = RACE.with(|r| r.borrow_mut().take());
+    if let Some(mut hook) = hook {
+        hook(at);
+        RACE.with(|r| *r.borrow_mut() = Some(hook));
+    }
+}
+
 fn block(v: u32) -> (Hash, Vec<u8>) {
     let mut d = vec![0u8; BLOCK_SIZE];
     d[..4].copy_from_slice(&v.to_le_bytes());
@@ -134,4 +157,96 @@ fn daemons_opened_before_and_after_a_gc_see_each_others_inserts() {
     for (v, h) in (20..22).zip(&from_after) {
         assert_eq!(read(&before, h), Some(block(v).1), "a daemon opened before gc sees newer daemons' inserts");
     }
+}
+
+#[test]
+fn a_truncated_slots_file_is_a_miss_not_a_sigbus() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 1..3);
+    assert_eq!(read(&c, &hs[0]), Some(block(1).1), "read once: the daemon knows the file's size");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(super::layout::SLOTS_FILE))
+        .expect("open slots")
+        .set_len(0)
+        .expect("truncate");
+    let s = c.lookup(&hs[0]).expect("slot");
+    let mut out = vec![0u8; BLOCK_SIZE];
+    assert!(!c.read_run(s, &hs[..1], &mut out).expect("read"), "a record cut off the file is a miss");
+}
+
+#[test]
+fn absurd_header_values_are_reported_not_looped_on_or_allocated() {
+    use super::layout::{HEADER_FILE, H_LOG_END, H_NEXT_SLOT, H_NFREE};
+    for (field, value) in [(H_LOG_END, u64::MAX - 7), (H_NFREE, 1u64 << 60), (H_NEXT_SLOT, u64::MAX / 2)] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = BlockCache::open(dir.path()).expect("open");
+        let hs = insert(&c, 1..3);
+        let header = std::fs::OpenOptions::new().write(true).open(dir.path().join(HEADER_FILE)).expect("header");
+        header.write_all_at(&value.to_le_bytes(), field).expect("corrupt");
+        // Whatever each call answers, it answers: no hang, no huge allocation, no panic.
+        if let Ok(c2) = BlockCache::open(dir.path()) {
+            let _ = c2.lookup_fresh(&hs[0]);
+            let _ = c2.usage();
+            let _ = c2.gc(None);
+            let _ = c2.insert_verified(&[(block(9).0, &block(9).1)]);
+        }
+        let _ = c.refresh();
+        let _ = c.usage();
+        let _ = c.insert_verified(&[(block(8).0, &block(8).1)]);
+    }
+}
+
+#[test]
+fn gc_reclaims_slots_left_evicted_by_a_killed_evictor_and_recounts_live_blocks() {
+    use super::layout::{H_LIVE, H_NFREE, STATE_EVICTED};
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 1..4);
+    // An evictor killed after marking slot 1 evicted, before listing it free.
+    let victim = c.lookup(&hs[1]).expect("slot");
+    c.records.set_state(victim, STATE_EVICTED, true).expect("mark");
+    let rep = c.gc(None).expect("gc");
+    assert_eq!(rep.orphans_reclaimed, 1);
+    assert_eq!(c.read_header_field(H_NFREE).expect("nfree"), 1);
+    assert_eq!(c.read_header_field(H_LIVE).expect("live"), 2);
+    let h = insert(&c, 10..11);
+    assert_eq!(c.lookup(&h[0]), Some(victim), "the slot is reused");
+}
+
+#[test]
+fn a_block_evicted_and_stored_again_in_its_slot_during_a_read_is_a_miss() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let reader = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&reader, 1..2);
+    let slot = reader.lookup(&hs[0]).expect("slot");
+    // Another daemon evicts the block as the copy starts (the reader copies the hole's
+    // zeroes) and stores the same block again, in the same slot, before the check.
+    let other = BlockCache::open(dir.path()).expect("open");
+    let hash = hs[0];
+    RACE.with(|r| {
+        *r.borrow_mut() = Some(Box::new(move |at| match at {
+            RacePoint::BeforeCopy => other.free_slots(&[slot]).expect("evict"),
+            RacePoint::AfterCopy => {
+                insert(&other, 1..2);
+                assert_eq!(other.lookup(&hash), Some(slot), "the freed slot is reused");
+            }
+        }))
+    });
+    let mut out = vec![0u8; BLOCK_SIZE];
+    let served = reader.read_run(slot, &hs, &mut out).expect("read");
+    RACE.with(|r| r.borrow_mut().take());
+    assert!(!served || out == block(1).1, "torn bytes served: {:?}", &out[..8]);
+    assert!(!served, "a slot that changed during the copy is a miss");
+}
+
+#[test]
+fn a_cache_of_the_previous_format_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tmp");
+    drop(BlockCache::open(dir.path()).expect("open"));
+    let header = std::fs::OpenOptions::new().write(true).open(dir.path().join(super::layout::HEADER_FILE)).expect("h");
+    header.write_all_at(&2u32.to_le_bytes(), 8).expect("version 2");
+    let err = BlockCache::open(dir.path()).err().expect("refused").to_string();
+    assert!(err.contains("version 2") && err.contains("delete the directory"), "{err}");
 }
