@@ -18,6 +18,7 @@
 //! `stats` and `verify`.
 
 mod evict;
+mod files;
 mod index;
 mod insert;
 mod layout;
@@ -31,10 +32,11 @@ mod verify;
 mod tests;
 
 pub use evict::GcReport;
+pub use files::UnsafeCacheFile;
 pub use layout::BadHeader;
 pub use stats::CacheUsage;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -89,8 +91,11 @@ impl BlockCache {
     }
 
     pub fn open_with(dir: &Path, opts: CacheOptions) -> Result<Self> {
-        fs::create_dir_all(dir.join(MANIFESTS_DIR)).ctx(|| format!("create cache {}", dir.display()))?;
-        let open = |name: &str| open_cache_file(dir, name).ctx(|| format!("open {}", dir.join(name).display()));
+        files::create_private_dir(dir)
+            .and_then(|()| files::create_private_dir(&dir.join(MANIFESTS_DIR)))
+            .ctx(|| format!("cache directory {}", dir.display()))?;
+        let open =
+            |name: &str| files::open_private_file(dir, name).ctx(|| format!("open {}", dir.join(name).display()));
         let slots = open(SLOTS_FILE)?;
         let cache = BlockCache {
             dir: dir.to_path_buf(),
@@ -206,7 +211,7 @@ impl BlockCache {
                 return Ok(log.file.clone());
             }
         }
-        let file = Arc::new(open_cache_file(&self.dir, LOG_FILE)?);
+        let file = Arc::new(files::open_private_file(&self.dir, LOG_FILE)?);
         *self.log.write().unwrap_or_else(|e| e.into_inner()) = LogFile { epoch, file: file.clone() };
         Ok(file)
     }
@@ -226,17 +231,15 @@ impl BlockCache {
     }
 
     /// A new file in `dir` holding `bytes`, to be renamed over one of the cache's files. Its
-    /// name is unpredictable and it is created 0600 (O_EXCL: a link planted there is not
-    /// followed); it then gets the mode of the cache's files, for the other daemons of the
-    /// host that share them.
+    /// name is unpredictable and it is created 0600 like every cache file (O_EXCL: a link
+    /// planted there is not followed).
     fn new_temp_file(&self, dir: &Path, prefix: &str, bytes: &[u8]) -> Result<NamedTempFile> {
         let mut tmp = tempfile::Builder::new()
             .prefix(prefix)
+            .permissions(files::file_permissions())
             .tempfile_in(dir)
             .ctx(|| format!("create a temporary file in {}", dir.display()))?;
-        tmp.write_all(bytes)
-            .and_then(|()| tmp.as_file().set_permissions(self.header.metadata()?.permissions()))
-            .ctx(|| format!("write {}", tmp.path().display()))?;
+        tmp.write_all(bytes).ctx(|| format!("write {}", tmp.path().display()))?;
         Ok(tmp)
     }
 
@@ -245,11 +248,6 @@ impl BlockCache {
         let end = self.records.scan_end(self.read_header_field(H_NEXT_SLOT)?)?;
         self.records.scan(end, f)
     }
-}
-
-/// Opens (creating if needed) one of the cache's files.
-fn open_cache_file(dir: &Path, name: &str) -> io::Result<File> {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(name))
 }
 
 /// Reads at `off` until `buf` is full or the file ends: the bytes read (std's

@@ -250,3 +250,41 @@ fn a_cache_of_the_previous_format_is_refused_with_what_to_do() {
     let err = BlockCache::open(dir.path()).err().expect("refused").to_string();
     assert!(err.contains("version 2") && err.contains("delete the directory"), "{err}");
 }
+
+#[test]
+fn a_cache_others_can_write_or_that_another_user_owns_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let refused = |dir: &std::path::Path, what: &str| {
+        let err = BlockCache::open(dir).err().unwrap_or_else(|| panic!("{what}: opened")).to_string();
+        println!("{what}: {err}");
+        err
+    };
+    // A new cache is private.
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("cache");
+    drop(BlockCache::open(&dir).expect("open"));
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for name in ["header", "blocks", "slots", "log", "free", "lock"] {
+        assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+    }
+    // A directory anyone can write.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    assert!(refused(&dir, "mode 0777 directory").contains("writable by group or others"));
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    // A file of another user's.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(dir.join("log"), Some(65534), Some(65534)).expect("chown");
+        assert!(refused(&dir, "another user's file").contains("owned by uid 65534"));
+        std::os::unix::fs::chown(dir.join("log"), Some(0), Some(0)).expect("chown");
+    }
+    // A symbolic link in place of a file.
+    let elsewhere = t.path().join("elsewhere");
+    std::fs::rename(dir.join("blocks"), &elsewhere).expect("move");
+    std::os::unix::fs::symlink(&elsewhere, dir.join("blocks")).expect("link");
+    refused(&dir, "a link in place of blocks");
+    std::fs::remove_file(dir.join("blocks")).expect("unlink");
+    std::fs::rename(&elsewhere, dir.join("blocks")).expect("move back");
+    BlockCache::open(&dir).expect("a private cache opens");
+}
