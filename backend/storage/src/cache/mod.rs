@@ -8,9 +8,12 @@
 //! - A slot's record is written only after its data, and only for verified data; the log
 //!   record after both. A process killed mid-insert leaves a slot whose record is empty:
 //!   never served (and reclaimed by `gc`).
-//! - Readers check a slot's record *after* copying its data, and eviction marks the record
-//!   before it frees the data, so a block evicted (or its slot reused) under a reader is seen
-//!   as a miss, never as wrong bytes. Evicted slots are reused only after their data is freed.
+//! - Readers note a slot's record (valid, hash, generation) before copying its data and
+//!   check it unchanged after; eviction and inserts give the record a new generation before
+//!   the data changes, so a block evicted (or its slot reused, even for the same block)
+//!   under a reader is seen as a miss, never as wrong bytes.
+//! - One cache belongs to one user (`files.rs`); nothing read from its files can make a
+//!   daemon hang, allocate without bound or panic.
 //! - OFD locks vanish with the process that held them: a killed daemon never wedges others.
 //!
 //! The parts: `layout` (the format), `index` (hash -> slot, tailing the log), `records`
