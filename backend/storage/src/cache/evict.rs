@@ -67,7 +67,16 @@ impl BlockCache {
     /// Marks slots evicted, frees their data, then hands them to the free list. (Killed
     /// before the last step, it leaves slots evicted but not listed: gc lists them.)
     pub(super) fn free_slots(&self, victims: &[u64]) -> Result<()> {
-        self.evict_slots(victims)?;
+        for &s in victims {
+            self.records.set_state(s, STATE_EVICTED, true)?;
+        }
+        self.release_evicted(victims)
+    }
+
+    /// Frees the data of slots (sorted) just marked evicted, then hands them to the free
+    /// list (under the eviction lock).
+    pub(super) fn release_evicted(&self, victims: &[u64]) -> Result<()> {
+        punch_slots(&self.blocks, victims);
         let list: Vec<u8> = victims.iter().flat_map(|s| s.to_le_bytes()).collect();
         self.with_header(|h, _| {
             self.free.write_all_at(&list, h.nfree * FREE_ENTRY_LEN as u64)?;
@@ -84,15 +93,7 @@ impl BlockCache {
         for &s in victims {
             self.records.set_state(s, STATE_EVICTED, true)?;
         }
-        let mut i = 0;
-        while i < victims.len() {
-            let mut j = i + 1;
-            while j < victims.len() && victims[j] == victims[j - 1] + 1 {
-                j += 1;
-            }
-            punch_hole(&self.blocks, victims[i] * BLOCK_SIZE as u64, (j - i) as u64 * BLOCK_SIZE as u64);
-            i = j;
-        }
+        punch_slots(&self.blocks, victims);
         Ok(())
     }
 
@@ -182,6 +183,19 @@ impl BlockCache {
         listed.sort_unstable();
         listed.dedup();
         Ok(listed)
+    }
+}
+
+/// Frees the disk space of slots (sorted), one call per run of consecutive slots.
+fn punch_slots(blocks: &File, slots: &[u64]) {
+    let mut i = 0;
+    while i < slots.len() {
+        let mut j = i + 1;
+        while j < slots.len() && slots[j] == slots[j - 1] + 1 {
+            j += 1;
+        }
+        punch_hole(blocks, slots[i] * BLOCK_SIZE as u64, (j - i) as u64 * BLOCK_SIZE as u64);
+        i = j;
     }
 }
 

@@ -38,11 +38,13 @@ pub use evict::GcReport;
 pub use files::UnsafeCacheFile;
 pub use layout::BadHeader;
 pub use stats::CacheUsage;
+pub use verify::VerifyReport;
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 
 use incfs_buf::ScatterBuf;
@@ -85,6 +87,8 @@ pub struct BlockCache {
     /// `CacheOptions::limit_bytes` in blocks.
     limit_slots: Option<u64>,
     index: RwLock<Index>,
+    /// Re-hash every block read (`set_verify_reads`).
+    verify_reads: AtomicBool,
 }
 
 impl BlockCache {
@@ -110,6 +114,7 @@ impl BlockCache {
             locks: Locks::new(open(LOCK_FILE)?),
             limit_slots: opts.limit_bytes.map(|b| (b / BLOCK_SIZE as u64).max(1)),
             index: RwLock::new(Index::default()),
+            verify_reads: AtomicBool::new(false),
         };
         // Creates the header if this is a new cache, checks it otherwise; the log opened
         // above may predate a gc that renamed a new one into place before the header was read.
@@ -129,7 +134,13 @@ impl BlockCache {
         debug_assert_eq!(out.len(), hashes.len() * BLOCK_SIZE);
         let Some(before) = self.snapshot_run(first, hashes.iter())? else { return Ok(false) };
         let got = read_full_at(&self.blocks, out, first * BLOCK_SIZE as u64).ctx(|| "read cache blocks".into())?;
-        self.confirm_run(first, hashes.iter(), before, got == out.len())
+        if !self.confirm_run(first, hashes.iter(), before, got == out.len())? {
+            return Ok(false);
+        }
+        if self.verifies_reads() {
+            return self.verify_run(first, hashes, out);
+        }
+        Ok(true)
     }
 
     /// Like `read_run`, straight into a guest's buffer: the first `len` bytes of the run
@@ -143,6 +154,16 @@ impl BlockCache {
         len: usize,
     ) -> Result<bool> {
         debug_assert!(len <= hashes.len() * BLOCK_SIZE);
+        if self.verifies_reads() {
+            // Hashed in a bounce buffer of ours: the guest's buffers are its to change.
+            let hashes: Vec<Hash> = hashes.copied().collect();
+            let mut bounce = vec![0u8; hashes.len() * BLOCK_SIZE];
+            if !self.read_run(first, &hashes, &mut bounce)? {
+                return Ok(false);
+            }
+            out.write(at, &bounce[..len]).ctx(|| "copy cached blocks".into())?;
+            return Ok(true);
+        }
         let Some(before) = self.snapshot_run(first, hashes.clone())? else { return Ok(false) };
         let got = out.read_from(&self.blocks, first * BLOCK_SIZE as u64, at, len).ctx(|| "read cache blocks".into())?;
         self.confirm_run(first, hashes, before, got == len)

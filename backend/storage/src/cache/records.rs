@@ -192,6 +192,19 @@ impl Records {
         }
     }
 
+    /// Marks a valid slot evicted, with a new generation, if its record is still as
+    /// `before` (a snapshot of that one slot) saw it; false if it changed.
+    pub(super) fn evict_if_unchanged(&self, slot: u64, hash: &Hash, before: RunSnapshot) -> Result<bool> {
+        // Who could change it meanwhile (eviction) is excluded by the caller's eviction
+        // lock, and inserts never touch a valid slot: the check and the store need not be
+        // one atomic step.
+        if self.sum_generations(slot, std::iter::once(hash), |_, _| {})? != Some(before) {
+            return Ok(false);
+        }
+        self.set_state(slot, STATE_EVICTED, true)?;
+        Ok(true)
+    }
+
     /// Makes an evicted slot empty, with a new generation, for reuse; false if it is not
     /// evicted. Under the allocation lock, which every claim takes.
     pub(super) fn claim_evicted(&self, slot: u64) -> Result<bool> {

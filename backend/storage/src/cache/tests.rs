@@ -288,3 +288,30 @@ fn a_cache_others_can_write_or_that_another_user_owns_is_refused() {
     std::fs::rename(&elsewhere, dir.join("blocks")).expect("move back");
     BlockCache::open(&dir).expect("a private cache opens");
 }
+
+#[test]
+fn verify_repair_drops_blocks_whose_data_went_bad_and_verified_reads_miss_them() {
+    use super::VerifyReport;
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 1..4);
+    let bad = c.lookup(&hs[1]).expect("slot");
+    // Storage other hosts can write (or a power loss) changed a block under its record.
+    c.blocks.write_all_at(&[0xee; 100], bad * BLOCK_SIZE as u64).expect("corrupt");
+    assert!(read(&c, &hs[1]).is_some(), "plain reads trust the cache");
+    c.set_verify_reads(true);
+    assert_eq!(read(&c, &hs[1]), None, "a verified read misses a bad block");
+    assert_eq!(read(&c, &hs[0]), Some(block(1).1), "and serves good ones");
+    // The verified read dropped it already; make it bad again in a new slot for verify.
+    c.set_verify_reads(false);
+    assert_eq!(c.verify_blocks(false).expect("verify"), VerifyReport { good: 2, bad: 0, dropped: 0 });
+    let h = insert(&c, 2..3);
+    let bad = c.lookup(&h[0]).expect("slot");
+    c.blocks.write_all_at(&[0xee; 100], bad * BLOCK_SIZE as u64).expect("corrupt");
+    assert_eq!(c.verify_blocks(false).expect("verify"), VerifyReport { good: 2, bad: 1, dropped: 0 });
+    assert_eq!(c.verify_blocks(true).expect("repair"), VerifyReport { good: 2, bad: 1, dropped: 1 });
+    assert_eq!(c.verify_blocks(false).expect("verify"), VerifyReport { good: 2, bad: 0, dropped: 0 });
+    let u = c.usage().expect("usage");
+    assert_eq!((u.valid, u.free_listed), (2, 1), "the slot was reused, then dropped again: {u:?}");
+    assert_eq!(read(&BlockCache::open(dir.path()).expect("open"), &hs[1]), None, "no daemon serves it");
+}
