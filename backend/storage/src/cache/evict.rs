@@ -166,7 +166,7 @@ impl BlockCache {
         self.with_header(|h, _| {
             tmp.persist(self.dir.join(LOG_FILE)).map_err(|e| e.error)?;
             h.log_end = live.len() as u64;
-            h.epoch += 1;
+            h.epoch = h.epoch.wrapping_add(1);
             Ok(())
         })?;
         Ok(rep)

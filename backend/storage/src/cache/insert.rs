@@ -4,7 +4,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::layout::{
-    encode_log_record, le64, Header, FREE_ENTRY_LEN, LOG_RECORD_LEN, MAX_SLOTS, STATE_EMPTY, STATE_VALID,
+    encode_log_record, le64, Header, FREE_ENTRY_LEN, LOG_RECORD_LEN, MAX_LOG_BYTES, MAX_SLOTS, STATE_EMPTY, STATE_VALID,
 };
 use super::records::now_secs;
 use super::BlockCache;
@@ -35,18 +35,27 @@ impl BlockCache {
         let (slots, popped, log_pos, log) = self.with_header(|h, _| {
             // gc may have renamed a new log into place (no gc runs while we hold `writer`).
             let log = self.log_of_epoch_locked(h.epoch)?;
+            // Checked before claiming any slot: an error leaves the header as it was.
+            if h.log_end + n * LOG_RECORD_LEN as u64 > MAX_LOG_BYTES {
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "the cache log is full: run `incfsd cache gc`"));
+            }
+            let full = || io::Error::new(io::ErrorKind::StorageFull, "the cache has its most slots");
+            if h.next_slot + n.saturating_sub(h.nfree) > MAX_SLOTS {
+                return Err(full());
+            }
             let mut slots = self.pop_free(h, n)?;
             let popped = slots.len();
             let grow = n - popped as u64;
             if h.next_slot + grow > MAX_SLOTS {
-                return Err(io::Error::new(io::ErrorKind::StorageFull, "the cache has its most slots"));
+                // Only with a free list naming slots that are not free; gc rebuilds it.
+                return Err(full());
             }
             slots.extend(h.next_slot..h.next_slot + grow);
             h.next_slot += grow;
             let log_pos = h.log_end;
             h.log_end += n * LOG_RECORD_LEN as u64;
             h.live += n;
-            h.fetched += n;
+            h.fetched = h.fetched.saturating_add(n);
             Ok((slots, popped, log_pos, log))
         })?;
         // A new slot's record may hold anything a killed insert left: a new generation

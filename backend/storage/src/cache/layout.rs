@@ -53,6 +53,9 @@ pub(super) const REC_FLAGS: usize = 44;
 /// The most slots a cache may have: 64 GiB of records (5.7 TB of blocks). Bounds every
 /// slot number read from a cache file.
 pub(super) const MAX_SLOTS: u64 = (1 << 36) / RECORD_LEN as u64;
+/// The longest log a cache may have (gc compacts it): bounds `log_end`, so that appending
+/// cannot overflow.
+pub(super) const MAX_LOG_BYTES: u64 = 1 << 50;
 /// Bytes of one insert record in `log`.
 pub(super) const LOG_RECORD_LEN: usize = 40;
 /// Bytes of one slot number in `free`.
@@ -129,8 +132,8 @@ impl Header {
         if h.live > h.next_slot {
             return Err(BadHeader::Corrupt("more live blocks than slots"));
         }
-        if h.log_end % LOG_RECORD_LEN as u64 != 0 {
-            return Err(BadHeader::Corrupt("log end inside a record"));
+        if h.log_end % LOG_RECORD_LEN as u64 != 0 || h.log_end > MAX_LOG_BYTES {
+            return Err(BadHeader::Corrupt("log end inside a record or past the longest log"));
         }
         Ok(())
     }

@@ -105,6 +105,9 @@ impl Records {
         mut atime: impl FnMut(u64, u32),
     ) -> Result<Option<RunSnapshot>> {
         let n = hashes.len();
+        if n == 0 {
+            return Ok(Some(RunSnapshot(0)));
+        }
         let Some(end) = first.checked_add(n as u64).filter(|&e| e <= MAX_SLOTS) else { return Ok(None) };
         let file_len = self.file.metadata().ctx(|| "stat cache slots".into())?.len();
         if end * RECORD_LEN as u64 > file_len {

@@ -32,8 +32,8 @@ impl BlockCache {
             return Ok(());
         }
         self.with_header(|h, _| {
-            h.hits += hits;
-            h.misses += misses;
+            h.hits = h.hits.saturating_add(hits);
+            h.misses = h.misses.saturating_add(misses);
             Ok(())
         })
     }
