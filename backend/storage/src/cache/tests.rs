@@ -210,12 +210,18 @@ fn gc_reclaims_slots_left_evicted_by_a_killed_evictor_and_recounts_live_blocks()
     // An evictor killed after marking slot 1 evicted, before listing it free.
     let victim = c.lookup(&hs[1]).expect("slot");
     c.records.set_state(victim, STATE_EVICTED, true).expect("mark");
+    // An insert killed after claiming slot 2, before marking it valid (live counted it).
+    let half = c.lookup(&hs[2]).expect("slot");
+    c.records.set_state(half, super::layout::STATE_EMPTY, true).expect("claim");
     let rep = c.gc(None).expect("gc");
-    assert_eq!(rep.orphans_reclaimed, 1);
-    assert_eq!(c.read_header_field(H_NFREE).expect("nfree"), 1);
-    assert_eq!(c.read_header_field(H_LIVE).expect("live"), 2);
-    let h = insert(&c, 10..11);
-    assert_eq!(c.lookup(&h[0]), Some(victim), "the slot is reused");
+    assert_eq!(rep.orphans_reclaimed, 2);
+    assert_eq!(c.read_header_field(H_NFREE).expect("nfree"), 2);
+    assert_eq!(c.read_header_field(H_LIVE).expect("live"), 1, "live does not drift");
+    let h = insert(&c, 10..12);
+    let mut reused = vec![c.lookup(&h[0]).expect("slot"), c.lookup(&h[1]).expect("slot")];
+    reused.sort_unstable();
+    assert_eq!(reused, vec![victim, half], "the slots are reused");
+    assert_eq!(read(&c, &h[1]), Some(block(11).1));
 }
 
 #[test]
