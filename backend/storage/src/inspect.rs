@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use crate::cache::BlockCache;
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::image::{merkle, InodeKind, BLOCK_SIZE};
+use crate::image::InodeKind;
 
 /// One line per inode: type, mode, size, filled/total blocks for files, path.
 pub fn print_tree(engine: &Engine, out: &mut impl Write) -> io::Result<()> {
@@ -59,16 +59,13 @@ pub fn print_tree(engine: &Engine, out: &mut impl Write) -> io::Result<()> {
 
 /// Re-hashes every valid block in a cache: (good, bad).
 pub fn verify_cache(cache: &BlockCache) -> Result<(u64, u64)> {
-    let mut buf = [0u8; BLOCK_SIZE];
-    let (mut ok, mut bad) = (0, 0);
-    for (slot, hash) in cache.valid_slots()? {
-        cache.raw_block(slot, &mut buf)?;
-        if merkle::leaf_hash(&buf) == hash {
-            ok += 1;
-        } else {
-            tracing::error!(slot, "cached block does not match its hash");
-            bad += 1;
-        }
-    }
-    Ok((ok, bad))
+    let rep = cache.verify_blocks(false)?;
+    Ok((rep.good, rep.bad))
+}
+
+/// Re-hashes every valid block in a cache and drops the bad ones (`cache verify --repair`):
+/// (good, bad, dropped).
+pub fn repair_cache(cache: &BlockCache) -> Result<(u64, u64, u64)> {
+    let rep = cache.verify_blocks(true)?;
+    Ok((rep.good, rep.bad, rep.dropped))
 }

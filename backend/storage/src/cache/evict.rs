@@ -7,10 +7,10 @@ use std::os::unix::fs::FileExt;
 use rustix::fs::{fallocate, FallocateFlags};
 
 use super::layout::{
-    encode_log_record, le64, FLAG_PINNED, FREE_ENTRY_LEN, H_LIVE, H_LOG_END, H_NFREE, LOG_FILE, LOG_RECORD_LEN,
-    STATE_EVICTED, STATE_VALID,
+    encode_log_record, le64, FLAG_PINNED, FREE_ENTRY_LEN, H_LIVE, H_LOG_END, H_NEXT_SLOT, H_NFREE, LOG_FILE,
+    LOG_RECORD_LEN, STATE_EVICTED, STATE_VALID,
 };
-use super::BlockCache;
+use super::{read_full_at, BlockCache};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Hash, BLOCK_SIZE};
 
@@ -64,20 +64,19 @@ impl BlockCache {
         Ok(victims.len() as u64)
     }
 
-    /// Marks slots evicted, frees their data, then hands them to the free list.
-    fn free_slots(&self, victims: &[u64]) -> Result<()> {
+    /// Marks slots evicted, frees their data, then hands them to the free list. (Killed
+    /// before the last step, it leaves slots evicted but not listed: gc lists them.)
+    pub(super) fn free_slots(&self, victims: &[u64]) -> Result<()> {
         for &s in victims {
-            self.records.set_state(s, STATE_EVICTED)?;
+            self.records.set_state(s, STATE_EVICTED, true)?;
         }
-        let mut i = 0;
-        while i < victims.len() {
-            let mut j = i + 1;
-            while j < victims.len() && victims[j] == victims[j - 1] + 1 {
-                j += 1;
-            }
-            punch_hole(&self.blocks, victims[i] * BLOCK_SIZE as u64, (j - i) as u64 * BLOCK_SIZE as u64);
-            i = j;
-        }
+        self.release_evicted(victims)
+    }
+
+    /// Frees the data of slots (sorted) just marked evicted, then hands them to the free
+    /// list (under the eviction lock).
+    pub(super) fn release_evicted(&self, victims: &[u64]) -> Result<()> {
+        punch_slots(&self.blocks, victims);
         let list: Vec<u8> = victims.iter().flat_map(|s| s.to_le_bytes()).collect();
         self.with_header(|h, _| {
             self.free.write_all_at(&list, h.nfree * FREE_ENTRY_LEN as u64)?;
@@ -86,6 +85,15 @@ impl BlockCache {
             Ok(())
         })?;
         self.index_mut().forget_slots(victims);
+        Ok(())
+    }
+
+    /// Marks slots (sorted) evicted, with a new generation, then frees their data.
+    fn evict_slots(&self, victims: &[u64]) -> Result<()> {
+        for &s in victims {
+            self.records.set_state(s, STATE_EVICTED, true)?;
+        }
+        punch_slots(&self.blocks, victims);
         Ok(())
     }
 
@@ -102,34 +110,46 @@ impl BlockCache {
         Ok(n)
     }
 
-    /// Offline maintenance, safe while daemons run: reclaims slots left by killed writers,
-    /// evicts down to `limit_bytes` if given, and rewrites the log without dead records.
+    /// Offline maintenance, safe while daemons run: reclaims slots left by killed writers
+    /// and evictors, recounts live blocks, evicts down to `limit_bytes` if given, and
+    /// rewrites the log without dead records.
     pub fn gc(&self, limit_bytes: Option<u64>) -> Result<GcReport> {
         let mut rep = GcReport::default();
-        // Exclusive: no insert is in flight, so an empty record below next_slot that is not
-        // on the free list belongs to a writer that died.
+        // Exclusive: no insert or eviction is in flight, so every slot that is not valid is
+        // free: the listed ones, and orphans (empty: a killed insert; evicted but not listed:
+        // a killed evictor).
         let _writers = self.locks.writers_excluded().ctx(|| "lock cache for gc".into())?;
         let _evicting = self.locks.evict().ctx(|| "lock cache for gc".into())?;
-        let nfree = self.read_header_field(H_NFREE)?;
-        let mut b = vec![0u8; nfree as usize * FREE_ENTRY_LEN];
-        self.free.read_exact_at(&mut b, 0).ctx(|| "read cache free list".into())?;
-        let mut listed: Vec<u64> = b.chunks_exact(FREE_ENTRY_LEN).map(le64).collect();
-        listed.sort_unstable();
-        let mut orphans = Vec::new();
+        let listed = self.free_list()?;
+        let (mut valid, mut free, mut orphans) = (0u64, Vec::new(), Vec::new());
         self.scan_records(|slot, rec| match rec.state() {
-            STATE_VALID | STATE_EVICTED => {}
-            _ if listed.binary_search(&slot).is_err() => orphans.push(slot),
-            _ => {}
+            STATE_VALID => valid += 1,
+            state => {
+                free.push(slot);
+                if state != STATE_EVICTED || listed.binary_search(&slot).is_err() {
+                    orphans.push(slot);
+                }
+            }
         })?;
-        if !orphans.is_empty() {
-            // Orphans were never counted live; free_slots subtracts, so add them first.
-            self.with_header(|h, _| {
-                h.live += orphans.len() as u64;
-                Ok(())
-            })?;
-            self.free_slots(&orphans)?;
-        }
-        rep.orphans_reclaimed = orphans.len() as u64;
+        self.evict_slots(&orphans)?;
+        let next_slot = self.read_header_field(H_NEXT_SLOT)?;
+        let scanned = self.records.scan_end(next_slot)?;
+        rep.orphans_reclaimed = orphans.len() as u64 + (next_slot - scanned);
+        // Rebuild the free list. Emptied first: killed midway, this leaves free slots
+        // unlisted (the next gc lists them), never one slot listed twice.
+        self.with_header(|h, _| {
+            h.nfree = 0;
+            Ok(())
+        })?;
+        let list: Vec<u8> = free.iter().flat_map(|s| s.to_le_bytes()).collect();
+        self.free.write_all_at(&list, 0).ctx(|| "write cache free list".into())?;
+        self.with_header(|h, _| {
+            h.nfree = free.len() as u64;
+            h.live = valid;
+            // Slots allocated past the records on file were never written: not slots.
+            h.next_slot = scanned;
+            Ok(())
+        })?;
         if let Some(l) = limit_bytes {
             rep.evicted = self.evict_to(l / BLOCK_SIZE as u64)?;
         }
@@ -146,10 +166,36 @@ impl BlockCache {
         self.with_header(|h, _| {
             tmp.persist(self.dir.join(LOG_FILE)).map_err(|e| e.error)?;
             h.log_end = live.len() as u64;
-            h.epoch += 1;
+            h.epoch = h.epoch.wrapping_add(1);
             Ok(())
         })?;
         Ok(rep)
+    }
+
+    /// The free list's slots, sorted, bounded by what the file holds and by `next_slot`.
+    fn free_list(&self) -> Result<Vec<u64>> {
+        let on_file = self.free.metadata().ctx(|| "stat cache free list".into())?.len() / FREE_ENTRY_LEN as u64;
+        let next_slot = self.read_header_field(H_NEXT_SLOT)?;
+        let n = self.read_header_field(H_NFREE)?.min(on_file).min(next_slot);
+        let mut b = vec![0u8; n as usize * FREE_ENTRY_LEN];
+        let got = read_full_at(&self.free, &mut b, 0).ctx(|| "read cache free list".into())?;
+        let mut listed: Vec<u64> = b[..got].chunks_exact(FREE_ENTRY_LEN).map(le64).filter(|&s| s < next_slot).collect();
+        listed.sort_unstable();
+        listed.dedup();
+        Ok(listed)
+    }
+}
+
+/// Frees the disk space of slots (sorted), one call per run of consecutive slots.
+fn punch_slots(blocks: &File, slots: &[u64]) {
+    let mut i = 0;
+    while i < slots.len() {
+        let mut j = i + 1;
+        while j < slots.len() && slots[j] == slots[j - 1] + 1 {
+            j += 1;
+        }
+        punch_hole(blocks, slots[i] * BLOCK_SIZE as u64, (j - i) as u64 * BLOCK_SIZE as u64);
+        i = j;
     }
 }
 

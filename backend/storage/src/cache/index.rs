@@ -5,10 +5,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 
-use super::layout::{decode_log_record, H_EPOCH, H_LOG_END, LOG_RECORD_LEN};
+use super::layout::{decode_log_record, H_EPOCH, H_LOG_END, LOG_RECORD_LEN, MAX_SLOTS};
 use super::{read_full_at, BlockCache};
 use crate::error::{IoContext, Result};
 use crate::image::Hash;
+
+/// Log records not yet written that an index keeps looking for, at most.
+const MAX_PENDING: usize = 1 << 16;
 
 #[derive(Default)]
 pub(super) struct Index {
@@ -46,16 +49,30 @@ impl Index {
 
     fn add_log_record(&mut self, rec: &[u8]) {
         let (hash, slot) = decode_log_record(rec);
-        self.insert(hash, slot);
+        // Checked again on every read; bounded here so that no offset computed from it
+        // can overflow.
+        if slot < MAX_SLOTS {
+            self.insert(hash, slot);
+        }
     }
 
-    /// Reads the log of `epoch` up to `end`: what is new since the last call, and the
-    /// records that were pending then.
+    /// Notes a log record not written yet, to read again later (a bounded number: forgetting
+    /// one costs a miss, never wrong bytes).
+    fn add_pending(&mut self, pos: u64) {
+        if self.pending.len() < MAX_PENDING {
+            self.pending.push(pos);
+        }
+    }
+
+    /// Reads the log of `epoch` up to `end`, or as far as the file goes (the rest is being
+    /// written): what is new since the last call, and the records that were pending then.
     fn catch_up(&mut self, log: &File, epoch: u64, end: u64) -> Result<()> {
         if epoch != self.epoch {
             // gc rewrote the log: start over.
             *self = Index { epoch, ..Index::default() };
         }
+        let on_file = log.metadata().ctx(|| "stat cache log".into())?.len();
+        let end = end.min(on_file - on_file % LOG_RECORD_LEN as u64);
         if !self.pending.is_empty() {
             let pending = std::mem::take(&mut self.pending);
             for pos in pending {
@@ -65,7 +82,7 @@ impl Index {
                 {
                     self.add_log_record(&rec);
                 } else {
-                    self.pending.push(pos);
+                    self.add_pending(pos);
                 }
             }
         }
@@ -78,7 +95,7 @@ impl Index {
             for (i, rec) in buf[..want].chunks_exact(LOG_RECORD_LEN).enumerate() {
                 let pos = start + (i * LOG_RECORD_LEN) as u64;
                 if i * LOG_RECORD_LEN >= got || rec.iter().all(|&b| b == 0) {
-                    self.pending.push(pos);
+                    self.add_pending(pos);
                 } else {
                     self.add_log_record(rec);
                 }
@@ -96,8 +113,17 @@ impl BlockCache {
     /// Learns about blocks other processes have stored since the last look.
     pub fn refresh(&self) -> Result<()> {
         let epoch = self.read_header_field(H_EPOCH)?;
+        let (mut log_epoch, mut log) = self.log();
+        if log_epoch != epoch {
+            // gc renamed a new log into place: open it (the header names its epoch).
+            (log_epoch, log) = self.with_header(|h, _| Ok((h.epoch, self.log_of_epoch_locked(h.epoch)?)))?;
+        }
         let end = self.read_header_field(H_LOG_END)?;
-        self.index_mut().catch_up(&self.log, epoch, end)
+        if self.read_header_field(H_EPOCH)? != log_epoch {
+            // Another gc meanwhile: `end` may be the newer log's; catch up next time.
+            return Ok(());
+        }
+        self.index_mut().catch_up(&log, log_epoch, end)
     }
 
     /// The slot holding `hash`, as far as this process knows.

@@ -4,7 +4,9 @@
 //! ```text
 //! header     magic, version and the shared counters below (u64s, see H_*)
 //! blocks     slot i = plaintext at i*4096 (freed slots are hole-punched)
-//! slots      slot i = 48-byte record at i*48: hash[32], state u32, atime u32, flags u32, 0 u32
+//! slots      slot i = 48-byte record at i*48: hash[32], state u32, generation u32,
+//!            atime u32, flags u32 (state and generation form one aligned u64, read and
+//!            written atomically: see `records.rs`)
 //! log        40-byte insert records (hash[32], slot u64), appended in allocation order;
 //!            processes tail it to learn what others stored
 //! free       a stack of u64 slot numbers freed by eviction, reused by inserts
@@ -27,7 +29,8 @@ pub(super) const LOCK_FILE: &str = "lock";
 pub(super) const MANIFESTS_DIR: &str = "manifests";
 
 pub(super) const MAGIC: &[u8; 8] = b"INCFSCAC";
-pub(super) const VERSION: u32 = 2;
+/// 3: slot records carry a generation (2 had none; a version-2 cache is refused).
+pub(super) const VERSION: u32 = 3;
 // Header fields (u64 at these offsets).
 pub(super) const H_NEXT_SLOT: u64 = 16;
 pub(super) const H_LOG_END: u64 = 24;
@@ -43,14 +46,23 @@ pub(super) const HEADER_LEN: usize = 80;
 pub(super) const RECORD_LEN: usize = 48;
 // Fields of a slot record (byte offsets).
 pub(super) const REC_STATE: usize = 32;
-pub(super) const REC_ATIME: usize = 36;
-pub(super) const REC_FLAGS: usize = 40;
+/// Bumped whenever the slot's data may change (eviction, and an insert before its data).
+pub(super) const REC_GEN: usize = 36;
+pub(super) const REC_ATIME: usize = 40;
+pub(super) const REC_FLAGS: usize = 44;
+/// The most slots a cache may have: 64 GiB of records (5.7 TB of blocks). Bounds every
+/// slot number read from a cache file.
+pub(super) const MAX_SLOTS: u64 = (1 << 36) / RECORD_LEN as u64;
+/// The longest log a cache may have (gc compacts it): bounds `log_end`, so that appending
+/// cannot overflow.
+pub(super) const MAX_LOG_BYTES: u64 = 1 << 50;
 /// Bytes of one insert record in `log`.
 pub(super) const LOG_RECORD_LEN: usize = 40;
 /// Bytes of one slot number in `free`.
 pub(super) const FREE_ENTRY_LEN: usize = 8;
 
-/// State 0 is an empty record: allocated, not (yet) written.
+/// An empty record: allocated, not (yet) written.
+pub(super) const STATE_EMPTY: u32 = 0;
 pub(super) const STATE_VALID: u32 = 1;
 pub(super) const STATE_EVICTED: u32 = 2;
 pub(super) const FLAG_PINNED: u32 = 1;
@@ -85,10 +97,45 @@ pub(super) struct Header {
     pub(super) fetched: u64,
 }
 
+/// Why a header is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BadHeader {
+    #[error("not an incfs cache")]
+    NotACache,
+    #[error(
+        "cache format version {found}, this incfsd uses version {VERSION}: delete the directory (it is only a \
+         cache) or use another one"
+    )]
+    OldVersion { found: u32 },
+    #[error("corrupt cache header ({0}): delete the directory (it is only a cache) or use another one")]
+    Corrupt(&'static str),
+}
+
 impl Header {
-    /// Whether the first `b.len()` bytes of a header file are a header of this version.
-    pub(super) fn is_valid(b: &[u8]) -> bool {
-        b.len() >= HEADER_LEN && &b[..8] == MAGIC && le32(&b[8..12]) == VERSION
+    /// Checks the first `b.len()` bytes of a header file: magic, version, and values that
+    /// every other file's size and every allocation are bounded by.
+    pub(super) fn check(b: &[u8]) -> Result<(), BadHeader> {
+        if b.len() < HEADER_LEN || &b[..8] != MAGIC {
+            return Err(BadHeader::NotACache);
+        }
+        let found = le32(&b[8..12]);
+        if found != VERSION {
+            return Err(BadHeader::OldVersion { found });
+        }
+        let h = Header::decode(b[..HEADER_LEN].try_into().map_err(|_| BadHeader::NotACache)?);
+        if h.next_slot > MAX_SLOTS {
+            return Err(BadHeader::Corrupt("next slot past the largest cache"));
+        }
+        if h.nfree > h.next_slot {
+            return Err(BadHeader::Corrupt("more free slots than slots"));
+        }
+        if h.live > h.next_slot {
+            return Err(BadHeader::Corrupt("more live blocks than slots"));
+        }
+        if h.log_end % LOG_RECORD_LEN as u64 != 0 || h.log_end > MAX_LOG_BYTES {
+            return Err(BadHeader::Corrupt("log end inside a record or past the longest log"));
+        }
+        Ok(())
     }
 
     pub(super) fn decode(b: &[u8; HEADER_LEN]) -> Self {
@@ -143,6 +190,10 @@ impl Record<'_> {
         le32(&self.0[REC_STATE..])
     }
 
+    pub(super) fn generation(&self) -> u32 {
+        le32(&self.0[REC_GEN..])
+    }
+
     pub(super) fn atime(&self) -> u32 {
         le32(&self.0[REC_ATIME..])
     }
@@ -150,14 +201,6 @@ impl Record<'_> {
     pub(super) fn flags(&self) -> u32 {
         le32(&self.0[REC_FLAGS..])
     }
-}
-
-/// A new record for `hash`, accessed at `atime`, with an empty state (see `Records::set_state`).
-pub(super) fn empty_record(hash: &Hash, atime: u32) -> [u8; RECORD_LEN] {
-    let mut rec = [0u8; RECORD_LEN];
-    rec[..32].copy_from_slice(hash);
-    rec[REC_ATIME..REC_ATIME + 4].copy_from_slice(&atime.to_le_bytes());
-    rec
 }
 
 /// Appends the log record "`hash` is in `slot`".

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::layout::{le32, LOCK_ALLOC, LOCK_BUCKETS, LOCK_BUCKETS_BASE, LOCK_EVICT, LOCK_WRITERS};
 use super::BlockCache;
@@ -18,6 +18,13 @@ pub(super) struct Locks {
     file: File,
     alloc: Mutex<()>,
     evicting: Mutex<()>,
+    /// Inserts in flight in this process. They share one OFD lock on LOCK_WRITERS, taken by
+    /// the first and released by the last: released by whichever finished first, it would
+    /// let gc take the others' slots for orphans.
+    writers: Mutex<u32>,
+    /// Held shared by this process's inserts and exclusively by its gc, which the OFD lock
+    /// cannot do (one open file's shared lock would just be converted).
+    gc_threads: RwLock<()>,
     /// Fetch-lock buckets this process holds, with how many holds each.
     buckets_held: Mutex<HashMap<u32, u32>>,
 }
@@ -41,9 +48,39 @@ pub(super) struct ProcessLock<'a> {
     _threads: MutexGuard<'a, ()>,
 }
 
+/// One insert's share of the writers lock: the last of a process's inserts to finish
+/// releases the OFD lock.
+pub(super) struct WriterLock<'a> {
+    locks: &'a Locks,
+    _threads: RwLockReadGuard<'a, ()>,
+}
+
+impl Drop for WriterLock<'_> {
+    fn drop(&mut self) {
+        let mut n = self.locks.writers.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            let _ = ofd_unlock(&self.locks.file, LOCK_WRITERS);
+        }
+    }
+}
+
+/// The writers lock held exclusively (gc), in this process and against the others.
+pub(super) struct GcLock<'a> {
+    _ofd: OfdLock<'a>,
+    _threads: RwLockWriteGuard<'a, ()>,
+}
+
 impl Locks {
     pub(super) fn new(file: File) -> Self {
-        Locks { file, alloc: Mutex::new(()), evicting: Mutex::new(()), buckets_held: Mutex::new(HashMap::new()) }
+        Locks {
+            file,
+            alloc: Mutex::new(()),
+            evicting: Mutex::new(()),
+            writers: Mutex::new(0),
+            gc_threads: RwLock::new(()),
+            buckets_held: Mutex::new(HashMap::new()),
+        }
     }
 
     fn ofd(&self, byte: i64, exclusive: bool, wait: bool) -> io::Result<OfdLock<'_>> {
@@ -57,14 +94,23 @@ impl Locks {
         Ok(ProcessLock { _ofd: self.ofd(LOCK_ALLOC, true, true)?, _threads: threads })
     }
 
-    /// Held (shared) by every insert, so that gc can wait for the inserts in flight. Waits.
-    pub(super) fn writer(&self) -> io::Result<OfdLock<'_>> {
-        self.ofd(LOCK_WRITERS, false, true)
+    /// Held by every insert, so that gc can wait for the inserts in flight. Waits.
+    pub(super) fn writer(&self) -> io::Result<WriterLock<'_>> {
+        let threads = self.gc_threads.read().unwrap_or_else(|e| e.into_inner());
+        let mut n = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        if *n == 0 {
+            // Waits for a gc of another process with this process's other writers queued
+            // on `writers`: they need the same lock.
+            ofd_lock(&self.file, LOCK_WRITERS, false, true)?;
+        }
+        *n += 1;
+        Ok(WriterLock { locks: self, _threads: threads })
     }
 
-    /// Held by gc: no insert is in flight meanwhile. Waits.
-    pub(super) fn writers_excluded(&self) -> io::Result<OfdLock<'_>> {
-        self.ofd(LOCK_WRITERS, true, true)
+    /// Held by gc: no insert is in flight meanwhile, in any process. Waits.
+    pub(super) fn writers_excluded(&self) -> io::Result<GcLock<'_>> {
+        let threads = self.gc_threads.write().unwrap_or_else(|e| e.into_inner());
+        Ok(GcLock { _ofd: self.ofd(LOCK_WRITERS, true, true)?, _threads: threads })
     }
 
     /// The eviction lock if no thread or process holds it; None if one does.
@@ -192,5 +238,27 @@ mod tests {
         assert!(!b.try_lock_fetch(&h).expect("still held once"));
         a.unlock_fetch(&h);
         assert!(b.try_lock_fetch(&h).expect("free now"));
+    }
+}
+
+#[cfg(test)]
+mod writer_tests {
+    use super::*;
+
+    #[test]
+    fn gc_cannot_run_while_any_thread_of_a_process_is_still_inserting() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let daemon = BlockCache::open(dir.path()).expect("open");
+        let gc = BlockCache::open(dir.path()).expect("open");
+        let slow = daemon.locks.writer().expect("writer");
+        let fast = daemon.locks.writer().expect("writer");
+        drop(fast);
+        let got = ofd_lock(&gc.locks.file, LOCK_WRITERS, true, false);
+        assert!(
+            matches!(&got, Err(e) if is_contended(e)),
+            "gc took the writers lock while an insert was in flight: {got:?}"
+        );
+        drop(slow);
+        ofd_lock(&gc.locks.file, LOCK_WRITERS, true, false).expect("free once every insert is done");
     }
 }

@@ -1,10 +1,9 @@
 //! Saved image manifests (`manifests/<id>`), so a restarted daemon needs no remote to start.
 
-use std::fs;
 use std::path::PathBuf;
 
 use super::layout::MANIFESTS_DIR;
-use super::BlockCache;
+use super::{files, BlockCache};
 use crate::error::{IoContext, Result};
 use crate::image::ImageId;
 
@@ -15,7 +14,9 @@ impl BlockCache {
 
     /// A manifest saved earlier, if present and still hashing to its id.
     pub fn load_manifest(&self, id: &ImageId) -> Option<Vec<u8>> {
-        let bytes = fs::read(self.manifest_path(id)).ok()?;
+        let bytes = files::read_private_file(&self.manifest_path(id))
+            .map_err(|e| tracing::warn!("saved manifest {id}: {e}"))
+            .ok()?;
         (ImageId::of_manifest(&bytes) == *id).then_some(bytes)
     }
 
@@ -29,13 +30,13 @@ impl BlockCache {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::cache::layout::HEADER_FILE;
 
     #[test]
-    fn saved_manifests_load_back_with_the_caches_mode_and_no_planted_link_is_followed() {
+    fn saved_manifests_load_back_private_and_no_planted_link_is_followed() {
         let dir = tempfile::tempdir().expect("tmp");
         let cache = BlockCache::open(dir.path()).expect("open");
         let bytes = b"a manifest".to_vec();
@@ -50,7 +51,7 @@ mod tests {
         assert_eq!(cache.load_manifest(&id), Some(bytes));
         assert_eq!(cache.load_manifest(&ImageId::of_manifest(b"another")), None);
         let mode = |p: &std::path::Path| fs::metadata(p).expect("stat").permissions().mode();
-        assert_eq!(mode(&cache.manifest_path(&id)), mode(&dir.path().join(HEADER_FILE)));
+        assert_eq!(mode(&cache.manifest_path(&id)) & 0o777, files::FILE_MODE);
         // The manifest and the planted link: no temporary file is left.
         assert_eq!(fs::read_dir(dir.path().join(MANIFESTS_DIR)).expect("ls").count(), 2);
     }

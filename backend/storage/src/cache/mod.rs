@@ -8,9 +8,12 @@
 //! - A slot's record is written only after its data, and only for verified data; the log
 //!   record after both. A process killed mid-insert leaves a slot whose record is empty:
 //!   never served (and reclaimed by `gc`).
-//! - Readers check a slot's record *after* copying its data, and eviction marks the record
-//!   before it frees the data, so a block evicted (or its slot reused) under a reader is seen
-//!   as a miss, never as wrong bytes. Evicted slots are reused only after their data is freed.
+//! - Readers note a slot's record (valid, hash, generation) before copying its data and
+//!   check it unchanged after; eviction and inserts give the record a new generation before
+//!   the data changes, so a block evicted (or its slot reused, even for the same block)
+//!   under a reader is seen as a miss, never as wrong bytes.
+//! - One cache belongs to one user (`files.rs`); nothing read from its files can make a
+//!   daemon hang, allocate without bound or panic.
 //! - OFD locks vanish with the process that held them: a killed daemon never wedges others.
 //!
 //! The parts: `layout` (the format), `index` (hash -> slot, tailing the log), `records`
@@ -18,6 +21,7 @@
 //! `stats` and `verify`.
 
 mod evict;
+mod files;
 mod index;
 mod insert;
 mod layout;
@@ -31,13 +35,17 @@ mod verify;
 mod tests;
 
 pub use evict::GcReport;
+pub use files::UnsafeCacheFile;
+pub use layout::BadHeader;
 pub use stats::CacheUsage;
+pub use verify::VerifyReport;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
 
 use incfs_buf::ScatterBuf;
 use tempfile::NamedTempFile;
@@ -50,12 +58,18 @@ use layout::{
     SLOTS_FILE,
 };
 use locks::Locks;
-use records::Records;
+use records::{Records, RunSnapshot};
 
 #[derive(Clone, Debug, Default)]
 pub struct CacheOptions {
     /// Keep the cache at most this many bytes of blocks (None: unbounded).
     pub limit_bytes: Option<u64>,
+}
+
+/// The log file as this process has it open, and the epoch it was opened in.
+struct LogFile {
+    epoch: u64,
+    file: Arc<File>,
 }
 
 /// One process's handle on a cache directory (the files are described in `layout.rs`).
@@ -65,13 +79,16 @@ pub struct BlockCache {
     blocks: File,
     /// The `slots` file.
     records: Records,
-    log: File,
+    /// The `log` file of the epoch it was opened in: gc renames a new one into place.
+    log: RwLock<LogFile>,
     free: File,
     /// The `lock` file.
     locks: Locks,
     /// `CacheOptions::limit_bytes` in blocks.
     limit_slots: Option<u64>,
     index: RwLock<Index>,
+    /// Re-hash every block read (`set_verify_reads`).
+    verify_reads: AtomicBool,
 }
 
 impl BlockCache {
@@ -81,31 +98,27 @@ impl BlockCache {
     }
 
     pub fn open_with(dir: &Path, opts: CacheOptions) -> Result<Self> {
-        fs::create_dir_all(dir.join(MANIFESTS_DIR)).ctx(|| format!("create cache {}", dir.display()))?;
-        let open = |name: &str| {
-            let p = dir.join(name);
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&p)
-                .ctx(|| format!("open {}", p.display()))
-        };
+        files::create_private_dir(dir)
+            .and_then(|()| files::create_private_dir(&dir.join(MANIFESTS_DIR)))
+            .ctx(|| format!("cache directory {}", dir.display()))?;
+        let open =
+            |name: &str| files::open_private_file(dir, name).ctx(|| format!("open {}", dir.join(name).display()));
         let slots = open(SLOTS_FILE)?;
         let cache = BlockCache {
             dir: dir.to_path_buf(),
             header: open(HEADER_FILE)?,
             blocks: open(BLOCKS_FILE)?,
             records: Records::new(slots),
-            log: open(LOG_FILE)?,
+            log: RwLock::new(LogFile { epoch: 0, file: Arc::new(open(LOG_FILE)?) }),
             free: open(FREE_FILE)?,
             locks: Locks::new(open(LOCK_FILE)?),
             limit_slots: opts.limit_bytes.map(|b| (b / BLOCK_SIZE as u64).max(1)),
             index: RwLock::new(Index::default()),
+            verify_reads: AtomicBool::new(false),
         };
-        // Creates the header if this is a new cache, checks it otherwise.
-        cache.with_header(|_, _| Ok(()))?;
+        // Creates the header if this is a new cache, checks it otherwise; the log opened
+        // above may predate a gc that renamed a new one into place before the header was read.
+        cache.with_header(|h, _| cache.log_of_epoch_locked(h.epoch).map(drop))?;
         cache.refresh()?;
         Ok(cache)
     }
@@ -119,12 +132,15 @@ impl BlockCache {
     /// was evicted or reused meanwhile.
     pub fn read_run(&self, first: u64, hashes: &[Hash], out: &mut [u8]) -> Result<bool> {
         debug_assert_eq!(out.len(), hashes.len() * BLOCK_SIZE);
+        let Some(before) = self.snapshot_run(first, hashes.iter())? else { return Ok(false) };
         let got = read_full_at(&self.blocks, out, first * BLOCK_SIZE as u64).ctx(|| "read cache blocks".into())?;
-        if got != out.len() {
-            self.forget_run(first, hashes.iter());
+        if !self.confirm_run(first, hashes.iter(), before, got == out.len())? {
             return Ok(false);
         }
-        self.check_run(first, hashes.iter())
+        if self.verifies_reads() {
+            return self.verify_run(first, hashes, out);
+        }
+        Ok(true)
     }
 
     /// Like `read_run`, straight into a guest's buffer: the first `len` bytes of the run
@@ -138,18 +154,50 @@ impl BlockCache {
         len: usize,
     ) -> Result<bool> {
         debug_assert!(len <= hashes.len() * BLOCK_SIZE);
-        let got = out.read_from(&self.blocks, first * BLOCK_SIZE as u64, at, len).ctx(|| "read cache blocks".into())?;
-        if got != len {
-            self.forget_run(first, hashes);
-            return Ok(false);
+        if self.verifies_reads() {
+            // Hashed in a bounce buffer of ours: the guest's buffers are its to change.
+            let hashes: Vec<Hash> = hashes.copied().collect();
+            let mut bounce = vec![0u8; hashes.len() * BLOCK_SIZE];
+            if !self.read_run(first, &hashes, &mut bounce)? {
+                return Ok(false);
+            }
+            out.write(at, &bounce[..len]).ctx(|| "copy cached blocks".into())?;
+            return Ok(true);
         }
-        self.check_run(first, hashes)
+        let Some(before) = self.snapshot_run(first, hashes.clone())? else { return Ok(false) };
+        let got = out.read_from(&self.blocks, first * BLOCK_SIZE as u64, at, len).ctx(|| "read cache blocks".into())?;
+        self.confirm_run(first, hashes, before, got == len)
     }
 
-    /// After the data of a run was copied: checks that every slot still holds its hash (and
-    /// notes the access), or forgets the run and reports a miss.
-    fn check_run<'a>(&self, first: u64, hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone) -> Result<bool> {
-        let ok = self.records.check_run(first, hashes.clone())?;
+    /// Before copying a run's data: what its records say (None, and the run forgotten, if
+    /// any slot is not valid with its hash). Slots snapshotted are below MAX_SLOTS, so the
+    /// data's offsets cannot overflow.
+    fn snapshot_run<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone,
+    ) -> Result<Option<RunSnapshot>> {
+        let before = self.records.snapshot_run(first, hashes.clone())?;
+        if before.is_none() {
+            self.forget_run(first, hashes);
+        }
+        #[cfg(test)]
+        tests::race_point(tests::RacePoint::BeforeCopy);
+        Ok(before)
+    }
+
+    /// After the data of a run was copied (`complete` if all of it): checks that no slot
+    /// changed since `before` (and notes the access), or forgets the run and reports a miss.
+    fn confirm_run<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash> + Clone,
+        before: RunSnapshot,
+        complete: bool,
+    ) -> Result<bool> {
+        #[cfg(test)]
+        tests::race_point(tests::RacePoint::AfterCopy);
+        let ok = complete && self.records.confirm_run(first, hashes.clone(), before)?;
         if !ok {
             self.forget_run(first, hashes);
         }
@@ -165,8 +213,8 @@ impl BlockCache {
                 let mut b = [0u8; HEADER_LEN];
                 let n = read_full_at(&self.header, &mut b, 0)?;
                 let fresh = n == 0;
-                if !fresh && !Header::is_valid(&b[..n]) {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "not an incfs cache of this version"));
+                if !fresh {
+                    Header::check(&b[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 }
                 let mut h = Header::decode(&b);
                 let out = f(&mut h, fresh)?;
@@ -175,6 +223,27 @@ impl BlockCache {
             })()
         };
         res.ctx(|| format!("cache header in {}", self.dir.display()))
+    }
+
+    /// The log file of `epoch`, the header's current one: reopened if gc renamed a new log
+    /// into place since this process opened it. Call under the allocation lock, which gc
+    /// holds while it renames the log and bumps the epoch.
+    fn log_of_epoch_locked(&self, epoch: u64) -> io::Result<Arc<File>> {
+        {
+            let log = self.log.read().unwrap_or_else(|e| e.into_inner());
+            if log.epoch == epoch {
+                return Ok(log.file.clone());
+            }
+        }
+        let file = Arc::new(files::open_private_file(&self.dir, LOG_FILE)?);
+        *self.log.write().unwrap_or_else(|e| e.into_inner()) = LogFile { epoch, file: file.clone() };
+        Ok(file)
+    }
+
+    /// The log file this process has open, and its epoch.
+    fn log(&self) -> (u64, Arc<File>) {
+        let log = self.log.read().unwrap_or_else(|e| e.into_inner());
+        (log.epoch, log.file.clone())
     }
 
     fn read_header_field(&self, off: u64) -> Result<u64> {
@@ -186,23 +255,22 @@ impl BlockCache {
     }
 
     /// A new file in `dir` holding `bytes`, to be renamed over one of the cache's files. Its
-    /// name is unpredictable and it is created 0600 (O_EXCL: a link planted there is not
-    /// followed); it then gets the mode of the cache's files, for the other daemons of the
-    /// host that share them.
+    /// name is unpredictable and it is created 0600 like every cache file (O_EXCL: a link
+    /// planted there is not followed).
     fn new_temp_file(&self, dir: &Path, prefix: &str, bytes: &[u8]) -> Result<NamedTempFile> {
         let mut tmp = tempfile::Builder::new()
             .prefix(prefix)
+            .permissions(files::file_permissions())
             .tempfile_in(dir)
             .ctx(|| format!("create a temporary file in {}", dir.display()))?;
-        tmp.write_all(bytes)
-            .and_then(|()| tmp.as_file().set_permissions(self.header.metadata()?.permissions()))
-            .ctx(|| format!("write {}", tmp.path().display()))?;
+        tmp.write_all(bytes).ctx(|| format!("write {}", tmp.path().display()))?;
         Ok(tmp)
     }
 
-    /// Calls `f` on the record of every slot allocated so far.
+    /// Calls `f` on the record of every slot allocated so far that the slots file holds.
     fn scan_records(&self, f: impl FnMut(u64, Record<'_>)) -> Result<()> {
-        self.records.scan(self.read_header_field(H_NEXT_SLOT)?, f)
+        let end = self.records.scan_end(self.read_header_field(H_NEXT_SLOT)?)?;
+        self.records.scan(end, f)
     }
 }
 

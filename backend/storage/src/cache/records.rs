@@ -3,6 +3,12 @@
 //! The file is mapped shared into every daemon, so that checking a record and noting its
 //! access time on the read path are memory accesses, not system calls. Other processes write
 //! the same file with pwrite: mapped and written pages are the same page cache pages.
+//!
+//! A record's state and generation are one aligned u64, loaded and stored atomically. The
+//! generation is bumped before a slot's data may change (eviction marks the slot evicted,
+//! an insert marks it empty, both with a new generation, before touching the data), so a
+//! reader that sees the same valid (state, generation) before and after copying the data
+//! copied data that no one changed meanwhile (a seqlock across processes).
 
 use std::fs::File;
 use std::marker::PhantomData;
@@ -12,7 +18,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use super::layout::{Record, RECORD_LEN, REC_ATIME, REC_FLAGS, REC_STATE, STATE_VALID};
+use super::layout::{
+    le64, Record, MAX_SLOTS, RECORD_LEN, REC_ATIME, REC_FLAGS, REC_STATE, STATE_EMPTY, STATE_EVICTED, STATE_VALID,
+};
 use super::read_full_at;
 use crate::error::{IoContext, Result};
 use crate::image::Hash;
@@ -20,13 +28,31 @@ use crate::image::Hash;
 /// Access times are written back at most this often per block (seconds).
 const TOUCH_EVERY: u32 = 2;
 
-/// Address space reserved for the mapped slots file: 64 GiB of records cover 5.7 TB of
-/// blocks. Records past it are read with pread.
-const RECORD_MAP_BYTES: u64 = 1 << 36;
+/// Address space reserved for the mapped slots file: the records of MAX_SLOTS slots.
+const RECORD_MAP_BYTES: u64 = MAX_SLOTS * RECORD_LEN as u64;
 
 pub(super) fn now_secs() -> u32 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
 }
+
+/// The (state, generation) word of a record: state in the low half, as stored.
+fn state_of(word: u64) -> u32 {
+    word as u32
+}
+
+fn generation_of(word: u64) -> u32 {
+    (word >> 32) as u32
+}
+
+fn word(state: u32, generation: u32) -> u64 {
+    u64::from(state) | u64::from(generation) << 32
+}
+
+/// What a reader saw of a run's records before copying its data: every slot valid with
+/// the expected hash, and the sum of their generations. Generations only grow, so an equal
+/// sum after the copy, every slot still valid, means no slot changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RunSnapshot(u64);
 
 pub(super) struct Records {
     pub(super) file: File,
@@ -39,64 +65,173 @@ impl Records {
         Records { map: RecordMap::new(&file), file }
     }
 
-    /// After the data of a run was copied: whether every slot of the run still holds its
-    /// hash and is valid (noting the access if so).
-    pub(super) fn check_run<'a>(&self, first: u64, hashes: impl ExactSizeIterator<Item = &'a Hash>) -> Result<bool> {
-        let n = hashes.len();
-        if let Some(run) = self.map.as_ref().and_then(|m| m.run(&self.file, first, n)) {
-            fence(Ordering::Acquire);
-            let now = now_secs();
-            return Ok(hashes.enumerate().all(|(i, h)| run.check_and_touch(i, h, now)));
-        }
-        let mut meta = vec![0u8; n * RECORD_LEN];
-        let got = read_full_at(&self.file, &mut meta, first * RECORD_LEN as u64).ctx(|| "read cache slots".into())?;
-        let ok = got == meta.len()
-            && hashes
-                .zip(meta.chunks_exact(RECORD_LEN).map(Record))
-                .all(|(h, rec)| rec.state() == STATE_VALID && rec.holds(h));
+    /// Before copying a run's data: None unless every slot holds its hash and is valid.
+    pub(super) fn snapshot_run<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash>,
+    ) -> Result<Option<RunSnapshot>> {
+        self.sum_generations(first, hashes, |_, _| {})
+    }
+
+    /// After copying a run's data: whether every slot is as `before` saw it (noting the
+    /// access if so).
+    pub(super) fn confirm_run<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash>,
+        before: RunSnapshot,
+    ) -> Result<bool> {
+        let now = now_secs();
+        let mut stale = Vec::new();
+        let after = self.sum_generations(first, hashes, |slot, atime| {
+            if now.saturating_sub(atime) >= TOUCH_EVERY {
+                stale.push(slot);
+            }
+        })?;
+        let ok = after == Some(before);
         if ok {
-            self.touch(first, &meta);
+            self.touch(&stale, now);
         }
         Ok(ok)
     }
 
-    /// Writes back access times for LRU, at most every TOUCH_EVERY seconds per block: the
-    /// records just read carry the last time, so deciding costs no lookup.
-    fn touch(&self, first: u64, meta: &[u8]) {
-        let now = now_secs();
-        for (i, rec) in meta.chunks_exact(RECORD_LEN).map(Record).enumerate() {
-            if now.saturating_sub(rec.atime()) >= TOUCH_EVERY {
-                let _ = self
-                    .file
-                    .write_all_at(&now.to_le_bytes(), (first + i as u64) * RECORD_LEN as u64 + REC_ATIME as u64);
+    /// The run's snapshot if every slot is valid and holds its hash; `atime` learns each
+    /// slot's access time.
+    fn sum_generations<'a>(
+        &self,
+        first: u64,
+        hashes: impl ExactSizeIterator<Item = &'a Hash>,
+        mut atime: impl FnMut(u64, u32),
+    ) -> Result<Option<RunSnapshot>> {
+        let n = hashes.len();
+        if n == 0 {
+            return Ok(Some(RunSnapshot(0)));
+        }
+        let Some(end) = first.checked_add(n as u64).filter(|&e| e <= MAX_SLOTS) else { return Ok(None) };
+        let file_len = self.file.metadata().ctx(|| "stat cache slots".into())?.len();
+        if end * RECORD_LEN as u64 > file_len {
+            return Ok(None);
+        }
+        let mut sum = 0u64;
+        if let Some(run) = self.map.as_ref().map(|m| m.run(first)) {
+            for (i, h) in hashes.enumerate() {
+                let w = u64::from_le(run.state_word(i).load(Ordering::Acquire));
+                if state_of(w) != STATE_VALID || !run.holds(i, h) {
+                    return Ok(None);
+                }
+                sum += u64::from(generation_of(w));
+                atime(first + i as u64, u32::from_le(run.word32(i, REC_ATIME).load(Ordering::Relaxed)));
             }
+            // The copy (or the caller's next load) must not move before these loads.
+            fence(Ordering::Acquire);
+            return Ok(Some(RunSnapshot(sum)));
+        }
+        // Not mapped: pread (without the map's atomicity; only if mapping failed).
+        let mut meta = vec![0u8; n * RECORD_LEN];
+        let got = read_full_at(&self.file, &mut meta, first * RECORD_LEN as u64).ctx(|| "read cache slots".into())?;
+        if got != meta.len() {
+            return Ok(None);
+        }
+        for (i, (h, rec)) in hashes.zip(meta.chunks_exact(RECORD_LEN).map(Record)).enumerate() {
+            if rec.state() != STATE_VALID || !rec.holds(h) {
+                return Ok(None);
+            }
+            sum += u64::from(rec.generation());
+            atime(first + i as u64, rec.atime());
+        }
+        Ok(Some(RunSnapshot(sum)))
+    }
+
+    /// Writes back access times for LRU (at most every TOUCH_EVERY seconds per block).
+    fn touch(&self, slots: &[u64], now: u32) {
+        for &slot in slots {
+            let _ = self.file.write_all_at(&now.to_le_bytes(), slot * RECORD_LEN as u64 + REC_ATIME as u64);
         }
     }
 
-    /// Writes a whole record (its state last: see `set_state`).
-    pub(super) fn write(&self, slot: u64, rec: &[u8; RECORD_LEN]) -> Result<()> {
-        self.file.write_all_at(rec, slot * RECORD_LEN as u64).ctx(|| "write cache slots".into())
+    /// Writes a record's hash, access time and flags: not its state and generation, which
+    /// only `set_state` changes.
+    pub(super) fn write_contents(&self, slot: u64, hash: &Hash, atime: u32, flags: u32) -> Result<()> {
+        let at = slot * RECORD_LEN as u64;
+        let mut tail = [0u8; 8];
+        tail[..4].copy_from_slice(&atime.to_le_bytes());
+        tail[4..].copy_from_slice(&flags.to_le_bytes());
+        self.file
+            .write_all_at(hash, at)
+            .and_then(|()| self.file.write_all_at(&tail, at + REC_ATIME as u64))
+            .ctx(|| "write cache slots".into())
     }
 
-    /// Sets a slot's state: the last word of a record written, so a reader that sees
-    /// VALID sees the whole record (readers load the state first).
-    pub(super) fn set_state(&self, slot: u64, state: u32) -> Result<()> {
-        match self.map.as_ref().and_then(|m| m.run(&self.file, slot, 1)) {
-            Some(run) => {
-                run.state(0).store(state.to_le(), Ordering::Release);
+    /// Sets a slot's state, with a new generation if `bump` (before its data may change),
+    /// else keeping it (valid, once the data and the rest of the record are written: the
+    /// state is the last word of a record written, readers load it first).
+    pub(super) fn set_state(&self, slot: u64, state: u32, bump: bool) -> Result<()> {
+        let new = |old: u64| word(state, generation_of(old).wrapping_add(u32::from(bump)));
+        let end = (slot + 1) * RECORD_LEN as u64;
+        let mapped = slot < MAX_SLOTS
+            && self.map.is_some()
+            && self.file.metadata().ctx(|| "stat cache slots".into())?.len() >= end;
+        match self.map.as_ref().filter(|_| mapped) {
+            Some(map) => {
+                let run = map.run(slot);
+                let w = run.state_word(0);
+                let mut old = u64::from_le(w.load(Ordering::Acquire));
+                while let Err(cur) =
+                    w.compare_exchange_weak(old.to_le(), new(old).to_le(), Ordering::AcqRel, Ordering::Acquire)
+                {
+                    old = u64::from_le(cur);
+                }
                 Ok(())
             }
-            None => self
-                .file
-                .write_all_at(&state.to_le_bytes(), slot * RECORD_LEN as u64 + REC_STATE as u64)
-                .ctx(|| "write cache slots".into()),
+            None => {
+                // Past the end of the file (a new slot) or not mapped: read and write back.
+                let at = slot * RECORD_LEN as u64 + REC_STATE as u64;
+                let mut b = [0u8; 8];
+                let got = read_full_at(&self.file, &mut b, at).ctx(|| "read cache slots".into())?;
+                b[got..].fill(0);
+                self.file.write_all_at(&new(le64(&b)).to_le_bytes(), at).ctx(|| "write cache slots".into())
+            }
         }
+    }
+
+    /// Marks a valid slot evicted, with a new generation, if its record is still as
+    /// `before` (a snapshot of that one slot) saw it; false if it changed.
+    pub(super) fn evict_if_unchanged(&self, slot: u64, hash: &Hash, before: RunSnapshot) -> Result<bool> {
+        // Who could change it meanwhile (eviction) is excluded by the caller's eviction
+        // lock, and inserts never touch a valid slot: the check and the store need not be
+        // one atomic step.
+        if self.sum_generations(slot, std::iter::once(hash), |_, _| {})? != Some(before) {
+            return Ok(false);
+        }
+        self.set_state(slot, STATE_EVICTED, true)?;
+        Ok(true)
+    }
+
+    /// Makes an evicted slot empty, with a new generation, for reuse; false if it is not
+    /// evicted. Under the allocation lock, which every claim takes.
+    pub(super) fn claim_evicted(&self, slot: u64) -> Result<bool> {
+        let mut b = [0u8; 4];
+        let got = read_full_at(&self.file, &mut b, slot * RECORD_LEN as u64 + REC_STATE as u64)
+            .ctx(|| "read cache slots".into())?;
+        if got != 4 || u32::from_le_bytes(b) != STATE_EVICTED {
+            return Ok(false);
+        }
+        self.set_state(slot, STATE_EMPTY, true)?;
+        Ok(true)
     }
 
     pub(super) fn set_flags(&self, slot: u64, flags: u32) -> Result<()> {
         self.file
             .write_all_at(&flags.to_le_bytes(), slot * RECORD_LEN as u64 + REC_FLAGS as u64)
             .ctx(|| "write cache slots".into())
+    }
+
+    /// Slots whose records the file holds, at most `next_slot`: the end of every scan, so
+    /// that a header value never drives one past the file.
+    pub(super) fn scan_end(&self, next_slot: u64) -> Result<u64> {
+        let len = self.file.metadata().ctx(|| "stat cache slots".into())?.len();
+        Ok(next_slot.min(len / RECORD_LEN as u64).min(MAX_SLOTS))
     }
 
     /// Calls `f` on the records of slots [0, end), read with pread in chunks (a record past
@@ -119,18 +254,18 @@ impl Records {
     }
 }
 
-/// The slots file mapped shared. The mapping is reserved once with room to grow, because the
-/// file only ever grows (nothing truncates it); a record is touched only once the file is
-/// known to reach it, since a page past the end of a mapped file is SIGBUS.
+/// The slots file mapped shared, reserved once with room for MAX_SLOTS records. A page
+/// past the end of the file is SIGBUS, so a record is touched only right after an `fstat`
+/// shows the file reaches it: the file may also shrink (nothing of ours truncates it, but
+/// a user may), and a record cut off is then a miss. (A truncation between the `fstat` and
+/// the access a few instructions later remains fatal; only the cache's owner can do it.)
 struct RecordMap {
     /// MmapRaw, not MmapMut: the records change under us (other processes write them), so
     /// they are only ever reached through atomics, never through a `&[u8]`.
     map: MmapRaw,
-    /// File bytes known to exist.
-    covered: AtomicU64,
 }
 
-/// Records [first, first + n) of a [`RecordMap`], known to be inside the file.
+/// Records from `first` on in a [`RecordMap`], that the caller knows the file holds.
 struct RecordRun<'a> {
     at: *mut u8,
     _map: PhantomData<&'a RecordMap>,
@@ -141,7 +276,7 @@ impl RecordMap {
         // More than the file holds now: mapping past the end is allowed, touching it is not.
         let len = usize::try_from(RECORD_MAP_BYTES).ok()?;
         match MmapOptions::new().len(len).no_reserve_swap().map_raw(file) {
-            Ok(map) => Some(RecordMap { map, covered: AtomicU64::new(0) }),
+            Ok(map) => Some(RecordMap { map }),
             Err(e) => {
                 tracing::debug!("cannot map cache slots: {e}");
                 None
@@ -149,22 +284,13 @@ impl RecordMap {
         }
     }
 
-    /// Records [first, first + n), if mapped and inside the file.
-    fn run(&self, file: &File, first: u64, n: usize) -> Option<RecordRun<'_>> {
-        let end = first.checked_add(n as u64)?.checked_mul(RECORD_LEN as u64)?;
-        if end > RECORD_MAP_BYTES {
-            return None;
-        }
-        if end > self.covered.load(Ordering::Acquire) {
-            let len = file.metadata().ok()?.len();
-            self.covered.fetch_max(len, Ordering::AcqRel);
-            if end > len {
-                return None;
-            }
-        }
-        // SAFETY: end <= RECORD_MAP_BYTES, the mapping's length, so the offset is inside it.
+    /// Records from `first` on. The caller checked that `first` plus the records it touches
+    /// stay within MAX_SLOTS and within the file.
+    fn run(&self, first: u64) -> RecordRun<'_> {
+        debug_assert!(first < MAX_SLOTS);
+        // SAFETY: first < MAX_SLOTS, so the offset is inside the RECORD_MAP_BYTES mapping.
         let at = unsafe { self.map.as_mut_ptr().add((first * RECORD_LEN as u64) as usize) };
-        Some(RecordRun { at, _map: PhantomData })
+        RecordRun { at, _map: PhantomData }
     }
 }
 
@@ -173,42 +299,30 @@ impl RecordMap {
 impl RecordRun<'_> {
     /// A 32-bit word of record i, as stored (little-endian).
     fn word32(&self, i: usize, off: usize) -> &AtomicU32 {
-        // SAFETY: record i of the run is inside the mapping and the file; records are
-        // 48-byte aligned in a page-aligned mapping, so `off` (a multiple of 4) is aligned.
+        // SAFETY: record i of the run is inside the mapping and the file (the caller's
+        // check); records are 48-byte aligned in a page-aligned mapping, so `off` (a multiple
+        // of 4) is aligned.
         unsafe { AtomicU32::from_ptr(self.at.add(i * RECORD_LEN + off).cast()) }
     }
 
-    fn state(&self, i: usize) -> &AtomicU32 {
-        self.word32(i, REC_STATE)
+    /// Record i's (state, generation), as stored (little-endian).
+    fn state_word(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: as in word32; REC_STATE (32) is a multiple of 8 and records are 48-byte
+        // aligned, so the word is 8-byte aligned.
+        unsafe { AtomicU64::from_ptr(self.at.add(i * RECORD_LEN + REC_STATE).cast()) }
     }
 
-    /// Whether record i holds `hash` and is valid (state first: see `set_state`); notes the
-    /// access time at most every TOUCH_EVERY seconds.
-    fn check_and_touch(&self, i: usize, hash: &Hash, now: u32) -> bool {
-        if u32::from_le(self.state(i).load(Ordering::Acquire)) != STATE_VALID {
-            return false;
-        }
-        let same = hash
-            .chunks_exact(4)
-            .enumerate()
-            .all(|(k, w)| self.word32(i, k * 4).load(Ordering::Relaxed).to_ne_bytes() == w);
-        if same {
-            let atime = self.word32(i, REC_ATIME);
-            if now.saturating_sub(u32::from_le(atime.load(Ordering::Relaxed))) >= TOUCH_EVERY {
-                atime.store(now.to_le(), Ordering::Relaxed);
-            }
-        }
-        same
+    /// Whether record i holds `hash` (read after its state: see `Records::set_state`).
+    fn holds(&self, i: usize, hash: &Hash) -> bool {
+        hash.chunks_exact(4).enumerate().all(|(k, w)| self.word32(i, k * 4).load(Ordering::Relaxed).to_ne_bytes() == w)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::layout::empty_record;
 
-    #[test]
-    fn the_map_and_pread_pwrite_see_the_same_records() {
+    fn records() -> (tempfile::TempDir, Records) {
         let dir = tempfile::tempdir().expect("tmp");
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -217,18 +331,47 @@ mod tests {
             .truncate(false)
             .open(dir.path().join("slots"))
             .expect("open");
-        let records = Records::new(file);
+        (dir, Records::new(file))
+    }
+
+    fn fill(records: &Records, slot: u64, hash: &Hash) {
+        records.set_state(slot, 0, true).expect("empty");
+        records.write_contents(slot, hash, 0, 0).expect("write");
+        records.set_state(slot, STATE_VALID, false).expect("valid");
+    }
+
+    #[test]
+    fn the_map_and_pread_pwrite_see_the_same_records() {
+        let (_dir, records) = records();
         assert!(records.map.is_some(), "slots are mapped");
         let hash = [5u8; 32];
         // Past the end of the file: not looked at through the map, and a miss.
-        assert!(!records.check_run(3, [hash].iter()).expect("check"));
-        records.write(3, &empty_record(&hash, 0)).expect("write");
-        assert!(!records.check_run(3, [hash].iter()).expect("check"), "an empty record is never served");
-        records.set_state(3, STATE_VALID).expect("state");
-        assert!(records.check_run(3, [hash].iter()).expect("check"));
-        assert!(!records.check_run(3, [[6u8; 32]].iter()).expect("check"), "another hash is a miss");
+        assert_eq!(records.snapshot_run(3, [hash].iter()).expect("check"), None);
+        records.set_state(3, 0, true).expect("empty");
+        records.write_contents(3, &hash, 0, 0).expect("write");
+        assert_eq!(records.snapshot_run(3, [hash].iter()).expect("check"), None, "an empty record is never served");
+        records.set_state(3, STATE_VALID, false).expect("state");
+        let snap = records.snapshot_run(3, [hash].iter()).expect("check").expect("valid");
+        assert!(records.confirm_run(3, [hash].iter(), snap).expect("check"));
+        assert_eq!(records.snapshot_run(3, [[6u8; 32]].iter()).expect("check"), None, "another hash is a miss");
         let mut seen = Vec::new();
-        records.scan(4, |slot, rec| seen.push((slot, rec.state(), rec.atime() > 0))).expect("scan");
-        assert_eq!(seen[3], (3, STATE_VALID, true), "pread sees the state and access time stored through the map");
+        records.scan(4, |slot, rec| seen.push((slot, rec.state(), rec.generation(), rec.atime() > 0))).expect("scan");
+        assert_eq!(seen[3], (3, STATE_VALID, 1, true), "pread sees the state and access time stored through the map");
+    }
+
+    #[test]
+    fn a_slot_evicted_and_refilled_with_the_same_hash_between_snapshot_and_check_is_a_miss() {
+        let (_dir, records) = records();
+        let hash = [5u8; 32];
+        fill(&records, 0, &hash);
+        fill(&records, 1, &[6u8; 32]);
+        let run = [hash, [6u8; 32]];
+        let snap = records.snapshot_run(0, run.iter()).expect("snapshot").expect("valid");
+        // Meanwhile: evicted, then the same block stored in the same slot again.
+        records.set_state(0, STATE_EVICTED, true).expect("evict");
+        fill(&records, 0, &hash);
+        assert!(!records.confirm_run(0, run.iter(), snap).expect("confirm"), "the copy may be torn");
+        let again = records.snapshot_run(0, run.iter()).expect("snapshot").expect("valid");
+        assert!(records.confirm_run(0, run.iter(), again).expect("confirm"));
     }
 }

@@ -32,8 +32,8 @@ impl BlockCache {
             return Ok(());
         }
         self.with_header(|h, _| {
-            h.hits += hits;
-            h.misses += misses;
+            h.hits = h.hits.saturating_add(hits);
+            h.misses = h.misses.saturating_add(misses);
             Ok(())
         })
     }
@@ -58,7 +58,10 @@ impl BlockCache {
             STATE_EVICTED => u.evicted += 1,
             _ => u.empty += 1,
         })?;
-        for f in [&self.blocks, &self.records.file, &self.log, &self.free] {
+        // Slots allocated past the records on file: not yet written (or never will be).
+        u.empty += u.slots - self.records.scan_end(u.slots)?;
+        let (_, log) = self.log();
+        for f in [&self.blocks, &self.records.file, &log, &self.free] {
             if let Ok(m) = f.metadata() {
                 u.disk_bytes += m.blocks() * 512;
             }

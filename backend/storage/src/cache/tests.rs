@@ -8,6 +8,29 @@ use super::{BlockCache, CacheOptions};
 use crate::image::merkle::leaf_hash;
 use crate::image::{Hash, BLOCK_SIZE};
 
+/// Where a read of a run can be made to race with other processes (tests only).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum RacePoint {
+    BeforeCopy,
+    AfterCopy,
+}
+
+/// What another process does at a race point.
+type RaceHook = Box<dyn FnMut(RacePoint)>;
+
+thread_local! {
+    static RACE: std::cell::RefCell<Option<RaceHook>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs this thread's race hook, if any.
+pub(super) fn race_point(at: RacePoint) {
+    let hook = RACE.with(|r| r.borrow_mut().take());
+    if let Some(mut hook) = hook {
+        hook(at);
+        RACE.with(|r| *r.borrow_mut() = Some(hook));
+    }
+}
+
 fn block(v: u32) -> (Hash, Vec<u8>) {
     let mut d = vec![0u8; BLOCK_SIZE];
     d[..4].copy_from_slice(&v.to_le_bytes());
@@ -117,4 +140,187 @@ fn lru_eviction_keeps_the_cache_under_its_limit_and_spares_pinned_and_recent_blo
         c2.raw_block(slot, &mut b).expect("raw");
         assert_eq!(leaf_hash(&b), h);
     }
+}
+
+#[test]
+fn daemons_opened_before_and_after_a_gc_see_each_others_inserts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let before = BlockCache::open(dir.path()).expect("open");
+    insert(&before, 1..3);
+    BlockCache::open(dir.path()).expect("open").gc(None).expect("gc");
+    let after = BlockCache::open(dir.path()).expect("open");
+    let from_before = insert(&before, 10..12);
+    let from_after = insert(&after, 20..22);
+    for (v, h) in (10..12).zip(&from_before) {
+        assert_eq!(read(&after, h), Some(block(v).1), "a daemon opened after gc sees older daemons' inserts");
+    }
+    for (v, h) in (20..22).zip(&from_after) {
+        assert_eq!(read(&before, h), Some(block(v).1), "a daemon opened before gc sees newer daemons' inserts");
+    }
+}
+
+#[test]
+fn a_truncated_slots_file_is_a_miss_not_a_sigbus() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 1..3);
+    assert_eq!(read(&c, &hs[0]), Some(block(1).1), "read once: the daemon knows the file's size");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join(super::layout::SLOTS_FILE))
+        .expect("open slots")
+        .set_len(0)
+        .expect("truncate");
+    let s = c.lookup(&hs[0]).expect("slot");
+    let mut out = vec![0u8; BLOCK_SIZE];
+    assert!(!c.read_run(s, &hs[..1], &mut out).expect("read"), "a record cut off the file is a miss");
+}
+
+#[test]
+fn absurd_header_values_are_reported_not_looped_on_or_allocated() {
+    use super::layout::{HEADER_FILE, H_LOG_END, H_NEXT_SLOT, H_NFREE};
+    let huge_log = u64::MAX - u64::MAX % LOG_RECORD_LEN as u64;
+    for (field, value) in
+        [(H_LOG_END, u64::MAX - 7), (H_LOG_END, huge_log), (H_NFREE, 1u64 << 60), (H_NEXT_SLOT, u64::MAX / 2)]
+    {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = BlockCache::open(dir.path()).expect("open");
+        let hs = insert(&c, 1..3);
+        let header = std::fs::OpenOptions::new().write(true).open(dir.path().join(HEADER_FILE)).expect("header");
+        header.write_all_at(&value.to_le_bytes(), field).expect("corrupt");
+        // Whatever each call answers, it answers: no hang, no huge allocation, no panic.
+        if let Ok(c2) = BlockCache::open(dir.path()) {
+            assert_eq!(read(&c2, &hs[0]), Some(block(1).1), "a block stored before is still served");
+            let _ = c2.insert_verified(&[(block(9).0, &block(9).1)]);
+            let _ = c2.usage();
+            let _ = c2.gc(None);
+        }
+        let _ = c.refresh();
+        let _ = c.insert_verified(&[(block(8).0, &block(8).1)]);
+        let _ = c.usage();
+    }
+}
+
+#[test]
+fn gc_reclaims_slots_left_evicted_by_a_killed_evictor_and_recounts_live_blocks() {
+    use super::layout::{H_LIVE, H_NFREE, STATE_EVICTED};
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 1..4);
+    // An evictor killed after marking slot 1 evicted, before listing it free.
+    let victim = c.lookup(&hs[1]).expect("slot");
+    c.records.set_state(victim, STATE_EVICTED, true).expect("mark");
+    // An insert killed after claiming slot 2, before marking it valid (live counted it).
+    let half = c.lookup(&hs[2]).expect("slot");
+    c.records.set_state(half, super::layout::STATE_EMPTY, true).expect("claim");
+    let rep = c.gc(None).expect("gc");
+    assert_eq!(rep.orphans_reclaimed, 2);
+    assert_eq!(c.read_header_field(H_NFREE).expect("nfree"), 2);
+    assert_eq!(c.read_header_field(H_LIVE).expect("live"), 1, "live does not drift");
+    let h = insert(&c, 10..12);
+    let mut reused = vec![c.lookup(&h[0]).expect("slot"), c.lookup(&h[1]).expect("slot")];
+    reused.sort_unstable();
+    assert_eq!(reused, vec![victim, half], "the slots are reused");
+    assert_eq!(read(&c, &h[1]), Some(block(11).1));
+}
+
+#[test]
+fn a_block_evicted_and_stored_again_in_its_slot_during_a_read_is_a_miss() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let reader = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&reader, 1..2);
+    let slot = reader.lookup(&hs[0]).expect("slot");
+    // Another daemon evicts the block as the copy starts (the reader copies the hole's
+    // zeroes) and stores the same block again, in the same slot, before the check.
+    let other = BlockCache::open(dir.path()).expect("open");
+    let hash = hs[0];
+    RACE.with(|r| {
+        *r.borrow_mut() = Some(Box::new(move |at| match at {
+            RacePoint::BeforeCopy => other.free_slots(&[slot]).expect("evict"),
+            RacePoint::AfterCopy => {
+                insert(&other, 1..2);
+                assert_eq!(other.lookup(&hash), Some(slot), "the freed slot is reused");
+            }
+        }))
+    });
+    let mut out = vec![0u8; BLOCK_SIZE];
+    let served = reader.read_run(slot, &hs, &mut out).expect("read");
+    RACE.with(|r| r.borrow_mut().take());
+    assert!(!served || out == block(1).1, "torn bytes served: {:?}", &out[..8]);
+    assert!(!served, "a slot that changed during the copy is a miss");
+}
+
+#[test]
+fn a_cache_of_the_previous_format_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tmp");
+    drop(BlockCache::open(dir.path()).expect("open"));
+    let header = std::fs::OpenOptions::new().write(true).open(dir.path().join(super::layout::HEADER_FILE)).expect("h");
+    header.write_all_at(&2u32.to_le_bytes(), 8).expect("version 2");
+    let err = BlockCache::open(dir.path()).err().expect("refused").to_string();
+    assert!(err.contains("version 2") && err.contains("delete the directory"), "{err}");
+}
+
+#[test]
+fn a_cache_others_can_write_or_that_another_user_owns_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let refused = |dir: &std::path::Path, what: &str| {
+        let err = BlockCache::open(dir).err().unwrap_or_else(|| panic!("{what}: opened")).to_string();
+        println!("{what}: {err}");
+        err
+    };
+    // A new cache is private.
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("cache");
+    drop(BlockCache::open(&dir).expect("open"));
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for name in ["header", "blocks", "slots", "log", "free", "lock"] {
+        assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+    }
+    // A directory anyone can write.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    assert!(refused(&dir, "mode 0777 directory").contains("writable by group or others"));
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    // A file of another user's.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(dir.join("log"), Some(65534), Some(65534)).expect("chown");
+        assert!(refused(&dir, "another user's file").contains("owned by uid 65534"));
+        std::os::unix::fs::chown(dir.join("log"), Some(0), Some(0)).expect("chown");
+    }
+    // A symbolic link in place of a file.
+    let elsewhere = t.path().join("elsewhere");
+    std::fs::rename(dir.join("blocks"), &elsewhere).expect("move");
+    std::os::unix::fs::symlink(&elsewhere, dir.join("blocks")).expect("link");
+    refused(&dir, "a link in place of blocks");
+    std::fs::remove_file(dir.join("blocks")).expect("unlink");
+    std::fs::rename(&elsewhere, dir.join("blocks")).expect("move back");
+    BlockCache::open(&dir).expect("a private cache opens");
+}
+
+#[test]
+fn verify_repair_drops_blocks_whose_data_went_bad_and_verified_reads_miss_them() {
+    use super::VerifyReport;
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 1..4);
+    let bad = c.lookup(&hs[1]).expect("slot");
+    // Storage other hosts can write (or a power loss) changed a block under its record.
+    c.blocks.write_all_at(&[0xee; 100], bad * BLOCK_SIZE as u64).expect("corrupt");
+    assert!(read(&c, &hs[1]).is_some(), "plain reads trust the cache");
+    c.set_verify_reads(true);
+    assert_eq!(read(&c, &hs[1]), None, "a verified read misses a bad block");
+    assert_eq!(read(&c, &hs[0]), Some(block(1).1), "and serves good ones");
+    // The verified read dropped it already; make it bad again in a new slot for verify.
+    c.set_verify_reads(false);
+    assert_eq!(c.verify_blocks(false).expect("verify"), VerifyReport { good: 2, bad: 0, dropped: 0 });
+    let h = insert(&c, 2..3);
+    let bad = c.lookup(&h[0]).expect("slot");
+    c.blocks.write_all_at(&[0xee; 100], bad * BLOCK_SIZE as u64).expect("corrupt");
+    assert_eq!(c.verify_blocks(false).expect("verify"), VerifyReport { good: 2, bad: 1, dropped: 0 });
+    assert_eq!(c.verify_blocks(true).expect("repair"), VerifyReport { good: 2, bad: 1, dropped: 1 });
+    assert_eq!(c.verify_blocks(false).expect("verify"), VerifyReport { good: 2, bad: 0, dropped: 0 });
+    let u = c.usage().expect("usage");
+    assert_eq!((u.valid, u.free_listed), (2, 1), "the slot was reused, then dropped again: {u:?}");
+    assert_eq!(read(&BlockCache::open(dir.path()).expect("open"), &hs[1]), None, "no daemon serves it");
 }
