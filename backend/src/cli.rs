@@ -79,7 +79,12 @@ pub enum CacheCmd {
     /// Blocks, bytes and images in a cache.
     Status { dir: PathBuf },
     /// Re-hash every cached block against its record; exit 1 if any is wrong.
-    Verify { dir: PathBuf },
+    Verify {
+        dir: PathBuf,
+        /// Drop the blocks that are wrong (safe while daemons run); exit 0 once repaired.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Reclaim space left by killed daemons, evict down to --size, compact the index.
     /// Safe while daemons run.
     Gc {
@@ -253,6 +258,10 @@ pub struct FetchArgs {
     /// reads wait for room before allocating anything.
     #[arg(long, default_value_t = DEFAULT_MAX_PARKED_MB, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_parked_mb: u64,
+    /// Re-hash every cached block on read, for a cache on storage that other hosts or users
+    /// can write: a block that does not match is fetched again, never served.
+    #[arg(long)]
+    pub verify_cached: bool,
 }
 
 const DEFAULT_MAX_PARKED_MB: u64 = incfs::engine::DEFAULT_MAX_PARKED_BYTES >> 20;
@@ -301,6 +310,7 @@ impl FetchArgs {
             cross_file_readahead: !self.no_cross_file_readahead,
             attempt_timeout: Duration::from_millis(self.fetch_timeout_ms),
             max_parked_bytes: self.max_parked_mb.saturating_mul(1 << 20),
+            verify_cached: self.verify_cached,
             ..EngineConfig::default()
         }
     }

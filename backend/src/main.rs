@@ -64,10 +64,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 r.orphans_reclaimed, r.evicted, r.log_records_before, r.log_records_after
             );
         }
-        Cmd::Cache { cmd: CacheCmd::Verify { dir } } => {
+        Cmd::Cache { cmd: CacheCmd::Verify { dir, repair: false } } => {
             let (ok, bad) = inspect::verify_cache(&BlockCache::open(&dir)?)?;
             println!("verified {ok} blocks, {bad} bad");
             if bad > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Cache { cmd: CacheCmd::Verify { dir, repair: true } } => {
+            let (ok, bad, dropped) = inspect::repair_cache(&BlockCache::open(&dir)?)?;
+            println!("verified {ok} blocks, {bad} bad, {dropped} dropped");
+            if bad > dropped {
                 return Ok(ExitCode::FAILURE);
             }
         }

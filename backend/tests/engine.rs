@@ -671,3 +671,29 @@ async fn a_slot_reused_under_a_read_leaves_no_foreign_bytes_in_the_buffer() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_cached_never_serves_a_block_changed_on_disk() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(25, 4 * 4096);
+    fs::write(src.join("f"), &data).expect("write");
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    let cache = t.path().join("cache");
+    let cfg = EngineConfig { verify_cached: true, ..EngineConfig::default() };
+    let e = open(&nginx.url, id, &cache, cfg).await;
+    let ino = e.image().resolve(b"f").expect("f");
+    assert_eq!(e.read(ino, 0, 4 * 4096).await.expect("fetch"), data);
+    // Someone with write access to the cache's storage changes a block's bytes; its record
+    // still says valid, with the right hash.
+    let h = e.image().file(ino).expect("file").blocks[2].hash;
+    let slot = e.cache().lookup(&h).expect("cached");
+    let blocks = fs::OpenOptions::new().write(true).open(cache.join("blocks")).expect("blocks");
+    std::os::unix::fs::FileExt::write_all_at(&blocks, &[0x5a; 4096], slot * 4096).expect("poison");
+    let fetched = e.counters.blocks_fetched.load(Relaxed);
+    assert_eq!(e.read(ino, 0, 4 * 4096).await.expect("read"), data, "the changed block is fetched again");
+    assert!(e.counters.blocks_fetched.load(Relaxed) > fetched);
+}

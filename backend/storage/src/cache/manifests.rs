@@ -14,9 +14,15 @@ impl BlockCache {
 
     /// A manifest saved earlier, if present and still hashing to its id.
     pub fn load_manifest(&self, id: &ImageId) -> Option<Vec<u8>> {
-        let bytes = files::read_private_file(&self.manifest_path(id))
-            .map_err(|e| tracing::warn!("saved manifest {id}: {e}"))
-            .ok()?;
+        let bytes = match files::read_private_file(&self.manifest_path(id)) {
+            Ok(b) => b,
+            // Not saved yet: the usual first start.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!("saved manifest {id}: {e}");
+                return None;
+            }
+        };
         (ImageId::of_manifest(&bytes) == *id).then_some(bytes)
     }
 

@@ -58,6 +58,9 @@ pub struct EngineConfig {
     /// Bytes that reads waiting for blocks may hold at once; past it they wait for room
     /// before allocating anything (a guest cannot make the daemon allocate without bound).
     pub max_parked_bytes: u64,
+    /// Re-hash every cached block on read (for a cache on storage others can write); a
+    /// block that no longer matches is a miss and is dropped.
+    pub verify_cached: bool,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +73,7 @@ impl Default for EngineConfig {
             fill: FillSource::Remote,
             cross_file_readahead: true,
             max_parked_bytes: DEFAULT_MAX_PARKED_BYTES,
+            verify_cached: false,
         }
     }
 }
@@ -163,6 +167,9 @@ impl Engine {
     /// Loads the image (from the cache's saved manifest, else the remote) and verifies it
     /// against its id.
     pub async fn open(remote: Remote, id: ImageId, cache: Arc<BlockCache>, cfg: EngineConfig) -> Result<Arc<Self>> {
+        if cfg.verify_cached {
+            cache.set_verify_reads(true);
+        }
         let image = Arc::new(load_image(&remote, &id, &cache, cfg.read_timeout.max(Duration::from_secs(30))).await?);
         let mut block_base = vec![u64::MAX; image.manifest.inodes.len()];
         let mut total = 0u64;
