@@ -565,7 +565,12 @@ impl Image {
     pub fn resolve(&self, path: &[u8]) -> Option<u32> {
         let mut cur = 0u32;
         for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty() && *p != b".") {
-            cur = if part == b".." { self.parent[cur as usize] } else { self.lookup(cur, part)? };
+            cur = if part == b".." {
+                // Only directories have a parent (u32::MAX marks the others).
+                self.parent.get(cur as usize).copied().filter(|&p| p != u32::MAX)?
+            } else {
+                self.lookup(cur, part)?
+            };
         }
         Some(cur)
     }
@@ -635,6 +640,17 @@ mod tests {
         assert_eq!(img.resolve(b"l"), Some(2));
         assert_eq!(img.nlink[0], 2);
         assert!(Image::from_manifest_bytes(ImageId([0; 32]), &bytes).is_err());
+    }
+
+    #[test]
+    fn dot_dot_of_a_non_directory_resolves_to_nothing() {
+        let bytes = sample().encode();
+        let img = Image::from_manifest_bytes(ImageId::of_manifest(&bytes), &bytes).expect("image");
+        // A trace line's path is the store's to choose: this one used to index past the end.
+        assert_eq!(img.resolve(b"a/../.."), None);
+        assert_eq!(img.resolve(b"a/.."), None);
+        assert_eq!(img.resolve(b"l/../a"), None);
+        assert_eq!(img.resolve(b"../a"), Some(1));
     }
 
     #[test]
