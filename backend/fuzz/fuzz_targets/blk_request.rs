@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
     };
     // The status byte is the last writable byte; the regions left hold the rest.
     let &(last, last_len) = writable.last().expect("a valid chain has a status byte");
-    assert_eq!(chain.status, GuestAddress(last.0 + last_len as u64 - 1));
+    assert_eq!(chain.status, GuestAddress(last.0 + (last_len as u64 - 1)));
     assert_eq!(chain.writable_len + 1, writable_len);
     assert_eq!(chain.writable.iter().map(|r| r.1).sum::<usize>(), chain.writable_len);
     assert!(chain.writable_len <= max_data);
