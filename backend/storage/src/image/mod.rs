@@ -776,6 +776,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn dot_dot_of_a_non_directory_resolves_to_nothing() {
+        let bytes = sample().encode();
+        let img = Image::from_manifest_bytes(ImageId::of_manifest(&bytes), &bytes).expect("image");
+        // A trace line's path is the store's to choose: this one used to index past the end.
+        assert_eq!(img.resolve(b"a/../.."), None);
+        assert_eq!(img.resolve(b"a/.."), None);
+        assert_eq!(img.resolve(b"l/../a"), None);
+        assert_eq!(img.resolve(b"../a"), Some(1));
+    }
+
+    #[test]
     fn stored_manifests_may_be_compressed() {
         let bytes = sample().encode();
         let stored = store_manifest(&bytes);
