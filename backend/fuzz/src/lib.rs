@@ -134,7 +134,8 @@ pub fn supplied_engine(rt: &tokio::runtime::Runtime, store: &Path, id: ImageId, 
 /// The file id the control channel gives image inode `idx` of the fixture image.
 pub fn file_id(idx: u32) -> [u8; 16] {
     let bytes = manifest().encode();
-    incfs::fs::file_id(&ImageId::of_manifest(&bytes).0, idx)
+    let image = incfs::image::Image::from_manifest_bytes(ImageId::of_manifest(&bytes), &bytes).expect("fixture image");
+    image.file_id(idx)
 }
 
 /// A control channel on a fresh engine (for callers that only need one).
