@@ -34,7 +34,9 @@ pub struct FetchAll {
     pub rate: Option<u64>,
 }
 
-/// The trace to replay, read and checked now so that a bad one fails start-up.
+/// The trace to replay. A trace is a hint: bad lines are skipped (counted in the log line),
+/// a published one that cannot be fetched is none; only a `--prefetch-trace` file that
+/// cannot be read fails start-up.
 async fn load_trace(engine: &Arc<Engine>, how: &Prefetch) -> Result<Vec<trace::Range>> {
     let text = match how {
         Prefetch::None => return Ok(Vec::new()),

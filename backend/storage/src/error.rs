@@ -14,8 +14,8 @@ pub enum Error {
     Manifest(String),
     #[error("image {expected} failed verification: manifest hashes to {actual}")]
     ImageIdMismatch { expected: String, actual: String },
-    #[error("remote: {0}")]
-    Remote(String),
+    #[error("HTTP client: {0}")]
+    HttpClient(#[source] reqwest::Error),
     /// A request to the store failed (EIO); the typed failure keeps the status and source.
     #[error("remote: {0}")]
     Fetch(#[from] crate::store::FetchFailure),

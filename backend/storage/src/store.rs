@@ -222,7 +222,7 @@ impl Remote {
                 .redirect(reqwest::redirect::Policy::none())
                 .tcp_nodelay(true)
                 .build()
-                .map_err(|e| Error::Remote(format!("HTTP client: {e}")))?;
+                .map_err(Error::HttpClient)?;
             Ok(Remote::Http { base: spec.trim_end_matches('/').to_string(), client, attempt_base: attempt_timeout })
         } else {
             let p = PathBuf::from(spec);
