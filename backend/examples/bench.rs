@@ -7,6 +7,14 @@
 //! daemons taking turns to go first, each round listed). Every daemon is driven the same
 //! way: one frontend per daemon, one request in flight, on one request queue, with EVENT_IDX
 //! negotiated as QEMU guests do.
+//!
+//! Two incfsd binaries side by side (e.g. before and after a change), instead of virtiofsd:
+//!
+//! bench --incfsd NEW --baseline-incfsd OLD [--label new --baseline-label old]
+//!
+//! Both serve the same packed image (packed by --incfsd), each from its own cache directory,
+//! warmed by its own binary the same way; the baseline takes virtiofsd's column, and only the
+//! warm figures are printed (no packing, no N-daemon table).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +29,11 @@ struct Args {
     workload: String,
     work: PathBuf,
     virtiofsd: Option<PathBuf>,
+    /// A second incfsd binary to compare against, in place of virtiofsd.
+    baseline_incfsd: Option<PathBuf>,
+    /// Column names: the measured incfsd and the baseline.
+    label: String,
+    baseline_label: Option<String>,
     seconds: f64,
     /// Rounds per comparison figure (the median is reported).
     rounds: usize,
@@ -36,6 +49,9 @@ fn args() -> Args {
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists()),
+        baseline_incfsd: None,
+        label: "incfsd".into(),
+        baseline_label: None,
         seconds: 3.0,
         rounds: 5,
         incfsd: std::env::current_exe()
@@ -52,6 +68,9 @@ fn args() -> Args {
             "--seconds" => a.seconds = v.parse().expect("--seconds"),
             "--rounds" => a.rounds = v.parse().expect("--rounds"),
             "--incfsd" => a.incfsd = v.into(),
+            "--baseline-incfsd" => a.baseline_incfsd = Some(v.into()),
+            "--label" => a.label = v,
+            "--baseline-label" => a.baseline_label = Some(v),
             "--socket" => a.socket = Some(v.into()),
             "--workload" => a.workload = v,
             _ => panic!("unknown option {k}"),
@@ -125,9 +144,13 @@ fn wait_socket(p: &Path) {
 }
 
 fn start_incfsd(a: &Args, store: &Path, id: &str, cache: &Path, n: usize) -> Daemon {
-    let socket = a.work.join(format!("incfsd-{n}.sock"));
+    start_incfsd_bin(&a.incfsd, &a.work, store, id, cache, &n.to_string())
+}
+
+fn start_incfsd_bin(bin: &Path, work: &Path, store: &Path, id: &str, cache: &Path, name: &str) -> Daemon {
+    let socket = work.join(format!("incfsd-{name}.sock"));
     let _ = std::fs::remove_file(&socket);
-    let child = Command::new(&a.incfsd)
+    let child = Command::new(bin)
         .args(["run", "--threads", "1", "--queues", "1", "--image", id, "--store"])
         .arg(store)
         .arg("--cache")
@@ -298,6 +321,29 @@ fn pack_figures(a: &Args, src: &Path) {
     println!();
 }
 
+/// Every block of the tree into `cache` through `bin`: the large file with `incfsd cat`, the
+/// small files read through a running daemon.
+fn warm_cache(bin: &Path, work: &Path, store: &Path, id: &str, cache: &Path) {
+    let out = Command::new(bin)
+        .args(["cat", "--image", id, "--store"])
+        .arg(store)
+        .arg("--cache")
+        .arg(cache)
+        .arg("big")
+        .output()
+        .expect("cat");
+    assert!(out.status.success(), "{} cat failed", bin.display());
+    let d = start_incfsd_bin(bin, work, store, id, cache, "warm");
+    let mut f = connect(&d);
+    for dd in 0..SMALL_DIRS {
+        for i in 0..SMALL_PER_DIR {
+            let ino = lookup_path(&mut f, &format!("small/d{dd:02}/f{i:03}"));
+            let (fh, _) = f.open(ino, 0).expect("open");
+            f.read(ino, fh, 0, 1 << 16).expect("read");
+        }
+    }
+}
+
 fn walk_bytes(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .map(|d| {
@@ -330,48 +376,65 @@ fn main() {
     make_tree(&src);
     let store = a.work.join("store");
     let id = incfsd(&a, &["pack", src.to_str().expect("utf8"), "--store", store.to_str().expect("utf8")]);
-    pack_figures(&a, &src);
+    if a.baseline_incfsd.is_none() {
+        pack_figures(&a, &src);
+    }
     // Warm the shared cache: every block once.
     let cache = a.work.join("cache");
-    let out = Command::new(&a.incfsd)
-        .args(["cat", "--image", &id, "--store"])
-        .arg(&store)
-        .arg("--cache")
-        .arg(&cache)
-        .arg("big")
-        .output()
-        .expect("cat");
-    assert!(out.status.success());
-    {
-        let d = start_incfsd(&a, &store, &id, &cache, 0);
-        let mut f = connect(&d);
-        for dd in 0..SMALL_DIRS {
-            for i in 0..SMALL_PER_DIR {
-                let ino = lookup_path(&mut f, &format!("small/d{dd:02}/f{i:03}"));
-                let (fh, _) = f.open(ino, 0).expect("open");
-                f.read(ino, fh, 0, 1 << 16).expect("read");
-            }
-        }
+    // The baseline binary gets a cache of its own, warmed the same way by itself. Both are
+    // made afresh: a cache file left from an earlier run is not in the page cache the way a
+    // fresh one is (in one run the kernel's part of seq-128k, filemap_get_read_batch, went
+    // from under 1 % to 7-10 % of the daemon's time on the older file, whichever binary
+    // read it), which would pass for a difference between the binaries.
+    let baseline_cache = a.work.join("cache-baseline");
+    if a.baseline_incfsd.is_some() {
+        let _ = std::fs::remove_dir_all(&cache);
+        let _ = std::fs::remove_dir_all(&baseline_cache);
+    }
+    warm_cache(&a.incfsd, &a.work, &store, &id, &cache);
+    if let Some(bin) = &a.baseline_incfsd {
+        warm_cache(bin, &a.work, &store, &id, &baseline_cache);
     }
     let secs = a.seconds;
     let rounds = a.rounds.max(1);
+    let (ours_label, base_label) = match (&a.baseline_incfsd, &a.baseline_label) {
+        (_, Some(l)) => (a.label.as_str(), l.as_str()),
+        (Some(_), None) => (a.label.as_str(), "baseline"),
+        (None, None) => (a.label.as_str(), "virtiofsd"),
+    };
+    let baseline: Option<(&PathBuf, bool)> = match (&a.baseline_incfsd, &a.virtiofsd) {
+        (Some(b), _) => Some((b, true)),
+        (None, Some(v)) => Some((v, false)),
+        (None, None) => None,
+    };
+    if let Some(b) = &a.baseline_incfsd {
+        println!("# {ours_label}: {}", a.incfsd.display());
+        println!("# {base_label}: {}", b.display());
+    }
     println!("# warm cache, one request in flight per daemon, {secs} s per figure, median of {rounds} rounds (daemons alternate who goes first)");
-    println!("{:<16} {:>14} {:>14} {:>8}   rounds (incfsd/virtiofsd)", "workload", "incfsd", "virtiofsd", "ratio");
+    println!(
+        "{:<16} {:>14} {:>14} {:>8}   rounds ({ours_label}/{base_label})",
+        "workload", ours_label, base_label, "ratio"
+    );
     for w in WORKLOADS {
         let ours = |seed| {
             let d = start_incfsd(&a, &store, &id, &cache, 0);
             let mut f = connect(&d);
             rate(w, workload(&mut f, w, secs, seed), secs).0
         };
-        let base = |bin: &PathBuf, seed| {
-            let d = start_virtiofsd(bin, &src, &a.work);
+        let base = |(bin, is_incfsd): (&PathBuf, bool), seed| {
+            let d = if is_incfsd {
+                start_incfsd_bin(bin, &a.work, &store, &id, &baseline_cache, "baseline")
+            } else {
+                start_virtiofsd(bin, &src, &a.work)
+            };
             let mut f = connect(&d);
             rate(w, workload(&mut f, w, secs, seed), secs).0
         };
         let (mut rs, mut bs) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             let seed = 7 + round as u64;
-            match &a.virtiofsd {
+            match baseline {
                 Some(bin) if round % 2 == 1 => {
                     bs.push(base(bin, seed));
                     rs.push(ours(seed));
@@ -395,6 +458,9 @@ fn main() {
         } else {
             println!("{w:<16} {r:>9.0} {unit:<4} {b:>9.0} {unit:<4} {:>7.2}x   {}", r / b, each.join(" "));
         }
+    }
+    if a.baseline_incfsd.is_some() {
+        return;
     }
     println!();
     println!("# N incfsd daemons on one warm cache at once (aggregate), baseline: 1 daemon");
