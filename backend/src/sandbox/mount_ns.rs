@@ -56,7 +56,11 @@ pub fn enter(paths: &[Reachable], privileged: bool) -> Result<Result<(), Unavail
     let new_root = std::env::temp_dir();
     mount(Some("tmpfs"), &new_root, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "mount tmpfs")?;
     for (r, source) in &sources {
-        bind(r, source, &new_root)?;
+        // The new root is mounted on the temporary directory: a kept path at or above it
+        // (a socket in /tmp) is bound without its submounts, or the copy would carry the new
+        // root itself, which is made read-only below.
+        let recursive = !new_root.starts_with(&r.path);
+        bind(r, source, &new_root, recursive)?;
     }
     remount(&new_root, libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "new root")?;
     drop(sources);
@@ -87,7 +91,7 @@ fn bind_order(paths: &[Reachable]) -> Vec<Reachable> {
 
 /// Bind-mounts `source` (an open file or directory) at `r.path` under `root`, read-only
 /// when asked, never with devices, set-user-id files or executables.
-fn bind(r: &Reachable, source: &File, root: &Path) -> Result<()> {
+fn bind(r: &Reachable, source: &File, root: &Path, recursive: bool) -> Result<()> {
     let target = under(root, &r.path);
     let is_dir = source.metadata().map_err(|e| Error::io(format!("stat {}", r.path.display()), e))?.is_dir();
     if is_dir {
@@ -105,7 +109,8 @@ fn bind(r: &Reachable, source: &File, root: &Path) -> Result<()> {
     }
     let from = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
     let what = format!("bind {}", r.path.display());
-    mount(Some(from.as_os_str().to_str().unwrap_or_default()), &target, None, libc::MS_BIND | libc::MS_REC, &what)?;
+    let rec = if recursive { libc::MS_REC } else { 0 };
+    mount(Some(from.as_os_str().to_str().unwrap_or_default()), &target, None, libc::MS_BIND | rec, &what)?;
     let ro = if r.access == Access::ReadOnly { libc::MS_RDONLY } else { 0 };
     let flags = ro | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | kept_atime_flags(&target);
     if let Err(e) = remount(&target, libc::MS_BIND | flags, &what) {
