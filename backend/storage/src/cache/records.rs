@@ -54,6 +54,14 @@ fn word(state: u32, generation: u32) -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct RunSnapshot(u64);
 
+/// Which look at a run's records: before the copy (checks the file still holds them) or
+/// after it (notes the accesses, at most every TOUCH_EVERY seconds per block).
+#[derive(Clone, Copy)]
+enum Pass {
+    Snapshot,
+    Confirm { now: u32 },
+}
+
 pub(super) struct Records {
     pub(super) file: File,
     /// `file` mapped, for the read path (None if it could not be mapped).
@@ -65,53 +73,51 @@ impl Records {
         Records { map: RecordMap::new(&file), file }
     }
 
+    /// The file's length now. fstat(2), not `File::metadata` (statx asking for every
+    /// field): this runs on every cached read.
+    fn file_len(&self) -> Result<u64> {
+        let st = rustix::fs::fstat(&self.file).map_err(std::io::Error::from).ctx(|| "stat cache slots".into())?;
+        Ok(u64::try_from(st.st_size).unwrap_or(0))
+    }
+
     /// Before copying a run's data: None unless every slot holds its hash and is valid.
     pub(super) fn snapshot_run<'a>(
         &self,
         first: u64,
         hashes: impl ExactSizeIterator<Item = &'a Hash>,
     ) -> Result<Option<RunSnapshot>> {
-        self.sum_generations(first, hashes, |_, _| {})
+        self.sum_generations(first, hashes, Pass::Snapshot)
     }
 
     /// After copying a run's data: whether every slot is as `before` saw it (noting the
-    /// access if so).
+    /// accesses).
     pub(super) fn confirm_run<'a>(
         &self,
         first: u64,
         hashes: impl ExactSizeIterator<Item = &'a Hash>,
         before: RunSnapshot,
     ) -> Result<bool> {
-        let now = now_secs();
-        let mut stale = Vec::new();
-        let after = self.sum_generations(first, hashes, |slot, atime| {
-            if now.saturating_sub(atime) >= TOUCH_EVERY {
-                stale.push(slot);
-            }
-        })?;
-        let ok = after == Some(before);
-        if ok {
-            self.touch(&stale, now);
-        }
-        Ok(ok)
+        Ok(self.sum_generations(first, hashes, Pass::Confirm { now: now_secs() })? == Some(before))
     }
 
-    /// The run's snapshot if every slot is valid and holds its hash; `atime` learns each
-    /// slot's access time.
+    /// The run's snapshot if every slot is valid and holds its hash.
     fn sum_generations<'a>(
         &self,
         first: u64,
         hashes: impl ExactSizeIterator<Item = &'a Hash>,
-        mut atime: impl FnMut(u64, u32),
+        pass: Pass,
     ) -> Result<Option<RunSnapshot>> {
         let n = hashes.len();
         if n == 0 {
             return Ok(Some(RunSnapshot(0)));
         }
         let Some(end) = first.checked_add(n as u64).filter(|&e| e <= MAX_SLOTS) else { return Ok(None) };
-        let file_len = self.file.metadata().ctx(|| "stat cache slots".into())?.len();
-        if end * RECORD_LEN as u64 > file_len {
-            return Ok(None);
+        // One fstat per read, in the snapshot: the confirmation a few microseconds later
+        // reads the same records (the fstat is the one guard against SIGBUS; see RecordMap).
+        if let Pass::Snapshot = pass {
+            if end * RECORD_LEN as u64 > self.file_len()? {
+                return Ok(None);
+            }
         }
         let mut sum = 0u64;
         if let Some(run) = self.map.as_ref().map(|m| m.run(first)) {
@@ -121,7 +127,15 @@ impl Records {
                     return Ok(None);
                 }
                 sum += u64::from(generation_of(w));
-                atime(first + i as u64, u32::from_le(run.word32(i, REC_ATIME).load(Ordering::Relaxed)));
+                if let Pass::Confirm { now } = pass {
+                    // A memory store, not a pwrite: a write(2) would update the file's mtime
+                    // and dirty its inode on every read. If the run turns out stale, a
+                    // reused slot's block merely looks recently used.
+                    let atime = run.word32(i, REC_ATIME);
+                    if now.saturating_sub(u32::from_le(atime.load(Ordering::Relaxed))) >= TOUCH_EVERY {
+                        atime.store(now.to_le(), Ordering::Relaxed);
+                    }
+                }
             }
             // The copy (or the caller's next load) must not move before these loads.
             fence(Ordering::Acquire);
@@ -133,21 +147,24 @@ impl Records {
         if got != meta.len() {
             return Ok(None);
         }
+        let mut stale = Vec::new();
         for (i, (h, rec)) in hashes.zip(meta.chunks_exact(RECORD_LEN).map(Record)).enumerate() {
             if rec.state() != STATE_VALID || !rec.holds(h) {
                 return Ok(None);
             }
             sum += u64::from(rec.generation());
-            atime(first + i as u64, rec.atime());
+            if let Pass::Confirm { now } = pass {
+                if now.saturating_sub(rec.atime()) >= TOUCH_EVERY {
+                    stale.push(first + i as u64);
+                }
+            }
+        }
+        if let Pass::Confirm { now } = pass {
+            for slot in stale {
+                let _ = self.file.write_all_at(&now.to_le_bytes(), slot * RECORD_LEN as u64 + REC_ATIME as u64);
+            }
         }
         Ok(Some(RunSnapshot(sum)))
-    }
-
-    /// Writes back access times for LRU (at most every TOUCH_EVERY seconds per block).
-    fn touch(&self, slots: &[u64], now: u32) {
-        for &slot in slots {
-            let _ = self.file.write_all_at(&now.to_le_bytes(), slot * RECORD_LEN as u64 + REC_ATIME as u64);
-        }
     }
 
     /// Writes a record's hash, access time and flags: not its state and generation, which
@@ -169,9 +186,7 @@ impl Records {
     pub(super) fn set_state(&self, slot: u64, state: u32, bump: bool) -> Result<()> {
         let new = |old: u64| word(state, generation_of(old).wrapping_add(u32::from(bump)));
         let end = (slot + 1) * RECORD_LEN as u64;
-        let mapped = slot < MAX_SLOTS
-            && self.map.is_some()
-            && self.file.metadata().ctx(|| "stat cache slots".into())?.len() >= end;
+        let mapped = slot < MAX_SLOTS && self.map.is_some() && self.file_len()? >= end;
         match self.map.as_ref().filter(|_| mapped) {
             Some(map) => {
                 let run = map.run(slot);
@@ -201,7 +216,7 @@ impl Records {
         // Who could change it meanwhile (eviction) is excluded by the caller's eviction
         // lock, and inserts never touch a valid slot: the check and the store need not be
         // one atomic step.
-        if self.sum_generations(slot, std::iter::once(hash), |_, _| {})? != Some(before) {
+        if self.sum_generations(slot, std::iter::once(hash), Pass::Snapshot)? != Some(before) {
             return Ok(false);
         }
         self.set_state(slot, STATE_EVICTED, true)?;
@@ -230,7 +245,7 @@ impl Records {
     /// Slots whose records the file holds, at most `next_slot`: the end of every scan, so
     /// that a header value never drives one past the file.
     pub(super) fn scan_end(&self, next_slot: u64) -> Result<u64> {
-        let len = self.file.metadata().ctx(|| "stat cache slots".into())?.len();
+        let len = self.file_len()?;
         Ok(next_slot.min(len / RECORD_LEN as u64).min(MAX_SLOTS))
     }
 
