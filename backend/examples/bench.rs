@@ -14,7 +14,9 @@
 //!
 //! Both serve the same packed image (packed by --incfsd), each from its own cache directory,
 //! warmed by its own binary the same way; the baseline takes virtiofsd's column, and only the
-//! warm figures are printed (no packing, no N-daemon table).
+//! warm figures are printed (no packing, no N-daemon table). `--incfsd-args "..."` and
+//! `--baseline-args "..."` add options to either daemon's `incfsd run`, so one binary can be
+//! measured against itself (`--verify-cached`, `--sandbox none --seccomp none`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,6 +40,10 @@ struct Args {
     /// Rounds per comparison figure (the median is reported).
     rounds: usize,
     incfsd: PathBuf,
+    /// Extra options for the measured daemon's `incfsd run` and the baseline's (both
+    /// whitespace-separated), e.g. the same binary with `--verify-cached` against without.
+    incfsd_args: Vec<String>,
+    baseline_args: Vec<String>,
 }
 
 fn args() -> Args {
@@ -58,6 +64,8 @@ fn args() -> Args {
             .ok()
             .and_then(|p| Some(p.parent()?.parent()?.join("incfsd")))
             .unwrap_or_else(|| "incfsd".into()),
+        incfsd_args: Vec::new(),
+        baseline_args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -73,6 +81,8 @@ fn args() -> Args {
             "--baseline-label" => a.baseline_label = Some(v),
             "--socket" => a.socket = Some(v.into()),
             "--workload" => a.workload = v,
+            "--incfsd-args" => a.incfsd_args = v.split_whitespace().map(String::from).collect(),
+            "--baseline-args" => a.baseline_args = v.split_whitespace().map(String::from).collect(),
             _ => panic!("unknown option {k}"),
         }
     }
@@ -144,10 +154,18 @@ fn wait_socket(p: &Path) {
 }
 
 fn start_incfsd(a: &Args, store: &Path, id: &str, cache: &Path, n: usize) -> Daemon {
-    start_incfsd_bin(&a.incfsd, &a.work, store, id, cache, &n.to_string())
+    start_incfsd_bin(&a.incfsd, &a.work, store, id, cache, &n.to_string(), &a.incfsd_args)
 }
 
-fn start_incfsd_bin(bin: &Path, work: &Path, store: &Path, id: &str, cache: &Path, name: &str) -> Daemon {
+fn start_incfsd_bin(
+    bin: &Path,
+    work: &Path,
+    store: &Path,
+    id: &str,
+    cache: &Path,
+    name: &str,
+    extra: &[String],
+) -> Daemon {
     let socket = work.join(format!("incfsd-{name}.sock"));
     let _ = std::fs::remove_file(&socket);
     let child = Command::new(bin)
@@ -157,6 +175,7 @@ fn start_incfsd_bin(bin: &Path, work: &Path, store: &Path, id: &str, cache: &Pat
         .arg(cache)
         .arg("--socket")
         .arg(&socket)
+        .args(extra)
         .stderr(Stdio::null())
         .spawn()
         .expect("start incfsd");
@@ -333,7 +352,7 @@ fn warm_cache(bin: &Path, work: &Path, store: &Path, id: &str, cache: &Path) {
         .output()
         .expect("cat");
     assert!(out.status.success(), "{} cat failed", bin.display());
-    let d = start_incfsd_bin(bin, work, store, id, cache, "warm");
+    let d = start_incfsd_bin(bin, work, store, id, cache, "warm", &[]);
     let mut f = connect(&d);
     for dd in 0..SMALL_DIRS {
         for i in 0..SMALL_PER_DIR {
@@ -408,8 +427,8 @@ fn main() {
         (None, None) => None,
     };
     if let Some(b) = &a.baseline_incfsd {
-        println!("# {ours_label}: {}", a.incfsd.display());
-        println!("# {base_label}: {}", b.display());
+        println!("# {ours_label}: {} {}", a.incfsd.display(), a.incfsd_args.join(" "));
+        println!("# {base_label}: {} {}", b.display(), a.baseline_args.join(" "));
     }
     println!("# warm cache, one request in flight per daemon, {secs} s per figure, median of {rounds} rounds (daemons alternate who goes first)");
     println!(
@@ -424,7 +443,7 @@ fn main() {
         };
         let base = |(bin, is_incfsd): (&PathBuf, bool), seed| {
             let d = if is_incfsd {
-                start_incfsd_bin(bin, &a.work, &store, &id, &baseline_cache, "baseline")
+                start_incfsd_bin(bin, &a.work, &store, &id, &baseline_cache, "baseline", &a.baseline_args)
             } else {
                 start_virtiofsd(bin, &src, &a.work)
             };

@@ -249,3 +249,43 @@ fn refused_namespaces_fall_back_to_landlock() {
 fn landlock_sandbox_keeps_only_the_given_paths() {
     assert_eq!(confined(FsSandbox::Landlock), End::Exited(0));
 }
+
+/// A kept path that is the temporary directory itself (where the new root is mounted), as
+/// for a socket in /tmp: it stays writable. Bound with its submounts, it carried the new
+/// root along, read-only, and `incfsd run --socket /tmp/x.sock` could not listen.
+#[test]
+fn the_temporary_directory_kept_stays_writable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let socket = tmp.path().join("incfsd.sock");
+    let paths = [Reachable {
+        what: "the socket's directory",
+        path: tmp.path().to_path_buf(),
+        access: Access::ReadWrite,
+        while_serving: true,
+    }];
+    let cfg = SandboxConfig { fs: FsSandbox::Namespace, seccomp: SeccompMode::None, rlimit_nofile: None };
+    let end = in_child(|| {
+        // The new root goes on the temporary directory: make it the kept one.
+        std::env::set_var("TMPDIR", tmp.path());
+        match Sandbox::enter(&cfg, &paths) {
+            Ok(s) if s.fs == incfs::sandbox::InForce::None => {
+                eprintln!("no filesystem sandbox on this host: nothing to check");
+                return 0;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("enter: {e:?}");
+                return 50;
+            }
+        }
+        match std::os::unix::net::UnixListener::bind(&socket) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("listen on {}: {e}", socket.display());
+                51
+            }
+        }
+    });
+    assert_eq!(end, End::Exited(0));
+    assert!(socket.exists(), "the socket was made in the host's directory");
+}
