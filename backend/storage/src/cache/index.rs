@@ -39,9 +39,10 @@ impl Index {
     }
 
     /// Drops the entries that point into a run of slots found stale.
-    fn forget_run<'a>(&mut self, first: u64, hashes: impl Iterator<Item = &'a Hash>) {
-        for (i, h) in hashes.enumerate() {
-            if self.slot(h) == Some(first + i as u64) {
+    /// Drops the entries of these (slot, block) pairs, if the index still has them there.
+    fn forget<'a>(&mut self, gone: impl IntoIterator<Item = (u64, &'a Hash)>) {
+        for (slot, h) in gone {
+            if self.slot(h) == Some(slot) {
                 self.slots.remove(h);
             }
         }
@@ -147,8 +148,17 @@ impl BlockCache {
     }
 
     /// Drops index entries that point into a run found stale.
+    /// After a read of a run failed its check: drops the index entries of the blocks whose
+    /// slot no longer holds them. The others still do (one slot evicted must not make the
+    /// whole run look missing and be fetched again).
     pub(super) fn forget_run<'a>(&self, first: u64, hashes: impl Iterator<Item = &'a Hash>) {
-        self.index_mut().forget_run(first, hashes);
+        let gone: Vec<(u64, &Hash)> = (first..)
+            .zip(hashes)
+            .filter(|&(slot, h)| !matches!(self.records.snapshot_run(slot, std::iter::once(h)), Ok(Some(_))))
+            .collect();
+        if !gone.is_empty() {
+            self.index_mut().forget(gone);
+        }
     }
 
     fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {

@@ -225,6 +225,22 @@ fn gc_reclaims_slots_left_evicted_by_a_killed_evictor_and_recounts_live_blocks()
 }
 
 #[test]
+fn a_run_with_one_slot_evicted_forgets_that_block_only() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let reader = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&reader, 1..4);
+    let first = reader.lookup(&hs[0]).expect("slot");
+    // Another daemon evicts the middle block; this one still indexes all three.
+    let other = BlockCache::open(dir.path()).expect("open");
+    other.free_slots(&[first + 1]).expect("evict");
+    let mut out = vec![0u8; 3 * BLOCK_SIZE];
+    assert!(!reader.read_run(first, &hs, &mut out).expect("read"), "the run is a miss");
+    assert_eq!(reader.lookup(&hs[1]), None, "the evicted block is forgotten");
+    assert_eq!(reader.lookup(&hs[0]), Some(first), "its neighbours are still cached");
+    assert_eq!(read(&reader, &hs[2]), Some(block(3).1));
+}
+
+#[test]
 fn a_block_evicted_and_stored_again_in_its_slot_during_a_read_is_a_miss() {
     let dir = tempfile::tempdir().expect("tmp");
     let reader = BlockCache::open(dir.path()).expect("open");
