@@ -62,7 +62,8 @@ impl DaemonConfig {
             |what, path: PathBuf, access, while_serving| paths.push(Reachable { what, path, access, while_serving });
 
         self.cache = absolute(&self.cache)?;
-        std::fs::create_dir_all(&self.cache)
+        // Created as the cache itself would (0700, checked): it must exist to be kept.
+        crate::cache::create_private_dir(&self.cache)
             .map_err(|e| Error::io(format!("create cache {}", self.cache.display()), e))?;
         keep("the cache", self.cache.clone(), Access::ReadWrite, false);
         self.socket = absolute(&self.socket)?;

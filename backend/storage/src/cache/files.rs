@@ -51,7 +51,7 @@ fn check_owner_and_mode(path: &Path, meta: &fs::Metadata) -> Result<(), UnsafeCa
 
 /// Creates `dir` (0700, its parents as usual) if needed, then checks it. `dir` itself may
 /// be a symbolic link (to put a cache elsewhere): what it points to is checked.
-pub(super) fn create_private_dir(dir: &Path) -> io::Result<()> {
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent)?;
     }

@@ -35,7 +35,7 @@ mod verify;
 mod tests;
 
 pub use evict::GcReport;
-pub use files::UnsafeCacheFile;
+pub use files::{create_private_dir, UnsafeCacheFile};
 pub use layout::BadHeader;
 pub use stats::CacheUsage;
 pub use verify::VerifyReport;
