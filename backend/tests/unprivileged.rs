@@ -98,7 +98,7 @@ fn an_unprivileged_daemon_serves_inside_its_sandbox() {
     assert!(log.contains("sandbox in force"), "the full sandbox, unprivileged: {log}");
     assert!(!log.contains("weaker"), "{log}");
 
-    let served = (|| {
+    let served = {
         let mut f = FuseFrontend::connect(&socket).expect("connect");
         f.init().expect("init");
         let e = f.lookup(ROOT, b"f").expect("lookup");
@@ -110,7 +110,7 @@ fn an_unprivileged_daemon_serves_inside_its_sandbox() {
             got.extend_from_slice(&chunk);
         }
         got
-    })();
+    };
     drop(child);
     assert!(served == data, "the bytes served differ from the file's");
     let meta = std::fs::metadata(&cache).expect("cache made");
