@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -194,6 +194,25 @@ pub trait VhostUserBackend: Send + Sync {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
             "back end does not support shared memory regions",
+        ))
+    }
+
+    // incfs patch: inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+    /// `GET_INFLIGHT_FD`: a new shared memory area for `inflight.num_queues` queues of
+    /// `inflight.queue_size` descriptors, and its description.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    // incfs patch: inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+    /// `SET_INFLIGHT_FD`: the area to track inflight I/O in, as described by `inflight`.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
         ))
     }
 }
@@ -450,6 +469,16 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.deref().get_shmem_config()
+    }
+
+    // incfs patch
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    // incfs patch
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
     }
 }
 

@@ -550,6 +550,27 @@ where
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
+            // incfs patch: with inflight I/O tracking, kick the ring once, as libvhost-user
+            // does: after a reconnect the frontend does not kick, and the requests a previous
+            // back-end left in flight must be resubmitted without waiting for the guest.
+            if self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
+                != 0
+            {
+                if let Some(kick) = vring.get_ref().get_kick() {
+                    let one = 1u64.to_ne_bytes();
+                    // SAFETY: an 8-byte write from a live buffer to the ring's kick eventfd,
+                    // which the vring owns for the duration of the call.
+                    let r = unsafe {
+                        libc::write(kick.as_raw_fd(), one.as_ptr() as *const libc::c_void, 8)
+                    };
+                    if r != 8 {
+                        warn!(
+                            "cannot kick vring {index}: {}",
+                            io::Error::last_os_error()
+                        );
+                    }
+                }
+            }
         }
 
         Ok(())
@@ -663,22 +684,25 @@ where
         }
     }
 
+    // incfs patch: handled by the backend.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
+    // incfs patch: handled by the backend.
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
