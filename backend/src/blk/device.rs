@@ -356,10 +356,13 @@ impl Device for Blk {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // CONFIG: vhost-user-blk frontends (QEMU) read capacity and limits with GET_CONFIG.
+        // INFLIGHT_SHMFD: the requests in flight when the daemon dies are resubmitted by the
+        // next one (QEMU with reconnect; see docs/restart.md).
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
