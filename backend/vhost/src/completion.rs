@@ -57,6 +57,13 @@ impl<'batch> Completer<'batch> {
         self.head
     }
 
+    /// Whether the queue is still the one the chain came from: false once it was stopped or
+    /// reset. A device that has not yet acted on a chain of a stopped queue should not: with
+    /// inflight tracking the chain is resubmitted when the queue starts again.
+    pub fn is_current(&self) -> bool {
+        self.queue.generation.load(Ordering::Acquire) == self.generation
+    }
+
     /// A completer that may outlive the queue thread's batch (be moved into a task), and
     /// signals the guest itself when it completes.
     pub fn detach(self) -> Completer<'static> {
