@@ -383,17 +383,22 @@ impl Daemon {
         Self::spawn("incfsd blk", socket, &args)
     }
 
-    /// Starts `incfsd ARGS --metrics <free port>` (blk daemons log the vhost layer's
-    /// connection events: what a restart resubmitted) and waits for its ready line.
+    /// Starts `incfsd ARGS --metrics <free port>` and waits for its ready line. Unless
+    /// `INCFS_LOG` says otherwise, blk daemons log the vhost layer's connection events (what
+    /// a restart resubmitted).
     fn spawn(name: &str, socket: &Path, args: &[String]) -> Daemon {
-        let log = if args.first().is_some_and(|a| a == "blk") { "warn,incfs_vhost=info" } else { "warn" };
-        Self::spawn_logging(name, socket, args, log)
+        let blk = args.first().is_some_and(|a| a == "blk");
+        let log = std::env::var("INCFS_LOG").ok().or_else(|| blk.then(|| "warn,incfs_vhost=info".to_string()));
+        Self::spawn_logging(name, socket, args, log.as_deref())
     }
 
-    fn spawn_logging(name: &str, socket: &Path, args: &[String], log: &str) -> Daemon {
+    fn spawn_logging(name: &str, socket: &Path, args: &[String], log: Option<&str>) -> Daemon {
         let metrics_port = free_port();
-        let mut child = Command::new(incfsd_bin())
-            .env("INCFS_LOG", log)
+        let mut cmd = Command::new(incfsd_bin());
+        if let Some(log) = log {
+            cmd.env("INCFS_LOG", log);
+        }
+        let mut child = cmd
             .args(args)
             .arg("--metrics")
             .arg(format!("127.0.0.1:{metrics_port}"))

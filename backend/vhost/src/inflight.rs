@@ -107,8 +107,10 @@ pub(crate) struct QueueInflight {
 }
 
 impl QueueInflight {
+    /// Byte `off` of this queue's part. Callers check heads against `desc_num`; the assert
+    /// only guards against a bug here, so no access can leave the mapping.
     fn ptr(&self, off: usize) -> *mut u8 {
-        debug_assert!(off < queue_bytes(self.desc_num));
+        assert!(off < queue_bytes(self.desc_num), "inflight area offset {off} out of bounds");
         // In bounds: `off` is inside this queue's part, which `map` checked lies in the map.
         self.area.map.as_mut_ptr().wrapping_add(self.base + off)
     }
