@@ -100,9 +100,9 @@ impl Setup {
         Setup { work, _nginx: nginx, proxy, image, socket }
     }
 
-    /// `incfsd blk` on the disk, read-only.
+    /// `incfsd blk` on the disk, read-only (a fetch may take longer than the round trip).
     fn daemon(&self) -> Daemon {
-        let args = ["--read-timeout-ms", "120000"];
+        let args = ["--read-timeout-ms", "120000", "--fetch-timeout-ms", "30000"];
         Daemon::start_blk(&self.socket, &self.work.join("cache"), &self.proxy.url, &self.image, "disk.img", &args)
     }
 }
