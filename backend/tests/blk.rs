@@ -601,7 +601,7 @@ fn guest_ext4_lazy_and_overlay() {
         incfs::blk::overlay::Overlay::open(&ov, 128 << 20, &image.parse().expect("id"), "disk.img").expect("overlay");
     let mut written = 0;
     let mut buf = vec![0u8; 4096];
-    let data_off = fs::metadata(&ov).expect("m").len() - (128 << 20);
+    let data_off = o.data_offset();
     for b in 0..(128u64 << 20) / 4096 {
         if o.is_overlaid(b) {
             overlay.read_exact_at(&mut buf, data_off + b * 4096).expect("read");

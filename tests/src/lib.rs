@@ -366,23 +366,47 @@ impl Daemon {
     /// Like `start`, with the socket and the cache directory chosen (several daemons
     /// sharing one cache).
     pub fn start_with(socket: &Path, cache: &Path, store: &str, image: &str, extra: &[&str]) -> Daemon {
-        let socket = socket.to_path_buf();
+        let mut args: Vec<String> = vec!["run".into(), "--socket".into(), socket.display().to_string()];
+        args.extend(["--store", store, "--image", image].map(String::from));
+        args.extend(["--cache".to_string(), cache.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn("incfsd run", socket, &args)
+    }
+
+    /// `incfsd blk`: file `path` of the image as a vhost-user-blk disk on `socket`, with
+    /// `extra` flags (e.g. `--overlay FILE`).
+    pub fn start_blk(socket: &Path, cache: &Path, store: &str, image: &str, path: &str, extra: &[&str]) -> Daemon {
+        let mut args: Vec<String> = vec!["blk".into(), "--socket".into(), socket.display().to_string()];
+        args.extend(["--store", store, "--image", image, "--path", path].map(String::from));
+        args.extend(["--cache".to_string(), cache.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn("incfsd blk", socket, &args)
+    }
+
+    /// Starts `incfsd ARGS --metrics <free port>` and waits for its ready line. Unless
+    /// `INCFS_LOG` says otherwise, blk daemons log the vhost layer's connection events (what
+    /// a restart resubmitted).
+    fn spawn(name: &str, socket: &Path, args: &[String]) -> Daemon {
+        let blk = args.first().is_some_and(|a| a == "blk");
+        let log = std::env::var("INCFS_LOG").ok().or_else(|| blk.then(|| "warn,incfs_vhost=info".to_string()));
+        Self::spawn_logging(name, socket, args, log.as_deref())
+    }
+
+    fn spawn_logging(name: &str, socket: &Path, args: &[String], log: Option<&str>) -> Daemon {
         let metrics_port = free_port();
-        let mut child = Command::new(incfsd_bin())
-            .arg("run")
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--store", store, "--image", image])
-            .arg("--cache")
-            .arg(cache)
+        let mut cmd = Command::new(incfsd_bin());
+        if let Some(log) = log {
+            cmd.env("INCFS_LOG", log);
+        }
+        let mut child = cmd
+            .args(args)
             .arg("--metrics")
             .arg(format!("127.0.0.1:{metrics_port}"))
-            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start incfsd run");
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
         let stderr = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let pipe = child.stderr.take().expect("stderr pipe");
@@ -390,7 +414,7 @@ impl Daemon {
         // Keep draining stderr for the daemon's whole life so it never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if line.starts_with("incfsd: serving image") {
+                if line.starts_with("incfsd: serving") {
                     let _ = ready_tx.send(());
                 }
                 let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
@@ -398,11 +422,16 @@ impl Daemon {
                 s.push('\n');
             }
         });
-        let d = Daemon { proc: Proc { child, name: "incfsd run".into() }, socket, metrics_port, stderr };
+        let d = Daemon { proc: Proc { child, name: name.into() }, socket: socket.to_path_buf(), metrics_port, stderr };
         if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            panic!("incfsd run did not print its ready line within 30 s; stderr:\n{}", d.stderr());
+            panic!("{name} did not print its ready line within 30 s; stderr:\n{}", d.stderr());
         }
         d
+    }
+
+    /// Kills the daemon with SIGKILL and reaps it; its stderr stays readable.
+    pub fn kill_9(&mut self) {
+        self.proc.kill();
     }
 
     pub fn stderr(&self) -> String {
@@ -436,7 +465,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.proc.kill();
         if std::thread::panicking() {
-            eprintln!("---- incfsd run stderr ----\n{}---- end ----", self.stderr());
+            eprintln!("---- {} stderr ----\n{}---- end ----", self.proc.name, self.stderr());
         }
     }
 }
@@ -470,14 +499,20 @@ impl VmRun {
 /// Boots a guest with the daemon's socket as tag `incfs`, the guest helper at
 /// /bin/guest-check and `script` as /run.sh. `on_line` sees each console line as it arrives
 /// (for tests that act on the host while the guest runs).
-pub fn run_vm(work: &Path, daemon: &Daemon, script: &str, timeout_s: u32, mut on_line: impl FnMut(&str)) -> VmRun {
+pub fn run_vm(work: &Path, daemon: &Daemon, script: &str, timeout_s: u32, on_line: impl FnMut(&str)) -> VmRun {
+    let fs = format!("{}:incfs", daemon.socket.display());
+    run_vm_with(work, &["--fs", &fs], script, timeout_s, on_line)
+}
+
+/// Like `run_vm` with the devices (and any other `qemu/run-vm` options) given as `args`,
+/// e.g. `["--blk", SOCK, "--reconnect", "1"]`.
+pub fn run_vm_with(work: &Path, args: &[&str], script: &str, timeout_s: u32, mut on_line: impl FnMut(&str)) -> VmRun {
     qemu_setup();
     let script_path = work.join("run.sh");
     std::fs::write(&script_path, script).expect("write guest script");
     let start = Instant::now();
     let mut child = Command::new(workspace().join("qemu/run-vm"))
-        .arg("--fs")
-        .arg(format!("{}:incfs", daemon.socket.display()))
+        .args(args)
         .arg("--script")
         .arg(&script_path)
         .arg("--add")

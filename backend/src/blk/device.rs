@@ -258,7 +258,14 @@ impl Blk {
                         let disk = self.disk.clone();
                         let c = c.detach();
                         self.rt.spawn(async move {
-                            let r = disk.write(offset, &data).await;
+                            let r = match disk.write(offset, &data, || c.is_current()).await {
+                                Ok(true) => Ok(()),
+                                Ok(false) => {
+                                    debug!(offset, "write dropped: its queue was stopped");
+                                    return;
+                                }
+                                Err(e) => Err(e),
+                            };
                             if r.is_err() {
                                 disk.counters.errors.fetch_add(1, Relaxed);
                             }
@@ -319,7 +326,14 @@ impl Blk {
                 self.rt.spawn(async move {
                     let mut r = Ok(());
                     for s in &segs {
-                        r = disk.write_zeroes(s.offset, s.len).await;
+                        r = match disk.write_zeroes(s.offset, s.len, || c.is_current()).await {
+                            Ok(true) => Ok(()),
+                            Ok(false) => {
+                                debug!("write zeroes dropped: its queue was stopped");
+                                return;
+                            }
+                            Err(e) => Err(e),
+                        };
                         if r.is_err() {
                             break;
                         }
@@ -356,10 +370,13 @@ impl Device for Blk {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // CONFIG: vhost-user-blk frontends (QEMU) read capacity and limits with GET_CONFIG.
+        // INFLIGHT_SHMFD: the requests in flight when the daemon dies are resubmitted by the
+        // next one (QEMU with reconnect; see docs/restart.md).
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

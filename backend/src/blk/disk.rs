@@ -225,10 +225,17 @@ impl Disk {
         }
     }
 
-    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes, fetching the bases of partly written blocks first. Once they are there, writes
+    /// only if `still_wanted()` (else Ok(false)): a request whose queue was stopped meanwhile
+    /// is redone by the device that restarts the queue, and this late copy must not land
+    /// after writes the guest made since.
+    pub async fn write(&self, offset: u64, data: &[u8], still_wanted: impl FnOnce() -> bool) -> Result<bool> {
         let o = self.overlay_or_ro()?;
         let bases = self.bases(&o.needs_base(offset, data.len() as u64), data.len()).await?;
-        o.write(offset, data, &bases)
+        if !still_wanted() {
+            return Ok(false);
+        }
+        o.write(offset, data, &bases).map(|_| true)
     }
 
     /// WRITE_ZEROES without waiting; Ok(false) if a base must be fetched first.
@@ -240,10 +247,14 @@ impl Disk {
         }
     }
 
-    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+    /// WRITE_ZEROES, fetching bases first; `still_wanted` as for [`write`](Disk::write).
+    pub async fn write_zeroes(&self, offset: u64, len: u64, still_wanted: impl FnOnce() -> bool) -> Result<bool> {
         let o = self.overlay_or_ro()?;
         let bases = self.bases(&o.needs_base(offset, len), 0).await?;
-        o.write_zeroes(offset, len, &bases)
+        if !still_wanted() {
+            return Ok(false);
+        }
+        o.write_zeroes(offset, len, &bases).map(|_| true)
     }
 
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -42,6 +42,9 @@ pub struct DiskConfig {
 /// Serves the disk until SIGINT/SIGTERM. Reads served by the overlay are not engine reads
 /// and are not recorded in a trace.
 pub fn run(cfg: BlkConfig) -> Result<()> {
+    // Read while /proc is still there (the sandbox hides it): the overlay's unflushed record
+    // is only trusted in the boot that wrote it.
+    overlay::boot_id();
     daemon::serve_device::<BlkDevice>(cfg.daemon, cfg.disk)
 }
 

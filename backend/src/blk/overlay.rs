@@ -5,15 +5,28 @@
 //! [0, 4096)                 header: magic, version, disk size, image id, path in the image
 //! [4096, data_off)          bitmap, one bit per 4 KiB block of the disk (bit set: overlaid)
 //! [data_off, +disk size)    data; only overlaid blocks are ever written (the rest are holes)
+//!
+//! [data_off + disk size, +4096)  unflushed record header: magic, the boot id it was made in
+//! [.. + 4096, + bitmap size)     bits set since (never synced: see below)
 //! ```
 //!
 //! Crash safety: a write goes to the data area with `pwrite` and sets its bit in memory. FLUSH
 //! (serialized) snapshots the dirty part of the bitmap, `fdatasync`s (the data of every write
 //! completed before the flush is then durable), writes the snapshot, and `fdatasync`s again.
 //! Bits only ever go from 0 to 1 and a bit reaches the disk only after its data did, so after
-//! a crash every block whose bit is set holds data the guest wrote, and every write
+//! a host crash every block whose bit is set holds data the guest wrote, and every write
 //! acknowledged before a completed FLUSH is there. Blocks written after the last FLUSH may
 //! read as their previous content (like a disk's volatile write cache).
+//!
+//! A crash of the daemon alone must lose nothing acknowledged: the guest goes on running and
+//! would read the old content of a block it wrote. The data is in the page cache, which
+//! outlives the process; so, before a write is acknowledged, its new bits are also written
+//! (not synced) to the unflushed record. A daemon that opens the overlay in the same boot (the
+//! page cache is the same) merges the record into the bitmap it read; after a reboot the
+//! record is ignored and started afresh, so a bit whose data may not have reached the disk
+//! is never trusted. A write replayed after a crash writes the same bytes again, read-modify-
+//! write included (the partial block's base is the same, or the block is already overlaid
+//! with the write's own bytes), so replaying is safe.
 //!
 //! An fdatasync error poisons the overlay: the kernel may have dropped the pages that failed
 //! to reach the disk and marked them clean, so a later fdatasync can succeed without them and
@@ -41,6 +54,18 @@ const MAGIC: &[u8; 8] = b"INCFSOVL";
 const VERSION: u32 = 1;
 const HEADER: u64 = 4096;
 const MAX_PATH: usize = 3072;
+const UNFLUSHED_MAGIC: &[u8; 8] = b"INCFSUNF";
+const BOOT_ID_LEN: usize = 36;
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), read once: call it before the sandbox
+/// hides /proc. None if it cannot be read (then no unflushed record is kept).
+pub fn boot_id() -> Option<[u8; BOOT_ID_LEN]> {
+    static ID: std::sync::OnceLock<Option<[u8; BOOT_ID_LEN]>> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        text.trim().as_bytes().try_into().ok()
+    })
+}
 
 struct State {
     bitmap: Vec<u64>,
@@ -49,6 +74,8 @@ struct State {
     /// Data written since the last flush snapshot.
     data_dirty: bool,
     overlaid: u64,
+    /// Range of bitmap words changed since they were last written to the unflushed record.
+    unrecorded: Option<(usize, usize)>,
 }
 
 pub struct Overlay {
@@ -58,6 +85,8 @@ pub struct Overlay {
     size: u64,
     blocks: u64,
     data_off: u64,
+    /// Where the unflushed record's bitmap starts; None without a boot id.
+    record_off: Option<u64>,
     state: Mutex<State>,
     /// Held for a whole flush: snapshots reach the disk in order.
     flushing: Mutex<()>,
@@ -98,10 +127,65 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+fn widen(range: Option<(usize, usize)>, i: usize) -> (usize, usize) {
+    match range {
+        Some((lo, hi)) => (lo.min(i), hi.max(i + 1)),
+        None => (i, i + 1),
+    }
+}
+
+/// Opens the unflushed record at `at`: if it was made in this boot, ORs its bits into
+/// `bitmap` and returns the range of words that gained bits; else makes it afresh for
+/// `boot` (bits cleared before the header names this boot).
+fn open_record(
+    file: &File,
+    at: u64,
+    boot: &[u8; BOOT_ID_LEN],
+    bitmap: &mut [u64],
+) -> std::io::Result<Option<(usize, usize)>> {
+    let bits_len = bitmap.len() as u64 * 8;
+    let mut header = [0u8; 8 + BOOT_ID_LEN];
+    let ours = file.metadata()?.len() >= at + HEADER + bits_len
+        && file.read_exact_at(&mut header, at).is_ok()
+        && &header[..8] == UNFLUSHED_MAGIC
+        && header[8..] == boot[..];
+    if !ours {
+        file.set_len(file.metadata()?.len().max(at + HEADER + bits_len))?;
+        file.write_all_at(&[0u8; 8], at)?;
+        punch_hole(file, at + HEADER, bits_len.div_ceil(BLOCK) * BLOCK)?;
+        header[..8].copy_from_slice(UNFLUSHED_MAGIC);
+        header[8..].copy_from_slice(boot);
+        file.write_all_at(&header, at)?;
+        return Ok(None);
+    }
+    let mut raw = vec![0u8; bits_len as usize];
+    file.read_exact_at(&mut raw, at + HEADER)?;
+    let mut gained = None;
+    for (i, (w, c)) in bitmap.iter_mut().zip(raw.chunks_exact(8)).enumerate() {
+        let extra = u64::from_le_bytes(c.try_into().unwrap_or_default()) & !*w;
+        if extra != 0 {
+            *w |= extra;
+            gained = Some(widen(gained, i));
+        }
+    }
+    Ok(gained)
+}
+
 impl Overlay {
     /// Opens the overlay at `path`, creating it (atomically) if it does not exist. An existing
     /// overlay must belong to the same image, path and disk size.
     pub fn open(path: &Path, size: u64, image: &ImageId, image_path: &str) -> Result<Overlay> {
+        Self::open_in_boot(path, size, image, image_path, boot_id())
+    }
+
+    /// `open` as if this boot's id were `boot`.
+    fn open_in_boot(
+        path: &Path,
+        size: u64,
+        image: &ImageId,
+        image_path: &str,
+        boot: Option<[u8; BOOT_ID_LEN]>,
+    ) -> Result<Overlay> {
         let blocks = size.div_ceil(BLOCK);
         let words = blocks.div_ceil(64) as usize;
         let data_off = HEADER + (words as u64 * 8).div_ceil(BLOCK) * BLOCK;
@@ -176,6 +260,21 @@ impl Overlay {
         file.read_exact_at(&mut raw, HEADER).ctx(|| format!("read overlay bitmap of {}", path.display()))?;
         let mut bitmap: Vec<u64> =
             raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+        let trailer = data_off + blocks * BLOCK;
+        let record_off = match boot {
+            Some(boot) => {
+                let dirty = open_record(&file, trailer, &boot, &mut bitmap)
+                    .ctx(|| format!("unflushed record of overlay {}", path.display()))?;
+                if dirty.is_some() {
+                    tracing::info!(overlay = %path.display(), "kept the writes a previous daemon had not flushed");
+                }
+                Some((trailer + HEADER, dirty))
+            }
+            None => {
+                tracing::warn!("no boot id: a daemon crash may lose writes acknowledged since the last flush");
+                None
+            }
+        };
         // Bits past the last block mean nothing: clear them.
         if blocks % 64 != 0 {
             if let Some(w) = bitmap.last_mut() {
@@ -189,7 +288,15 @@ impl Overlay {
             size,
             blocks,
             data_off,
-            state: Mutex::new(State { bitmap, dirty: None, data_dirty: false, overlaid }),
+            record_off: record_off.map(|r| r.0),
+            state: Mutex::new(State {
+                bitmap,
+                dirty: record_off.and_then(|r| r.1),
+                // The writes of a daemon that died may not be synced yet: the first FLUSH syncs.
+                data_dirty: true,
+                overlaid,
+                unrecorded: None,
+            }),
             flushing: Mutex::new(()),
             poisoned: AtomicBool::new(false),
             #[cfg(test)]
@@ -231,12 +338,27 @@ impl Overlay {
             if *w & (1 << (b % 64)) == 0 {
                 *w |= 1 << (b % 64);
                 st.overlaid += 1;
-                st.dirty = Some(match st.dirty {
-                    Some((lo, hi)) => (lo.min(i), hi.max(i + 1)),
-                    None => (i, i + 1),
-                });
+                st.dirty = Some(widen(st.dirty, i));
+                st.unrecorded = Some(widen(st.unrecorded, i));
             }
         }
+    }
+
+    /// Writes the bits set since the last call to the unflushed record (before a write that
+    /// set them is acknowledged).
+    fn record(&self, st: &mut State) -> Result<()> {
+        let (Some(base), Some((lo, hi))) = (self.record_off, st.unrecorded) else {
+            return Ok(());
+        };
+        let bytes: Vec<u8> = st.bitmap[lo..hi].iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.file.write_all_at(&bytes, base + lo as u64 * 8).ctx(|| "write the overlay's unflushed record".into())?;
+        st.unrecorded = None;
+        Ok(())
+    }
+
+    /// Where overlaid data starts in the file (block `b` is at `data_offset() + b * 4096`).
+    pub fn data_offset(&self) -> u64 {
+        self.data_off
     }
 
     pub fn is_overlaid(&self, block: u64) -> bool {
@@ -315,7 +437,7 @@ impl Overlay {
             Self::set(&mut st, b);
         }
         st.data_dirty = true;
-        Ok(())
+        self.record(&mut st)
     }
 
     fn write_inner(&self, offset: u64, len: u64, data: Option<&[u8]>, bases: &HashMap<u64, Vec<u8>>) -> Result<()> {
@@ -367,7 +489,7 @@ impl Overlay {
             b += 1;
         }
         st.data_dirty = true;
-        Ok(())
+        self.record(&mut st)
     }
 
     /// `fdatasync` of the overlay file (failing on demand in tests). A failure poisons the
@@ -377,6 +499,12 @@ impl Overlay {
         if let Err(e) = &res {
             tracing::error!(overlay = %self.path.display(), "fdatasync failed, the overlay fails every write from now: {e}");
             self.poisoned.store(true, SeqCst);
+            // Data may be gone from the page cache too: no later open may trust the record.
+            if let Some(at) = self.record_off {
+                if let Err(e) = self.file.write_all_at(&[0u8; 8], at - HEADER) {
+                    tracing::error!(overlay = %self.path.display(), "cannot void the unflushed record: {e}");
+                }
+            }
         }
         res
     }
@@ -520,7 +648,7 @@ mod tests {
         assert_eq!(o.write_zeroes(0, BLOCK, &HashMap::new()).err().map(|e| e.errno()), Some(libc::EIO));
         drop(o);
         let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("reopen");
-        assert_eq!(o.overlaid_blocks(), 0, "no bit reached the disk after the fsync error");
+        assert_eq!(o.overlaid_blocks(), 0, "no bit reached the disk after the fsync error, nor is the record trusted");
     }
 
     #[test]
@@ -543,15 +671,40 @@ mod tests {
     }
 
     #[test]
-    fn unflushed_bits_do_not_survive() {
+    fn unflushed_bits_survive_a_daemon_crash_not_a_reboot() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("ov");
-        let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("open");
+        let (boot, reboot) = (Some([b'a'; BOOT_ID_LEN]), Some([b'b'; BOOT_ID_LEN]));
+        let open = |boot| Overlay::open_in_boot(&p, 8 * BLOCK, &id(), "d", boot).expect("open");
+        let o = open(boot);
         o.write(0, &vec![1u8; BLOCK as usize], &HashMap::new()).expect("write");
         o.flush().expect("flush");
-        o.write(BLOCK, &vec![1u8; BLOCK as usize], &HashMap::new()).expect("write");
+        o.write(BLOCK, &vec![2u8; BLOCK as usize], &HashMap::new()).expect("write");
+        o.discard(4 * BLOCK, BLOCK).expect("discard");
         drop(o); // as if killed: no flush
-        let o = Overlay::open(&p, 8 * BLOCK, &id(), "d").expect("reopen");
+                 // The daemon restarted in the same boot: every acknowledged write is there.
+        let o = open(boot);
+        assert_eq!(o.runs(0, 8 * BLOCK), vec![(0, 2, true), (2, 4, false), (4, 5, true), (5, 8, false)]);
+        let mut b = vec![0u8; BLOCK as usize];
+        o.read(BLOCK, &mut b).expect("read");
+        assert!(b.iter().all(|&x| x == 2));
+        // A write replayed after the crash gives the same bytes.
+        o.write(BLOCK, &vec![2u8; BLOCK as usize], &HashMap::new()).expect("replay");
+        drop(o);
+        // After a reboot only what was flushed counts (a bit never outruns its data).
+        let o = open(reboot);
         assert_eq!(o.runs(0, 8 * BLOCK), vec![(0, 1, true), (1, 8, false)]);
+        drop(o);
+        // The record was made afresh for the new boot: the old one's bits are gone for good.
+        let o = open(boot);
+        assert_eq!(o.runs(0, 8 * BLOCK), vec![(0, 1, true), (1, 8, false)]);
+        // A flush after a restart persists the record's bits.
+        o.write(2 * BLOCK, &vec![3u8; BLOCK as usize], &HashMap::new()).expect("write");
+        drop(o);
+        let o = open(boot);
+        o.flush().expect("flush");
+        drop(o);
+        let o = open(reboot);
+        assert_eq!(o.runs(0, 8 * BLOCK), vec![(0, 1, true), (1, 2, false), (2, 3, true), (3, 8, false)]);
     }
 }

@@ -83,6 +83,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_mlock,
     libc::SYS_munlock,
     libc::SYS_msync,
+    // vhost-user-blk's inflight area (GET_INFLIGHT_FD): a memfd handed to the frontend.
+    libc::SYS_memfd_create,
     // File I/O on open fds: the cache (pread/pwrite, holes punched, OFD locks through
     // fcntl), the overlay, trace files, stderr.
     libc::SYS_read,

@@ -8,7 +8,8 @@
 use std::fmt;
 
 use incfs_buf::ScatterBuf;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// A guest buffer: one descriptor's address and length.
 pub type Region = (GuestAddress, usize);
@@ -75,12 +76,73 @@ where
     M::Target: vm_memory::GuestMemory,
 {
     let head = chain.head_index();
+    walk_descriptors(mem, head, chain, max_request)
+}
+
+/// Walks the chain that starts at descriptor `head` of the split ring whose descriptor table
+/// is at `table` with `size` entries, as [`walk`] does a popped one. For chains that are not
+/// popped from the avail ring: those a previous backend left in flight.
+pub(crate) fn walk_head(mem: &GuestMemoryMmap, table: GuestAddress, size: u16, head: u16, max_request: usize) -> Chain {
+    let descriptors = HeadChain { mem, table, size, next: Some(head), ttl: size, indirect: false };
+    walk_descriptors(mem, head, descriptors, max_request)
+}
+
+/// The descriptors of a chain read from a descriptor table, following an indirect table as
+/// virtio-queue's `DescriptorChain` does: at most one level of indirection, at most as many
+/// descriptors as the table has, a link out of the table or a descriptor that cannot be read
+/// ends the chain.
+struct HeadChain<'a> {
+    mem: &'a GuestMemoryMmap,
+    table: GuestAddress,
+    size: u16,
+    next: Option<u16>,
+    ttl: u16,
+    indirect: bool,
+}
+
+impl Iterator for HeadChain<'_> {
+    type Item = SplitDescriptor;
+
+    fn next(&mut self) -> Option<SplitDescriptor> {
+        loop {
+            let index = self.next.take()?;
+            if index >= self.size || self.ttl == 0 {
+                return None;
+            }
+            self.ttl -= 1;
+            let at = self.table.checked_add(u64::from(index) * 16)?;
+            let desc: SplitDescriptor = self.mem.read_obj(at).ok()?;
+            if desc.refers_to_indirect_table() {
+                if self.indirect || desc.len() % 16 != 0 || desc.len() / 16 > u32::from(u16::MAX) {
+                    return None;
+                }
+                self.table = desc.addr();
+                self.size = (desc.len() / 16) as u16;
+                self.ttl = self.size;
+                self.indirect = true;
+                self.next = Some(0);
+                continue;
+            }
+            if desc.has_next() {
+                self.next = Some(desc.next());
+            }
+            return Some(desc);
+        }
+    }
+}
+
+fn walk_descriptors(
+    mem: &GuestMemoryMmap,
+    head: u16,
+    descriptors: impl Iterator<Item = SplitDescriptor>,
+    max_request: usize,
+) -> Chain {
     let mut readable: Vec<Region> = Vec::new();
     let mut readable_len = 0usize;
     let mut writable: Vec<Region> = Vec::new();
     let mut writable_len = 0usize;
     let mut error = None;
-    for desc in chain {
+    for desc in descriptors {
         let addr = desc.addr();
         let len = desc.len() as usize;
         if len == 0 {
@@ -150,8 +212,7 @@ pub(crate) unsafe fn guest_buf<'a>(mem: &'a GuestMemoryMmap, regions: &[Region])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
 
@@ -204,6 +265,34 @@ mod tests {
         let c = walked(&mem, &[desc(0x8000, 16, false), desc(0x1f800, 0x1000, true), desc(0xa000, 1, true)], 64);
         assert_eq!(c.error, Some(ChainError::OutsideMemory));
         assert_eq!(c.writable, [(GuestAddress(0xa000), 1)], "the walk went on to the last descriptor");
+    }
+
+    #[test]
+    fn walk_head_reads_the_chain_a_pop_would_give() {
+        let mem = memory();
+        mem.write_slice(b"abcdefgh", GuestAddress(0x8000)).expect("write");
+        let descs = [desc(0x8000, 8, false), desc(0xb000, 100, true), desc(0xc000, 1, true)];
+        let queue = MockSplitQueue::new(&mem, 16);
+        let chain = queue.build_desc_chain(&descs).expect("chain");
+        let head = chain.head_index();
+        let popped = walk(&mem, chain, 64);
+        let again = walk_head(&mem, queue.desc_table_addr(), 16, head, 64);
+        assert_eq!((again.head, &again.request, &again.writable), (popped.head, &popped.request, &popped.writable));
+        assert_eq!(again.error, None);
+        // Through an indirect table.
+        let queue = MockSplitQueue::new(&mem, 16);
+        queue.build_desc_chain(&descs).expect("chain");
+        let table = queue.desc_table_addr();
+        let indirect = SplitDescriptor::new(table.0, 3 * 16, VRING_DESC_F_INDIRECT as u16, 0);
+        mem.write_obj(indirect, table.unchecked_add(15 * 16)).expect("indirect");
+        let via = walk_head(&mem, table, 16, 15, 64);
+        assert_eq!((&via.request, &via.writable), (&popped.request, &popped.writable));
+        // A link out of the table, or a loop, ends the chain; nothing outside is read.
+        let looped = SplitDescriptor::new(0x8000, 8, VRING_DESC_F_NEXT as u16, 14);
+        mem.write_obj(looped, table.unchecked_add(14 * 16)).expect("loop");
+        let c = walk_head(&mem, table, 16, 14, 1 << 20);
+        assert_eq!(c.readable_len, 16 * 8, "stops after as many descriptors as the table has");
+        assert_eq!(walk_head(&mem, table, 16, 16, 64).readable_len, 0, "head outside the table");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use crate::chain::{guest_buf, Region};
+use crate::inflight::QueueInflight;
 use crate::queue::QueueState;
 use crate::Mem;
 
@@ -33,6 +34,8 @@ pub struct Completer<'batch> {
     head: u16,
     /// Set when a completion of the batch added a used entry; None once detached.
     batch: Option<&'batch AtomicBool>,
+    /// The queue's inflight tracking, if the frontend set it up.
+    inflight: Option<Arc<QueueInflight>>,
 }
 
 impl<'batch> Completer<'batch> {
@@ -45,12 +48,20 @@ impl<'batch> Completer<'batch> {
         head: u16,
         batch: &'batch AtomicBool,
     ) -> Self {
-        Completer { vring, mem, queue, generation, event_idx, head, batch: Some(batch) }
+        let inflight = queue.inflight();
+        Completer { vring, mem, queue, generation, event_idx, head, batch: Some(batch), inflight }
     }
 
     /// The chain's head descriptor index.
     pub fn head(&self) -> u16 {
         self.head
+    }
+
+    /// Whether the queue is still the one the chain came from: false once it was stopped or
+    /// reset. A device that has not yet acted on a chain of a stopped queue should not: with
+    /// inflight tracking the chain is resubmitted when the queue starts again.
+    pub fn is_current(&self) -> bool {
+        self.queue.generation.load(Ordering::Acquire) == self.generation
     }
 
     /// A completer that may outlive the queue thread's batch (be moved into a task), and
@@ -64,6 +75,7 @@ impl<'batch> Completer<'batch> {
             event_idx: self.event_idx,
             head: self.head,
             batch: None,
+            inflight: self.inflight,
         }
     }
 
@@ -132,9 +144,17 @@ impl<'batch> Completer<'batch> {
         let Some(len) = write(&mem) else {
             return false;
         };
+        // With inflight tracking: the area names this chain before its used entry is
+        // published and unmarks it after, so a backend restarted in between knows which.
+        if let Some(inflight) = &self.inflight {
+            inflight.using(self.head);
+        }
         if let Err(e) = state.add_used(self.head, len) {
             warn!(head = self.head, error = %e, "add_used failed");
             return false;
+        }
+        if let Some(inflight) = &self.inflight {
+            inflight.used(self.head, state.get_queue().next_used());
         }
         match self.batch {
             Some(batch) => batch.store(true, Ordering::Relaxed),

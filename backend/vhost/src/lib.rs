@@ -17,6 +17,7 @@
 
 mod chain;
 mod completion;
+mod inflight;
 mod queue;
 mod server;
 mod stop;

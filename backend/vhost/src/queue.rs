@@ -3,7 +3,7 @@
 //! its adaptive polling.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -13,12 +13,60 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
+use crate::inflight::QueueInflight;
+
 /// One queue's state shared by its worker thread and the tasks completing its requests.
 pub(crate) struct QueueState {
     /// Bumped when the queue is stopped or the device reset, so a reply parked under an
     /// older generation is dropped instead of written into a ring that is gone.
     pub(crate) generation: AtomicU64,
     pub(crate) poll: QueuePoll,
+    /// Inflight I/O tracking, once the frontend gave an area (SET_INFLIGHT_FD).
+    inflight: Mutex<Option<Arc<QueueInflight>>>,
+    /// Set with a new area: the chains it holds are resubmitted when the queue next runs.
+    recover: AtomicBool,
+    /// Counter of the next chain popped (inflight tracking).
+    counter: AtomicU64,
+}
+
+impl QueueState {
+    fn new(poll_max: Duration) -> Self {
+        QueueState {
+            generation: AtomicU64::new(0),
+            poll: QueuePoll::new(poll_max),
+            inflight: Mutex::new(None),
+            recover: AtomicBool::new(false),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn inflight(&self) -> Option<Arc<QueueInflight>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// SET_INFLIGHT_FD: track this queue's chains in `area` from now on.
+    pub(crate) fn set_inflight(&self, area: QueueInflight) {
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(area));
+        self.recover.store(true, Ordering::Release);
+    }
+
+    /// Whether the queue must recover from its area before popping (once per area).
+    pub(crate) fn take_recover(&self) -> bool {
+        self.recover.swap(false, Ordering::AcqRel)
+    }
+
+    /// Recovery could not run yet (queue not ready): try again at the next kick.
+    pub(crate) fn keep_recover(&self) {
+        self.recover.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn next_counter(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_counter(&self, next: u64) {
+        self.counter.store(next, Ordering::Relaxed);
+    }
 }
 
 /// Adaptive polling of a queue that ran dry, as QEMU's iothreads do (poll-max-ns): for a
@@ -110,9 +158,7 @@ impl Queues {
     /// window (zero: never poll).
     pub(crate) fn new(n: usize, masks: Vec<u64>, poll_max: Duration) -> Self {
         Queues {
-            states: (0..n)
-                .map(|_| Arc::new(QueueState { generation: AtomicU64::new(0), poll: QueuePoll::new(poll_max) }))
-                .collect(),
+            states: (0..n).map(|_| Arc::new(QueueState::new(poll_max))).collect(),
             masks,
             event_idx: AtomicBool::new(false),
         }

@@ -1,25 +1,28 @@
 //! The one vhost-user device server: a socket, one frontend at a time, one
 //! [`VhostUserBackend`] for every [`Device`].
 
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::info;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::chain::walk;
-use crate::queue::{exit_event, Queues, DEFAULT_POLL_MAX};
+use crate::chain::{walk, walk_head};
+use crate::inflight::{self, QueueInflight, Recovery};
+use crate::queue::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
 use crate::{Completer, Device, Error, Mem, Result, ServerStopper};
 
 /// What every device server is configured with, whatever the device.
@@ -66,7 +69,9 @@ struct Backend<D> {
 
 impl<D: Device> Backend<D> {
     /// Pops, walks and hands to the device every chain on queue `qidx`, then signals the
-    /// guest once if any was completed inline.
+    /// guest once if any was completed inline. With inflight tracking, each chain is marked
+    /// in flight as it is popped, and the first run after SET_INFLIGHT_FD first resubmits
+    /// what a previous backend left in flight.
     fn process_queue(&self, vring: &VringRwLock, qidx: usize) -> std::io::Result<()> {
         let Some(queue) = self.queues.get(qidx) else {
             return Ok(());
@@ -74,12 +79,20 @@ impl<D: Device> Backend<D> {
         let event_idx = self.queues.event_idx();
         let max_request = self.device.max_request_len();
         let used_any = AtomicBool::new(false);
+        let inflight = queue.inflight();
+        if let Some(area) = inflight.as_ref().filter(|_| queue.take_recover()) {
+            self.resubmit(vring, qidx, queue, area, &used_any);
+        }
         loop {
             let mem = self.mem.memory();
             let (chain, generation) = {
                 let mut state = vring.get_mut();
                 let generation = queue.generation.load(Ordering::Acquire);
-                (state.get_queue_mut().pop_descriptor_chain(&*mem), generation)
+                let chain = state.get_queue_mut().pop_descriptor_chain(&*mem);
+                if let (Some(chain), Some(area)) = (&chain, &inflight) {
+                    area.popped(chain.head_index(), queue.next_counter());
+                }
+                (chain, generation)
             };
             let Some(chain) = chain else { break };
             let chain = walk(&mem, chain, max_request);
@@ -102,6 +115,54 @@ impl<D: Device> Backend<D> {
             }
         }
         Ok(())
+    }
+
+    /// The queue starts on an inflight area: settles it against the used ring, moves the
+    /// avail index past every chain popped before, and hands the chains still in flight to
+    /// the device again, oldest first. Marks the batch used so the guest is signalled even
+    /// if nothing is resubmitted (a crash may have lost the signal of a completion).
+    fn resubmit(
+        &self,
+        vring: &VringRwLock,
+        qidx: usize,
+        queue: &Arc<QueueState>,
+        area: &Arc<QueueInflight>,
+        used_any: &AtomicBool,
+    ) {
+        let mem = self.mem.memory();
+        let (recovery, table, size, generation) = {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            let used = q.used_idx(&*mem, Ordering::Acquire).ok().filter(|_| q.ready());
+            let Some(used) = used.map(|u| u.0) else {
+                queue.keep_recover();
+                return;
+            };
+            let recovery = area.recover(used, q.size());
+            if let Recovery::Resume { next_avail, counter, .. } = &recovery {
+                q.set_next_avail(*next_avail);
+                q.set_next_used(used);
+                queue.set_counter(*counter);
+            }
+            (recovery, GuestAddress(q.desc_table()), q.size(), queue.generation.load(Ordering::Acquire))
+        };
+        used_any.store(true, Ordering::Relaxed);
+        let Recovery::Resume { heads, next_avail, .. } = recovery else { return };
+        info!(queue = qidx, resubmitted = heads.len(), next_avail, "queue resumed from the inflight area");
+        let max_request = self.device.max_request_len();
+        for head in heads {
+            let chain = walk_head(&mem, table, size, head, max_request);
+            let completer = Completer::new(
+                vring.clone(),
+                self.mem.clone(),
+                queue.clone(),
+                generation,
+                self.queues.event_idx(),
+                head,
+                used_any,
+            );
+            self.device.process(qidx, chain, completer);
+        }
     }
 }
 
@@ -152,6 +213,21 @@ impl<D: Device> VhostUserBackend for Backend<D> {
     fn reset_device(&self) {
         self.queues.stop_all();
         self.device.reset();
+    }
+
+    fn get_inflight_fd(&self, req: &VhostUserInflight) -> std::io::Result<(VhostUserInflight, File)> {
+        inflight::create(req, self.device.num_queues())
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> std::io::Result<()> {
+        let areas = inflight::map(msg, &file, self.device.num_queues())?;
+        info!(queues = areas.len(), queue_size = msg.queue_size, "inflight I/O tracking area set");
+        for (q, area) in areas.into_iter().enumerate() {
+            if let Some(state) = self.queues.get(q) {
+                state.set_inflight(area);
+            }
+        }
+        Ok(())
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -233,7 +309,7 @@ impl<D: Device> DeviceServer<D> {
         let masks = device.thread_masks(self.cfg.threads);
         let queues = Queues::new(device.num_queues(), masks, self.cfg.poll_max);
         let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = std::sync::Arc::new(Backend { device, cfg: self.cfg, mem: mem.clone(), queues });
+        let backend = Arc::new(Backend { device, cfg: self.cfg, mem: mem.clone(), queues });
         let mut daemon = VhostUserDaemon::new(D::NAME.to_string(), backend.clone(), mem)?;
         daemon.start(&mut self.listener)?;
         info!(device = D::NAME, "vhost-user frontend connected");

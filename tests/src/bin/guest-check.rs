@@ -11,7 +11,10 @@
 //! guest-check stat PATH...                    GC STAT <path> <ino> <nlink> <kind> <size>   (lstat)
 //! guest-check readlink PATH...                GC LINK <path> <target>
 //! guest-check mutate FILE DIR EMPTYDIR        GC MUTATE <op> <errno, 0 if it succeeded>
+//! guest-check stall DEV SECS                  GC GAP <at s> <ms> per read over 200 ms, then GC STALL <max ms> <reads>
 //! ```
+//! `stall` reads the first 4 KiB of DEV with O_DIRECT every 20 ms for SECS seconds and
+//! reports the reads that waited: how long the guest saw the device stand still.
 //! SPEC is `PATH` or `PATH@OFFSET+LEN`. A failed read prints `GC ERR <what> <path> <errno>`
 //! and makes the exit status 1. Paths must not contain spaces.
 
@@ -27,7 +30,7 @@ use sha2::{Digest, Sha256};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((cmd, rest)) = args.split_first() else {
-        eprintln!("usage: guest-check seq|par|pread|mmap|readdir|stat|readlink|mutate ARGS (see source)");
+        eprintln!("usage: guest-check seq|par|pread|mmap|readdir|stat|readlink|mutate|stall ARGS (see source)");
         return ExitCode::from(2);
     };
     let ok = match (cmd.as_str(), rest) {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         ("readdir", [dir]) => readdir(dir),
         ("stat", paths) => paths.iter().map(|p| stat(p)).fold(true, |a, b| a & b),
         ("readlink", paths) => paths.iter().map(|p| readlink(p)).fold(true, |a, b| a & b),
+        ("stall", [dev, secs]) => stall(dev, num(secs)),
         ("mutate", [file, dir, empty]) => {
             mutate(file, dir, empty);
             true
@@ -208,6 +212,36 @@ fn readdir(dir: &str) -> bool {
         }
     }
     println!("GC READDIR {dir} {} {}", names.len(), check::names_digest(&mut names));
+    true
+}
+
+fn stall(dev: &str, secs: u64) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::time::{Duration, Instant};
+    let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev) {
+        Ok(f) => f,
+        Err(e) => return fail("OPEN", dev, &e),
+    };
+    // O_DIRECT wants an aligned buffer: 4 KiB inside an 8 KiB one.
+    let mut raw = vec![0u8; 8192];
+    let skip = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skip..skip + 4096];
+    let start = Instant::now();
+    let (mut max_ms, mut reads) = (0u128, 0u64);
+    while start.elapsed() < Duration::from_secs(secs) {
+        let t = Instant::now();
+        if let Err(e) = f.read_exact_at(buf, 0) {
+            return fail("STALL", dev, &e);
+        }
+        let ms = t.elapsed().as_millis();
+        reads += 1;
+        max_ms = max_ms.max(ms);
+        if ms > 200 {
+            println!("GC GAP {:.1} {ms}", t.duration_since(start).as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("GC STALL {max_ms} {reads}");
     true
 }
 
