@@ -665,11 +665,14 @@ async fn a_slot_reused_under_a_read_leaves_no_foreign_bytes_in_the_buffer() {
     let mut buf = vec![0xeeu8; 8 * 4096];
     let outcome = e.read_into(ino, 0, 8 * 4096, &mut ScatterBuf::from_slice(&mut buf)).expect("read");
     let ReadOutcome::Miss(miss) = outcome else { panic!("block 1 is gone") };
-    assert!(miss.missing_blocks().contains(&1));
-    assert!(!buf.contains(&0xab), "the other image's bytes never stay in the guest's buffer");
+    // Only block 1 is missing: its neighbours in the same run of slots are still cached.
+    assert_eq!(miss.missing_blocks(), &[1]);
     for b in 0..8u32 {
-        if !miss.missing_blocks().contains(&b) {
-            let r = b as usize * 4096..(b as usize + 1) * 4096;
+        let r = b as usize * 4096..(b as usize + 1) * 4096;
+        if miss.missing_blocks().contains(&b) {
+            // The other image's bytes (0xab) never stay in the guest's buffer.
+            assert!(buf[r].iter().all(|&x| x == 0), "block {b}: the copy the check refused is cleared");
+        } else {
             assert_eq!(&buf[r.clone()], &data[r], "block {b} copied");
         }
     }
