@@ -75,12 +75,25 @@ impl DaemonConfig {
         if self.store.starts_with("http://") || self.store.starts_with("https://") {
             if self.sandbox.fs == FsSandbox::Chroot && !store_host_is_an_address(&self.store) {
                 tracing::warn!(
-                    store = %self.store,
+                    store = %crate::store::redact_store(&self.store),
                     "--sandbox chroot: new connections to the store cannot resolve its host name; give an address"
                 );
             }
             for f in sandbox::RESOLVER_FILES.iter().map(Path::new).filter(|f| f.exists()) {
                 keep("a resolver file", f.to_path_buf(), Access::ReadOnly, false);
+            }
+            if let Some(f) = crate::store::system_ca_file().filter(|f| f.is_file()) {
+                keep("the system CA bundle", absolute(&f)?, Access::ReadOnly, false);
+            }
+            let http = &mut self.engine.http;
+            for f in http.ca_files.iter_mut().chain(&mut http.client_cert).chain(&mut http.client_key) {
+                *f = absolute(f)?;
+                keep("a CA, certificate or key file", f.clone(), Access::ReadOnly, false);
+            }
+            if let Some(t) = &mut http.bearer_token_file {
+                // Its directory, not the file: a token rotated by rename is a new file.
+                *t = absolute(t)?;
+                keep("the bearer token file's directory", dir_of(t), Access::ReadOnly, true);
             }
         } else {
             let store = absolute(Path::new(&self.store))?;
