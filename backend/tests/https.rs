@@ -144,7 +144,10 @@ fn https_store_trusted_through_ca_file_or_system_bundle_and_refused_without() {
         .expect("cat");
     assert_served(&out, &data);
 
+    // Refused for good: not retried until the manifest's 30 s deadline.
+    let t0 = Instant::now();
     let err = assert_refused(&cat(&url, id, &[]), "certificate");
+    assert!(t0.elapsed() < Duration::from_secs(10), "an unknown issuer was retried for {:?}", t0.elapsed());
     assert!(err.contains(&format!("GET {url}/images/{id}")), "the error names the request: {err}");
     // A CA file that is no PEM is refused as such.
     fs::write(t.path().join("junk.pem"), "not a certificate").expect("write");

@@ -615,12 +615,39 @@ impl Remote {
         let inner = match tokio::time::timeout(*attempt_base, req.send()).await {
             Err(_) => return Err(FetchError::Transient(FetchFailure::TimedOut { what, after: *attempt_base })),
             Ok(Err(e)) => {
-                return Err(FetchError::Transient(FetchFailure::Http { what, source: Arc::new(e.without_url()) }))
+                let refused = tls_refused(&e);
+                let f = FetchFailure::Http { what, source: Arc::new(e.without_url()) };
+                return Err(if refused { FetchError::Permanent(f) } else { FetchError::Transient(f) });
             }
             Ok(Ok(r)) => r,
         };
         Ok(Answer { inner, what, start, base: *attempt_base })
     }
+}
+
+/// Whether TLS refused the connection for good: a certificate that does not verify (an
+/// unknown issuer, a wrong name, expired), no protocol both sides speak, or the server's
+/// alert (ours refused). Retrying cannot help; anything else in transit may pass.
+fn tls_refused(e: &reqwest::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(mut err) = cur {
+        // io::Errors (nested: hyper's around tokio-rustls') hold the rustls error, and their
+        // source() skips what they hold.
+        while let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            err = inner;
+        }
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return matches!(
+                t,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::PeerIncompatible(_)
+                    | rustls::Error::AlertReceived(_)
+                    | rustls::Error::NoCertificatesPresented
+            );
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The head of an HTTP answer, its body still unread.
