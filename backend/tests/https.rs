@@ -329,3 +329,35 @@ fn a_sandboxed_daemon_serves_over_mtls_and_picks_up_a_rotated_token() {
     assert!(log.iter().all(|r| r.0 == 200 || r.0 == 206), "a request was refused: {log:?}");
     d.stop();
 }
+
+/// HTTP_PROXY is honoured (reqwest's default, kept) and NO_PROXY too: nginx forwards to
+/// another nginx serving the store, under a host name that does not resolve.
+#[test]
+fn http_proxy_from_the_environment_is_used() {
+    let t = tempfile::tempdir().expect("tmp");
+    let (id, data) = packed(t.path());
+    let origin = Nginx::start(&t.path().join("www"), 0);
+    let empty = t.path().join("empty");
+    fs::create_dir_all(&empty).expect("mkdir");
+    let proxy = Nginx::start_with(&empty, "", &format!("location /store/ {{ proxy_pass {}; }}", origin.url));
+    let cat_via = |store: &str, no_proxy: &str| {
+        let cache = tempfile::tempdir().expect("tmp");
+        Command::new(INCFSD)
+            .args(["cat", "--store", store, "--image", &id.to_string(), "--cache"])
+            .arg(cache.path())
+            .arg("f")
+            .env("HTTP_PROXY", &proxy.url)
+            .env("NO_PROXY", no_proxy)
+            .env_remove("http_proxy")
+            .env_remove("no_proxy")
+            .output()
+            .expect("incfsd cat")
+    };
+    assert_served(&cat_via("http://store.invalid/store", ""), &data);
+    assert!(origin.log().iter().any(|r| r.3.starts_with("/store/blobs/")), "the origin served the blobs");
+    let proxied = proxy.log().len();
+    assert!(proxied > 0, "through the proxy");
+    // NO_PROXY: straight to the origin.
+    assert_served(&cat_via(&format!("{}/store", origin.url), "127.0.0.1"), &data);
+    assert_eq!(proxy.log().len(), proxied, "NO_PROXY ignored");
+}
