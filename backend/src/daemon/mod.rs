@@ -234,4 +234,32 @@ mod tests {
         assert!(store_host_is_an_address("https://[::1]:8443"));
         assert!(!store_host_is_an_address("https://images.example.com/store"));
     }
+
+    #[test]
+    fn an_https_store_keeps_its_tls_files_and_the_token_directory() {
+        let t = tempfile::tempdir().expect("tmp");
+        let mut cfg = DaemonConfig {
+            socket: t.path().join("fs.sock"),
+            store: "https://127.0.0.1:8443/store?sig=1".into(),
+            image: "0000000000000000000000000000000000000000000000000000000000000000".parse().expect("id"),
+            cache: t.path().join("cache"),
+            cache_size: None,
+            engine: EngineConfig::default(),
+            worker_threads: 1,
+            metrics: None,
+            record_trace: None,
+            background: Background { trace: Prefetch::None, fetch_all: None },
+            sandbox: SandboxConfig::default(),
+            device_paths: Vec::new(),
+        };
+        cfg.engine.http.ca_files = vec![t.path().join("ca.pem")];
+        cfg.engine.http.client_key = Some(t.path().join("key.pem"));
+        cfg.engine.http.bearer_token_file = Some(t.path().join("secrets/token"));
+        let paths = cfg.reachable_paths().expect("paths");
+        let kept = |p: PathBuf| paths.iter().find(|r| r.path == p).map(|r| (r.access, r.while_serving));
+        assert_eq!(kept(t.path().join("ca.pem")), Some((Access::ReadOnly, false)));
+        assert_eq!(kept(t.path().join("key.pem")), Some((Access::ReadOnly, false)));
+        assert_eq!(kept(t.path().join("secrets")), Some((Access::ReadOnly, true)), "the directory, read while serving");
+        assert!(kept(t.path().join("secrets/token")).is_none(), "not the file: a rotated token is a new file");
+    }
 }
