@@ -12,6 +12,7 @@ use incfs::daemon::{Background, DaemonConfig, FetchAll, Prefetch, RunConfig};
 use incfs::engine::{EngineConfig, FillSource};
 use incfs::image::ImageId;
 use incfs::sandbox::{Access, FsSandbox, Reachable, SandboxConfig, SeccompMode, DEFAULT_RLIMIT_NOFILE};
+use incfs::store::HttpOptions;
 
 #[derive(Parser)]
 #[command(name = "incfsd", version, about = "Serve incremental images to VM guests, fetching blocks lazily")]
@@ -226,11 +227,56 @@ pub struct EngineArgs {
 
 #[derive(Args)]
 pub struct ImageArgs {
-    /// Store directory or http(s):// URL of one.
+    /// Store directory or http(s):// URL of one. A URL's query (a signed URL's) is kept on
+    /// every request, after the object's path.
     #[arg(long)]
     pub store: String,
     #[arg(long)]
     pub image: ImageId,
+    #[command(flatten)]
+    pub http: HttpArgs,
+}
+
+/// How requests to an HTTP(S) store are made (docs/stores.md).
+#[derive(Args)]
+pub struct HttpArgs {
+    /// PEM file of further trusted CA certificates (besides the built-in roots and the
+    /// system's bundle, $SSL_CERT_FILE or /etc/ssl/certs/ca-certificates.crt). Repeatable.
+    #[arg(long = "ca-file", value_name = "PEM")]
+    pub ca_files: Vec<PathBuf>,
+    /// PEM client certificate for mutual TLS (with its key, unless --client-key is given).
+    #[arg(long, value_name = "PEM")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, value_name = "PEM", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// A header sent on every request to the store, e.g. 'X-Token: s3cret'. Repeatable.
+    /// Its value is never logged.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// File holding a token sent as `Authorization: Bearer <token>`; re-read when it
+    /// changes (checked at most once a second), so a rotated token needs no restart.
+    #[arg(long, value_name = "FILE")]
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+impl HttpArgs {
+    pub fn options(&self) -> HttpOptions {
+        HttpOptions {
+            ca_files: self.ca_files.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            headers: self.headers.clone(),
+            bearer_token_file: self.bearer_token_file.clone(),
+        }
+    }
+}
+
+impl EngineArgs {
+    /// The engine's settings: fetching's and the store's requests'.
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig { http: self.src.http.options(), ..self.fetch.engine_config() }
+    }
 }
 
 #[derive(Args)]
@@ -367,7 +413,7 @@ impl RunArgs {
                 FillFrom::Remote => FillSource::Remote,
                 FillFrom::Guest => FillSource::Supplied,
             },
-            ..self.device.engine.fetch.engine_config()
+            ..self.device.engine.engine_config()
         };
         let device = incfs_fuse::VirtioFsConfig {
             request_queues: queues.max(1),
@@ -383,7 +429,7 @@ impl RunArgs {
 impl BlkArgs {
     pub fn config(self) -> BlkConfig {
         let queues = self.queues as usize;
-        let engine = self.device.engine.fetch.engine_config();
+        let engine = self.device.engine.engine_config();
         let device = incfs::blk::BlkDeviceConfig {
             queues,
             server: self.device.server(queues),
@@ -500,6 +546,52 @@ mod tests {
         assert!(with(&["--fetch-all-rate", "10M"]).is_err(), "the rate needs --fetch-all");
         assert!(with(&["--sandbox", "jail"]).is_err());
         assert!(with(&["--seccomp", "trap"]).is_err());
+    }
+
+    #[test]
+    fn http_options_for_every_store_command() {
+        let http = [
+            "--ca-file",
+            "ca.pem",
+            "--ca-file",
+            "ca2.pem",
+            "--client-cert",
+            "c.pem",
+            "--client-key",
+            "k.pem",
+            "--header",
+            "X-A: 1",
+            "--header",
+            "X-B: 2",
+            "--bearer-token-file",
+            "tok",
+        ];
+        let common = ["--store", "https://h/p?sig=1", "--image", ID];
+        let check = |o: HttpOptions| {
+            assert_eq!(o.ca_files, [PathBuf::from("ca.pem"), PathBuf::from("ca2.pem")]);
+            assert_eq!(
+                (o.client_cert.as_deref(), o.client_key.as_deref()),
+                (Some("c.pem".as_ref()), Some("k.pem".as_ref()))
+            );
+            assert_eq!(o.headers, ["X-A: 1", "X-B: 2"]);
+            assert_eq!(o.bearer_token_file, Some(PathBuf::from("tok")));
+            assert!(!format!("{o:?}").contains(": 1"), "a header's value in Debug");
+        };
+        let args = |cmd: &[&'static str]| -> Vec<&'static str> { [&["incfsd"], cmd, &common, &http].concat() };
+        let Cmd::Run(a) = parse(&args(&["run", "--socket", "s", "--cache", "c"])) else { panic!("not run") };
+        check(a.config().daemon.engine.http);
+        let Cmd::Blk(a) = parse(&args(&["blk", "--socket", "s", "--cache", "c", "--path", "d"])) else {
+            panic!("not blk")
+        };
+        check(a.config().daemon.engine.http);
+        let Cmd::Cat { engine, .. } = parse(&[args(&["cat", "--cache", "c"]), vec!["f"]].concat()) else {
+            panic!("not cat")
+        };
+        check(engine.engine_config().http);
+        let Cmd::Inspect { src, .. } = parse(&args(&["inspect"])) else { panic!("not inspect") };
+        check(src.http.options());
+        let key_alone = ["incfsd", "inspect", "--store", "https://h", "--image", ID, "--client-key", "k.pem"];
+        assert!(Cli::try_parse_from(key_alone).is_err(), "--client-key needs --client-cert");
     }
 
     #[test]

@@ -120,7 +120,7 @@ fn pack(args: PackArgs) -> Result<()> {
 fn cat(args: &EngineArgs, stats: bool, path: &str) -> Result<()> {
     runtime()?.block_on(async {
         let EngineArgs { src, cache, fetch } = args;
-        let engine = Engine::connect(&src.store, src.image, cache, fetch.cache_size, fetch.engine_config()).await?;
+        let engine = Engine::connect(&src.store, src.image, cache, fetch.cache_size, args.engine_config()).await?;
         let ino = engine.image().resolve(path.as_bytes()).ok_or_else(|| Error::NotFound(path.to_string()))?;
         let size = engine.image().file(ino).ok_or_else(|| Error::NotARegularFile(path.to_string()))?.size;
         let mut out = std::io::stdout().lock();
@@ -148,7 +148,8 @@ fn inspect_image(src: &ImageArgs, cache: Option<&Path>) -> Result<()> {
     runtime()?.block_on(async {
         let temporary = std::env::temp_dir().join(format!("incfsd-inspect-{}", std::process::id()));
         let dir = cache.unwrap_or(&temporary);
-        let engine = Engine::connect(&src.store, src.image, dir, None, EngineConfig::default()).await;
+        let cfg = EngineConfig { http: src.http.options(), ..EngineConfig::default() };
+        let engine = Engine::connect(&src.store, src.image, dir, None, cfg).await;
         if cache.is_none() {
             let _ = std::fs::remove_dir_all(dir);
         }

@@ -75,12 +75,25 @@ impl DaemonConfig {
         if self.store.starts_with("http://") || self.store.starts_with("https://") {
             if self.sandbox.fs == FsSandbox::Chroot && !store_host_is_an_address(&self.store) {
                 tracing::warn!(
-                    store = %self.store,
+                    store = %crate::store::redact_store(&self.store),
                     "--sandbox chroot: new connections to the store cannot resolve its host name; give an address"
                 );
             }
             for f in sandbox::RESOLVER_FILES.iter().map(Path::new).filter(|f| f.exists()) {
                 keep("a resolver file", f.to_path_buf(), Access::ReadOnly, false);
+            }
+            if let Some(f) = crate::store::system_ca_file().filter(|f| f.is_file()) {
+                keep("the system CA bundle", absolute(&f)?, Access::ReadOnly, false);
+            }
+            let http = &mut self.engine.http;
+            for f in http.ca_files.iter_mut().chain(&mut http.client_cert).chain(&mut http.client_key) {
+                *f = absolute(f)?;
+                keep("a CA, certificate or key file", f.clone(), Access::ReadOnly, false);
+            }
+            if let Some(t) = &mut http.bearer_token_file {
+                // Its directory, not the file: a token rotated by rename is a new file.
+                *t = absolute(t)?;
+                keep("the bearer token file's directory", dir_of(t), Access::ReadOnly, true);
             }
         } else {
             let store = absolute(Path::new(&self.store))?;
@@ -220,5 +233,33 @@ mod tests {
         assert!(store_host_is_an_address("http://127.0.0.1:8080/store"));
         assert!(store_host_is_an_address("https://[::1]:8443"));
         assert!(!store_host_is_an_address("https://images.example.com/store"));
+    }
+
+    #[test]
+    fn an_https_store_keeps_its_tls_files_and_the_token_directory() {
+        let t = tempfile::tempdir().expect("tmp");
+        let mut cfg = DaemonConfig {
+            socket: t.path().join("fs.sock"),
+            store: "https://127.0.0.1:8443/store?sig=1".into(),
+            image: "0000000000000000000000000000000000000000000000000000000000000000".parse().expect("id"),
+            cache: t.path().join("cache"),
+            cache_size: None,
+            engine: EngineConfig::default(),
+            worker_threads: 1,
+            metrics: None,
+            record_trace: None,
+            background: Background { trace: Prefetch::None, fetch_all: None },
+            sandbox: SandboxConfig::default(),
+            device_paths: Vec::new(),
+        };
+        cfg.engine.http.ca_files = vec![t.path().join("ca.pem")];
+        cfg.engine.http.client_key = Some(t.path().join("key.pem"));
+        cfg.engine.http.bearer_token_file = Some(t.path().join("secrets/token"));
+        let paths = cfg.reachable_paths().expect("paths");
+        let kept = |p: PathBuf| paths.iter().find(|r| r.path == p).map(|r| (r.access, r.while_serving));
+        assert_eq!(kept(t.path().join("ca.pem")), Some((Access::ReadOnly, false)));
+        assert_eq!(kept(t.path().join("key.pem")), Some((Access::ReadOnly, false)));
+        assert_eq!(kept(t.path().join("secrets")), Some((Access::ReadOnly, true)), "the directory, read while serving");
+        assert!(kept(t.path().join("secrets/token")).is_none(), "not the file: a rotated token is a new file");
     }
 }

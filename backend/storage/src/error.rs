@@ -16,6 +16,13 @@ pub enum Error {
     ImageIdMismatch { expected: String, actual: String },
     #[error("HTTP client: {0}")]
     HttpClient(#[source] reqwest::Error),
+    /// A CA file, client certificate or key that TLS cannot use.
+    #[error("{what}: {source}")]
+    HttpSetup {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
     /// A request to the store failed (EIO); the typed failure keeps the status and source.
     #[error("remote: {0}")]
     Fetch(#[from] crate::store::FetchFailure),

@@ -14,8 +14,9 @@
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -192,16 +193,228 @@ impl From<&str> for FetchFailure {
     }
 }
 
+/// How requests to an HTTP(S) store are made, beyond the URL: trusted roots, a client
+/// certificate, headers and a bearer token. Debug shows paths and header names only: the
+/// header values and the token are secrets.
+#[derive(Clone, Default)]
+pub struct HttpOptions {
+    /// PEM files of further trusted roots (each may hold several certificates), trusted
+    /// besides the built-in (Mozilla) roots and the system's bundle (`system_ca_file`).
+    pub ca_files: Vec<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; holds the key too if `client_key` is
+    /// not given.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Headers sent on every request, each "Name: value".
+    pub headers: Vec<String>,
+    /// A file holding a bearer token, sent as `Authorization: Bearer <token>`; re-read when
+    /// it changes (checked at most every TOKEN_RECHECK), so a rotated token is picked up.
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for HttpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|h| h.split_once(':').map_or("?", |(n, _)| n.trim())).collect();
+        f.debug_struct("HttpOptions")
+            .field("ca_files", &self.ca_files)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("header_names", &names)
+            .field("bearer_token_file", &self.bearer_token_file)
+            .finish()
+    }
+}
+
+/// The system's CA bundle: `$SSL_CERT_FILE`, else the first of the distributions' usual
+/// places that exists. Its roots are trusted besides the built-in ones.
+pub fn system_ca_file() -> Option<PathBuf> {
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
+        return Some(PathBuf::from(f));
+    }
+    [
+        "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Arch, Alpine
+        "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
+        "/etc/ssl/ca-bundle.pem",             // openSUSE
+        "/etc/ssl/cert.pem",                  // Alpine, macOS
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+/// Largest PEM file (CA bundle, certificate, key) read.
+const PEM_MAX: u64 = 16 << 20;
+/// Largest bearer token file read.
+const TOKEN_MAX: u64 = 64 << 10;
+/// A bearer token file is checked for changes (one stat) at most this often.
+pub const TOKEN_RECHECK: Duration = Duration::from_secs(1);
+
+fn read_small(p: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+    let ctx = || format!("read {what} {}", p.display());
+    let f = File::open(p).ctx(ctx)?;
+    let mut out = Vec::new();
+    f.take(limit + 1).read_to_end(&mut out).ctx(ctx)?;
+    if out.len() as u64 > limit {
+        return Err(Error::Invalid(format!("{what} {} is larger than {limit} bytes", p.display())));
+    }
+    Ok(out)
+}
+
+/// The secret part of a URL (its query): kept for requests, never shown.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
+    }
+}
+
+/// `Authorization: Bearer <file contents>`, re-read when the file changes.
+pub struct BearerToken {
+    path: PathBuf,
+    state: Mutex<TokenState>,
+}
+
+struct TokenState {
+    value: reqwest::header::HeaderValue,
+    /// (device, inode, size, mtime in ns) of the file the value came from.
+    stamp: (u64, u64, u64, i128),
+    checked: Instant,
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BearerToken").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl BearerToken {
+    pub fn open(path: &Path) -> Result<Self> {
+        let (value, stamp) = Self::load(path)?;
+        let state = Mutex::new(TokenState { value, stamp, checked: Instant::now() });
+        Ok(BearerToken { path: path.to_path_buf(), state })
+    }
+
+    fn stamp(path: &Path) -> std::io::Result<(u64, u64, u64, i128)> {
+        let m = fs::metadata(path)?;
+        Ok((m.dev(), m.ino(), m.size(), m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128))
+    }
+
+    /// The header value and the stamp of the file it was read from. The token is the
+    /// file's contents less surrounding white space; an empty one is refused.
+    fn load(path: &Path) -> Result<(reqwest::header::HeaderValue, (u64, u64, u64, i128))> {
+        let stamp = Self::stamp(path).ctx(|| format!("stat bearer token file {}", path.display()))?;
+        let bytes = read_small(path, TOKEN_MAX, "bearer token file")?;
+        let token = String::from_utf8(bytes)
+            .map_err(|_| Error::Invalid(format!("bearer token file {} is not UTF-8", path.display())))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::Invalid(format!("bearer token file {} is empty", path.display())));
+        }
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| Error::Invalid(format!("bearer token file {}: not a valid header value", path.display())))?;
+        value.set_sensitive(true);
+        Ok((value, stamp))
+    }
+
+    /// The current value: the file is stat'ed at most every TOKEN_RECHECK, and re-read
+    /// if it changed. A file that cannot be read (mid-rewrite, empty) keeps the last good
+    /// token, and is tried again at the next check.
+    pub fn value(&self) -> reqwest::header::HeaderValue {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.checked.elapsed() >= TOKEN_RECHECK {
+            s.checked = Instant::now();
+            match Self::stamp(&self.path) {
+                Ok(stamp) if stamp == s.stamp => {}
+                Ok(_) => match Self::load(&self.path) {
+                    Ok((value, stamp)) => {
+                        tracing::info!(file = %self.path.display(), "bearer token file changed: token reloaded");
+                        (s.value, s.stamp) = (value, stamp);
+                    }
+                    Err(e) => tracing::warn!("keeping the last bearer token: {e}"),
+                },
+                Err(e) => tracing::warn!(file = %self.path.display(), "keeping the last bearer token: stat: {e}"),
+            }
+        }
+        s.value.clone()
+    }
+}
+
 /// Where images come from: a store directory or an HTTP(S) base URL.
 #[derive(Clone, Debug)]
 pub enum Remote {
     Dir(PathBuf),
     Http {
+        /// The URL without its query and trailing slashes: object paths go after it.
         base: String,
+        /// The base URL's query (a signed URL's), appended to every request's URL.
+        query: Option<Secret>,
         client: reqwest::Client,
         /// Each attempt's base allowance (see MIN_TRANSFER_RATE).
         attempt_base: Duration,
+        bearer: Option<Arc<BearerToken>>,
     },
+}
+
+/// `spec` without its query (a signed URL's secret), for messages and logs.
+pub fn redact_store(spec: &str) -> String {
+    match spec.split_once('?') {
+        Some((base, _)) => format!("{base}?<query hidden>"),
+        None => spec.to_string(),
+    }
+}
+
+/// A client for an HTTP(S) store: no redirects, `opts`' roots, identity and headers.
+/// Proxies come from HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (reqwest's default).
+fn http_client(attempt_timeout: Duration, opts: &HttpOptions) -> Result<reqwest::Client> {
+    let setup = |what: String| move |source| Error::HttpSetup { what, source };
+    let mut b = reqwest::Client::builder()
+        .pool_max_idle_per_host(16)
+        .connect_timeout(Duration::from_secs(5).min(attempt_timeout))
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true);
+    if let Some(sys) = system_ca_file() {
+        // Not the user's choice: a bundle that cannot be used leaves the built-in roots.
+        match read_small(&sys, PEM_MAX, "system CA bundle")
+            .and_then(|pem| reqwest::Certificate::from_pem_bundle(&pem).map_err(setup(sys.display().to_string())))
+        {
+            Ok(certs) => b = certs.into_iter().fold(b, |b, c| b.add_root_certificate(c)),
+            Err(e) => tracing::warn!("system CA bundle not used: {e}"),
+        }
+    }
+    for f in &opts.ca_files {
+        let certs = reqwest::Certificate::from_pem_bundle(&read_small(f, PEM_MAX, "CA file")?)
+            .map_err(setup(format!("CA file {}", f.display())))?;
+        if certs.is_empty() {
+            return Err(Error::Invalid(format!("CA file {} holds no PEM certificate", f.display())));
+        }
+        b = certs.into_iter().fold(b, |b, c| b.add_root_certificate(c));
+    }
+    if let Some(cert) = &opts.client_cert {
+        let mut pem = read_small(cert, PEM_MAX, "client certificate")?;
+        if let Some(key) = &opts.client_key {
+            pem.push(b'\n');
+            pem.extend(read_small(key, PEM_MAX, "client key")?);
+        }
+        let id = reqwest::Identity::from_pem(&pem)
+            .map_err(setup(format!("client certificate {} and its key", cert.display())))?;
+        b = b.identity(id);
+    }
+    let mut headers = reqwest::header::HeaderMap::new();
+    for h in &opts.headers {
+        // The value may be a secret: messages name the header only.
+        let (name, value) =
+            h.split_once(':').ok_or_else(|| Error::Invalid("a --header is not \"Name: value\"".to_string()))?;
+        let name = reqwest::header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| Error::Invalid(format!("header name {:?} is not valid", name.trim())))?;
+        let mut value = reqwest::header::HeaderValue::from_str(value.trim())
+            .map_err(|_| Error::Invalid(format!("the value of header {name} is not valid")))?;
+        value.set_sensitive(true);
+        headers.append(name, value);
+    }
+    b.default_headers(headers).build().map_err(Error::HttpClient)
 }
 
 /// How long an attempt carrying `len` bytes may take: `base`, plus the time `len` bytes take
@@ -215,15 +428,29 @@ impl Remote {
     /// `attempt_timeout` is each request's base allowance, to which its size adds (see
     /// `attempt_deadline`).
     pub fn open(spec: &str, attempt_timeout: Duration) -> Result<Self> {
+        Self::open_with(spec, attempt_timeout, &HttpOptions::default())
+    }
+
+    /// As `open`, an HTTP(S) store's requests made as `http` says. A query in the URL
+    /// (`https://host/prefix?X-Amz-Signature=…`) is kept on every request, after the
+    /// object's path.
+    pub fn open_with(spec: &str, attempt_timeout: Duration, http: &HttpOptions) -> Result<Self> {
         if spec.starts_with("http://") || spec.starts_with("https://") {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(16)
-                .connect_timeout(Duration::from_secs(5).min(attempt_timeout))
-                .redirect(reqwest::redirect::Policy::none())
-                .tcp_nodelay(true)
-                .build()
-                .map_err(Error::HttpClient)?;
-            Ok(Remote::Http { base: spec.trim_end_matches('/').to_string(), client, attempt_base: attempt_timeout })
+            let spec = spec.split_once('#').map_or(spec, |(s, _)| s);
+            let (base, query) = match spec.split_once('?') {
+                Some((b, q)) if !q.is_empty() => (b, Some(Secret(q.to_string()))),
+                Some((b, _)) => (b, None),
+                None => (spec, None),
+            };
+            let client = http_client(attempt_timeout, http)?;
+            let bearer = http.bearer_token_file.as_deref().map(BearerToken::open).transpose()?.map(Arc::new);
+            Ok(Remote::Http {
+                base: base.trim_end_matches('/').to_string(),
+                query,
+                client,
+                attempt_base: attempt_timeout,
+                bearer,
+            })
         } else {
             let p = PathBuf::from(spec);
             if !p.join("images").is_dir() {
@@ -366,26 +593,61 @@ impl Remote {
     /// Sends a GET for `rel` (of `range` = (offset, len) if given) and waits for the answer's
     /// head within the attempt's base allowance.
     async fn get(&self, rel: &str, range: Option<(u64, u64)>) -> Result<Answer, FetchError> {
-        let Remote::Http { base, client, attempt_base } = self else {
+        let Remote::Http { base, query, client, attempt_base, bearer } = self else {
             return Err(FetchError::Permanent("not an HTTP remote".into()));
         };
-        let url = format!("{base}/{rel}");
+        let (url, shown) = match query {
+            Some(Secret(q)) => (format!("{base}/{rel}?{q}"), format!("{base}/{rel}?<query hidden>")),
+            None => (format!("{base}/{rel}"), format!("{base}/{rel}")),
+        };
         let what = match range {
-            Some((offset, len)) => format!("GET {url} [{offset}, +{len})"),
-            None => format!("GET {url}"),
+            Some((offset, len)) => format!("GET {shown} [{offset}, +{len})"),
+            None => format!("GET {shown}"),
         };
         let mut req = client.get(&url);
+        if let Some(b) = bearer {
+            req = req.header(reqwest::header::AUTHORIZATION, b.value());
+        }
         if let Some((offset, len)) = range {
             req = req.header(reqwest::header::RANGE, format!("bytes={offset}-{}", offset + len - 1));
         }
         let start = Instant::now();
         let inner = match tokio::time::timeout(*attempt_base, req.send()).await {
             Err(_) => return Err(FetchError::Transient(FetchFailure::TimedOut { what, after: *attempt_base })),
-            Ok(Err(e)) => return Err(FetchError::Transient(FetchFailure::Http { what, source: Arc::new(e) })),
+            Ok(Err(e)) => {
+                let refused = tls_refused(&e);
+                let f = FetchFailure::Http { what, source: Arc::new(e.without_url()) };
+                return Err(if refused { FetchError::Permanent(f) } else { FetchError::Transient(f) });
+            }
             Ok(Ok(r)) => r,
         };
         Ok(Answer { inner, what, start, base: *attempt_base })
     }
+}
+
+/// Whether TLS refused the connection for good: a certificate that does not verify (an
+/// unknown issuer, a wrong name, expired), no protocol both sides speak, or the server's
+/// alert (ours refused). Retrying cannot help; anything else in transit may pass.
+fn tls_refused(e: &reqwest::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(mut err) = cur {
+        // io::Errors (nested: hyper's around tokio-rustls') hold the rustls error, and their
+        // source() skips what they hold.
+        while let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            err = inner;
+        }
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return matches!(
+                t,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::PeerIncompatible(_)
+                    | rustls::Error::AlertReceived(_)
+                    | rustls::Error::NoCertificatesPresented
+            );
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The head of an HTTP answer, its body still unread.
@@ -479,7 +741,8 @@ impl Answer {
             let chunk = match tokio::time::timeout_at(deadline, self.inner.chunk()).await {
                 Err(_) => return Err(FetchError::Transient(FetchFailure::TimedOut { what: self.what, after })),
                 Ok(Err(e)) => {
-                    return Err(FetchError::Transient(FetchFailure::Http { what: self.what, source: Arc::new(e) }))
+                    let source = Arc::new(e.without_url());
+                    return Err(FetchError::Transient(FetchFailure::Http { what: self.what, source }));
                 }
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(c))) => c,
@@ -564,4 +827,57 @@ async fn read_file(p: PathBuf, n: u64, refuse_above: Option<u64>) -> Result<Vec<
     })
     .await
     .map_err(|e| FetchError::Transient(format!("reader task: {e}").into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_base_url_query_goes_after_every_path_and_is_never_shown() {
+        let r = Remote::open("https://h.example/p/?sig=s3cret&x=1", Duration::from_secs(1)).expect("remote");
+        let Remote::Http { base, query, .. } = &r else { panic!("not http") };
+        assert_eq!(base, "https://h.example/p");
+        assert_eq!(query.as_ref().map(|q| q.0.as_str()), Some("sig=s3cret&x=1"));
+        assert!(!format!("{r:?}").contains("s3cret"));
+        assert!(!r.describe().contains("s3cret"));
+        assert_eq!(redact_store("https://h/p?sig=s3cret"), "https://h/p?<query hidden>");
+        assert_eq!(redact_store("https://h/p"), "https://h/p");
+        let Remote::Http { query, .. } = Remote::open("https://h/p?", Duration::from_secs(1)).expect("remote") else {
+            panic!("not http")
+        };
+        assert!(query.is_none());
+    }
+
+    #[test]
+    fn header_values_are_never_shown() {
+        let opts = HttpOptions { headers: vec!["X-Token: s3cret".into()], ..HttpOptions::default() };
+        assert!(format!("{opts:?}").contains("X-Token") && !format!("{opts:?}").contains("s3cret"));
+        let r = Remote::open_with("https://h/p", Duration::from_secs(1), &opts).expect("remote");
+        assert!(!format!("{r:?}").contains("s3cret"));
+        let bad = HttpOptions { headers: vec!["X-Token s3cret".into()], ..HttpOptions::default() };
+        let e = Remote::open_with("https://h/p", Duration::from_secs(1), &bad).expect_err("no colon");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn bearer_token_reread_when_its_file_changes() {
+        let d = tempfile::tempdir().expect("tmp");
+        let f = d.path().join("token");
+        fs::write(&f, "one\n").expect("write");
+        let t = BearerToken::open(&f).expect("token");
+        assert_eq!(t.value().to_str().ok(), Some("Bearer one"));
+        assert!(t.value().is_sensitive() && !format!("{t:?}").contains("one"));
+        let tmp = d.path().join("token.new");
+        fs::write(&tmp, "two").expect("write");
+        fs::rename(&tmp, &f).expect("rename");
+        std::thread::sleep(TOKEN_RECHECK);
+        assert_eq!(t.value().to_str().ok(), Some("Bearer two"));
+        // An empty file keeps the last good token.
+        fs::write(&f, "").expect("write");
+        std::thread::sleep(TOKEN_RECHECK);
+        assert_eq!(t.value().to_str().ok(), Some("Bearer two"));
+        fs::write(&f, "").expect("write");
+        assert!(BearerToken::open(&f).is_err(), "an empty token file is refused at start");
+    }
 }

@@ -88,19 +88,24 @@ pub struct Nginx {
     child: Child,
     pub url: String,
     dir: tempfile::TempDir,
+    /// The configuration, "@EXTRA@" standing for the server block's extra directives.
+    template: String,
 }
 
 impl Nginx {
     /// `rate`: per-connection limit in bytes/s (nginx `limit_rate`), 0 for none.
     pub fn start(root: &Path, rate: u64) -> Nginx {
-        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("nginx is not installed: run .ci/run or `apt-get install nginx-light`");
+        Self::start_with(root, "", &format!("limit_rate {rate};"))
+    }
+
+    /// Over TLS with `ssl` (the `ssl_*` directives) if not empty, with `extra` directives in
+    /// the server block (access checks, say; `reconfigure` replaces them).
+    pub fn start_with(root: &Path, ssl: &str, extra: &str) -> Nginx {
         let dir = tempfile::tempdir().expect("tmp");
         let port = free_port();
         let d = dir.path().display();
-        let conf = format!(
+        let (listen, scheme) = if ssl.is_empty() { ("", "http") } else { (" ssl", "https") };
+        let template = format!(
             "daemon off; master_process off; worker_processes 1; error_log {d}/error.log warn; pid {d}/nginx.pid;
 events {{ worker_connections 512; }}
 http {{
@@ -109,22 +114,41 @@ http {{
   client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;
   default_type application/octet-stream;
   keepalive_requests 100000;
-  server {{ listen 127.0.0.1:{port}; root {root}; limit_rate {rate}; location / {{ }} }}
+  server {{ listen 127.0.0.1:{port}{listen}; {ssl} root {root}; @EXTRA@ location / {{ }} }}
 }}",
             root = root.display()
         );
-        std::fs::write(dir.path().join("nginx.conf"), conf).expect("conf");
-        let child = Command::new(bin)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        let n = Nginx { child, url: format!("http://127.0.0.1:{port}"), dir };
+        std::fs::write(dir.path().join("nginx.conf"), template.replace("@EXTRA@", extra)).expect("conf");
+        let child = Self::spawn(dir.path());
+        let n = Nginx { child, url: format!("{scheme}://127.0.0.1:{port}"), dir, template };
         wait_for_port(port);
         n
+    }
+
+    /// Replaces the `extra` directives and restarts nginx on the same port. A restart, not
+    /// a reload: a reload leaves open connections on the old configuration.
+    pub fn reconfigure(&mut self, extra: &str) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::write(self.dir.path().join("nginx.conf"), self.template.replace("@EXTRA@", extra)).expect("conf");
+        self.child = Self::spawn(self.dir.path());
+        let port = self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        wait_for_port(port);
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("nginx is not installed: run .ci/run or `apt-get install nginx-light`");
+        Command::new(bin)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start nginx")
     }
 
     /// (status, bytes sent, range, uri) per logged request.

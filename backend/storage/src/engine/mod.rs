@@ -61,6 +61,8 @@ pub struct EngineConfig {
     /// Re-hash every cached block on read (for a cache on storage others can write); a
     /// block that no longer matches is a miss and is dropped.
     pub verify_cached: bool,
+    /// How requests to an HTTP(S) store are made (roots, client certificate, headers).
+    pub http: crate::store::HttpOptions,
 }
 
 impl Default for EngineConfig {
@@ -74,6 +76,7 @@ impl Default for EngineConfig {
             cross_file_readahead: true,
             max_parked_bytes: DEFAULT_MAX_PARKED_BYTES,
             verify_cached: false,
+            http: crate::store::HttpOptions::default(),
         }
     }
 }
@@ -215,7 +218,7 @@ impl Engine {
         cache_size: Option<u64>,
         cfg: EngineConfig,
     ) -> Result<Arc<Self>> {
-        let remote = Remote::open(store, cfg.attempt_timeout)?;
+        let remote = Remote::open_with(store, cfg.attempt_timeout, &cfg.http)?;
         let cache = Arc::new(BlockCache::open_with(cache, crate::cache::CacheOptions { limit_bytes: cache_size })?);
         Self::open(remote, id, cache, cfg).await
     }
