@@ -12,18 +12,19 @@ use std::time::Duration;
 use tracing::info;
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{walk, walk_head};
 use crate::inflight::{self, QueueInflight, Recovery};
 use crate::queue::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
-use crate::{Completer, Device, Error, Mem, Result, ServerStopper};
+use crate::{Completer, Device, Error, GuestMem, Mem, Result, ServerStopper, Vring};
 
 /// What every device server is configured with, whatever the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +73,7 @@ impl<D: Device> Backend<D> {
     /// guest once if any was completed inline. With inflight tracking, each chain is marked
     /// in flight as it is popped, and the first run after SET_INFLIGHT_FD first resubmits
     /// what a previous backend left in flight.
-    fn process_queue(&self, vring: &VringRwLock, qidx: usize) -> std::io::Result<()> {
+    fn process_queue(&self, vring: &Vring, qidx: usize) -> std::io::Result<()> {
         let Some(queue) = self.queues.get(qidx) else {
             return Ok(());
         };
@@ -123,7 +124,7 @@ impl<D: Device> Backend<D> {
     /// if nothing is resubmitted (a crash may have lost the signal of a completion).
     fn resubmit(
         &self,
-        vring: &VringRwLock,
+        vring: &Vring,
         qidx: usize,
         queue: &Arc<QueueState>,
         area: &Arc<QueueInflight>,
@@ -167,8 +168,8 @@ impl<D: Device> Backend<D> {
 }
 
 impl<D: Device> VhostUserBackend for Backend<D> {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.device.num_queues()
@@ -182,6 +183,7 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | self.device.features();
         if self.cfg.event_idx {
             f |= 1u64 << VIRTIO_RING_F_EVENT_IDX;
@@ -190,7 +192,17 @@ impl<D: Device> VhostUserBackend for Backend<D> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        self.device.protocol_features()
+        // LOG_SHMFD: dirty-page logging for live migration, for every device: every write
+        // into guest memory goes through a Completer, which marks it while logging is on.
+        self.device.protocol_features() | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn acked_features(&self, features: u64) {
+        let on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if on != self.queues.dirty_log() {
+            info!(on, "dirty-page logging (VHOST_F_LOG_ALL)");
+        }
+        self.queues.set_dirty_log(on);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -247,7 +259,7 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> std::io::Result<()> {
         self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| {
@@ -308,7 +320,7 @@ impl<D: Device> DeviceServer<D> {
         let device = (self.new_device)();
         let masks = device.thread_masks(self.cfg.threads);
         let queues = Queues::new(device.num_queues(), masks, self.cfg.poll_max);
-        let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mem: Mem = GuestMemoryAtomic::new(GuestMem::new());
         let backend = Arc::new(Backend { device, cfg: self.cfg, mem: mem.clone(), queues });
         let mut daemon = VhostUserDaemon::new(D::NAME.to_string(), backend.clone(), mem)?;
         daemon.start(&mut self.listener)?;
