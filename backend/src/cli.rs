@@ -381,6 +381,9 @@ impl DeviceArgs {
         incfs_vhost::ServerConfig {
             threads: self.threads.clamp(1, queues),
             poll_max: Duration::from_micros(self.poll_us),
+            // A parked read is answered (ETIME) by the read timeout: a stopping queue waits
+            // for that and a little more.
+            stop_drain: Duration::from_millis(self.engine.fetch.read_timeout_ms).saturating_add(Duration::from_secs(2)),
             ..incfs_vhost::ServerConfig::default()
         }
     }

@@ -234,3 +234,41 @@ fn read_replies_are_marked_in_the_dirty_log_while_logging() {
     let after = f.take_dirty_pages().expect("log");
     assert_eq!(in_slots(&after), 0, "logging is off: replies are not marked: {after:x?}");
 }
+
+/// GET_VRING_BASE (a migration's switch-over, a guest's driver stopping the device) answers
+/// only once the chains the daemon took are complete: a READ parked on a slow remote is
+/// answered into the ring first, so the avail index handed back counts nothing unanswered.
+#[test]
+fn a_queue_stop_waits_for_the_read_parked_on_it() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    let (data, _) = tree(&src);
+    let store = t.path().join("store");
+    let id =
+        incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let server = rt.block_on(FaultServer::start(&store));
+    let stall = std::time::Duration::from_millis(1500);
+    server.set_always(Some(Fault::Stall(stall)));
+    let d = RunDaemon::start(&server.url(), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
+    let mut f = FuseFrontend::connect(&d.socket).expect("connect");
+    f.init().expect("INIT");
+    let dir = f.lookup(ROOT, b"dir").expect("dir");
+    let file = f.lookup(dir.nodeid, b"file").expect("file");
+    let (fh, _) = f.open(file.nodeid, libc::O_RDONLY as u32).expect("open");
+
+    let token = f.submit_read(1, file.nodeid, fh, 0, 1 << 16).expect("submit");
+    f.kick(1).expect("kick");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(f.poll(1).expect("poll").len(), 0, "the read waits for the stalled remote");
+    let asked = std::time::Instant::now();
+    let next_avail = f.stop_queue(1).expect("GET_VRING_BASE");
+    let waited = asked.elapsed();
+    assert_eq!(next_avail, 5, "INIT, two LOOKUPs, OPEN and the READ taken");
+    assert!(waited >= std::time::Duration::from_millis(800), "the stop waited for the read ({waited:?})");
+    let done = f.poll(1).expect("poll");
+    assert_eq!(done.iter().map(|c| c.token).collect::<Vec<_>>(), vec![token], "answered before the stop returned");
+    let reply = incfs_testing::FuseReply::parse(&done[0].bytes, done[0].used_len).expect("reply");
+    assert_eq!(reply.into_result().expect("read"), data);
+    drop(server);
+}

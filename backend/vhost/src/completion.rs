@@ -1,10 +1,10 @@
 //! Completing a chain: writing into its writable descriptors and putting it on the used ring.
 //!
 //! Every completion happens under the vring's lock and only if the queue is still the one
-//! the chain came from (same generation, still ready): GET_VRING_BASE marks the queue not
-//! ready under the same lock, and a device reset or a disconnect bumps the generation, so a
-//! stale completion is dropped instead of being written into buffers the guest may have
-//! reused.
+//! the chain came from (same generation, still ready or being drained): GET_VRING_BASE
+//! marks the queue not ready under the same lock, waits a while for the chains in flight,
+//! then bumps the generation, as a device reset or a disconnect does, so a stale
+//! completion is dropped instead of being written into buffers the guest may have reused.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use vm_memory::GuestAddressSpace;
 
 use crate::chain::{guest_buf, mark_dirty, Region};
 use crate::inflight::QueueInflight;
-use crate::queue::QueueState;
+use crate::queue::{InFlight, QueueState};
 use crate::{GuestMem, Mem, Vring};
 
 /// Completes one popped chain. The device gets one per chain in
@@ -36,20 +36,23 @@ pub struct Completer<'batch> {
     batch: Option<&'batch AtomicBool>,
     /// The queue's inflight tracking, if the frontend set it up.
     inflight: Option<Arc<QueueInflight>>,
+    /// Counts the chain as in flight until the completer is gone.
+    in_flight: InFlight,
 }
 
 impl<'batch> Completer<'batch> {
     pub(crate) fn new(
         vring: Vring,
         mem: Mem,
-        queue: Arc<QueueState>,
+        in_flight: InFlight,
         generation: u64,
         event_idx: bool,
         head: u16,
         batch: &'batch AtomicBool,
     ) -> Self {
+        let queue = in_flight.queue().clone();
         let inflight = queue.inflight();
-        Completer { vring, mem, queue, generation, event_idx, head, batch: Some(batch), inflight }
+        Completer { vring, mem, queue, generation, event_idx, head, batch: Some(batch), inflight, in_flight }
     }
 
     /// The chain's head descriptor index.
@@ -76,6 +79,7 @@ impl<'batch> Completer<'batch> {
             head: self.head,
             batch: None,
             inflight: self.inflight,
+            in_flight: self.in_flight,
         }
     }
 
@@ -139,7 +143,8 @@ impl<'batch> Completer<'batch> {
         // Hold the vring lock across check, write and add_used, so GET_VRING_BASE (which
         // marks the queue not ready under the same lock) cannot interleave.
         let mut state = self.vring.get_mut();
-        if self.queue.generation.load(Ordering::Acquire) != self.generation || !state.get_queue().ready() {
+        let current = self.queue.generation.load(Ordering::Acquire) == self.generation;
+        if !current || !(state.get_queue().ready() || self.queue.draining()) {
             debug!(head = self.head, "dropping completion for a stopped queue");
             return false;
         }

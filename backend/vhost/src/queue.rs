@@ -2,7 +2,7 @@
 //! stopped rings, which worker thread serves which queue, EVENT_IDX, and the drain loop with
 //! its adaptive polling.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,32 @@ pub(crate) struct QueueState {
     /// The frontend acked VHOST_F_LOG_ALL: what the backend writes into guest memory is
     /// marked in its dirty log (shared by all queues of the connection).
     dirty_log: Arc<AtomicBool>,
+    /// Chains popped and not yet completed (nor given up by the device).
+    in_flight: AtomicUsize,
+    /// GET_VRING_BASE is waiting for the chains in flight: the queue is not ready any more,
+    /// so nothing new is popped, but these may still complete.
+    draining: AtomicBool,
+}
+
+/// One chain in flight on a queue, from its pop until its completer is dropped (completed,
+/// or given up by the device): what GET_VRING_BASE waits for.
+pub(crate) struct InFlight(Arc<QueueState>);
+
+impl InFlight {
+    pub(crate) fn new(queue: &Arc<QueueState>) -> Self {
+        queue.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(queue.clone())
+    }
+
+    pub(crate) fn queue(&self) -> &Arc<QueueState> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl QueueState {
@@ -42,7 +68,15 @@ impl QueueState {
             recover: AtomicBool::new(false),
             counter: AtomicU64::new(0),
             dirty_log,
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a chain of this queue may still complete though the ring is not ready: the
+    /// stop is waiting for it.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Whether guest memory the backend writes must be marked in the dirty log.
@@ -203,11 +237,23 @@ impl Queues {
         self.event_idx.load(Ordering::Acquire)
     }
 
-    /// Invalidates what is parked on queue `q` (VHOST_USER_GET_VRING_BASE stops it).
-    pub(crate) fn stop(&self, q: usize) {
-        if let Some(s) = self.states.get(q) {
-            s.generation.fetch_add(1, Ordering::AcqRel);
+    /// VHOST_USER_GET_VRING_BASE stops queue `q` (already marked not ready, so nothing new
+    /// is popped): first the chains in flight complete, for up to `drain`, since the ring
+    /// state the frontend gets back (and hands to a migration's destination) counts them as
+    /// taken; then whatever is still parked is invalidated. Returns how many were given up.
+    pub(crate) fn stop(&self, q: usize, drain: Duration) -> usize {
+        let Some(s) = self.states.get(q) else { return 0 };
+        s.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + drain;
+        let mut pause = Duration::from_micros(50);
+        while s.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
+        let left = s.in_flight.load(Ordering::Acquire);
+        s.draining.store(false, Ordering::Release);
+        s.generation.fetch_add(1, Ordering::AcqRel);
+        left
     }
 
     /// Invalidates everything parked (reset, disconnect).

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -23,7 +23,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{walk, walk_head};
 use crate::inflight::{self, QueueInflight, Recovery};
-use crate::queue::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
+use crate::queue::{exit_event, InFlight, QueueState, Queues, DEFAULT_POLL_MAX};
 use crate::{Completer, Device, Error, GuestMem, Mem, Result, ServerStopper, Vring};
 
 /// What every device server is configured with, whatever the device.
@@ -40,11 +40,21 @@ pub struct ServerConfig {
     /// iothreads do (poll-max-ns). The window adapts below this, so an idle queue costs
     /// nothing.
     pub poll_max: Duration,
+    /// Longest wait, when the frontend stops a queue (GET_VRING_BASE, e.g. at a live
+    /// migration's switch-over), for the chains in flight to complete; past it they are
+    /// given up. Set it above the devices' own read timeout, which answers a parked read.
+    pub stop_drain: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { queue_size: 1024, threads: 1, event_idx: true, poll_max: DEFAULT_POLL_MAX }
+        ServerConfig {
+            queue_size: 1024,
+            threads: 1,
+            event_idx: true,
+            poll_max: DEFAULT_POLL_MAX,
+            stop_drain: Duration::from_secs(30),
+        }
     }
 }
 
@@ -89,19 +99,23 @@ impl<D: Device> Backend<D> {
             let (chain, generation) = {
                 let mut state = vring.get_mut();
                 let generation = queue.generation.load(Ordering::Acquire);
-                let chain = state.get_queue_mut().pop_descriptor_chain(&*mem);
+                let queue_state = state.get_queue_mut();
+                // Stopped (GET_VRING_BASE) while this batch ran: pop nothing more.
+                let chain = if queue_state.ready() { queue_state.pop_descriptor_chain(&*mem) } else { None };
                 if let (Some(chain), Some(area)) = (&chain, &inflight) {
                     area.popped(chain.head_index(), queue.next_counter());
                 }
-                (chain, generation)
+                // Counted under the vring lock, as the stop marks the queue not ready: a
+                // stop either sees this chain in flight or finds nothing more popped.
+                (chain.map(|c| (c, InFlight::new(queue))), generation)
             };
-            let Some(chain) = chain else { break };
+            let Some((chain, in_flight)) = chain else { break };
             let chain = walk(&mem, chain, max_request);
             drop(mem);
             let completer = Completer::new(
                 vring.clone(),
                 self.mem.clone(),
-                queue.clone(),
+                in_flight,
                 generation,
                 event_idx,
                 chain.head,
@@ -131,7 +145,7 @@ impl<D: Device> Backend<D> {
         used_any: &AtomicBool,
     ) {
         let mem = self.mem.memory();
-        let (recovery, table, size, generation) = {
+        let (recovery, table, size, generation, in_flight) = {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
             let used = q.used_idx(&*mem, Ordering::Acquire).ok().filter(|_| q.ready());
@@ -145,18 +159,22 @@ impl<D: Device> Backend<D> {
                 q.set_next_used(used);
                 queue.set_counter(*counter);
             }
-            (recovery, GuestAddress(q.desc_table()), q.size(), queue.generation.load(Ordering::Acquire))
+            let in_flight: Vec<InFlight> = match &recovery {
+                Recovery::Resume { heads, .. } => heads.iter().map(|_| InFlight::new(queue)).collect(),
+                _ => Vec::new(),
+            };
+            (recovery, GuestAddress(q.desc_table()), q.size(), queue.generation.load(Ordering::Acquire), in_flight)
         };
         used_any.store(true, Ordering::Relaxed);
         let Recovery::Resume { heads, next_avail, .. } = recovery else { return };
         info!(queue = qidx, resubmitted = heads.len(), next_avail, "queue resumed from the inflight area");
         let max_request = self.device.max_request_len();
-        for head in heads {
+        for (head, in_flight) in heads.into_iter().zip(in_flight) {
             let chain = walk_head(&mem, table, size, head, max_request);
             let completer = Completer::new(
                 vring.clone(),
                 self.mem.clone(),
-                queue.clone(),
+                in_flight,
                 generation,
                 self.queues.event_idx(),
                 head,
@@ -251,7 +269,10 @@ impl<D: Device> VhostUserBackend for Backend<D> {
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        self.queues.stop(queue_index as usize);
+        let given_up = self.queues.stop(queue_index as usize, self.cfg.stop_drain);
+        if given_up > 0 {
+            warn!(queue = queue_index, given_up, "queue stopped with requests still in flight");
+        }
         Ok(())
     }
 
