@@ -138,6 +138,11 @@ pub trait Device: Send + Sync + 'static {
     /// invalidated).
     fn reset(&self) {}
 
+    /// The frontend stopped queue `queue` (GET_VRING_BASE), whose chains in flight were
+    /// answered first. `migrating`: it did so while logging dirty memory, i.e. at a live
+    /// migration's switch-over, after which another daemon may serve this device's state.
+    fn queue_stopped(&self, _queue: usize, _migrating: bool) {}
+
     /// Handles a chain popped from queue `queue`, on that queue's worker thread: completes
     /// it through `completer` now, or detaches the completer and completes it later. A
     /// chain with [`Chain::error`] must be completed too, as the device's protocol says.

@@ -273,6 +273,7 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         if given_up > 0 {
             warn!(queue = queue_index, given_up, "queue stopped with requests still in flight");
         }
+        self.device.queue_stopped(queue_index as usize, self.queues.dirty_log());
         Ok(())
     }
 
