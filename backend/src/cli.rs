@@ -128,6 +128,11 @@ pub struct BlkArgs {
     /// read-only.
     #[arg(long)]
     pub overlay: Option<PathBuf>,
+    /// This daemon serves a live migration's destination: the overlay is taken over from the
+    /// source's daemon, which releases it at the switch-over, when the destination QEMU starts
+    /// the device (waiting up to 10 s for its lock), not at start-up. See docs/migration.md.
+    #[arg(long, requires = "overlay")]
+    pub incoming: bool,
     /// Request queues offered. QEMU's num-queues must be at most this; its default is the
     /// guest's vCPU count.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -381,6 +386,9 @@ impl DeviceArgs {
         incfs_vhost::ServerConfig {
             threads: self.threads.clamp(1, queues),
             poll_max: Duration::from_micros(self.poll_us),
+            // A parked read is answered (ETIME) by the read timeout: a stopping queue waits
+            // for that and a little more.
+            stop_drain: Duration::from_millis(self.engine.fetch.read_timeout_ms).saturating_add(Duration::from_secs(2)),
             ..incfs_vhost::ServerConfig::default()
         }
     }
@@ -447,10 +455,13 @@ impl BlkArgs {
                 what: "the overlay's directory",
                 path: dir.to_path_buf(),
                 access: Access::ReadWrite,
-                while_serving: false,
+                // Opened again after a migration's switch-over (taken by an incoming daemon,
+                // taken back by a source whose migration failed); `--sandbox chroot` has
+                // only what was open at start-up, so an incoming daemon cannot use it.
+                while_serving: self.incoming,
             });
         }
-        let disk = DiskConfig { path: self.path, overlay, device };
+        let disk = DiskConfig { path: self.path, overlay, incoming: self.incoming, device };
         BlkConfig { daemon, disk }
     }
 }

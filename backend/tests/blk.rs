@@ -80,7 +80,7 @@ impl Served {
         let remote = Remote::open(&self.url(), ecfg.attempt_timeout).expect("remote");
         let cache = Arc::new(BlockCache::open(&self.cache_dir()).expect("cache"));
         let engine = self.rt.block_on(Engine::open(remote, self.image, cache, ecfg)).expect("engine");
-        let disk = Arc::new(Disk::new(engine, "disk.img", overlay).expect("disk"));
+        let disk = Arc::new(Disk::new(engine, "disk.img", overlay, false).expect("disk"));
         let mut server = BlkServer::bind(&self.socket, disk.clone(), dcfg, self.rt.handle().clone()).expect("bind");
         self.stopper = Some(server.stopper());
         self.disk = Some(disk);
@@ -362,7 +362,7 @@ fn overlay_copy_on_write() {
     let remote = Remote::open(&s.url(), Duration::from_secs(5)).expect("remote");
     let cache = Arc::new(BlockCache::open(&s.cache_dir()).expect("cache"));
     let engine = s.rt.block_on(Engine::open(remote, s.image, cache, EngineConfig::default())).expect("engine");
-    assert!(Disk::new(engine, "disk.img", Some(&other)).is_err());
+    assert!(Disk::new(engine, "disk.img", Some(&other), false).is_err());
 }
 
 struct Daemon(Child);

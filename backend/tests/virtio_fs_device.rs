@@ -197,3 +197,78 @@ fn a_frontend_may_reconnect_and_inode_numbers_stay_stable() {
     let (fh, _) = f.open(e.nodeid, 0).expect("open");
     assert_eq!(f.read(e.nodeid, fh, 0, 1 << 20).expect("read"), data);
 }
+
+/// Live migration: while the frontend logs dirty pages (LOG_SHMFD, VHOST_F_LOG_ALL), every
+/// page a READ reply was written into is marked, as the used ring is; before logging and
+/// after it ends, replies mark nothing.
+#[test]
+fn read_replies_are_marked_in_the_dirty_log_while_logging() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    let (data, _) = tree(&src);
+    let store = t.path().join("store");
+    let id =
+        incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let d =
+        RunDaemon::start(store.to_str().expect("utf8"), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
+    let mut f = FuseFrontend::connect(&d.socket).expect("connect");
+    f.init().expect("INIT");
+    let dir = f.lookup(ROOT, b"dir").expect("dir");
+    let file = f.lookup(dir.nodeid, b"file").expect("file");
+    let (fh, _) = f.open(file.nodeid, libc::O_RDONLY as u32).expect("open");
+    let slots = f.slots_range();
+    let in_slots = |pages: &[u64]| pages.iter().filter(|p| slots.contains(p)).count();
+
+    f.start_dirty_log().expect("start logging");
+    assert_eq!(f.take_dirty_pages().expect("log"), Vec::<u64>::new(), "nothing written yet");
+    assert_eq!(f.read(file.nodeid, fh, 0, 1 << 20).expect("read"), data);
+    let dirty = f.take_dirty_pages().expect("log");
+    // The reply: a 16-byte header and 3 pages and a bit of data, in one slot's buffer.
+    let want = (16 + data.len()).div_ceil(4096);
+    assert!(in_slots(&dirty) >= want, "{} reply pages marked, want {want} at least: {dirty:x?}", in_slots(&dirty));
+    assert!(dirty.len() > in_slots(&dirty), "the used ring's page is marked too: {dirty:x?}");
+
+    f.stop_dirty_log().expect("stop logging");
+    f.take_dirty_pages().expect("log");
+    assert_eq!(f.read(file.nodeid, fh, 0, 1 << 20).expect("read"), data);
+    let after = f.take_dirty_pages().expect("log");
+    assert_eq!(in_slots(&after), 0, "logging is off: replies are not marked: {after:x?}");
+}
+
+/// GET_VRING_BASE (a migration's switch-over, a guest's driver stopping the device) answers
+/// only once the chains the daemon took are complete: a READ parked on a slow remote is
+/// answered into the ring first, so the avail index handed back counts nothing unanswered.
+#[test]
+fn a_queue_stop_waits_for_the_read_parked_on_it() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    let (data, _) = tree(&src);
+    let store = t.path().join("store");
+    let id =
+        incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let server = rt.block_on(FaultServer::start(&store));
+    let stall = std::time::Duration::from_millis(1500);
+    server.set_always(Some(Fault::Stall(stall)));
+    let d = RunDaemon::start(&server.url(), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
+    let mut f = FuseFrontend::connect(&d.socket).expect("connect");
+    f.init().expect("INIT");
+    let dir = f.lookup(ROOT, b"dir").expect("dir");
+    let file = f.lookup(dir.nodeid, b"file").expect("file");
+    let (fh, _) = f.open(file.nodeid, libc::O_RDONLY as u32).expect("open");
+
+    let token = f.submit_read(1, file.nodeid, fh, 0, 1 << 16).expect("submit");
+    f.kick(1).expect("kick");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(f.poll(1).expect("poll").len(), 0, "the read waits for the stalled remote");
+    let asked = std::time::Instant::now();
+    let next_avail = f.stop_queue(1).expect("GET_VRING_BASE");
+    let waited = asked.elapsed();
+    assert_eq!(next_avail, 5, "INIT, two LOOKUPs, OPEN and the READ taken");
+    assert!(waited >= std::time::Duration::from_millis(800), "the stop waited for the read ({waited:?})");
+    let done = f.poll(1).expect("poll");
+    assert_eq!(done.iter().map(|c| c.token).collect::<Vec<_>>(), vec![token], "answered before the stop returned");
+    let reply = incfs_testing::FuseReply::parse(&done[0].bytes, done[0].used_len).expect("reply");
+    assert_eq!(reply.into_result().expect("read"), data);
+    drop(server);
+}

@@ -111,6 +111,66 @@ pub fn qemu_setup() {
     });
 }
 
+/// QEMU 10 from bookworm-backports beside the system's 7.2 (`qemu/install-qemu10`), for
+/// the tests that need it (migration of vhost-user devices); run-vm uses it when the
+/// environment has `INCFS_QEMU=10` (see [`QEMU10`]).
+pub fn qemu10_setup() {
+    qemu_setup();
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let out = Command::new(workspace().join("qemu/install-qemu10")).output().expect("run qemu/install-qemu10");
+        assert!(out.status.success(), "qemu/install-qemu10 failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    });
+}
+
+/// The environment that makes `qemu/run-vm` boot QEMU 10.
+pub const QEMU10: &[(&str, &str)] = &[("INCFS_QEMU", "10")];
+
+/// A QEMU human monitor (HMP) on a Unix socket (run-vm `--monitor`).
+pub struct Monitor {
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl Monitor {
+    /// Connects, waiting up to 60 s for QEMU to create the socket.
+    pub fn connect(path: &Path) -> Monitor {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("monitor {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+        let mut m = Monitor { stream };
+        m.read_to_prompt();
+        m
+    }
+
+    fn read_to_prompt(&mut self) -> String {
+        let mut out = Vec::new();
+        let mut byte = [0u8; 1];
+        while !out.ends_with(b"(qemu) ") {
+            match self.stream.read(&mut byte) {
+                Ok(1) => out.push(byte[0]),
+                Ok(_) => break,
+                Err(e) => panic!("monitor read: {e}; so far: {}", String::from_utf8_lossy(&out)),
+            }
+        }
+        String::from_utf8_lossy(&out).replace('\r', "")
+    }
+
+    /// Runs one command and returns what the monitor printed (without the echo and prompt).
+    pub fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stream, "{line}").expect("monitor write");
+        let out = self.read_to_prompt();
+        let out = out.strip_suffix("(qemu) ").unwrap_or(&out);
+        // HMP echoes the command line (with terminal escapes) before its output.
+        out.split_once('\n').map_or("", |(_, rest)| rest).to_string()
+    }
+}
+
 /// Guests run one at a time: the machine has few cores, TCG is CPU-bound, and the timing
 /// checks (read timeouts) should not depend on what the other tests are doing.
 pub fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
@@ -506,12 +566,25 @@ pub fn run_vm(work: &Path, daemon: &Daemon, script: &str, timeout_s: u32, on_lin
 
 /// Like `run_vm` with the devices (and any other `qemu/run-vm` options) given as `args`,
 /// e.g. `["--blk", SOCK, "--reconnect", "1"]`.
-pub fn run_vm_with(work: &Path, args: &[&str], script: &str, timeout_s: u32, mut on_line: impl FnMut(&str)) -> VmRun {
+pub fn run_vm_with(work: &Path, args: &[&str], script: &str, timeout_s: u32, on_line: impl FnMut(&str)) -> VmRun {
+    run_vm_env(work, args, &[], script, timeout_s, on_line)
+}
+
+/// Like `run_vm_with`, run-vm with `env` added to its environment (e.g. [`QEMU10`]).
+pub fn run_vm_env(
+    work: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    script: &str,
+    timeout_s: u32,
+    mut on_line: impl FnMut(&str),
+) -> VmRun {
     qemu_setup();
     let script_path = work.join("run.sh");
     std::fs::write(&script_path, script).expect("write guest script");
     let start = Instant::now();
     let mut child = Command::new(workspace().join("qemu/run-vm"))
+        .envs(env.iter().copied())
         .args(args)
         .arg("--script")
         .arg(&script_path)
@@ -540,3 +613,66 @@ pub fn run_vm_with(work: &Path, args: &[&str], script: &str, timeout_s: u32, mut
     println!("guest run: status {status}, {seconds:.1} s");
     VmRun { status, console, seconds }
 }
+
+/// Builds an ext4 image of `tree` (mkfs.ext4 -d), `size_mb` MiB, as `src/disk.img`.
+pub fn mkfs_ext4(tree: &Path, src: &Path, size_mb: u64) {
+    std::fs::create_dir_all(src).expect("mkdir src");
+    let img = src.join("disk.img");
+    let f = std::fs::File::create(&img).expect("img");
+    f.set_len(size_mb << 20).expect("size");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
+        .arg(tree)
+        .arg(&img)
+        .status()
+        .expect("mkfs.ext4 (apt-get install e2fsprogs)");
+    assert!(st.success(), "mkfs.ext4");
+}
+
+/// `--add` options that put the host's e2fsck, with the libraries it links, into the guest.
+pub fn e2fsck_in_guest() -> Vec<String> {
+    let bin = ["/usr/sbin/e2fsck", "/sbin/e2fsck"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("e2fsck (apt-get install e2fsprogs)");
+    let out = Command::new("ldd").arg(bin).output().expect("ldd");
+    let mut adds = vec!["--add".to_string(), format!("{bin}:/sbin/e2fsck")];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            adds.extend(["--add".to_string(), format!("{p}:{p}")]);
+        }
+    }
+    adds
+}
+
+/// A slow link in front of nginx (tests/src/bin/delay-proxy.rs).
+pub struct DelayProxy {
+    _proc: Proc,
+    pub url: String,
+}
+
+impl DelayProxy {
+    /// `bin`: the `delay-proxy` binary (`env!("CARGO_BIN_EXE_delay-proxy")` in a test).
+    pub fn start(bin: &str, to: &str, rtt_ms: u32) -> DelayProxy {
+        let port = free_port();
+        let to = to.trim_start_matches("http://");
+        let child = Command::new(bin)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--to", to, "--rtt-ms", &rtt_ms.to_string()])
+            .args(["--mbit", "1000"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start delay-proxy");
+        let p =
+            DelayProxy { _proc: Proc { child, name: "delay-proxy".into() }, url: format!("http://127.0.0.1:{port}") };
+        wait_for_port(port, "delay-proxy");
+        p
+    }
+}
+
+/// Lines the guest prints when something went wrong with the disk.
+pub const DMESG_ERRORS: &str =
+    "I/O error|EXT4-fs error|EXT4-fs warning|Aborting journal|Remounting filesystem read-only|is not a head|virtio.*broken|Buffer I/O";

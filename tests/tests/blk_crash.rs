@@ -12,70 +12,11 @@
 //!   twice (the guest's virtio ring breaks) and the parked miss never is.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use incfs_e2e::check::sha256_hex;
 use incfs_e2e::*;
-
-/// Builds an ext4 image of `tree` (mkfs.ext4 -d), `size_mb` MiB, as `src/disk.img`.
-fn mkfs_ext4(tree: &Path, src: &Path, size_mb: u64) {
-    std::fs::create_dir_all(src).expect("mkdir src");
-    let img = src.join("disk.img");
-    let f = std::fs::File::create(&img).expect("img");
-    f.set_len(size_mb << 20).expect("size");
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
-        .arg(tree)
-        .arg(&img)
-        .status()
-        .expect("mkfs.ext4 (apt-get install e2fsprogs)");
-    assert!(st.success(), "mkfs.ext4");
-}
-
-/// `--add` options that put the host's e2fsck, with the libraries it links, into the guest.
-fn e2fsck_in_guest() -> Vec<String> {
-    let bin = ["/usr/sbin/e2fsck", "/sbin/e2fsck"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("e2fsck (apt-get install e2fsprogs)");
-    let out = Command::new("ldd").arg(bin).output().expect("ldd");
-    let mut adds = vec!["--add".to_string(), format!("{bin}:/sbin/e2fsck")];
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            adds.extend(["--add".to_string(), format!("{p}:{p}")]);
-        }
-    }
-    adds
-}
-
-/// A slow link in front of nginx (tests/src/bin/delay-proxy.rs).
-struct DelayProxy {
-    _proc: Proc,
-    url: String,
-}
-
-impl DelayProxy {
-    fn start(to: &str, rtt_ms: u32) -> DelayProxy {
-        let port = free_port();
-        let to = to.trim_start_matches("http://");
-        let child = Command::new(env!("CARGO_BIN_EXE_delay-proxy"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--to", to, "--rtt-ms", &rtt_ms.to_string()])
-            .args(["--mbit", "1000"])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start delay-proxy");
-        let p =
-            DelayProxy { _proc: Proc { child, name: "delay-proxy".into() }, url: format!("http://127.0.0.1:{port}") };
-        wait_for_port(port, "delay-proxy");
-        p
-    }
-}
 
 /// An image with a disk, served by nginx behind a delaying proxy, and what `incfsd blk`
 /// needs to serve it again and again on one socket.
@@ -95,7 +36,7 @@ impl Setup {
         let store = work.join("store");
         let image = pack(&work.join("src"), &store);
         let nginx = Nginx::start(&store, &work.path);
-        let proxy = DelayProxy::start(&nginx.url, rtt_ms);
+        let proxy = DelayProxy::start(env!("CARGO_BIN_EXE_delay-proxy"), &nginx.url, rtt_ms);
         let socket = work.join("blk.sock");
         Setup { work, _nginx: nginx, proxy, image, socket }
     }
@@ -132,10 +73,6 @@ impl Rng {
         self.0 % n
     }
 }
-
-/// Lines the guest prints when something went wrong with the disk.
-const DMESG_ERRORS: &str =
-    "I/O error|EXT4-fs error|EXT4-fs warning|Aborting journal|Remounting filesystem read-only|is not a head|virtio.*broken|Buffer I/O";
 
 #[test]
 fn blk_survives_ten_kills_under_writes_and_readers() {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use incfs_vhost::{Completer, Device, DeviceServer, ServerConfig, VhostUserProtocolFeatures};
 use tokio::runtime::Handle;
-use tracing::debug;
+use tracing::{debug, warn};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -396,6 +396,17 @@ impl Device for Blk {
 
     fn max_request_len(&self) -> usize {
         rq::max_readable(&self.limits)
+    }
+
+    fn queue_stopped(&self, queue: usize, migrating: bool) {
+        // At a migration's switch-over the destination's daemon takes the overlay over: hand
+        // it on flushed, with its lock released. If the migration fails, the next request
+        // here takes it back.
+        if migrating {
+            if let Err(e) = self.disk.release_overlay() {
+                warn!(queue, "cannot release the overlay at the migration's switch-over: {e}");
+            }
+        }
     }
 
     fn process(&self, queue: usize, chain: incfs_vhost::Chain, c: Completer<'_>) {

@@ -6,14 +6,16 @@
 //! (`None` when base blocks are missing: the device then parks the request) and an async one.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use incfs_buf::ScatterBuf;
 
 use crate::engine::{Engine, ParkedBytes};
 use crate::error::{Error, Result};
-use crate::image::BLOCK_SIZE;
+use crate::image::{ImageId, BLOCK_SIZE};
 
 use super::overlay::{Overlay, BLOCK};
 
@@ -49,6 +51,59 @@ impl DiskCounters {
     }
 }
 
+/// How long a device start waits for the overlay's lock, held by the daemon of a migration's
+/// source until its frontend has stopped the device (which precedes the destination's start).
+const OVERLAY_TAKE_WAIT: Duration = Duration::from_secs(10);
+
+/// The overlay as a disk holds it: open (and locked) while the frontend runs the device;
+/// flushed and closed when the frontend stops it, and opened again by the next request. So a
+/// live migration's destination daemon, on the same host or a shared filesystem, takes the
+/// overlay over at the switch-over, as QEMU hands over its own disk images.
+struct OverlaySlot {
+    path: PathBuf,
+    size: u64,
+    image: ImageId,
+    image_path: String,
+    open: RwLock<Option<Arc<Overlay>>>,
+}
+
+impl OverlaySlot {
+    fn get(&self) -> Result<Arc<Overlay>> {
+        if let Some(o) = self.open.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(o.clone());
+        }
+        let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = open.as_ref() {
+            return Ok(o.clone());
+        }
+        let deadline = Instant::now() + OVERLAY_TAKE_WAIT;
+        let o = loop {
+            match Overlay::open(&self.path, self.size, &self.image, &self.image_path) {
+                // EWOULDBLOCK: another daemon holds the overlay's lock.
+                Err(e) if e.errno() == libc::EWOULDBLOCK && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                r => break Arc::new(r?),
+            }
+        };
+        tracing::info!(overlay = %self.path.display(), blocks = o.overlaid_blocks(), "overlay taken");
+        *open = Some(o.clone());
+        Ok(o)
+    }
+
+    fn current(&self) -> Option<Arc<Overlay>> {
+        self.open.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Flushes and closes the overlay (its lock goes with the last request holding it).
+    fn release(&self) -> Result<()> {
+        let Some(o) = self.open.write().unwrap_or_else(|e| e.into_inner()).take() else { return Ok(()) };
+        o.flush()?;
+        tracing::info!(overlay = %self.path.display(), "overlay flushed and released");
+        Ok(())
+    }
+}
+
 pub struct Disk {
     engine: Arc<Engine>,
     ino: u32,
@@ -56,15 +111,17 @@ pub struct Disk {
     file_size: u64,
     /// Size of the disk: the file's size rounded up to 4 KiB.
     size: u64,
-    overlay: Option<Overlay>,
+    overlay: Option<OverlaySlot>,
     /// Serial number (GET_ID): the start of the image id.
     serial: [u8; 20],
     pub counters: DiskCounters,
 }
 
 impl Disk {
-    /// The disk backed by file `path` of the engine's image.
-    pub fn new(engine: Arc<Engine>, path: &str, overlay: Option<&std::path::Path>) -> Result<Disk> {
+    /// The disk backed by file `path` of the engine's image. The overlay is opened (and
+    /// checked) now, unless `incoming`: then by the first request, once the daemon of a
+    /// migration's source has released it.
+    pub fn new(engine: Arc<Engine>, path: &str, overlay: Option<&Path>, incoming: bool) -> Result<Disk> {
         let img = engine.image().clone();
         let ino = img.resolve(path.as_bytes()).ok_or_else(|| Error::NotFound(format!("{path} in image {}", img.id)))?;
         let f = img.file(ino).ok_or_else(|| Error::Invalid(format!("{path} is not a regular file")))?;
@@ -73,10 +130,16 @@ impl Disk {
         if size == 0 {
             return Err(Error::Invalid(format!("{path} is empty")));
         }
-        let overlay = match overlay {
-            Some(p) => Some(Overlay::open(p, size, &img.id, path)?),
-            None => None,
-        };
+        let overlay = overlay.map(|p| OverlaySlot {
+            path: p.to_path_buf(),
+            size,
+            image: img.id,
+            image_path: path.to_string(),
+            open: RwLock::new(None),
+        });
+        if let Some(slot) = overlay.as_ref().filter(|_| !incoming) {
+            slot.get()?;
+        }
         let mut serial = [0u8; 20];
         let id = img.id.to_string();
         let n = id.len().min(20);
@@ -96,8 +159,20 @@ impl Disk {
         self.overlay.is_some()
     }
 
-    pub fn overlay(&self) -> Option<&Overlay> {
-        self.overlay.as_ref()
+    /// The overlay, if open now.
+    pub fn overlay(&self) -> Option<Arc<Overlay>> {
+        self.overlay.as_ref().and_then(OverlaySlot::current)
+    }
+
+    /// The frontend stopped the device: flush and close the overlay, so another daemon (a
+    /// migration's destination) may take it. The next request opens it again.
+    pub fn release_overlay(&self) -> Result<()> {
+        self.overlay.as_ref().map_or(Ok(()), OverlaySlot::release)
+    }
+
+    /// The overlay, opened if it is not (None: a read-only disk).
+    fn overlay_now(&self) -> Result<Option<Arc<Overlay>>> {
+        self.overlay.as_ref().map(OverlaySlot::get).transpose()
     }
 
     pub fn serial(&self) -> &[u8; 20] {
@@ -139,9 +214,9 @@ impl Disk {
     }
 
     /// Pieces of a read: (offset, len, overlaid).
-    fn pieces(&self, offset: u64, len: usize) -> Vec<(u64, usize, bool)> {
+    fn pieces(overlay: Option<&Overlay>, offset: u64, len: usize) -> Vec<(u64, usize, bool)> {
         let end = offset + len as u64;
-        match &self.overlay {
+        match overlay {
             None => vec![(offset, len, false)],
             Some(o) => o
                 .runs(offset, len as u64)
@@ -156,12 +231,13 @@ impl Disk {
 
     /// Reads without waiting: None if base blocks are missing from the cache.
     pub fn read_now(&self, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        let overlay = self.overlay_now()?;
         let mut buf = vec![0u8; len];
-        for (s, n, ov) in self.pieces(offset, len) {
+        for (s, n, ov) in Self::pieces(overlay.as_deref(), offset, len) {
             let at = (s - offset) as usize;
             let part = &mut buf[at..at + n];
             if ov {
-                self.overlay.as_ref().map(|o| o.read(s, part)).transpose()?;
+                overlay.as_ref().map(|o| o.read(s, part)).transpose()?;
             } else if !self.base_cached(s, part)? {
                 return Ok(None);
             }
@@ -173,12 +249,13 @@ impl Disk {
     /// in the daemon's parked-bytes budget before allocating anything.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let room = self.engine.reserve_parked(Engine::room_for(len)).await;
+        let overlay = self.overlay_now()?;
         let mut buf = vec![0u8; len];
-        for (s, n, ov) in self.pieces(offset, len) {
+        for (s, n, ov) in Self::pieces(overlay.as_deref(), offset, len) {
             let at = (s - offset) as usize;
             let part = &mut buf[at..at + n];
             if ov {
-                self.overlay.as_ref().map(|o| o.read(s, part)).transpose()?;
+                overlay.as_ref().map(|o| o.read(s, part)).transpose()?;
             } else {
                 self.base(&room, s, part).await?;
             }
@@ -186,8 +263,8 @@ impl Disk {
         Ok(buf)
     }
 
-    fn overlay_or_ro(&self) -> Result<&Overlay> {
-        self.overlay.as_ref().ok_or_else(|| Error::Invalid("the disk is read-only (no overlay)".into()))
+    fn overlay_or_ro(&self) -> Result<Arc<Overlay>> {
+        self.overlay_now()?.ok_or_else(|| Error::Invalid("the disk is read-only (no overlay)".into()))
     }
 
     /// Base content of the partly written blocks a write needs; None if not cached.
@@ -263,7 +340,7 @@ impl Disk {
 
     /// Makes completed writes durable (blocking: call off the queue thread).
     pub fn flush(&self) -> Result<()> {
-        match &self.overlay {
+        match self.overlay_now()? {
             Some(o) => o.flush(),
             None => Ok(()),
         }

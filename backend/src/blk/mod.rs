@@ -36,6 +36,9 @@ pub struct DiskConfig {
     /// The disk image's path inside the image.
     pub path: String,
     pub overlay: Option<PathBuf>,
+    /// The destination of a live migration: the overlay is taken from the source's daemon
+    /// when the frontend starts the device, not at start-up.
+    pub incoming: bool,
     pub device: BlkDeviceConfig,
 }
 
@@ -61,7 +64,7 @@ impl daemon::Device for BlkDevice {
 
     fn open(cfg: DiskConfig, engine: Arc<Engine>) -> Result<Self> {
         let image = engine.image().id;
-        let disk = Arc::new(Disk::new(engine, &cfg.path, cfg.overlay.as_deref())?);
+        let disk = Arc::new(Disk::new(engine, &cfg.path, cfg.overlay.as_deref(), cfg.incoming)?);
         tracing::info!(%image, path = %cfg.path, bytes = disk.size(), writable = disk.writable(), "disk loaded");
         Ok(BlkDevice { disk, path: cfg.path, device: cfg.device })
     }

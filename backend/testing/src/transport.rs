@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -145,6 +145,9 @@ pub struct Transport {
     mem_size: u64,
     features: u64,
     config: Vec<u8>,
+    /// The dirty log given with SET_LOG_BASE, once started.
+    dirty_log: Option<File>,
+    protocol_features: VhostUserProtocolFeatures,
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -192,11 +195,14 @@ impl Transport {
         let features = offered & (cfg.features | need);
         vu.set_features(features)?;
         let proto = vu.get_protocol_features()?;
-        let mut proto_want = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        // LOG_SHMFD as QEMU takes it: a migration may start logging at any time.
+        let mut proto_want =
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD;
         if cfg.config_len > 0 {
             proto_want |= VhostUserProtocolFeatures::CONFIG;
         }
-        vu.set_protocol_features(proto & proto_want)?;
+        let protocol_features = proto & proto_want;
+        vu.set_protocol_features(protocol_features)?;
         let config = if cfg.config_len > 0 && proto.contains(VhostUserProtocolFeatures::CONFIG) {
             let empty = vec![0u8; cfg.config_len as usize];
             vu.get_config(0, cfg.config_len, VhostUserConfigFlags::WRITABLE, &empty)?.1
@@ -263,7 +269,64 @@ impl Transport {
             mem_size,
             features,
             config,
+            dirty_log: None,
+            protocol_features,
         })
+    }
+
+    /// Starts dirty-page logging as QEMU does when a migration starts: a log of one bit
+    /// per 4 KiB page of guest-physical memory, in a memfd given with SET_LOG_BASE, then
+    /// SET_FEATURES with VHOST_F_LOG_ALL.
+    pub fn start_dirty_log(&mut self) -> Result<()> {
+        if !self.protocol_features.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+            return Err(FrontendError::Protocol("the daemon does not offer LOG_SHMFD".into()));
+        }
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        if self.vu.get_features()? & log_all == 0 {
+            return Err(FrontendError::Protocol("the daemon does not offer VHOST_F_LOG_ALL".into()));
+        }
+        let pages = (GPA_BASE + self.mem_size).div_ceil(4096);
+        let log = memfd("incfs-dirty-log")?;
+        log.set_len(align_up(pages.div_ceil(8), 4096))?;
+        let region = VhostUserDirtyLogRegion {
+            mmap_size: align_up(pages.div_ceil(8), 4096),
+            mmap_offset: 0,
+            mmap_handle: log.as_raw_fd(),
+        };
+        self.vu.set_log_base(0, Some(region))?;
+        self.vu.set_features(self.features | log_all)?;
+        self.dirty_log = Some(log);
+        Ok(())
+    }
+
+    /// Ends logging as QEMU does when a migration ends or fails: SET_FEATURES without
+    /// VHOST_F_LOG_ALL. The log stays readable here.
+    pub fn stop_dirty_log(&mut self) -> Result<()> {
+        Ok(self.vu.set_features(self.features)?)
+    }
+
+    /// Guest-physical addresses of the pages marked in the dirty log since the last call,
+    /// which clears them, as QEMU's log sync does.
+    pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>> {
+        use std::os::unix::fs::FileExt;
+        let log = self.dirty_log.as_ref().ok_or_else(|| FrontendError::Protocol("no dirty log".into()))?;
+        let mut bytes = vec![0u8; log.metadata()?.len() as usize];
+        log.read_exact_at(&mut bytes, 0)?;
+        log.write_all_at(&vec![0u8; bytes.len()], 0)?;
+        let mut pages = Vec::new();
+        for (i, b) in bytes.iter().enumerate() {
+            for bit in 0..8 {
+                if b & (1 << bit) != 0 {
+                    pages.push((i as u64 * 8 + bit) * 4096);
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Guest-physical range of the request buffer slots (after the rings).
+    pub fn slots_range(&self) -> std::ops::Range<u64> {
+        self.slots_base..self.slots_base + self.slot_size * self.cfg.slots as u64
     }
 
     /// The virtio features negotiated.

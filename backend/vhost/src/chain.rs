@@ -9,7 +9,9 @@ use std::fmt;
 
 use incfs_buf::ScatterBuf;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::GuestMem;
 
 /// A guest buffer: one descriptor's address and length.
 pub type Region = (GuestAddress, usize);
@@ -70,7 +72,7 @@ impl Chain {
 }
 
 /// Walks `chain`, copying at most `max_request` readable bytes out of `mem`.
-pub(crate) fn walk<M>(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>, max_request: usize) -> Chain
+pub(crate) fn walk<M>(mem: &GuestMem, chain: virtio_queue::DescriptorChain<M>, max_request: usize) -> Chain
 where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
@@ -82,7 +84,7 @@ where
 /// Walks the chain that starts at descriptor `head` of the split ring whose descriptor table
 /// is at `table` with `size` entries, as [`walk`] does a popped one. For chains that are not
 /// popped from the avail ring: those a previous backend left in flight.
-pub(crate) fn walk_head(mem: &GuestMemoryMmap, table: GuestAddress, size: u16, head: u16, max_request: usize) -> Chain {
+pub(crate) fn walk_head(mem: &GuestMem, table: GuestAddress, size: u16, head: u16, max_request: usize) -> Chain {
     let descriptors = HeadChain { mem, table, size, next: Some(head), ttl: size, indirect: false };
     walk_descriptors(mem, head, descriptors, max_request)
 }
@@ -92,7 +94,7 @@ pub(crate) fn walk_head(mem: &GuestMemoryMmap, table: GuestAddress, size: u16, h
 /// descriptors as the table has, a link out of the table or a descriptor that cannot be read
 /// ends the chain.
 struct HeadChain<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestMem,
     table: GuestAddress,
     size: u16,
     next: Option<u16>,
@@ -132,7 +134,7 @@ impl Iterator for HeadChain<'_> {
 }
 
 fn walk_descriptors(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     head: u16,
     descriptors: impl Iterator<Item = SplitDescriptor>,
     max_request: usize,
@@ -189,7 +191,7 @@ fn walk_descriptors(
 /// # Safety
 /// The device must own `regions` (popped, not yet on the used ring) for `'a`, and `mem`
 /// must keep them mapped for `'a`; nothing of the host may be referenced inside them.
-pub(crate) unsafe fn guest_buf<'a>(mem: &'a GuestMemoryMmap, regions: &[Region]) -> Option<ScatterBuf<'a>> {
+pub(crate) unsafe fn guest_buf<'a>(mem: &'a GuestMem, regions: &[Region]) -> Option<ScatterBuf<'a>> {
     let mut segs = Vec::with_capacity(regions.len());
     for &(addr, len) in regions {
         // Nearly every descriptor lies in one region: one lookup. The iterator, which walks
@@ -209,6 +211,19 @@ pub(crate) unsafe fn guest_buf<'a>(mem: &'a GuestMemoryMmap, regions: &[Region])
     Some(unsafe { ScatterBuf::new(segs) })
 }
 
+/// Marks `regions` of `mem` in the frontend's dirty log: every page of them, whether or not
+/// all was written, since a page marked too often is only sent again while one written and
+/// not marked would be stale at the destination. Called after the writes (QEMU clears what
+/// it has read of the log while it runs), and only while the frontend asked for logging.
+pub(crate) fn mark_dirty(mem: &GuestMem, regions: &[Region]) {
+    use vm_memory::bitmap::Bitmap;
+    for &(addr, len) in regions {
+        for slice in GuestMemoryBackend::get_slices(mem, addr, len).flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,8 +233,8 @@ mod tests {
 
     /// Two adjacent memory regions of 64 KiB, as a guest's RAM split by a hole would be
     /// mapped when the hole is elsewhere.
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)]).expect("memory")
+    fn memory() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)]).expect("memory")
     }
 
     fn desc(addr: u64, len: u32, writable: bool) -> RawDescriptor {
@@ -227,7 +242,7 @@ mod tests {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
     }
 
-    fn walked(mem: &GuestMemoryMmap, descs: &[RawDescriptor], max_request: usize) -> Chain {
+    fn walked(mem: &GuestMem, descs: &[RawDescriptor], max_request: usize) -> Chain {
         let queue = MockSplitQueue::new(mem, 16);
         let chain = queue.build_desc_chain(descs).expect("chain");
         walk(mem, chain, max_request)

@@ -1,24 +1,24 @@
 //! Completing a chain: writing into its writable descriptors and putting it on the used ring.
 //!
 //! Every completion happens under the vring's lock and only if the queue is still the one
-//! the chain came from (same generation, still ready): GET_VRING_BASE marks the queue not
-//! ready under the same lock, and a device reset or a disconnect bumps the generation, so a
-//! stale completion is dropped instead of being written into buffers the guest may have
-//! reused.
+//! the chain came from (same generation, still ready or being drained): GET_VRING_BASE
+//! marks the queue not ready under the same lock, waits a while for the chains in flight,
+//! then bumps the generation, as a device reset or a disconnect does, so a stale
+//! completion is dropped instead of being written into buffers the guest may have reused.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use incfs_buf::ScatterBuf;
 use tracing::{debug, warn};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 
-use crate::chain::{guest_buf, Region};
+use crate::chain::{guest_buf, mark_dirty, Region};
 use crate::inflight::QueueInflight;
-use crate::queue::QueueState;
-use crate::Mem;
+use crate::queue::{InFlight, QueueState};
+use crate::{GuestMem, Mem, Vring};
 
 /// Completes one popped chain. The device gets one per chain in
 /// [`Device::process`](crate::Device::process), on the queue's worker thread: completions
@@ -26,7 +26,7 @@ use crate::Mem;
 /// tokio task), [`detach`](Completer::detach) it first; a detached completer signals the
 /// guest itself (as EVENT_IDX allows).
 pub struct Completer<'batch> {
-    vring: VringRwLock,
+    vring: Vring,
     mem: Mem,
     queue: Arc<QueueState>,
     generation: u64,
@@ -36,20 +36,23 @@ pub struct Completer<'batch> {
     batch: Option<&'batch AtomicBool>,
     /// The queue's inflight tracking, if the frontend set it up.
     inflight: Option<Arc<QueueInflight>>,
+    /// Counts the chain as in flight until the completer is gone.
+    in_flight: InFlight,
 }
 
 impl<'batch> Completer<'batch> {
     pub(crate) fn new(
-        vring: VringRwLock,
+        vring: Vring,
         mem: Mem,
-        queue: Arc<QueueState>,
+        in_flight: InFlight,
         generation: u64,
         event_idx: bool,
         head: u16,
         batch: &'batch AtomicBool,
     ) -> Self {
+        let queue = in_flight.queue().clone();
         let inflight = queue.inflight();
-        Completer { vring, mem, queue, generation, event_idx, head, batch: Some(batch), inflight }
+        Completer { vring, mem, queue, generation, event_idx, head, batch: Some(batch), inflight, in_flight }
     }
 
     /// The chain's head descriptor index.
@@ -76,6 +79,7 @@ impl<'batch> Completer<'batch> {
             head: self.head,
             batch: None,
             inflight: self.inflight,
+            in_flight: self.in_flight,
         }
     }
 
@@ -86,7 +90,7 @@ impl<'batch> Completer<'batch> {
     /// with the device, which completes it later). A region that is no longer guest memory
     /// returns the chain empty.
     pub fn fill(&self, regions: &[Region], fill: impl FnOnce(&mut ScatterBuf<'_>) -> Option<u32>) -> bool {
-        self.finish(|mem| {
+        self.finish(regions, |mem| {
             // SAFETY: the chain is popped and not yet used, so the device owns `regions`
             // (checked against guest memory by the walk, and again by guest_buf); `mem`
             // keeps them mapped until `buf` is dropped, whatever the frontend does to the
@@ -104,7 +108,7 @@ impl<'batch> Completer<'batch> {
     /// memory), nothing is written and the used length is 0. Returns whether the chain went
     /// on the used ring (not if the queue was stopped).
     pub fn write(&self, regions: &[Region], parts: &[&[u8]]) -> bool {
-        self.finish(|mem| {
+        self.finish(regions, |mem| {
             let total: usize = parts.iter().map(|p| p.len()).sum();
             // SAFETY: as in `fill`.
             let written = unsafe { guest_buf(mem, regions) }.and_then(|mut buf| {
@@ -127,21 +131,29 @@ impl<'batch> Completer<'batch> {
     /// Puts the chain on the used ring with nothing written. Returns whether it did (not if
     /// the queue was stopped).
     pub fn complete_empty(&self) -> bool {
-        self.finish(|_| Some(0))
+        self.finish(&[], |_| Some(0))
     }
 
-    /// Under the vring lock: if the queue is still current, runs `write` and, if it returns a
-    /// length, adds the used entry and signals (detached) or marks the batch.
-    fn finish(&self, write: impl FnOnce(&GuestMemoryMmap) -> Option<u32>) -> bool {
+    /// Under the vring lock: if the queue is still current, runs `write` (which may write
+    /// into `regions`) and, if it returns a length, adds the used entry and signals
+    /// (detached) or marks the batch. While a migration logs dirty memory, `regions` are
+    /// marked after `write` ran; the used ring marks itself (its writes go through the
+    /// memory's bitmap).
+    fn finish(&self, regions: &[Region], write: impl FnOnce(&GuestMem) -> Option<u32>) -> bool {
         // Hold the vring lock across check, write and add_used, so GET_VRING_BASE (which
         // marks the queue not ready under the same lock) cannot interleave.
         let mut state = self.vring.get_mut();
-        if self.queue.generation.load(Ordering::Acquire) != self.generation || !state.get_queue().ready() {
+        let current = self.queue.generation.load(Ordering::Acquire) == self.generation;
+        if !current || !(state.get_queue().ready() || self.queue.draining()) {
             debug!(head = self.head, "dropping completion for a stopped queue");
             return false;
         }
         let mem = self.mem.memory();
-        let Some(len) = write(&mem) else {
+        let written = write(&mem);
+        if self.queue.dirty_log() {
+            mark_dirty(&mem, regions);
+        }
+        let Some(len) = written else {
             return false;
         };
         // With inflight tracking: the area names this chain before its used entry is

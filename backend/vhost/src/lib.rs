@@ -24,6 +24,7 @@ mod stop;
 
 use std::io;
 
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use chain::{Chain, ChainError, Region};
@@ -34,8 +35,16 @@ pub use server::{round_robin, DeviceServer, ServerConfig};
 pub use stop::ServerStopper;
 pub use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
+/// Guest memory as the vhost-user handler maps it: each region with the bitmap that marks
+/// what the backend wrote in the frontend's dirty log (VHOST_USER_SET_LOG_BASE) while a
+/// migration runs; without a log, nothing is marked.
+type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
+
 /// Guest memory as the vhost-user handler maintains it.
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+type Mem = GuestMemoryAtomic<GuestMem>;
+
+/// A virtqueue as the vhost-user handler keeps it.
+type Vring = vhost_user_backend::VringRwLock<Mem>;
 
 /// Errors of a device server.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +137,11 @@ pub trait Device: Send + Sync + 'static {
     /// The device was reset or its frontend is gone (parked completions are already
     /// invalidated).
     fn reset(&self) {}
+
+    /// The frontend stopped queue `queue` (GET_VRING_BASE), whose chains in flight were
+    /// answered first. `migrating`: it did so while logging dirty memory, i.e. at a live
+    /// migration's switch-over, after which another daemon may serve this device's state.
+    fn queue_stopped(&self, _queue: usize, _migrating: bool) {}
 
     /// Handles a chain popped from queue `queue`, on that queue's worker thread: completes
     /// it through `completer` now, or detaches the completer and completes it later. A

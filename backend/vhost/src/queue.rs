@@ -2,18 +2,19 @@
 //! stopped rings, which worker thread serves which queue, EVENT_IDX, and the drain loop with
 //! its adaptive polling.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::inflight::QueueInflight;
+use crate::Vring;
 
 /// One queue's state shared by its worker thread and the tasks completing its requests.
 pub(crate) struct QueueState {
@@ -27,17 +28,60 @@ pub(crate) struct QueueState {
     recover: AtomicBool,
     /// Counter of the next chain popped (inflight tracking).
     counter: AtomicU64,
+    /// The frontend acked VHOST_F_LOG_ALL: what the backend writes into guest memory is
+    /// marked in its dirty log (shared by all queues of the connection).
+    dirty_log: Arc<AtomicBool>,
+    /// Chains popped and not yet completed (nor given up by the device).
+    in_flight: AtomicUsize,
+    /// GET_VRING_BASE is waiting for the chains in flight: the queue is not ready any more,
+    /// so nothing new is popped, but these may still complete.
+    draining: AtomicBool,
+}
+
+/// One chain in flight on a queue, from its pop until its completer is dropped (completed,
+/// or given up by the device): what GET_VRING_BASE waits for.
+pub(crate) struct InFlight(Arc<QueueState>);
+
+impl InFlight {
+    pub(crate) fn new(queue: &Arc<QueueState>) -> Self {
+        queue.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(queue.clone())
+    }
+
+    pub(crate) fn queue(&self) -> &Arc<QueueState> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl QueueState {
-    fn new(poll_max: Duration) -> Self {
+    fn new(poll_max: Duration, dirty_log: Arc<AtomicBool>) -> Self {
         QueueState {
             generation: AtomicU64::new(0),
             poll: QueuePoll::new(poll_max),
             inflight: Mutex::new(None),
             recover: AtomicBool::new(false),
             counter: AtomicU64::new(0),
+            dirty_log,
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a chain of this queue may still complete though the ring is not ready: the
+    /// stop is waiting for it.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether guest memory the backend writes must be marked in the dirty log.
+    pub(crate) fn dirty_log(&self) -> bool {
+        self.dirty_log.load(Ordering::Acquire)
     }
 
     pub(crate) fn inflight(&self) -> Option<Arc<QueueInflight>> {
@@ -151,17 +195,29 @@ pub(crate) struct Queues {
     states: Vec<Arc<QueueState>>,
     masks: Vec<u64>,
     event_idx: AtomicBool,
+    dirty_log: Arc<AtomicBool>,
 }
 
 impl Queues {
     /// `n` queues served by threads with these `masks`; `poll_max`: longest adaptive poll
     /// window (zero: never poll).
     pub(crate) fn new(n: usize, masks: Vec<u64>, poll_max: Duration) -> Self {
+        let dirty_log = Arc::new(AtomicBool::new(false));
         Queues {
-            states: (0..n).map(|_| Arc::new(QueueState::new(poll_max))).collect(),
+            states: (0..n).map(|_| Arc::new(QueueState::new(poll_max, dirty_log.clone()))).collect(),
             masks,
             event_idx: AtomicBool::new(false),
+            dirty_log,
         }
+    }
+
+    pub(crate) fn dirty_log(&self) -> bool {
+        self.dirty_log.load(Ordering::Acquire)
+    }
+
+    /// SET_FEATURES with or without VHOST_F_LOG_ALL: logging starts or stops.
+    pub(crate) fn set_dirty_log(&self, on: bool) {
+        self.dirty_log.store(on, Ordering::Release);
     }
 
     pub(crate) fn get(&self, q: usize) -> Option<&Arc<QueueState>> {
@@ -181,11 +237,23 @@ impl Queues {
         self.event_idx.load(Ordering::Acquire)
     }
 
-    /// Invalidates what is parked on queue `q` (VHOST_USER_GET_VRING_BASE stops it).
-    pub(crate) fn stop(&self, q: usize) {
-        if let Some(s) = self.states.get(q) {
-            s.generation.fetch_add(1, Ordering::AcqRel);
+    /// VHOST_USER_GET_VRING_BASE stops queue `q` (already marked not ready, so nothing new
+    /// is popped): first the chains in flight complete, for up to `drain`, since the ring
+    /// state the frontend gets back (and hands to a migration's destination) counts them as
+    /// taken; then whatever is still parked is invalidated. Returns how many were given up.
+    pub(crate) fn stop(&self, q: usize, drain: Duration) -> usize {
+        let Some(s) = self.states.get(q) else { return 0 };
+        s.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + drain;
+        let mut pause = Duration::from_micros(50);
+        while s.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
+        let left = s.in_flight.load(Ordering::Acquire);
+        s.draining.store(false, Ordering::Release);
+        s.generation.fetch_add(1, Ordering::AcqRel);
+        left
     }
 
     /// Invalidates everything parked (reset, disconnect).
@@ -202,10 +270,10 @@ impl Queues {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
         mem: &M,
-        mut process: impl FnMut(&VringRwLock, usize) -> std::io::Result<()>,
+        mut process: impl FnMut(&Vring, usize) -> std::io::Result<()>,
     ) {
         if evset != EventSet::IN {
             return;
@@ -232,8 +300,8 @@ fn global_queue(masks: &[u64], thread_id: usize, local: usize) -> Option<usize> 
 /// badly: logged, not returned, since an error would end the worker thread and every queue
 /// it serves.
 fn drain_queue<M>(
-    vring: &VringRwLock,
-    siblings: &[VringRwLock],
+    vring: &Vring,
+    siblings: &[Vring],
     event_idx: bool,
     qidx: usize,
     queue: &QueueState,
@@ -249,7 +317,7 @@ fn drain_queue<M>(
         return;
     }
     queue.poll.woke();
-    let pending = |v: &VringRwLock| {
+    let pending = |v: &Vring| {
         let state = v.get_ref();
         let q = state.get_queue();
         q.ready() && q.avail_idx(&*mem.memory(), Ordering::Acquire).is_ok_and(|i| i.0 != q.next_avail())

@@ -9,21 +9,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::{walk, walk_head};
 use crate::inflight::{self, QueueInflight, Recovery};
-use crate::queue::{exit_event, QueueState, Queues, DEFAULT_POLL_MAX};
-use crate::{Completer, Device, Error, Mem, Result, ServerStopper};
+use crate::queue::{exit_event, InFlight, QueueState, Queues, DEFAULT_POLL_MAX};
+use crate::{Completer, Device, Error, GuestMem, Mem, Result, ServerStopper, Vring};
 
 /// What every device server is configured with, whatever the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +40,21 @@ pub struct ServerConfig {
     /// iothreads do (poll-max-ns). The window adapts below this, so an idle queue costs
     /// nothing.
     pub poll_max: Duration,
+    /// Longest wait, when the frontend stops a queue (GET_VRING_BASE, e.g. at a live
+    /// migration's switch-over), for the chains in flight to complete; past it they are
+    /// given up. Set it above the devices' own read timeout, which answers a parked read.
+    pub stop_drain: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { queue_size: 1024, threads: 1, event_idx: true, poll_max: DEFAULT_POLL_MAX }
+        ServerConfig {
+            queue_size: 1024,
+            threads: 1,
+            event_idx: true,
+            poll_max: DEFAULT_POLL_MAX,
+            stop_drain: Duration::from_secs(30),
+        }
     }
 }
 
@@ -72,7 +83,7 @@ impl<D: Device> Backend<D> {
     /// guest once if any was completed inline. With inflight tracking, each chain is marked
     /// in flight as it is popped, and the first run after SET_INFLIGHT_FD first resubmits
     /// what a previous backend left in flight.
-    fn process_queue(&self, vring: &VringRwLock, qidx: usize) -> std::io::Result<()> {
+    fn process_queue(&self, vring: &Vring, qidx: usize) -> std::io::Result<()> {
         let Some(queue) = self.queues.get(qidx) else {
             return Ok(());
         };
@@ -88,19 +99,23 @@ impl<D: Device> Backend<D> {
             let (chain, generation) = {
                 let mut state = vring.get_mut();
                 let generation = queue.generation.load(Ordering::Acquire);
-                let chain = state.get_queue_mut().pop_descriptor_chain(&*mem);
+                let queue_state = state.get_queue_mut();
+                // Stopped (GET_VRING_BASE) while this batch ran: pop nothing more.
+                let chain = if queue_state.ready() { queue_state.pop_descriptor_chain(&*mem) } else { None };
                 if let (Some(chain), Some(area)) = (&chain, &inflight) {
                     area.popped(chain.head_index(), queue.next_counter());
                 }
-                (chain, generation)
+                // Counted under the vring lock, as the stop marks the queue not ready: a
+                // stop either sees this chain in flight or finds nothing more popped.
+                (chain.map(|c| (c, InFlight::new(queue))), generation)
             };
-            let Some(chain) = chain else { break };
+            let Some((chain, in_flight)) = chain else { break };
             let chain = walk(&mem, chain, max_request);
             drop(mem);
             let completer = Completer::new(
                 vring.clone(),
                 self.mem.clone(),
-                queue.clone(),
+                in_flight,
                 generation,
                 event_idx,
                 chain.head,
@@ -123,14 +138,14 @@ impl<D: Device> Backend<D> {
     /// if nothing is resubmitted (a crash may have lost the signal of a completion).
     fn resubmit(
         &self,
-        vring: &VringRwLock,
+        vring: &Vring,
         qidx: usize,
         queue: &Arc<QueueState>,
         area: &Arc<QueueInflight>,
         used_any: &AtomicBool,
     ) {
         let mem = self.mem.memory();
-        let (recovery, table, size, generation) = {
+        let (recovery, table, size, generation, in_flight) = {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
             let used = q.used_idx(&*mem, Ordering::Acquire).ok().filter(|_| q.ready());
@@ -144,18 +159,22 @@ impl<D: Device> Backend<D> {
                 q.set_next_used(used);
                 queue.set_counter(*counter);
             }
-            (recovery, GuestAddress(q.desc_table()), q.size(), queue.generation.load(Ordering::Acquire))
+            let in_flight: Vec<InFlight> = match &recovery {
+                Recovery::Resume { heads, .. } => heads.iter().map(|_| InFlight::new(queue)).collect(),
+                _ => Vec::new(),
+            };
+            (recovery, GuestAddress(q.desc_table()), q.size(), queue.generation.load(Ordering::Acquire), in_flight)
         };
         used_any.store(true, Ordering::Relaxed);
         let Recovery::Resume { heads, next_avail, .. } = recovery else { return };
         info!(queue = qidx, resubmitted = heads.len(), next_avail, "queue resumed from the inflight area");
         let max_request = self.device.max_request_len();
-        for head in heads {
+        for (head, in_flight) in heads.into_iter().zip(in_flight) {
             let chain = walk_head(&mem, table, size, head, max_request);
             let completer = Completer::new(
                 vring.clone(),
                 self.mem.clone(),
-                queue.clone(),
+                in_flight,
                 generation,
                 self.queues.event_idx(),
                 head,
@@ -167,8 +186,8 @@ impl<D: Device> Backend<D> {
 }
 
 impl<D: Device> VhostUserBackend for Backend<D> {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.device.num_queues()
@@ -182,6 +201,7 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
             | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | self.device.features();
         if self.cfg.event_idx {
             f |= 1u64 << VIRTIO_RING_F_EVENT_IDX;
@@ -190,7 +210,17 @@ impl<D: Device> VhostUserBackend for Backend<D> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        self.device.protocol_features()
+        // LOG_SHMFD: dirty-page logging for live migration, for every device: every write
+        // into guest memory goes through a Completer, which marks it while logging is on.
+        self.device.protocol_features() | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn acked_features(&self, features: u64) {
+        let on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if on != self.queues.dirty_log() {
+            info!(on, "dirty-page logging (VHOST_F_LOG_ALL)");
+        }
+        self.queues.set_dirty_log(on);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -239,7 +269,11 @@ impl<D: Device> VhostUserBackend for Backend<D> {
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        self.queues.stop(queue_index as usize);
+        let given_up = self.queues.stop(queue_index as usize, self.cfg.stop_drain);
+        if given_up > 0 {
+            warn!(queue = queue_index, given_up, "queue stopped with requests still in flight");
+        }
+        self.device.queue_stopped(queue_index as usize, self.queues.dirty_log());
         Ok(())
     }
 
@@ -247,7 +281,7 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> std::io::Result<()> {
         self.queues.handle_event(device_event, evset, vrings, thread_id, &self.mem, |vring, qidx| {
@@ -308,7 +342,7 @@ impl<D: Device> DeviceServer<D> {
         let device = (self.new_device)();
         let masks = device.thread_masks(self.cfg.threads);
         let queues = Queues::new(device.num_queues(), masks, self.cfg.poll_max);
-        let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mem: Mem = GuestMemoryAtomic::new(GuestMem::new());
         let backend = Arc::new(Backend { device, cfg: self.cfg, mem: mem.clone(), queues });
         let mut daemon = VhostUserDaemon::new(D::NAME.to_string(), backend.clone(), mem)?;
         daemon.start(&mut self.listener)?;
