@@ -175,17 +175,8 @@ impl Credentials {
 /// or `~/.docker/config.json` if there is one. Credential helpers (`credsStore`,
 /// `credHelpers`) are not run.
 pub fn load_credentials(file: Option<&Path>, host: &str) -> Result<Option<Credentials>> {
-    let path = match file {
-        Some(f) => f.to_path_buf(),
-        None => {
-            let dir = std::env::var_os("DOCKER_CONFIG")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
-            match dir.map(|d| d.join("config.json")).filter(|p| p.is_file()) {
-                Some(p) => p,
-                None => return Ok(None),
-            }
-        }
+    let Some(path) = file.map(Path::to_path_buf).or_else(default_credentials_file) else {
+        return Ok(None);
     };
     let bytes = read_small(&path, CREDENTIALS_MAX, "registry credentials")?;
     let bad = |why: &str| Error::Invalid(format!("registry credentials {}: {why}", path.display()));
@@ -214,6 +205,14 @@ pub fn load_credentials(file: Option<&Path>, host: &str) -> Result<Option<Creden
         (Some(u), Some(p)) => Ok(Some(Credentials { user: u.to_string(), password: p.to_string() })),
         _ => Err(bad(&format!("the entry of {host} has no auth (identity tokens are not supported)"))),
     }
+}
+
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, if it exists.
+pub fn default_credentials_file() -> Option<PathBuf> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
+    dir.map(|d| d.join("config.json")).filter(|p| p.is_file())
 }
 
 /// The host of a docker config `auths` key: `host[:port]`, `https://host[:port]/v1/`...
