@@ -380,7 +380,12 @@ impl Registry {
             (s.header.clone(), s.generation, s.renew_at.is_some_and(|t| Instant::now() >= t))
         };
         if renew {
-            self.renew(generation, None).await?;
+            // The token may still be good for a while: a failed renewal keeps it (a 401
+            // will tell).
+            if let Err(e) = self.renew(generation, None).await {
+                tracing::warn!(registry = %self.reference.host, "renewing the registry token failed: {e}");
+                return Ok((header, generation));
+            }
             let s = self.auth.state.lock().unwrap_or_else(|e| e.into_inner());
             return Ok((s.header.clone(), s.generation));
         }
@@ -931,10 +936,14 @@ impl PushProgress {
 }
 
 /// The image id for `image` (an id, or a tag) of `store`; a tag (or, without `image`, the
-/// store URL's tag) is resolved through the registry, and the id logged. Blocking.
+/// store URL's tag) is resolved through the registry, and the id logged. Blocking: not
+/// from within a tokio runtime (an error there).
 pub fn resolve_image(store: &str, image: Option<&str>, http: &HttpOptions) -> Result<ImageId> {
     if let Some(id) = image.and_then(|i| i.parse::<ImageId>().ok()) {
         return Ok(id);
+    }
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(Error::Invalid("a tag is resolved before the runtime starts, not within it".into()));
     }
     let reference = OciRef::parse(store)?;
     let (Some(reference), tag) = (reference.clone(), image.map(str::to_string).or(reference.and_then(|r| r.tag)))
