@@ -575,3 +575,132 @@ fn hostile_registry_answers_are_errors_and_the_authorization_stays_home() {
     assert_eq!(h.storage_hits.load(Ordering::Relaxed), 1);
     assert!(!h.storage_saw_auth.load(Ordering::Relaxed), "the registry's Authorization went to another origin");
 }
+
+/// A registry's upload endpoints in memory, whose second PATCH keeps half its chunk and
+/// fails (a connection cut mid-chunk, as the registry sees it): the pusher must ask where the
+/// upload stands (GET, `Range`) and go on from there.
+#[derive(Default)]
+struct Uploads {
+    data: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+    blobs: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+    posts: AtomicU64,
+    patches: AtomicU64,
+    status_checks: AtomicU64,
+    manifests: std::sync::Mutex<Vec<String>>,
+}
+
+async fn uploads(State(u): State<Arc<Uploads>>, req: Request) -> Response {
+    use axum::http::Method;
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or("").to_string();
+    let body = axum::body::to_bytes(req.into_body(), 64 << 20).await.map(|b| b.to_vec()).unwrap_or_default();
+    let range = |n: usize| format!("0-{}", n.saturating_sub(1));
+    match method {
+        Method::HEAD if path.contains("/blobs/sha256:") => {
+            let d = path.rsplit('/').next().unwrap_or("").to_string();
+            let have = u.blobs.lock().expect("blobs").contains_key(&d);
+            (if have { StatusCode::OK } else { StatusCode::NOT_FOUND }).into_response()
+        }
+        Method::POST if path.ends_with("/blobs/uploads/") => {
+            let mut data = u.data.lock().expect("data");
+            let id = format!("u{}", u.posts.fetch_add(1, Ordering::Relaxed));
+            data.insert(id.clone(), Vec::new());
+            (StatusCode::ACCEPTED, [("location", format!("/v2/x/blobs/uploads/{id}")), ("range", "0-0".into())])
+                .into_response()
+        }
+        Method::PATCH => {
+            let id = path.rsplit('/').next().unwrap_or("").to_string();
+            let n = u.patches.fetch_add(1, Ordering::Relaxed);
+            let mut data = u.data.lock().expect("data");
+            let Some(d) = data.get_mut(&id) else { return StatusCode::NOT_FOUND.into_response() };
+            if n == 1 {
+                d.extend_from_slice(&body[..body.len() / 2]);
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+            d.extend_from_slice(&body);
+            let r = range(d.len());
+            (StatusCode::ACCEPTED, [("location", format!("/v2/x/blobs/uploads/{id}")), ("range", r)]).into_response()
+        }
+        Method::GET if path.contains("/blobs/uploads/") => {
+            u.status_checks.fetch_add(1, Ordering::Relaxed);
+            let id = path.rsplit('/').next().unwrap_or("").to_string();
+            let n = u.data.lock().expect("data").get(&id).map(Vec::len);
+            match n {
+                Some(n) => {
+                    (StatusCode::NO_CONTENT, [("location", format!("/v2/x/blobs/uploads/{id}")), ("range", range(n))])
+                        .into_response()
+                }
+                None => StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+        Method::PUT if path.contains("/blobs/uploads/") => {
+            let id = path.rsplit('/').next().unwrap_or("").to_string();
+            let digest = query.split('&').find_map(|kv| kv.strip_prefix("digest=")).unwrap_or("").replace("%3A", ":");
+            let Some(d) = u.data.lock().expect("data").remove(&id) else {
+                return StatusCode::NOT_FOUND.into_response();
+            };
+            let actual = format!("sha256:{}", hex(&sha2_digest(&d)));
+            if actual != digest {
+                return (StatusCode::BAD_REQUEST, "digest mismatch").into_response();
+            }
+            u.blobs.lock().expect("blobs").insert(digest, d);
+            StatusCode::CREATED.into_response()
+        }
+        Method::PUT if path.contains("/manifests/") => {
+            u.manifests.lock().expect("manifests").push(String::from_utf8_lossy(&body).into_owned());
+            StatusCode::CREATED.into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+fn sha2_digest(d: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(d).into()
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn an_upload_cut_mid_chunk_resumes_where_the_registry_says() {
+    use incfs::pack::{pack, PackOptions};
+    use incfs::store::oci::{OciRef, Registry};
+    use incfs::store::Store;
+    let u = Arc::new(Uploads::default());
+    let port = serve(axum::Router::new().fallback(uploads).with_state(u.clone()));
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    // One blob of 10 MB: two chunks of at most 8 MiB.
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let data: Vec<u8> = (0..10_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(src.join("f"), &data).expect("write");
+    let staging = Store::new(t.path().join("staging"));
+    let opts = PackOptions { blob_size: 32 << 20, ..PackOptions::default() };
+    let (id, _) = pack(&src, &staging, &opts).expect("pack");
+    let reference = OciRef::parse(&format!("oci+http://127.0.0.1:{port}/x:v1")).expect("ref").expect("oci");
+    let reg =
+        Arc::new(Registry::open(reference, Duration::from_secs(10), &HttpOptions::default(), true).expect("open"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let stats = rt.block_on(reg.push(&staging, &id, "v1", false)).expect("push");
+    assert_eq!(stats.uploaded, 3, "blob, manifest, config: {stats:?}");
+    assert!(u.status_checks.load(Ordering::Relaxed) >= 1, "the failed chunk did not ask where the upload stood");
+    assert_eq!(u.posts.load(Ordering::Relaxed), 3, "an upload was started again instead of resumed");
+    // Every blob arrived whole (the server checked each digest), the data blob among them.
+    let blobs = u.blobs.lock().expect("blobs");
+    assert!(blobs.contains_key(&format!("sha256:{id}")));
+    assert!(blobs.values().any(|b| b.len() > 8 << 20), "the big blob was not uploaded in several chunks");
+    let m = u.manifests.lock().expect("manifests");
+    assert_eq!(m.len(), 1);
+    assert!(m[0].contains("application/vnd.incfs.image.v1") && m[0].contains(&id.to_string()));
+}
