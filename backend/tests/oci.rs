@@ -485,6 +485,7 @@ struct Hostile {
     storage_saw_auth: AtomicBool,
     storage_hits: AtomicU64,
     storage_port: AtomicU64,
+    unauthorized: AtomicU64,
 }
 
 async fn hostile(State(h): State<Arc<Hostile>>, headers: HeaderMap, req: Request) -> Response {
@@ -498,6 +499,9 @@ async fn hostile(State(h): State<Arc<Hostile>>, headers: HeaderMap, req: Request
                     .into_response()
             }
             "no-token" => ([("content-type", "application/json")], "{\"tokn\":1}").into_response(),
+            "short-token" => {
+                ([("content-type", "application/json")], "{\"token\":\"good-token\",\"expires_in\":1}").into_response()
+            }
             _ => ([("content-type", "application/json")], "{\"token\":\"good-token\",\"expires_in\":600}")
                 .into_response(),
         };
@@ -514,6 +518,7 @@ async fn hostile(State(h): State<Arc<Hostile>>, headers: HeaderMap, req: Request
         return (StatusCode::UNAUTHORIZED, [("www-authenticate", v)]).into_response();
     }
     if !authed {
+        h.unauthorized.fetch_add(1, Ordering::Relaxed);
         let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let v = format!("Bearer realm=\"http://{host}/token\",service=\"hostile\",scope=\"repository:x:pull\"");
         return (StatusCode::UNAUTHORIZED, [("www-authenticate", v)]).into_response();
@@ -522,6 +527,9 @@ async fn hostile(State(h): State<Arc<Hostile>>, headers: HeaderMap, req: Request
         ("garbage", _) => (StatusCode::OK, "\u{0}{{{not json").into_response(),
         ("oversized", true) => (StatusCode::OK, format!("{{\"layers\":[{}]}}", "{},".repeat(2 << 20))).into_response(),
         ("oversized", false) => (StatusCode::OK, vec![0u8; 3 << 20]).into_response(),
+        ("short-token", _) => {
+            (StatusCode::PARTIAL_CONTENT, [("content-range", "bytes 0-9/100")], vec![5u8; 10]).into_response()
+        }
         ("redirect-loop", _) => (StatusCode::TEMPORARY_REDIRECT, [("location", path.clone())]).into_response(),
         ("redirect-away", _) => {
             let port = h.storage_port.load(Ordering::Relaxed);
@@ -574,6 +582,18 @@ fn hostile_registry_answers_are_errors_and_the_authorization_stays_home() {
     assert_eq!(&got[..], &[7u8; 10]);
     assert_eq!(h.storage_hits.load(Ordering::Relaxed), 1);
     assert!(!h.storage_saw_auth.load(Ordering::Relaxed), "the registry's Authorization went to another origin");
+
+    // A token for 1 s is renewed before it runs out, without waiting for a 401.
+    set("short-token");
+    let fresh = Remote::open_with(&store, Duration::from_secs(5), &HttpOptions::default()).expect("remote");
+    let Remote::Oci(short) = &fresh else { panic!("not a registry") };
+    let before = h.unauthorized.load(Ordering::Relaxed);
+    assert_eq!(&rt.block_on(fresh.range(&[1; 32], 0, 10)).expect("first read")[..], &[5u8; 10]);
+    assert_eq!((short.tokens_fetched(), h.unauthorized.load(Ordering::Relaxed) - before), (1, 1));
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(&rt.block_on(fresh.range(&[1; 32], 0, 10)).expect("second read")[..], &[5u8; 10]);
+    assert_eq!(short.tokens_fetched(), 2, "the token was not renewed before it expired");
+    assert_eq!(h.unauthorized.load(Ordering::Relaxed) - before, 1, "a 401 was needed to renew it");
 }
 
 /// A registry's upload endpoints in memory, whose second PATCH keeps half its chunk and
