@@ -594,6 +594,18 @@ fn hostile_registry_answers_are_errors_and_the_authorization_stays_home() {
     assert_eq!(&rt.block_on(fresh.range(&[1; 32], 0, 10)).expect("second read")[..], &[5u8; 10]);
     assert_eq!(short.tokens_fetched(), 2, "the token was not renewed before it expired");
     assert_eq!(h.unauthorized.load(Ordering::Relaxed) - before, 1, "a 401 was needed to renew it");
+
+    // 32 requests at once on a fresh store, all refused at first: one token for all.
+    let fresh = Remote::open_with(&store, Duration::from_secs(5), &HttpOptions::default()).expect("remote");
+    let Remote::Oci(shared) = &fresh else { panic!("not a registry") };
+    let mt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().expect("rt");
+    mt.block_on(async {
+        let reads: Vec<_> = (0..32).map(|_| fresh.range(&[1; 32], 0, 10)).collect();
+        for r in futures::future::join_all(reads).await {
+            assert_eq!(&r.expect("read")[..], &[5u8; 10]);
+        }
+    });
+    assert_eq!(shared.tokens_fetched(), 1, "concurrent requests did not share one token fetch");
 }
 
 /// A registry's upload endpoints in memory, whose second PATCH keeps half its chunk and
