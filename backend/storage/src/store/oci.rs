@@ -184,6 +184,9 @@ pub fn load_credentials(file: Option<&Path>, host: &str) -> Result<Option<Creden
     let auths = json.get("auths").and_then(|a| a.as_object());
     let entry = auths.and_then(|a| a.iter().find(|(k, _)| auth_key_host(k) == host).map(|(_, v)| v));
     let Some(entry) = entry else {
+        if file.is_some() {
+            tracing::warn!(file = %path.display(), "no auths entry for {host}: no credentials sent");
+        }
         if json.get("credsStore").is_some() || json.get("credHelpers").is_some() {
             tracing::warn!(
                 file = %path.display(),
