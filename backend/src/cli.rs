@@ -61,8 +61,10 @@ pub enum Cmd {
 #[derive(Args)]
 pub struct PackArgs {
     pub src: PathBuf,
+    /// Store directory, or an OCI registry repository to push to: oci://HOST[:PORT]/REPO[:TAG]
+    /// (tag `latest` if none; oci+http:// for a registry without TLS).
     #[arg(long)]
-    pub store: PathBuf,
+    pub store: String,
     /// zstd compression level.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub level: i32,
@@ -73,6 +75,8 @@ pub struct PackArgs {
     /// STORE/traces/ID: daemons prefetch it from start-up.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 #[derive(Subcommand)]
@@ -233,11 +237,14 @@ pub struct EngineArgs {
 #[derive(Args)]
 pub struct ImageArgs {
     /// Store directory or http(s):// URL of one. A URL's query (a signed URL's) is kept on
-    /// every request, after the object's path.
+    /// every request, after the object's path. Or an OCI registry repository,
+    /// oci://HOST[:PORT]/REPO[:TAG] (oci+http:// for one without TLS).
     #[arg(long)]
     pub store: String,
-    #[arg(long)]
-    pub image: ImageId,
+    /// The image id; for an oci:// store, a tag instead (resolved once at start, the id
+    /// logged: pin the id to trust no registry). Default: the oci:// URL's tag.
+    #[arg(long, value_name = "ID|TAG")]
+    pub image: Option<String>,
     #[command(flatten)]
     pub http: HttpArgs,
 }
@@ -263,6 +270,11 @@ pub struct HttpArgs {
     /// changes (checked at most once a second), so a rotated token needs no restart.
     #[arg(long, value_name = "FILE")]
     pub bearer_token_file: Option<PathBuf>,
+    /// Credentials for an oci:// registry, docker's format ({"auths": {"HOST": {"auth":
+    /// base64 of user:password}}}); default ~/.docker/config.json (credential helpers are
+    /// not run).
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth: Option<PathBuf>,
 }
 
 impl HttpArgs {
@@ -273,7 +285,15 @@ impl HttpArgs {
             client_key: self.client_key.clone(),
             headers: self.headers.clone(),
             bearer_token_file: self.bearer_token_file.clone(),
+            registry_auth: self.registry_auth.clone(),
         }
+    }
+}
+
+impl ImageArgs {
+    /// The image id: --image's, or the id its tag (or the oci:// URL's) names now.
+    pub fn image_id(&self) -> Result<ImageId, incfs::Error> {
+        incfs::store::oci::resolve_image(&self.store, self.image.as_deref(), &self.http.options())
     }
 }
 
@@ -393,12 +413,13 @@ impl DeviceArgs {
         }
     }
 
-    fn daemon_config(self, engine: EngineConfig, worker_threads: usize) -> DaemonConfig {
+    fn daemon_config(self, engine: EngineConfig, worker_threads: usize) -> Result<DaemonConfig, incfs::Error> {
         let background = self.trace.background();
-        DaemonConfig {
+        let image = self.engine.src.image_id()?;
+        Ok(DaemonConfig {
             socket: self.socket,
             store: self.engine.src.store,
-            image: self.engine.src.image,
+            image,
             cache: self.engine.cache,
             cache_size: self.engine.fetch.cache_size,
             engine,
@@ -408,12 +429,13 @@ impl DeviceArgs {
             background,
             sandbox: self.sandbox.config(),
             device_paths: Vec::new(),
-        }
+        })
     }
 }
 
 impl RunArgs {
-    pub fn config(self) -> RunConfig {
+    /// The daemon's settings (an image tag is resolved here).
+    pub fn config(self) -> Result<RunConfig, incfs::Error> {
         let queues = self.queues as usize;
         let engine = EngineConfig {
             // `guest`: the daemon never fetches file data; misses wait for `.fill`.
@@ -430,12 +452,13 @@ impl RunArgs {
         };
         // One runtime worker per queue thread asked for, for the fetches they start.
         let worker_threads = self.device.threads.max(1);
-        RunConfig { daemon: self.device.daemon_config(engine, worker_threads), device }
+        Ok(RunConfig { daemon: self.device.daemon_config(engine, worker_threads)?, device })
     }
 }
 
 impl BlkArgs {
-    pub fn config(self) -> BlkConfig {
+    /// The daemon's settings (an image tag is resolved here).
+    pub fn config(self) -> Result<BlkConfig, incfs::Error> {
         let queues = self.queues as usize;
         let engine = self.device.engine.engine_config();
         let device = incfs::blk::BlkDeviceConfig {
@@ -449,7 +472,7 @@ impl BlkArgs {
         let worker_threads = device.server.threads.max(2);
         // The overlay is created (or opened) by name in its directory once sandboxed.
         let overlay = self.overlay.map(|p| std::path::absolute(&p).unwrap_or(p));
-        let mut daemon = self.device.daemon_config(engine, worker_threads);
+        let mut daemon = self.device.daemon_config(engine, worker_threads)?;
         if let Some(dir) = overlay.as_deref().and_then(std::path::Path::parent) {
             daemon.device_paths.push(Reachable {
                 what: "the overlay's directory",
@@ -462,7 +485,7 @@ impl BlkArgs {
             });
         }
         let disk = DiskConfig { path: self.path, overlay, incoming: self.incoming, device };
-        BlkConfig { daemon, disk }
+        Ok(BlkConfig { daemon, disk })
     }
 }
 
@@ -503,7 +526,7 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(args.tag, "incfs");
-        let cfg = args.config();
+        let cfg = args.config().expect("config");
         assert_eq!((cfg.device.request_queues, cfg.device.server.threads, cfg.daemon.worker_threads), (4, 2, 2));
         assert_eq!(cfg.device.server.poll_max, incfs_vhost::DEFAULT_POLL_MAX);
         assert_eq!(cfg.daemon.engine.read_timeout, Duration::from_secs(10));
@@ -539,7 +562,7 @@ mod tests {
         ]) else {
             panic!("not blk")
         };
-        let cfg = args.config();
+        let cfg = args.config().expect("config");
         assert_eq!((cfg.disk.device.queues, cfg.disk.device.server.threads, cfg.daemon.worker_threads), (8, 8, 8));
         assert_eq!(cfg.disk.device.logical_block_size, 512);
         assert_eq!(cfg.daemon.cache_size, Some(20 << 30));
@@ -590,11 +613,11 @@ mod tests {
         };
         let args = |cmd: &[&'static str]| -> Vec<&'static str> { [&["incfsd"], cmd, &common, &http].concat() };
         let Cmd::Run(a) = parse(&args(&["run", "--socket", "s", "--cache", "c"])) else { panic!("not run") };
-        check(a.config().daemon.engine.http);
+        check(a.config().expect("config").daemon.engine.http);
         let Cmd::Blk(a) = parse(&args(&["blk", "--socket", "s", "--cache", "c", "--path", "d"])) else {
             panic!("not blk")
         };
-        check(a.config().daemon.engine.http);
+        check(a.config().expect("config").daemon.engine.http);
         let Cmd::Cat { engine, .. } = parse(&[args(&["cat", "--cache", "c"]), vec!["f"]].concat()) else {
             panic!("not cat")
         };
@@ -609,7 +632,7 @@ mod tests {
     fn sandbox_on_by_default_and_configurable() {
         let base = ["incfsd", "run", "--socket", "s", "--store", "d", "--image", ID, "--cache", "c"];
         let Cmd::Run(args) = parse(&base) else { panic!("not run") };
-        assert_eq!(args.config().daemon.sandbox, SandboxConfig::default());
+        assert_eq!(args.config().expect("config").daemon.sandbox, SandboxConfig::default());
         assert_eq!(
             SandboxConfig::default(),
             SandboxConfig { fs: FsSandbox::Namespace, seccomp: SeccompMode::Kill, rlimit_nofile: Some(4096) }
@@ -638,7 +661,7 @@ mod tests {
         ]) else {
             panic!("not blk")
         };
-        let cfg = args.config();
+        let cfg = args.config().expect("config");
         let expected = SandboxConfig { fs: FsSandbox::Landlock, seccomp: SeccompMode::Log, rlimit_nofile: None };
         assert_eq!(cfg.daemon.sandbox, expected);
         let kept = &cfg.daemon.device_paths[0];

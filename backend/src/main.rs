@@ -39,9 +39,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Cat { engine, stats, path } => cat(&engine, stats, &path)?,
         Cmd::Run(args) => {
             tracing::info!(tag = %args.tag, "starting");
-            incfs::daemon::run(args.config())?;
+            incfs::daemon::run(args.config()?)?;
         }
-        Cmd::Blk(args) => incfs::blk::run(args.config())?,
+        Cmd::Blk(args) => incfs::blk::run(args.config()?)?,
         Cmd::Inspect { src, cache } => inspect_image(&src, cache.as_deref())?,
         Cmd::Cache { cmd: CacheCmd::Status { dir } } => {
             let u = BlockCache::open(&dir)?.usage()?;
@@ -87,9 +87,19 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn pack(args: PackArgs) -> Result<()> {
-    let PackArgs { src, store, level, blob_size_mb, trace } = args;
+    let PackArgs { src, store, level, blob_size_mb, trace, http } = args;
     let opts = pack::PackOptions { level, blob_size: blob_size_mb.max(1) << 20, progress: true };
-    let store = Store::new(store);
+    // A registry: pack into a staging store in a temporary directory, then push it.
+    let registry = incfs::store::oci::OciRef::parse(&store)?;
+    if registry.is_some() && trace.is_some() {
+        return Err(incfs::Error::Invalid("--trace is not published to registries (yet)".into()).into());
+    }
+    let staging = match &registry {
+        Some(_) => Some(tempfile::tempdir().map_err(|e| Error::io("create a staging directory", e))?),
+        None => None,
+    };
+    let store =
+        Store::new(staging.as_ref().map_or_else(|| std::path::PathBuf::from(&store), |d| d.path().to_path_buf()));
     let (id, s) = pack::pack(&src, &store, &opts)?;
     if let Some(t) = trace {
         let text = std::fs::read_to_string(&t).map_err(|e| Error::io(format!("read {}", t.display()), e))?;
@@ -113,14 +123,26 @@ fn pack(args: PackArgs) -> Result<()> {
         s.stored_bytes,
         s.manifest_bytes
     );
+    if let Some(reference) = registry {
+        let tag = reference.tag.clone().unwrap_or_else(|| "latest".into());
+        let shown = reference.to_string();
+        let attempt = std::time::Duration::from_secs(30);
+        let reg = std::sync::Arc::new(incfs::store::oci::Registry::open(reference, attempt, &http.options(), true)?);
+        let p = runtime()?.block_on(reg.push(&store, &id, &tag, true))?;
+        eprintln!(
+            "pushed to {shown} (tag {tag}): {} blobs, {} uploaded, {} already there, {} bytes sent; OCI manifest {}",
+            p.blobs, p.uploaded, p.skipped, p.bytes, p.manifest_digest
+        );
+    }
     println!("{id}");
     Ok(())
 }
 
 fn cat(args: &EngineArgs, stats: bool, path: &str) -> Result<()> {
+    let image = args.src.image_id()?;
     runtime()?.block_on(async {
         let EngineArgs { src, cache, fetch } = args;
-        let engine = Engine::connect(&src.store, src.image, cache, fetch.cache_size, args.engine_config()).await?;
+        let engine = Engine::connect(&src.store, image, cache, fetch.cache_size, args.engine_config()).await?;
         let ino = engine.image().resolve(path.as_bytes()).ok_or_else(|| Error::NotFound(path.to_string()))?;
         let size = engine.image().file(ino).ok_or_else(|| Error::NotARegularFile(path.to_string()))?.size;
         let mut out = std::io::stdout().lock();
@@ -145,11 +167,12 @@ fn cat(args: &EngineArgs, stats: bool, path: &str) -> Result<()> {
 
 /// Without a cache, a temporary one that is removed afterwards.
 fn inspect_image(src: &ImageArgs, cache: Option<&Path>) -> Result<()> {
+    let image = src.image_id()?;
     runtime()?.block_on(async {
         let temporary = std::env::temp_dir().join(format!("incfsd-inspect-{}", std::process::id()));
         let dir = cache.unwrap_or(&temporary);
         let cfg = EngineConfig { http: src.http.options(), ..EngineConfig::default() };
-        let engine = Engine::connect(&src.store, src.image, dir, None, cfg).await;
+        let engine = Engine::connect(&src.store, image, dir, None, cfg).await;
         if cache.is_none() {
             let _ = std::fs::remove_dir_all(dir);
         }

@@ -72,7 +72,8 @@ impl DaemonConfig {
             *t = absolute(t)?;
             keep("the recorded trace's directory", dir_of(t), Access::ReadWrite, true);
         }
-        if self.store.starts_with("http://") || self.store.starts_with("https://") {
+        let registry = crate::store::oci::OciRef::parse(&self.store).ok().flatten().is_some();
+        if registry || self.store.starts_with("http://") || self.store.starts_with("https://") {
             if self.sandbox.fs == FsSandbox::Chroot && !store_host_is_an_address(&self.store) {
                 tracing::warn!(
                     store = %crate::store::redact_store(&self.store),
@@ -94,6 +95,16 @@ impl DaemonConfig {
                 // Its directory, not the file: a token rotated by rename is a new file.
                 *t = absolute(t)?;
                 keep("the bearer token file's directory", dir_of(t), Access::ReadOnly, true);
+            }
+            if registry {
+                // Read when the store is opened: the default file is named, so it is kept.
+                if http.registry_auth.is_none() {
+                    http.registry_auth = crate::store::oci::default_credentials_file();
+                }
+                if let Some(f) = &mut http.registry_auth {
+                    *f = absolute(f)?;
+                    keep("the registry credentials file", f.clone(), Access::ReadOnly, false);
+                }
             }
         } else {
             let store = absolute(Path::new(&self.store))?;

@@ -135,7 +135,7 @@ fn blocks_of(size: u64) -> usize {
     size.div_ceil(BLOCK_SIZE as u64) as usize
 }
 
-fn progress_bar(want: bool, total: u64) -> Option<indicatif::ProgressBar> {
+pub(crate) fn progress_bar(want: bool, total: u64) -> Option<indicatif::ProgressBar> {
     if !want || !std::io::stderr().is_terminal() {
         return None;
     }

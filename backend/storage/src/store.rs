@@ -27,6 +27,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::{Hash, ImageId, MANIFEST_MAX};
 use crate::trace::MAX_TRACE_BYTES;
 
+pub mod oci;
+
 /// Largest stored manifest fetched. `store_manifest` keeps the smaller of the canonical and
 /// the compressed bytes, so a legitimate stored manifest is never larger than the format's
 /// limit on the canonical one.
@@ -211,6 +213,9 @@ pub struct HttpOptions {
     /// A file holding a bearer token, sent as `Authorization: Bearer <token>`; re-read when
     /// it changes (checked at most every TOKEN_RECHECK), so a rotated token is picked up.
     pub bearer_token_file: Option<PathBuf>,
+    /// Docker-style credentials for an OCI registry (`{"auths": {...}}`); without it,
+    /// `~/.docker/config.json` if it exists.
+    pub registry_auth: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for HttpOptions {
@@ -222,6 +227,7 @@ impl std::fmt::Debug for HttpOptions {
             .field("client_key", &self.client_key)
             .field("header_names", &names)
             .field("bearer_token_file", &self.bearer_token_file)
+            .field("registry_auth", &self.registry_auth)
             .finish()
     }
 }
@@ -356,6 +362,8 @@ pub enum Remote {
         attempt_base: Duration,
         bearer: Option<Arc<BearerToken>>,
     },
+    /// An OCI registry repository (`oci://HOST/REPO`).
+    Oci(Arc<oci::Registry>),
 }
 
 /// `spec` without its query (a signed URL's secret), for messages and logs.
@@ -435,6 +443,9 @@ impl Remote {
     /// (`https://host/prefix?X-Amz-Signature=…`) is kept on every request, after the
     /// object's path.
     pub fn open_with(spec: &str, attempt_timeout: Duration, http: &HttpOptions) -> Result<Self> {
+        if let Some(reference) = oci::OciRef::parse(spec)? {
+            return Ok(Remote::Oci(Arc::new(oci::Registry::open(reference, attempt_timeout, http, false)?)));
+        }
         if spec.starts_with("http://") || spec.starts_with("https://") {
             let spec = spec.split_once('#').map_or(spec, |(s, _)| s);
             let (base, query) = match spec.split_once('?') {
@@ -464,6 +475,7 @@ impl Remote {
         match self {
             Remote::Dir(p) => p.display().to_string(),
             Remote::Http { base, .. } => base.clone(),
+            Remote::Oci(r) => r.reference.to_string(),
         }
     }
 
@@ -492,6 +504,14 @@ impl Remote {
                 let what = resp.what.clone();
                 let status = resp.inner.status();
                 if status != StatusCode::OK {
+                    return Err(resp.unexpected());
+                }
+                (what, Vec::from(resp.body(MANIFEST_FETCH_MAX, None).await?))
+            }
+            Remote::Oci(r) => {
+                let resp = r.get_blob(&format!("sha256:{id}"), None).await?;
+                let what = resp.what.clone();
+                if resp.inner.status() != StatusCode::OK {
                     return Err(resp.unexpected());
                 }
                 (what, Vec::from(resp.body(MANIFEST_FETCH_MAX, None).await?))
@@ -531,6 +551,8 @@ impl Remote {
                     _ => return Err(resp.unexpected()),
                 }
             }
+            // Traces are not pushed to registries.
+            Remote::Oci(_) => return Ok(None),
         };
         Ok(Some(String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())))
     }
@@ -557,35 +579,10 @@ impl Remote {
                 .await
                 .map_err(|e| FetchError::Transient(format!("reader task: {e}").into()))?
             }
-            Remote::Http { .. } => {
-                let resp = self.get(&rel, Some((offset, len))).await?;
-                match resp.inner.status() {
-                    StatusCode::PARTIAL_CONTENT => {
-                        resp.check_content_range(offset, len)?;
-                        resp.body(len, Some(len)).await
-                    }
-                    // The server ignored Range: the range is the front of the whole blob.
-                    StatusCode::OK if end <= UNRANGED_PREFIX_MAX => {
-                        let what = resp.what.clone();
-                        let all = resp.prefix(end).await?;
-                        if (all.len() as u64) < end {
-                            return Err(FetchError::Transient(FetchFailure::Short {
-                                what,
-                                want: end,
-                                got: all.len() as u64,
-                            }));
-                        }
-                        Ok(all.slice(offset as usize..end as usize))
-                    }
-                    StatusCode::OK => Err(FetchError::Permanent(FetchFailure::Protocol {
-                        what: resp.what.clone(),
-                        why: format!(
-                            "server ignored the Range header (answered 200, not 206) and the range ends past the \
-                             {UNRANGED_PREFIX_MAX} bytes read from the front of a whole blob"
-                        ),
-                    })),
-                    _ => Err(resp.unexpected()),
-                }
+            Remote::Http { .. } => ranged(self.get(&rel, Some((offset, len))).await?, offset, len, end).await,
+            Remote::Oci(r) => {
+                let digest = format!("sha256:{}", hex::encode(blob));
+                ranged(r.get_blob(&digest, Some((offset, len))).await?, offset, len, end).await
             }
         }
     }
@@ -622,6 +619,33 @@ impl Remote {
             Ok(Ok(r)) => r,
         };
         Ok(Answer { inner, what, start, base: *attempt_base })
+    }
+}
+
+/// The bytes [offset, offset+len) (ending at `end`) of a blob from a ranged GET's answer.
+async fn ranged(resp: Answer, offset: u64, len: u64, end: u64) -> Result<Bytes, FetchError> {
+    match resp.inner.status() {
+        StatusCode::PARTIAL_CONTENT => {
+            resp.check_content_range(offset, len)?;
+            resp.body(len, Some(len)).await
+        }
+        // The server ignored Range: the range is the front of the whole blob.
+        StatusCode::OK if end <= UNRANGED_PREFIX_MAX => {
+            let what = resp.what.clone();
+            let all = resp.prefix(end).await?;
+            if (all.len() as u64) < end {
+                return Err(FetchError::Transient(FetchFailure::Short { what, want: end, got: all.len() as u64 }));
+            }
+            Ok(all.slice(offset as usize..end as usize))
+        }
+        StatusCode::OK => Err(FetchError::Permanent(FetchFailure::Protocol {
+            what: resp.what.clone(),
+            why: format!(
+                "server ignored the Range header (answered 200, not 206) and the range ends past the \
+                 {UNRANGED_PREFIX_MAX} bytes read from the front of a whole blob"
+            ),
+        })),
+        _ => Err(resp.unexpected()),
     }
 }
 
