@@ -27,6 +27,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::{Hash, ImageId, MANIFEST_MAX};
 use crate::trace::MAX_TRACE_BYTES;
 
+pub mod mirror;
+pub mod s3;
+
 /// Largest stored manifest fetched. `store_manifest` keeps the smaller of the canonical and
 /// the compressed bytes, so a legitimate stored manifest is never larger than the format's
 /// limit on the canonical one.
@@ -211,6 +214,12 @@ pub struct HttpOptions {
     /// A file holding a bearer token, sent as `Authorization: Bearer <token>`; re-read when
     /// it changes (checked at most every TOKEN_RECHECK), so a rotated token is picked up.
     pub bearer_token_file: Option<PathBuf>,
+    /// Region, endpoint and addressing of an `s3://` store.
+    pub s3: s3::S3Options,
+    /// Mirrors of the store (URLs of the same layout), tried in order before it.
+    pub mirrors: Vec<String>,
+    /// First back-off of a failing mirror (default `mirror::DEFAULT_MIRROR_BACKOFF`).
+    pub mirror_backoff: Option<Duration>,
 }
 
 impl std::fmt::Debug for HttpOptions {
@@ -222,6 +231,9 @@ impl std::fmt::Debug for HttpOptions {
             .field("client_key", &self.client_key)
             .field("header_names", &names)
             .field("bearer_token_file", &self.bearer_token_file)
+            .field("s3", &self.s3)
+            .field("mirrors", &self.mirrors.iter().map(|m| redact_store(m)).collect::<Vec<_>>())
+            .field("mirror_backoff", &self.mirror_backoff)
             .finish()
     }
 }
@@ -355,7 +367,11 @@ pub enum Remote {
         /// Each attempt's base allowance (see MIN_TRANSFER_RATE).
         attempt_base: Duration,
         bearer: Option<Arc<BearerToken>>,
+        /// Signs every request (an `s3://` store).
+        s3: Option<Arc<s3::S3Signer>>,
     },
+    /// Mirrors tried before the origin (see `mirror`).
+    Mirrored(Arc<mirror::Mirrors>),
 }
 
 /// `spec` without its query (a signed URL's secret), for messages and logs.
@@ -435,6 +451,27 @@ impl Remote {
     /// (`https://host/prefix?X-Amz-Signature=…`) is kept on every request, after the
     /// object's path.
     pub fn open_with(spec: &str, attempt_timeout: Duration, http: &HttpOptions) -> Result<Self> {
+        if !http.mirrors.is_empty() {
+            let origin = Self::open_one(spec, attempt_timeout, http)?;
+            let mirrors =
+                http.mirrors.iter().map(|m| Self::open_one(m, attempt_timeout, http)).collect::<Result<Vec<_>>>()?;
+            let backoff = http.mirror_backoff.unwrap_or(mirror::DEFAULT_MIRROR_BACKOFF);
+            return Ok(Remote::Mirrored(Arc::new(mirror::Mirrors::new(origin, mirrors, backoff))));
+        }
+        Self::open_one(spec, attempt_timeout, http)
+    }
+
+    /// One source: an `s3://` bucket, an HTTP(S) server or a store directory.
+    fn open_one(spec: &str, attempt_timeout: Duration, http: &HttpOptions) -> Result<Self> {
+        if spec.starts_with("s3://") {
+            let (base, signer) = s3::open(spec, &http.s3)?;
+            let Remote::Http { base: _, query, client, attempt_base, bearer, s3: _ } =
+                Self::open_one(&base, attempt_timeout, http)?
+            else {
+                return Err(Error::Invalid(format!("{spec}: not an HTTP remote")));
+            };
+            return Ok(Remote::Http { base, query, client, attempt_base, bearer, s3: Some(signer) });
+        }
         if spec.starts_with("http://") || spec.starts_with("https://") {
             let spec = spec.split_once('#').map_or(spec, |(s, _)| s);
             let (base, query) = match spec.split_once('?') {
@@ -450,6 +487,7 @@ impl Remote {
                 client,
                 attempt_base: attempt_timeout,
                 bearer,
+                s3: None,
             })
         } else {
             let p = PathBuf::from(spec);
@@ -464,6 +502,9 @@ impl Remote {
         match self {
             Remote::Dir(p) => p.display().to_string(),
             Remote::Http { base, .. } => base.clone(),
+            Remote::Mirrored(m) => {
+                format!("{} (after {} mirrors)", m.origin().describe(), m.sources().len() - 1)
+            }
         }
     }
 
@@ -472,6 +513,7 @@ impl Remote {
     pub async fn manifest(&self, id: &ImageId) -> Result<Vec<u8>, FetchError> {
         let rel = format!("images/{id}");
         let (what, bytes) = match self {
+            Remote::Mirrored(m) => return m.manifest(id).await,
             Remote::Dir(root) => {
                 let p = root.join(&rel);
                 let what = format!("read {}", p.display());
@@ -487,10 +529,13 @@ impl Remote {
                     r => (what, r?),
                 }
             }
-            Remote::Http { .. } => {
+            Remote::Http { s3, .. } => {
                 let resp = self.get(&rel, None).await?;
                 let what = resp.what.clone();
                 let status = resp.inner.status();
+                if status != StatusCode::OK && s3.is_some() {
+                    return Err(resp.s3_refusal().await);
+                }
                 if status != StatusCode::OK {
                     return Err(resp.unexpected());
                 }
@@ -515,6 +560,8 @@ impl Remote {
         let rel = format!("traces/{id}");
         let cap = MAX_TRACE_BYTES as u64 + 1;
         let bytes = match self {
+            // A hint: the origin's only.
+            Remote::Mirrored(m) => return Box::pin(m.origin().trace(id)).await,
             Remote::Dir(root) => match read_prefix(root.join(&rel), cap).await {
                 Err(FetchError::Permanent(FetchFailure::Io { source, .. }))
                     if source.kind() == std::io::ErrorKind::NotFound =>
@@ -542,6 +589,7 @@ impl Remote {
             || FetchError::Permanent(format!("blobs/{}: empty or overflowing range", hex::encode(blob)).into());
         let end = offset.checked_add(len).filter(|_| len > 0).ok_or_else(bad_len)?;
         match self {
+            Remote::Mirrored(m) => m.range_checked(blob, offset, len, |_| ((), true)).await.map(|(d, ())| d),
             Remote::Dir(root) => {
                 let p = root.join(&rel);
                 tokio::task::spawn_blocking(move || {
@@ -590,10 +638,36 @@ impl Remote {
         }
     }
 
+    /// Bytes [offset, offset+len) of a blob and what `check` made of them. With mirrors,
+    /// the first source whose bytes `check` accepts (its second value) answers; else the
+    /// origin, whatever `check` says.
+    pub async fn range_checked<T>(
+        &self,
+        blob: &Hash,
+        offset: u64,
+        len: u64,
+        check: impl Fn(&Bytes) -> (T, bool),
+    ) -> Result<(Bytes, T), FetchError> {
+        if let Remote::Mirrored(m) = self {
+            return m.range_checked(blob, offset, len, check).await;
+        }
+        let data = self.range(blob, offset, len).await?;
+        let (t, _) = check(&data);
+        Ok((data, t))
+    }
+
+    /// Per-source counters with mirrors (see `Mirrors::counters`); none without.
+    pub fn source_counters(&self) -> Vec<(String, u64)> {
+        match self {
+            Remote::Mirrored(m) => m.counters(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Sends a GET for `rel` (of `range` = (offset, len) if given) and waits for the answer's
     /// head within the attempt's base allowance.
     async fn get(&self, rel: &str, range: Option<(u64, u64)>) -> Result<Answer, FetchError> {
-        let Remote::Http { base, query, client, attempt_base, bearer } = self else {
+        let Remote::Http { base, query, client, attempt_base, bearer, s3 } = self else {
             return Err(FetchError::Permanent("not an HTTP remote".into()));
         };
         let (url, shown) = match query {
@@ -608,8 +682,16 @@ impl Remote {
         if let Some(b) = bearer {
             req = req.header(reqwest::header::AUTHORIZATION, b.value());
         }
-        if let Some((offset, len)) = range {
-            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-{}", offset + len - 1));
+        let range = range.map(|(offset, len)| format!("bytes={offset}-{}", offset + len - 1));
+        if let Some(r) = &range {
+            req = req.header(reqwest::header::RANGE, r);
+        }
+        if let Some(signer) = s3 {
+            let parsed = reqwest::Url::parse(&url)
+                .map_err(|e| FetchError::Permanent(format!("{what}: not a URL: {e}").into()))?;
+            for (name, value) in signer.sign_get(&parsed, range.as_deref(), std::time::SystemTime::now()) {
+                req = req.header(name, value);
+            }
         }
         let start = Instant::now();
         let inner = match tokio::time::timeout(*attempt_base, req.send()).await {
@@ -678,6 +760,41 @@ impl Answer {
             FetchError::Transient(failure)
         } else {
             FetchError::Permanent(failure)
+        }
+    }
+
+    /// S3's refusal, with the error code from its XML body (`SignatureDoesNotMatch`,
+    /// `InvalidAccessKeyId`, `ExpiredToken`, `NoSuchKey`...), which says what to fix.
+    async fn s3_refusal(self) -> FetchError {
+        let status = self.inner.status();
+        if !status.is_client_error() {
+            return self.unexpected();
+        }
+        let what = self.what.clone();
+        let body = self.prefix(4096).await.unwrap_or_default();
+        let body = String::from_utf8_lossy(&body);
+        let tag = |t: &str| -> Option<String> {
+            let start = body.find(&format!("<{t}>"))? + t.len() + 2;
+            let len = body[start..].find(&format!("</{t}>"))?;
+            // What the server says is shown: bounded, and printable characters only.
+            Some(body[start..start + len].chars().filter(|c| !c.is_control()).take(200).collect())
+        };
+        let code = tag("Code").unwrap_or_else(|| "no error code".into());
+        let hint = match code.as_str() {
+            "SignatureDoesNotMatch" => " (wrong secret key?)",
+            "InvalidAccessKeyId" => " (unknown access key id?)",
+            "ExpiredToken" | "InvalidToken" => " (session token expired or invalid)",
+            "RequestTimeTooSkewed" => " (the clock is off)",
+            "AuthorizationHeaderMalformed" => " (wrong --s3-region?)",
+            _ => "",
+        };
+        let message = tag("Message").map(|m| format!(": {m}")).unwrap_or_default();
+        let why = format!("S3 refused the request: HTTP {status} {code}{hint}{message}");
+        let f = FetchFailure::Protocol { what, why };
+        if matches!(code.as_str(), "ExpiredToken" | "RequestTimeout" | "SlowDown") {
+            FetchError::Transient(f)
+        } else {
+            FetchError::Permanent(f)
         }
     }
 
