@@ -782,7 +782,8 @@ impl Answer {
         let code = tag("Code").unwrap_or_else(|| "no error code".into());
         let hint = match code.as_str() {
             "SignatureDoesNotMatch" => " (wrong secret key?)",
-            "InvalidAccessKeyId" => " (unknown access key id?)",
+            // NotSignedUp: what s3s (and older S3 servers) say of a key they do not know.
+            "InvalidAccessKeyId" | "NotSignedUp" => " (unknown access key id?)",
             "ExpiredToken" | "InvalidToken" => " (session token expired or invalid)",
             "RequestTimeTooSkewed" => " (the clock is off)",
             "AuthorizationHeaderMalformed" => " (wrong --s3-region?)",

@@ -544,6 +544,25 @@ mod tests {
         assert!(ini_section(text, "none").is_empty());
     }
 
+    /// A session token is sent and signed: a server that checks the signature sees it.
+    #[test]
+    fn a_session_token_is_signed() {
+        let creds =
+            Credentials { access_key: "AKID".into(), secret_key: "s".into(), session_token: Some("tok".into()) };
+        let signer = S3Signer { region: "us-east-1".into(), source: Source::Env(creds) };
+        let h = signer.sign_get(&url("http://127.0.0.1:9000/b/k"), Some("bytes=0-9"), UNIX_EPOCH);
+        let get = |n: &str| h.iter().find(|(k, _)| *k == n).and_then(|(_, v)| v.to_str().ok()).unwrap_or_default();
+        assert_eq!(get("x-amz-security-token"), "tok");
+        assert_eq!(get("x-amz-date"), "19700101T000000Z");
+        assert!(
+            get("authorization")
+                .contains("SignedHeaders=host;range;x-amz-content-sha256;x-amz-date;x-amz-security-token,"),
+            "{}",
+            get("authorization")
+        );
+        assert!(h.iter().all(|(_, v)| v.is_sensitive()));
+    }
+
     #[test]
     fn secrets_are_never_shown() {
         let c =
