@@ -1,0 +1,154 @@
+//! Mirrors (`--mirror URL`, repeatable) in front of an origin, all real nginx servers: a dead
+//! first mirror is passed over, a mirror serving corrupt bytes is a verification failure that
+//! sends the request on (never an error to the reader while the origin can answer), and a
+//! failing mirror is skipped for its back-off period, then probed again and used once it
+//! answers. Counted at each server (its access log) and in the daemon's per-source metrics.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use incfs::image::ImageId;
+use incfs::pack::{pack, PackOptions};
+use incfs::store::Store;
+use support::*;
+
+/// The image of one file (incompressible, 40 blocks) in `root/www/store`.
+fn packed(root: &Path) -> (ImageId, Vec<u8>) {
+    let src = root.join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(3, 40 * 4096);
+    fs::write(src.join("f"), &data).expect("write");
+    let id = pack(&src, &Store::new(root.join("www/store")), &PackOptions::default()).expect("pack").0;
+    (id, data)
+}
+
+/// A copy of `root/www` in `root/<name>`, its blobs' bytes inverted if `corrupt`.
+fn copy_store(root: &Path, name: &str, corrupt: bool) -> std::path::PathBuf {
+    let dst = root.join(name);
+    for sub in ["images", "blobs"] {
+        fs::create_dir_all(dst.join("store").join(sub)).expect("mkdir");
+        for e in fs::read_dir(root.join("www/store").join(sub)).expect("ls") {
+            let e = e.expect("entry");
+            let mut bytes = fs::read(e.path()).expect("read");
+            if corrupt && sub == "blobs" {
+                bytes.iter_mut().for_each(|b| *b = !*b);
+            }
+            fs::write(dst.join("store").join(sub).join(e.file_name()), bytes).expect("write");
+        }
+    }
+    dst
+}
+
+fn cat(origin: &str, id: ImageId, mirrors: &[&str]) -> Output {
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut c = Command::new(INCFSD);
+    c.args(["cat", "--store", origin, "--image", &id.to_string(), "--cache"]).arg(cache.path());
+    for m in mirrors {
+        c.args(["--mirror", m]);
+    }
+    c.arg("f").output().expect("incfsd cat")
+}
+
+fn assert_served(out: &Output, data: &[u8]) {
+    assert!(out.status.success(), "cat failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == data, "cat printed {} bytes, not the file's {}", out.stdout.len(), data.len());
+}
+
+fn requests(n: &Nginx, prefix: &str) -> usize {
+    n.log().iter().filter(|r| r.3.starts_with(prefix)).count()
+}
+
+#[test]
+fn a_dead_mirror_is_passed_over_and_a_corrupt_one_never_served() {
+    let t = tempfile::tempdir().expect("tmp");
+    let (id, data) = packed(t.path());
+    let origin = Nginx::start(&t.path().join("www"), 0);
+    let good = Nginx::start(&copy_store(t.path(), "good", false), 0);
+    let bad = Nginx::start(&copy_store(t.path(), "bad", true), 0);
+    let dead = format!("http://127.0.0.1:{}/store", free_port());
+    let o = format!("{}/store", origin.url);
+
+    // Dead, then good: everything from the good mirror, nothing from the origin.
+    assert_served(&cat(&o, id, &[&dead, &format!("{}/store", good.url)]), &data);
+    assert!(requests(&good, "/store/blobs/") > 0 && requests(&good, "/store/images/") == 1);
+    assert_eq!(requests(&origin, "/store/"), 0, "the origin was asked: {:?}", origin.log());
+
+    // Corrupt: its blocks fail verification and the origin serves them. Its manifest is
+    // intact (it verifies) and is used.
+    assert_served(&cat(&o, id, &[&format!("{}/store", bad.url)]), &data);
+    assert!(requests(&bad, "/store/blobs/") > 0, "{:?}", bad.log());
+    assert!(requests(&origin, "/store/blobs/") > 0, "{:?}", origin.log());
+    // A corrupt manifest too: bytes that do not hash to the image id.
+    for e in fs::read_dir(t.path().join("bad/store/images")).expect("ls") {
+        fs::write(e.expect("entry").path(), b"not the manifest").expect("write");
+    }
+    assert_served(&cat(&o, id, &[&format!("{}/store", bad.url)]), &data);
+    assert_eq!(requests(&origin, "/store/images/"), 1, "{:?}", origin.log());
+    // Mirrors that are store directories work the same.
+    assert_served(&cat(&o, id, &[&t.path().join("good/store").to_string_lossy()]), &data);
+}
+
+#[test]
+fn a_failing_mirror_backs_off_then_is_probed_and_used_again() {
+    let t = tempfile::tempdir().expect("tmp");
+    let (id, data) = packed(t.path());
+    let origin = Nginx::start(&t.path().join("www"), 0);
+    let mut mirror = Nginx::start_with(&copy_store(t.path(), "copy", false), "", "return 503;");
+    fs::create_dir_all(t.path().join("run")).expect("mkdir");
+    let d = RunDaemon::start(
+        &format!("{}/store", origin.url),
+        &id.to_string(),
+        &t.path().join("cache"),
+        &t.path().join("run/fs.sock"),
+        &[
+            "--mirror",
+            &format!("{}/store", mirror.url),
+            "--mirror-backoff-ms",
+            "1500",
+            "--no-prefetch",
+            "--readahead-kb",
+            "4",
+        ],
+    );
+    let mut f = incfs_testing::FuseFrontend::connect(&d.socket).expect("connect");
+    f.init().expect("init");
+    let e = f.lookup(1, b"f").expect("lookup");
+    let (fh, _) = f.open(e.nodeid, 0).expect("open");
+    let mut block = 0u64;
+    let mut read_next = |f: &mut incfs_testing::FuseFrontend| {
+        let at = block * 4096;
+        let got = f.read(e.nodeid, fh, at, 4096).expect("read");
+        assert!(got == data[at as usize..at as usize + 4096], "wrong bytes at block {block}");
+        block += 1;
+    };
+    // The manifest: the mirror answered 503, the origin served it; the mirror now backs off.
+    assert_eq!(mirror.log().iter().filter(|r| r.0 == 503).count(), 1, "{:?}", mirror.log());
+    assert_eq!(d.metric("incfs_source_mirror0_failures_total"), 1);
+    read_next(&mut f);
+    read_next(&mut f);
+    assert_eq!(mirror.log().len(), 1, "a backing-off mirror was asked: {:?}", mirror.log());
+    assert_eq!(requests(&origin, "/store/blobs/"), 2);
+    assert!(d.metric("incfs_source_mirror0_skipped_total") >= 2);
+
+    // The mirror recovers; once its back-off has passed it is probed and used again.
+    mirror.reconfigure("");
+    std::thread::sleep(Duration::from_millis(1600));
+    let t0 = Instant::now();
+    while requests(&mirror, "/store/blobs/") == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the mirror was never probed again: {:?}", mirror.log());
+        read_next(&mut f);
+    }
+    let from_origin = requests(&origin, "/store/blobs/");
+    for _ in 0..3 {
+        read_next(&mut f);
+    }
+    assert_eq!(requests(&origin, "/store/blobs/"), from_origin, "a healthy mirror was passed over");
+    assert!(mirror.log().iter().filter(|r| r.3.starts_with("/store/blobs/")).all(|r| r.0 == 206));
+    assert_eq!(d.metric("incfs_source_mirror0_verify_failures_total"), 0);
+    assert!(d.metric("incfs_source_mirror0_bytes_total") >= 4 * 4096);
+    d.stop();
+}
