@@ -152,3 +152,117 @@ fn a_failing_mirror_backs_off_then_is_probed_and_used_again() {
     assert!(d.metric("incfs_source_mirror0_bytes_total") >= 4 * 4096);
     d.stop();
 }
+
+/// nginx running docs/nginx-cache-tier.conf in front of `origin` (host:port), as the
+/// document says to: included in an http {} block, its port, cache directory and origin
+/// replaced. Killed on drop.
+pub struct CacheTier {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl CacheTier {
+    pub fn start(origin: &str) -> CacheTier {
+        let dir = tempfile::tempdir().expect("tmp");
+        let port = free_port();
+        let d = dir.path().display();
+        let conf = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/nginx-cache-tier.conf"))
+            .expect("docs/nginx-cache-tier.conf");
+        let replaced = conf
+            .replace("listen 8080;", &format!("listen 127.0.0.1:{port};"))
+            .replace("/var/cache/nginx/incfs", &format!("{d}/cache"))
+            .replace("origin.example:80", origin);
+        assert!(replaced != conf && replaced.contains(origin), "the document changed: update this test");
+        fs::write(dir.path().join("tier.conf"), replaced).expect("write");
+        fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "daemon off; master_process off; worker_processes 1; error_log {d}/error.log warn; pid {d}/nginx.pid;
+events {{ worker_connections 512; }}
+http {{
+  access_log {d}/access.log;
+  client_body_temp_path {d}/t1; proxy_temp_path {d}/t2; fastcgi_temp_path {d}/t3; uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;
+  include {d}/tier.conf;
+}}"
+            ),
+        )
+        .expect("write");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        wait_for_port(port);
+        CacheTier { child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
+    }
+}
+
+impl Drop for CacheTier {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two daemons with separate caches, a dead first mirror and the caching tier second: the
+/// origin sends each byte of the blobs once (each 1 MiB slice once), the second daemon is
+/// served by the tier alone.
+#[test]
+fn a_caching_tier_shares_one_download_between_daemons() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    // 3 MiB in two files: several slices, ranges across slice boundaries.
+    let (a, b) = (pseudo_random(11, 2 << 20), pseudo_random(12, 1 << 20));
+    fs::write(src.join("a"), &a).expect("write");
+    fs::write(src.join("b"), &b).expect("write");
+    let id = pack(&src, &Store::new(t.path().join("www/store")), &PackOptions::default()).expect("pack").0;
+    let blob_bytes: u64 = fs::read_dir(t.path().join("www/store/blobs"))
+        .expect("ls")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .sum();
+    let origin = Nginx::start(&t.path().join("www"), 0);
+    let tier = CacheTier::start(origin.url.trim_start_matches("http://"));
+    let dead = format!("http://127.0.0.1:{}/store", free_port());
+    let mirrors = [dead.as_str(), &format!("{}/store", tier.url)];
+
+    let o = format!("{}/store", origin.url);
+    let cat_both = || {
+        for (name, data) in [("a", &a), ("b", &b)] {
+            let cache = tempfile::tempdir().expect("tmp");
+            let mut c = Command::new(INCFSD);
+            c.args(["cat", "--store", &o, "--image", &id.to_string(), "--cache"]).arg(cache.path());
+            for m in mirrors {
+                c.args(["--mirror", m]);
+            }
+            let out = c.arg(name).output().expect("cat");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(out.stdout == **data, "wrong bytes of {name}");
+        }
+    };
+    cat_both();
+    let first = origin.log();
+    cat_both();
+    let log = origin.log();
+    assert_eq!(log.len(), first.len(), "the second daemon reached the origin: {:?}", &log[first.len()..]);
+    // Each blob byte left the origin once: slices never overlap, and they add up to the blobs.
+    let blobs: Vec<_> = log.iter().filter(|r| r.3.starts_with("/store/blobs/")).collect();
+    let mut ranges: Vec<(String, u64, u64)> = blobs
+        .iter()
+        .filter_map(|r| {
+            let (a, b) = r.2.strip_prefix("bytes=")?.split_once('-')?;
+            Some((r.3.clone(), a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(ranges.len(), blobs.len(), "every blob request was a range: {log:?}");
+    ranges.sort();
+    for w in ranges.windows(2) {
+        assert!(w[0].0 != w[1].0 || w[0].2 < w[1].1, "a range was fetched twice: {ranges:?}");
+    }
+    assert_eq!(blobs.iter().map(|r| r.1).sum::<u64>(), blob_bytes, "{ranges:?}");
+    assert!(log.iter().all(|r| r.0 == 200 || r.0 == 206), "{log:?}");
+}
