@@ -61,6 +61,7 @@ pub enum Cmd {
 #[derive(Args)]
 pub struct PackArgs {
     pub src: PathBuf,
+    /// A store directory, or s3://BUCKET/PREFIX.
     #[arg(long)]
     pub store: PathBuf,
     /// zstd compression level.
@@ -73,6 +74,9 @@ pub struct PackArgs {
     /// STORE/traces/ID: daemons prefetch it from start-up.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// For --store s3://BUCKET/PREFIX: packed in a temporary directory, then uploaded.
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 #[derive(Subcommand)]
@@ -265,6 +269,21 @@ pub struct HttpArgs {
 /// S3 settings and mirrors (docs/stores.md).
 #[derive(Args)]
 pub struct SourceArgs {
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// A mirror of the store (same layout: http(s)://, s3:// or a directory), tried before
+    /// it; repeatable, tried in order. What a mirror sends is verified like the store's.
+    #[arg(long = "mirror", value_name = "URL")]
+    pub mirrors: Vec<String>,
+    /// How long a failing mirror is first skipped; doubles with each failure in a row (to 64
+    /// times this), and a success resets it.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mirror_backoff_ms: u64,
+}
+
+/// Where an s3:// store is (docs/stores.md); credentials come from the environment.
+#[derive(Args)]
+pub struct S3Args {
     /// Region of an s3:// store (default: AWS_REGION, AWS_DEFAULT_REGION, the profile's
     /// region in ~/.aws/config, else us-east-1).
     #[arg(long, value_name = "REGION")]
@@ -277,14 +296,6 @@ pub struct SourceArgs {
     /// Default: virtual on AWS, path with --s3-endpoint.
     #[arg(long, value_enum, value_name = "STYLE")]
     pub s3_addressing: Option<S3Addressing>,
-    /// A mirror of the store (same layout: http(s)://, s3:// or a directory), tried before
-    /// it; repeatable, tried in order. What a mirror sends is verified like the store's.
-    #[arg(long = "mirror", value_name = "URL")]
-    pub mirrors: Vec<String>,
-    /// How long a failing mirror is first skipped; doubles with each failure in a row (to 64
-    /// times this), and a success resets it.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub mirror_backoff_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -293,8 +304,8 @@ pub enum S3Addressing {
     Virtual,
 }
 
-impl SourceArgs {
-    fn s3(&self) -> incfs::store::s3::S3Options {
+impl S3Args {
+    pub fn options(&self) -> incfs::store::s3::S3Options {
         use incfs::store::s3::{Addressing, S3Options};
         S3Options {
             region: self.s3_region.clone(),
@@ -315,7 +326,7 @@ impl HttpArgs {
             client_key: self.client_key.clone(),
             headers: self.headers.clone(),
             bearer_token_file: self.bearer_token_file.clone(),
-            s3: self.sources.s3(),
+            s3: self.sources.s3.options(),
             mirrors: self.sources.mirrors.clone(),
             mirror_backoff: Some(Duration::from_millis(self.sources.mirror_backoff_ms)),
         }

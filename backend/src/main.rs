@@ -87,9 +87,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn pack(args: PackArgs) -> Result<()> {
-    let PackArgs { src, store, level, blob_size_mb, trace } = args;
+    let PackArgs { src, store, level, blob_size_mb, trace, s3 } = args;
     let opts = pack::PackOptions { level, blob_size: blob_size_mb.max(1) << 20, progress: true };
-    let store = Store::new(store);
+    // s3://: packed into a temporary store beside nothing else, then uploaded.
+    let s3_spec = store.to_str().filter(|s| s.starts_with("s3://")).map(String::from);
+    let staging = match &s3_spec {
+        Some(_) => Some(tempfile::tempdir().map_err(|e| Error::io("create a temporary store", e))?),
+        None => None,
+    };
+    let store = Store::new(staging.as_ref().map_or(store, |d| d.path().to_path_buf()));
     let (id, s) = pack::pack(&src, &store, &opts)?;
     if let Some(t) = trace {
         let text = std::fs::read_to_string(&t).map_err(|e| Error::io(format!("read {}", t.display()), e))?;
@@ -113,6 +119,13 @@ fn pack(args: PackArgs) -> Result<()> {
         s.stored_bytes,
         s.manifest_bytes
     );
+    if let Some(spec) = s3_spec {
+        let timeout = std::time::Duration::from_secs(30);
+        let http = incfs::store::HttpOptions::default();
+        let u =
+            runtime()?.block_on(incfs::store::s3::upload_store(&store.root, &spec, &s3.options(), &http, timeout))?;
+        eprintln!("uploaded {} objects ({} bytes) to {spec}; {} already there", u.uploaded, u.bytes, u.present);
+    }
     println!("{id}");
     Ok(())
 }

@@ -203,3 +203,45 @@ fn rotated_credentials_file_is_picked_up_by_a_sandboxed_daemon() {
     assert!(rest == data[4096..], "wrong bytes");
     d.stop();
 }
+
+/// `incfsd pack --store s3://…` uploads with signed PUTs (manifests last), skips what is
+/// already there, and what it uploaded serves reads; a wrong secret is refused.
+#[test]
+fn pack_uploads_with_signed_puts() {
+    let Some(bin) = s3s::binary() else { return };
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let data = pseudo_random(9, 200_000);
+    fs::write(src.join("f"), &data).expect("write");
+    fs::create_dir_all(t.path().join("s3/bkt")).expect("mkdir");
+    let server = S3s::start(&bin, &t.path().join("s3"), KEY, SECRET, None);
+    let home = t.path().join("home");
+    fs::create_dir_all(&home).expect("mkdir");
+    let pack_to = |store: &str, secret: &str| {
+        let mut c = Command::new(INCFSD);
+        c.arg("pack").arg(&src).args(["--store", store, "--s3-endpoint", &server.endpoint]);
+        clean_aws_env(&mut c, &home);
+        c.env("AWS_ACCESS_KEY_ID", KEY).env("AWS_SECRET_ACCESS_KEY", secret).output().expect("incfsd pack")
+    };
+    let out = pack_to("s3://bkt/packed", SECRET);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("uploaded 2 objects"), "{err}");
+    let id: ImageId = String::from_utf8_lossy(&out.stdout).trim().parse().expect("image id");
+    assert!(t.path().join(format!("s3/bkt/packed/images/{id}")).is_file(), "the manifest is in the bucket");
+    let keys = [("AWS_ACCESS_KEY_ID", KEY), ("AWS_SECRET_ACCESS_KEY", SECRET)];
+    assert_served(&cat("s3://bkt/packed", id, &home, &["--s3-endpoint", &server.endpoint], &keys), &data);
+    // Again: everything is there already.
+    let out = pack_to("s3://bkt/packed", SECRET);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("uploaded 0 objects (0 bytes) to s3://bkt/packed; 2 already there"),
+        "{err}"
+    );
+    // A wrong secret: nothing uploaded.
+    let out = pack_to("s3://bkt/other", "wrong-secret-7");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("HTTP 403") && !err.contains("wrong-secret-7"), "{err}");
+    assert!(!t.path().join("s3/bkt/other").exists());
+}

@@ -384,7 +384,7 @@ pub fn redact_store(spec: &str) -> String {
 
 /// A client for an HTTP(S) store: no redirects, `opts`' roots, identity and headers.
 /// Proxies come from HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (reqwest's default).
-fn http_client(attempt_timeout: Duration, opts: &HttpOptions) -> Result<reqwest::Client> {
+pub(crate) fn http_client(attempt_timeout: Duration, opts: &HttpOptions) -> Result<reqwest::Client> {
     let setup = |what: String| move |source| Error::HttpSetup { what, source };
     let mut b = reqwest::Client::builder()
         .pool_max_idle_per_host(16)

@@ -243,11 +243,23 @@ impl S3Signer {
         range: Option<&str>,
         now: SystemTime,
     ) -> Vec<(&'static str, reqwest::header::HeaderValue)> {
+        self.sign("GET", url, range, EMPTY_SHA256, now)
+    }
+
+    /// As `sign_get`, for `method` and a body of SHA-256 `payload_hash` (hex).
+    pub fn sign(
+        &self,
+        method: &str,
+        url: &reqwest::Url,
+        range: Option<&str>,
+        payload_hash: &str,
+        now: SystemTime,
+    ) -> Vec<(&'static str, reqwest::header::HeaderValue)> {
         let creds = self.credentials();
         let date = amz_date(now);
         let mut headers: Vec<(&'static str, String)> = vec![
             ("host", host_header(url)),
-            ("x-amz-content-sha256", EMPTY_SHA256.into()),
+            ("x-amz-content-sha256", payload_hash.into()),
             ("x-amz-date", date.clone()),
         ];
         if let Some(r) = range {
@@ -256,7 +268,7 @@ impl S3Signer {
         if let Some(t) = &creds.session_token {
             headers.push(("x-amz-security-token", t.clone()));
         }
-        let auth = authorization(&creds, &self.region, "s3", "GET", url, &headers, EMPTY_SHA256, &date);
+        let auth = authorization(&creds, &self.region, "s3", method, url, &headers, payload_hash, &date);
         headers.push(("authorization", auth));
         headers
             .into_iter()
@@ -412,6 +424,147 @@ fn base_url(bucket: &str, prefix: &str, opts: &S3Options, region: &str) -> Resul
         base = format!("{base}/{prefix}");
     }
     Ok(base)
+}
+
+/// What `upload_store` did.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    pub uploaded: u64,
+    pub bytes: u64,
+    /// Objects already in the bucket with the same size (content-addressed: the same bytes).
+    pub present: u64,
+}
+
+/// Largest object uploaded (one PUT; S3 takes up to 5 GiB, a blob is about `--blob-size-mb`).
+const UPLOAD_MAX: u64 = 1 << 30;
+
+/// Uploads a store directory (as `incfsd pack` writes it) to `spec` (`s3://BUCKET/PREFIX`)
+/// with signed PUTs: blobs, then traces, then manifests, so that an image is visible only
+/// once everything it names is there. An object already present with the same size is
+/// skipped (names are content hashes: the same name is the same bytes). Transient failures
+/// (transport, 5xx, 429) are retried 3 times.
+pub async fn upload_store(
+    dir: &Path,
+    spec: &str,
+    opts: &S3Options,
+    http: &super::HttpOptions,
+    timeout: Duration,
+) -> Result<UploadStats> {
+    let (base, signer) = open(spec, opts)?;
+    let client = super::http_client(timeout, http)?;
+    let mut stats = UploadStats::default();
+    for sub in ["blobs", "traces", "images"] {
+        let d = dir.join(sub);
+        if !d.is_dir() {
+            continue;
+        }
+        let mut names: Vec<String> = fs::read_dir(&d)
+            .map_err(|e| Error::io(format!("list {}", d.display()), e))?
+            .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+            .collect();
+        names.sort();
+        for name in names {
+            let path = d.join(&name);
+            let url = format!("{base}/{sub}/{name}");
+            let url = reqwest::Url::parse(&url).map_err(|e| Error::Invalid(format!("{url}: {e}")))?;
+            let size = fs::metadata(&path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
+            if size > UPLOAD_MAX {
+                return Err(Error::Invalid(format!("{} is larger than {UPLOAD_MAX} bytes", path.display())));
+            }
+            if head_size(&client, &signer, &url, timeout).await? == Some(size) {
+                stats.present += 1;
+                continue;
+            }
+            let body = fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+            put(&client, &signer, &url, body, timeout).await?;
+            stats.uploaded += 1;
+            stats.bytes += size;
+        }
+    }
+    Ok(stats)
+}
+
+/// The object's size if it exists (HEAD), None if not.
+async fn head_size(
+    client: &reqwest::Client,
+    signer: &S3Signer,
+    url: &reqwest::Url,
+    timeout: Duration,
+) -> Result<Option<u64>> {
+    let what = format!("HEAD {url}");
+    for attempt in 0..4 {
+        let mut req = client.head(url.clone());
+        for (k, v) in signer.sign("HEAD", url, None, EMPTY_SHA256, SystemTime::now()) {
+            req = req.header(k, v);
+        }
+        match tokio::time::timeout(timeout, req.send()).await {
+            Ok(Ok(r)) if r.status().is_success() => {
+                return Ok(r.headers().get(reqwest::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()))
+            }
+            Ok(Ok(r)) if r.status() == reqwest::StatusCode::NOT_FOUND => return Ok(None),
+            Ok(Ok(r)) if !transient(r.status()) || attempt == 3 => {
+                // A HEAD answer has no body to say why.
+                return Err(Error::Invalid(format!(
+                    "{what}: S3 refused: HTTP {} (check the credentials and region)",
+                    r.status()
+                )));
+            }
+            Ok(Err(e)) if attempt == 3 => return Err(Error::Invalid(format!("{what}: {}", e.without_url()))),
+            Err(_) if attempt == 3 => return Err(Error::Invalid(format!("{what}: no answer within {timeout:?}"))),
+            _ => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+fn transient(s: reqwest::StatusCode) -> bool {
+    s.is_server_error() || s == reqwest::StatusCode::TOO_MANY_REQUESTS || s == reqwest::StatusCode::REQUEST_TIMEOUT
+}
+
+/// A signed PUT of `body`, its SHA-256 signed too.
+async fn put(
+    client: &reqwest::Client,
+    signer: &S3Signer,
+    url: &reqwest::Url,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<()> {
+    let what = format!("PUT {url}");
+    let hash = sha256_hex(&body);
+    let body = bytes::Bytes::from(body);
+    let deadline = super::attempt_deadline(timeout, body.len() as u64);
+    for attempt in 0..4 {
+        let mut req = client.put(url.clone()).body(body.clone());
+        for (k, v) in signer.sign("PUT", url, None, &hash, SystemTime::now()) {
+            req = req.header(k, v);
+        }
+        let r = match tokio::time::timeout(deadline, req.send()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) if attempt == 3 => return Err(Error::Invalid(format!("{what}: {}", e.without_url()))),
+            Err(_) if attempt == 3 => return Err(Error::Invalid(format!("{what}: no answer within {deadline:?}"))),
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                continue;
+            }
+        };
+        let status = r.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if transient(status) && attempt < 3 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            continue;
+        }
+        let text = tokio::time::timeout(timeout, r.bytes()).await.ok().and_then(|b| b.ok()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
+        let code = text
+            .split_once("<Code>")
+            .and_then(|(_, r)| r.split_once("</Code>"))
+            .map(|(c, _)| c.chars().filter(|c| !c.is_control()).take(100).collect::<String>())
+            .unwrap_or_else(|| "no error code".into());
+        return Err(Error::Invalid(format!("{what}: S3 refused the upload: HTTP {status} {code}")));
+    }
+    unreachable!("the last attempt returns")
 }
 
 #[cfg(test)]
