@@ -80,19 +80,27 @@ impl Mirrors {
         &self.sources[self.sources.len() - 1].remote
     }
 
-    /// Whether source `i` is asked now: the origin always, a mirror unless backing off.
+    /// How long a mirror that failed `failures` times in a row is skipped.
+    fn wait(&self, failures: u32) -> Duration {
+        self.backoff * (1u32 << failures.saturating_sub(1).min(6))
+    }
+
+    /// Whether mirror `i` is asked now: not while backing off. The first request after a
+    /// back-off is the probe: the others keep skipping the mirror until it has answered.
     fn usable(&self, i: usize) -> bool {
-        if i + 1 == self.sources.len() {
-            return true;
-        }
         let s = &self.sources[i];
-        let h = s.health.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = s.health.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
         match h.until {
-            Some(t) if Instant::now() < t => {
+            Some(t) if now < t => {
                 s.counters.skipped.fetch_add(1, Relaxed);
                 false
             }
-            _ => true,
+            Some(_) => {
+                h.until = Some(now + self.wait(h.failures));
+                true
+            }
+            None => true,
         }
     }
 
@@ -120,7 +128,7 @@ impl Mirrors {
         }
         let mut h = s.health.lock().unwrap_or_else(|e| e.into_inner());
         h.failures = h.failures.saturating_add(1);
-        let wait = self.backoff * (1u32 << (h.failures - 1).min(6));
+        let wait = self.wait(h.failures);
         h.until = Some(Instant::now() + wait);
         tracing::warn!(source = %s.remote.describe(), failures = h.failures, "mirror failed, skipped for {wait:?}: {why}");
     }
@@ -134,8 +142,8 @@ impl Mirrors {
     /// The manifest from the first source whose answer verifies against `id`.
     pub async fn manifest(&self, id: &ImageId) -> Result<Vec<u8>, FetchError> {
         let last = self.sources.len() - 1;
-        for i in 0..self.sources.len() {
-            if !self.usable(i) {
+        for i in 0..=last {
+            if i < last && !self.usable(i) {
                 continue;
             }
             let s = &self.sources[i];
@@ -152,7 +160,7 @@ impl Mirrors {
                 Err(e) => self.failed(i, &e.to_string(), Self::backs_off(&e)),
             }
         }
-        unreachable!("the origin is always asked")
+        Err(FetchError::Permanent("no source answered".into()))
     }
 
     /// Bytes [offset, offset+len) of a blob from the first source whose answer `check`
@@ -166,8 +174,8 @@ impl Mirrors {
         check: impl Fn(&Bytes) -> (T, bool),
     ) -> Result<(Bytes, T), FetchError> {
         let last = self.sources.len() - 1;
-        for i in 0..self.sources.len() {
-            if !self.usable(i) {
+        for i in 0..=last {
+            if i < last && !self.usable(i) {
                 continue;
             }
             let s = &self.sources[i];
@@ -193,7 +201,7 @@ impl Mirrors {
                 Err(e) => self.failed(i, &e.to_string(), Self::backs_off(&e)),
             }
         }
-        unreachable!("the origin is always asked")
+        Err(FetchError::Permanent("no source answered".into()))
     }
 
     /// Per source (`mirror0`, `mirror1`..., `origin`): requests, failures, verify failures,
@@ -214,5 +222,50 @@ impl Mirrors {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_dirs() -> (tempfile::TempDir, Mirrors) {
+        let d = tempfile::tempdir().expect("tmp");
+        for s in ["origin", "mirror"] {
+            std::fs::create_dir_all(d.path().join(s).join("images")).expect("mkdir");
+        }
+        let open = |s: &str| Remote::open(&d.path().join(s).to_string_lossy(), Duration::from_secs(1)).expect("store");
+        let m = Mirrors::new(open("origin"), vec![open("mirror")], Duration::from_millis(100));
+        (d, m)
+    }
+
+    #[test]
+    fn back_off_doubles_to_64_times_and_one_probe_goes_at_a_time() {
+        let (_d, m) = two_dirs();
+        assert_eq!(m.wait(1), Duration::from_millis(100));
+        assert_eq!(m.wait(2), Duration::from_millis(200));
+        assert_eq!(m.wait(7), Duration::from_millis(6400));
+        assert_eq!(m.wait(u32::MAX), Duration::from_millis(6400));
+
+        assert!(m.usable(0));
+        m.failed(0, "refused", true);
+        assert!(!m.usable(0), "backing off");
+        std::thread::sleep(Duration::from_millis(110));
+        assert!(m.usable(0), "probed once the period is over");
+        assert!(!m.usable(0), "while one probe is out, the others skip it");
+        m.failed(0, "refused again", true);
+        std::thread::sleep(Duration::from_millis(110));
+        assert!(!m.usable(0), "the second period is twice as long");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(m.usable(0));
+        m.succeeded(0, 1);
+        assert!(m.usable(0) && m.usable(0), "healthy again");
+        // A mirror without the object is passed over without backing off.
+        m.failed(0, "404", false);
+        assert!(m.usable(0));
+        let c = m.counters();
+        assert!(c.contains(&("source_mirror0_failures".to_string(), 3)), "{c:?}");
+        assert!(c.contains(&("source_mirror0_skipped".to_string(), 3)), "{c:?}");
+        assert!(c.iter().any(|(n, _)| n == "source_origin_requests"));
     }
 }

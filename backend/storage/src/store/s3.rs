@@ -555,8 +555,16 @@ async fn put(
             tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             continue;
         }
-        let text = tokio::time::timeout(timeout, r.bytes()).await.ok().and_then(|b| b.ok()).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
+        // The error body, its first 4 KiB only.
+        let mut text = Vec::new();
+        let mut r = r;
+        while text.len() < 4096 {
+            match tokio::time::timeout(timeout, r.chunk()).await {
+                Ok(Ok(Some(c))) => text.extend_from_slice(&c[..c.len().min(4096 - text.len())]),
+                _ => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&text).into_owned();
         let code = text
             .split_once("<Code>")
             .and_then(|(_, r)| r.split_once("</Code>"))
