@@ -108,7 +108,7 @@ fn a_failing_mirror_backs_off_then_is_probed_and_used_again() {
             "--mirror",
             &format!("{}/store", mirror.url),
             "--mirror-backoff-ms",
-            "1500",
+            "3000",
             "--no-prefetch",
             "--readahead-kb",
             "4",
@@ -136,7 +136,7 @@ fn a_failing_mirror_backs_off_then_is_probed_and_used_again() {
 
     // The mirror recovers; once its back-off has passed it is probed and used again.
     mirror.reconfigure("");
-    std::thread::sleep(Duration::from_millis(1600));
+    std::thread::sleep(Duration::from_millis(3100));
     let t0 = Instant::now();
     while requests(&mirror, "/store/blobs/") == 0 {
         assert!(t0.elapsed() < Duration::from_secs(10), "the mirror was never probed again: {:?}", mirror.log());
