@@ -266,3 +266,43 @@ fn a_caching_tier_shares_one_download_between_daemons() {
     assert_eq!(blobs.iter().map(|r| r.1).sum::<u64>(), blob_bytes, "{ranges:?}");
     assert!(log.iter().all(|r| r.0 == 200 || r.0 == 206), "{log:?}");
 }
+
+/// The origin's header and bearer token are not sent to a mirror: the mirror (which would
+/// refuse a request carrying them) serves, and the origin (which requires them) is not asked.
+#[test]
+fn a_mirror_never_sees_the_origins_credentials() {
+    let t = tempfile::tempdir().expect("tmp");
+    let (id, data) = packed(t.path());
+    let origin = Nginx::start_with(
+        &t.path().join("www"),
+        "",
+        r#"if ($http_x_token != "s3cret") { return 403; } if ($http_authorization != "Bearer tok-1") { return 401; }"#,
+    );
+    let mirror = Nginx::start_with(
+        &copy_store(t.path(), "copy", false),
+        "",
+        r#"if ($http_x_token != "") { return 403; } if ($http_authorization != "") { return 401; }"#,
+    );
+    let token = t.path().join("token");
+    fs::write(&token, "tok-1").expect("write");
+    let cache = tempfile::tempdir().expect("tmp");
+    let out = Command::new(INCFSD)
+        .args(["cat", "--store", &format!("{}/store", origin.url), "--image", &id.to_string(), "--cache"])
+        .arg(cache.path())
+        .args(["--header", "X-Token: s3cret", "--bearer-token-file", &token.to_string_lossy()])
+        .args(["--mirror", &format!("{}/store", mirror.url), "f"])
+        .output()
+        .expect("cat");
+    assert_served(&out, &data);
+    assert!(mirror.log().iter().all(|r| r.0 == 200 || r.0 == 206), "{:?}", mirror.log());
+    assert_eq!(origin.log().len(), 0, "{:?}", origin.log());
+    // The origin alone is served with them (the checks above can fail).
+    let cache = tempfile::tempdir().expect("tmp");
+    let out = Command::new(INCFSD)
+        .args(["cat", "--store", &format!("{}/store", origin.url), "--image", &id.to_string(), "--cache"])
+        .arg(cache.path())
+        .args(["--header", "X-Token: s3cret", "--bearer-token-file", &token.to_string_lossy(), "f"])
+        .output()
+        .expect("cat");
+    assert_served(&out, &data);
+}

@@ -453,8 +453,13 @@ impl Remote {
     pub fn open_with(spec: &str, attempt_timeout: Duration, http: &HttpOptions) -> Result<Self> {
         if !http.mirrors.is_empty() {
             let origin = Self::open_one(spec, attempt_timeout, http)?;
-            let mirrors =
-                http.mirrors.iter().map(|m| Self::open_one(m, attempt_timeout, http)).collect::<Result<Vec<_>>>()?;
+            // A mirror gets the TLS settings, never the origin's credentials (headers, token).
+            let to_mirrors = HttpOptions { headers: Vec::new(), bearer_token_file: None, ..http.clone() };
+            let mirrors = http
+                .mirrors
+                .iter()
+                .map(|m| Self::open_one(m, attempt_timeout, &to_mirrors))
+                .collect::<Result<Vec<_>>>()?;
             let backoff = http.mirror_backoff.unwrap_or(mirror::DEFAULT_MIRROR_BACKOFF);
             return Ok(Remote::Mirrored(Arc::new(mirror::Mirrors::new(origin, mirrors, backoff))));
         }
