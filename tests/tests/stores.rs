@@ -10,13 +10,17 @@ use std::process::{Child, Command, Stdio};
 
 use incfs_e2e::*;
 
-/// s3s-fs: `$S3S_FS`, on PATH or in ~/.cargo/bin. Missing outside CI: the test is skipped.
+/// s3s-fs: `$S3S_FS`, on PATH or in cargo's bin directory. Missing outside CI: the test is skipped.
 fn s3s_fs() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("S3S_FS").map(PathBuf::from).filter(|p| p.is_file()) {
         return Some(p);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin")).unwrap_or_default();
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .map(|c| c.join("bin"))
+        .unwrap_or_default();
     let found = std::env::split_paths(&path).chain([home]).map(|d| d.join("s3s-fs")).find(|p| p.is_file());
     if found.is_none() {
         assert!(std::env::var_os("CI").is_none(), "s3s-fs is not installed (.ci/run installs it)");

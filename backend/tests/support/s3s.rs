@@ -14,7 +14,11 @@ pub fn binary() -> Option<PathBuf> {
         return Some(p);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin")).unwrap_or_default();
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .map(|c| c.join("bin"))
+        .unwrap_or_default();
     let found = std::env::split_paths(&path).chain([home]).map(|d| d.join("s3s-fs")).find(|p| p.is_file());
     if found.is_none() {
         assert!(std::env::var_os("CI").is_none(), "s3s-fs is not installed (.ci/run installs it)");
