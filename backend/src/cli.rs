@@ -61,8 +61,9 @@ pub enum Cmd {
 #[derive(Args)]
 pub struct PackArgs {
     pub src: PathBuf,
-    /// Store directory, or an OCI registry repository to push to: oci://HOST[:PORT]/REPO[:TAG]
-    /// (tag `latest` if none; oci+http:// for a registry without TLS).
+    /// A store directory, s3://BUCKET/PREFIX (packed in a temporary directory, then
+    /// uploaded), or an OCI registry repository to push to: oci://HOST[:PORT]/REPO[:TAG] (tag
+    /// `latest` if none; oci+http:// for a registry without TLS).
     #[arg(long)]
     pub store: String,
     /// zstd compression level.
@@ -75,6 +76,7 @@ pub struct PackArgs {
     /// STORE/traces/ID: daemons prefetch it from start-up.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// How to reach an s3:// or oci:// store (TLS, credentials, S3 settings).
     #[command(flatten)]
     pub http: HttpArgs,
 }
@@ -236,9 +238,9 @@ pub struct EngineArgs {
 
 #[derive(Args)]
 pub struct ImageArgs {
-    /// Store directory or http(s):// URL of one. A URL's query (a signed URL's) is kept on
-    /// every request, after the object's path. Or an OCI registry repository,
-    /// oci://HOST[:PORT]/REPO[:TAG] (oci+http:// for one without TLS).
+    /// Store directory, http(s):// URL of one, or s3://BUCKET/PREFIX. A URL's query (a
+    /// signed URL's) is kept on every request, after the object's path. Or an OCI registry
+    /// repository, oci://HOST[:PORT]/REPO[:TAG] (oci+http:// for one without TLS).
     #[arg(long)]
     pub store: String,
     /// The image id; for an oci:// store, a tag instead (resolved once at start, the id
@@ -275,6 +277,60 @@ pub struct HttpArgs {
     /// not run).
     #[arg(long, value_name = "FILE")]
     pub registry_auth: Option<PathBuf>,
+    #[command(flatten)]
+    pub sources: SourceArgs,
+}
+
+/// S3 settings and mirrors (docs/stores.md).
+#[derive(Args)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// A mirror of the store (same layout: http(s)://, s3:// or a directory), tried before
+    /// it; repeatable, tried in order. What a mirror sends is verified like the store's.
+    #[arg(long = "mirror", value_name = "URL")]
+    pub mirrors: Vec<String>,
+    /// How long a failing mirror is first skipped; doubles with each failure in a row (to 64
+    /// times this), and a success resets it.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mirror_backoff_ms: u64,
+}
+
+/// Where an s3:// store is (docs/stores.md); credentials come from the environment.
+#[derive(Args)]
+pub struct S3Args {
+    /// Region of an s3:// store (default: AWS_REGION, AWS_DEFAULT_REGION, the profile's
+    /// region in ~/.aws/config, else us-east-1).
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// http(s)://HOST[:PORT] of an S3-protocol server that is not AWS (default: AWS's
+    /// endpoint of the region).
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// How the bucket is named: path (ENDPOINT/BUCKET/KEY) or virtual (BUCKET.HOST/KEY).
+    /// Default: virtual on AWS, path with --s3-endpoint.
+    #[arg(long, value_enum, value_name = "STYLE")]
+    pub s3_addressing: Option<S3Addressing>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum S3Addressing {
+    Path,
+    Virtual,
+}
+
+impl S3Args {
+    pub fn options(&self) -> incfs::store::s3::S3Options {
+        use incfs::store::s3::{Addressing, S3Options};
+        S3Options {
+            region: self.s3_region.clone(),
+            endpoint: self.s3_endpoint.clone(),
+            addressing: self.s3_addressing.map(|a| match a {
+                S3Addressing::Path => Addressing::Path,
+                S3Addressing::Virtual => Addressing::Virtual,
+            }),
+        }
+    }
 }
 
 impl HttpArgs {
@@ -286,6 +342,9 @@ impl HttpArgs {
             headers: self.headers.clone(),
             bearer_token_file: self.bearer_token_file.clone(),
             registry_auth: self.registry_auth.clone(),
+            s3: self.sources.s3.options(),
+            mirrors: self.sources.mirrors.clone(),
+            mirror_backoff: Some(Duration::from_millis(self.sources.mirror_backoff_ms)),
         }
     }
 }

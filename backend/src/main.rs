@@ -89,14 +89,19 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn pack(args: PackArgs) -> Result<()> {
     let PackArgs { src, store, level, blob_size_mb, trace, http } = args;
     let opts = pack::PackOptions { level, blob_size: blob_size_mb.max(1) << 20, progress: true };
-    // A registry: pack into a staging store in a temporary directory, then push it.
+    if !http.sources.mirrors.is_empty() {
+        return Err(incfs::Error::Invalid("--mirror is for reading; pack writes to --store only".into()).into());
+    }
+    // A registry or s3://: pack into a staging store in a temporary directory, then push or
+    // upload it.
     let registry = incfs::store::oci::OciRef::parse(&store)?;
     if registry.is_some() && trace.is_some() {
         return Err(incfs::Error::Invalid("--trace is not published to registries (yet)".into()).into());
     }
-    let staging = match &registry {
-        Some(_) => Some(tempfile::tempdir().map_err(|e| Error::io("create a staging directory", e))?),
-        None => None,
+    let s3_spec = store.starts_with("s3://").then(|| store.clone());
+    let staging = match registry.is_some() || s3_spec.is_some() {
+        true => Some(tempfile::tempdir().map_err(|e| Error::io("create a staging directory", e))?),
+        false => None,
     };
     let store =
         Store::new(staging.as_ref().map_or_else(|| std::path::PathBuf::from(&store), |d| d.path().to_path_buf()));
@@ -133,6 +138,13 @@ fn pack(args: PackArgs) -> Result<()> {
             "pushed to {shown} (tag {tag}): {} blobs, {} uploaded, {} already there, {} bytes sent; OCI manifest {}",
             p.blobs, p.uploaded, p.skipped, p.bytes, p.manifest_digest
         );
+    }
+    if let Some(spec) = s3_spec {
+        let timeout = std::time::Duration::from_secs(30);
+        let s3 = http.sources.s3.options();
+        let http = http.options();
+        let u = runtime()?.block_on(incfs::store::s3::upload_store(&store.root, &spec, &s3, &http, timeout))?;
+        eprintln!("uploaded {} objects ({} bytes) to {spec}; {} already there", u.uploaded, u.bytes, u.present);
     }
     println!("{id}");
     Ok(())

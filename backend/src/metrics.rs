@@ -99,6 +99,37 @@ impl Snapshot for EngineSnapshot {
     }
 }
 
+/// Per-source counters of a store with mirrors (`incfs_source_mirror0_requests_total`...,
+/// `incfs_source_origin_failures_total`).
+pub struct SourceSnapshot {
+    engine: Arc<Engine>,
+    /// The names, made once: the set of sources is fixed when the store is opened.
+    names: Vec<&'static str>,
+}
+
+impl SourceSnapshot {
+    /// None without mirrors.
+    pub fn new(engine: Arc<Engine>) -> Option<Self> {
+        let counters = engine.remote().source_counters();
+        if counters.is_empty() {
+            return None;
+        }
+        // Leaked once per daemon: a handful of names for its lifetime.
+        let names = counters.into_iter().map(|(n, _)| &*Box::leak(n.into_boxed_str())).collect();
+        Some(SourceSnapshot { engine, names })
+    }
+}
+
+impl Snapshot for SourceSnapshot {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.names.iter().copied().zip(self.engine.remote().source_counters().into_iter().map(|(_, v)| v)).collect()
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
 /// Answers GET /metrics on `listener` until the runtime stops.
 pub async fn run_http_endpoint(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     let app = Router::new().route(

@@ -17,7 +17,7 @@ use tokio::runtime::Handle;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::image::ImageId;
-use crate::metrics::{self, EngineSnapshot, Metrics};
+use crate::metrics::{self, EngineSnapshot, Metrics, SourceSnapshot};
 use crate::sandbox::{self, Access, FsSandbox, Reachable, Sandbox, SandboxConfig};
 
 pub use error::{Error, Result};
@@ -73,7 +73,8 @@ impl DaemonConfig {
             keep("the recorded trace's directory", dir_of(t), Access::ReadWrite, true);
         }
         let registry = crate::store::oci::OciRef::parse(&self.store).ok().flatten().is_some();
-        if registry || self.store.starts_with("http://") || self.store.starts_with("https://") {
+        let is_url = |s: &str| ["http://", "https://", "s3://"].iter().any(|p| s.starts_with(p));
+        if registry || is_url(&self.store) || self.engine.http.mirrors.iter().any(|m| is_url(m)) {
             if self.sandbox.fs == FsSandbox::Chroot && !store_host_is_an_address(&self.store) {
                 tracing::warn!(
                     store = %crate::store::redact_store(&self.store),
@@ -106,7 +107,23 @@ impl DaemonConfig {
                     keep("the registry credentials file", f.clone(), Access::ReadOnly, false);
                 }
             }
-        } else {
+            if self.store.starts_with("s3://") || http.mirrors.iter().any(|m| m.starts_with("s3://")) {
+                // Directories, read while serving: rotated credentials are new files.
+                for f in crate::store::s3::credential_files() {
+                    let d = dir_of(&absolute(&f)?);
+                    if d.is_dir() {
+                        keep("the AWS credentials' directory", d, Access::ReadOnly, true);
+                    }
+                }
+            }
+        }
+        // Mirrors that are store directories.
+        for m in self.engine.http.mirrors.iter_mut().filter(|m| !is_url(m)) {
+            let dir = absolute(Path::new(m.as_str()))?;
+            *m = dir.to_string_lossy().into_owned();
+            keep("a mirror", dir, Access::ReadOnly, true);
+        }
+        if !registry && !is_url(&self.store) {
             let store = absolute(Path::new(&self.store))?;
             self.store = store.to_string_lossy().into_owned();
             keep("the store", store, Access::ReadOnly, true);
@@ -181,6 +198,9 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
     if let Some(addr) = cfg.metrics {
         let mut metrics = Metrics::new();
         metrics.register(EngineSnapshot(engine.clone()));
+        if let Some(sources) = SourceSnapshot::new(engine.clone()) {
+            metrics.register(sources);
+        }
         device.register_metrics(&mut metrics);
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))

@@ -27,7 +27,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::{Hash, ImageId, MANIFEST_MAX};
 use crate::trace::MAX_TRACE_BYTES;
 
+pub mod mirror;
 pub mod oci;
+pub mod s3;
 
 /// Largest stored manifest fetched. `store_manifest` keeps the smaller of the canonical and
 /// the compressed bytes, so a legitimate stored manifest is never larger than the format's
@@ -216,6 +218,12 @@ pub struct HttpOptions {
     /// Docker-style credentials for an OCI registry (`{"auths": {...}}`); without it,
     /// `~/.docker/config.json` if it exists.
     pub registry_auth: Option<PathBuf>,
+    /// Region, endpoint and addressing of an `s3://` store.
+    pub s3: s3::S3Options,
+    /// Mirrors of the store (URLs of the same layout), tried in order before it.
+    pub mirrors: Vec<String>,
+    /// First back-off of a failing mirror (default `mirror::DEFAULT_MIRROR_BACKOFF`).
+    pub mirror_backoff: Option<Duration>,
 }
 
 impl std::fmt::Debug for HttpOptions {
@@ -228,6 +236,9 @@ impl std::fmt::Debug for HttpOptions {
             .field("header_names", &names)
             .field("bearer_token_file", &self.bearer_token_file)
             .field("registry_auth", &self.registry_auth)
+            .field("s3", &self.s3)
+            .field("mirrors", &self.mirrors.iter().map(|m| redact_store(m)).collect::<Vec<_>>())
+            .field("mirror_backoff", &self.mirror_backoff)
             .finish()
     }
 }
@@ -361,9 +372,13 @@ pub enum Remote {
         /// Each attempt's base allowance (see MIN_TRANSFER_RATE).
         attempt_base: Duration,
         bearer: Option<Arc<BearerToken>>,
+        /// Signs every request (an `s3://` store).
+        s3: Option<Arc<s3::S3Signer>>,
     },
     /// An OCI registry repository (`oci://HOST/REPO`).
     Oci(Arc<oci::Registry>),
+    /// Mirrors tried before the origin (see `mirror`).
+    Mirrored(Arc<mirror::Mirrors>),
 }
 
 /// `spec` without its query (a signed URL's secret), for messages and logs.
@@ -376,7 +391,7 @@ pub fn redact_store(spec: &str) -> String {
 
 /// A client for an HTTP(S) store: no redirects, `opts`' roots, identity and headers.
 /// Proxies come from HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY (reqwest's default).
-fn http_client(attempt_timeout: Duration, opts: &HttpOptions) -> Result<reqwest::Client> {
+pub(crate) fn http_client(attempt_timeout: Duration, opts: &HttpOptions) -> Result<reqwest::Client> {
     let setup = |what: String| move |source| Error::HttpSetup { what, source };
     let mut b = reqwest::Client::builder()
         .pool_max_idle_per_host(16)
@@ -443,8 +458,35 @@ impl Remote {
     /// (`https://host/prefix?X-Amz-Signature=…`) is kept on every request, after the
     /// object's path.
     pub fn open_with(spec: &str, attempt_timeout: Duration, http: &HttpOptions) -> Result<Self> {
+        if !http.mirrors.is_empty() {
+            let origin = Self::open_one(spec, attempt_timeout, http)?;
+            // A mirror gets the TLS settings, never the origin's credentials (headers, token).
+            let to_mirrors = HttpOptions { headers: Vec::new(), bearer_token_file: None, ..http.clone() };
+            let mirrors = http
+                .mirrors
+                .iter()
+                .map(|m| Self::open_one(m, attempt_timeout, &to_mirrors))
+                .collect::<Result<Vec<_>>>()?;
+            let backoff = http.mirror_backoff.unwrap_or(mirror::DEFAULT_MIRROR_BACKOFF);
+            return Ok(Remote::Mirrored(Arc::new(mirror::Mirrors::new(origin, mirrors, backoff))));
+        }
+        Self::open_one(spec, attempt_timeout, http)
+    }
+
+    /// One source: an OCI registry repository, an `s3://` bucket, an HTTP(S) server or a
+    /// store directory.
+    fn open_one(spec: &str, attempt_timeout: Duration, http: &HttpOptions) -> Result<Self> {
         if let Some(reference) = oci::OciRef::parse(spec)? {
             return Ok(Remote::Oci(Arc::new(oci::Registry::open(reference, attempt_timeout, http, false)?)));
+        }
+        if spec.starts_with("s3://") {
+            let (base, signer) = s3::open(spec, &http.s3)?;
+            let Remote::Http { base: _, query, client, attempt_base, bearer, s3: _ } =
+                Self::open_one(&base, attempt_timeout, http)?
+            else {
+                return Err(Error::Invalid(format!("{spec}: not an HTTP remote")));
+            };
+            return Ok(Remote::Http { base, query, client, attempt_base, bearer, s3: Some(signer) });
         }
         if spec.starts_with("http://") || spec.starts_with("https://") {
             let spec = spec.split_once('#').map_or(spec, |(s, _)| s);
@@ -461,6 +503,7 @@ impl Remote {
                 client,
                 attempt_base: attempt_timeout,
                 bearer,
+                s3: None,
             })
         } else {
             let p = PathBuf::from(spec);
@@ -476,6 +519,9 @@ impl Remote {
             Remote::Dir(p) => p.display().to_string(),
             Remote::Http { base, .. } => base.clone(),
             Remote::Oci(r) => r.reference.to_string(),
+            Remote::Mirrored(m) => {
+                format!("{} (after {} mirrors)", m.origin().describe(), m.sources().len() - 1)
+            }
         }
     }
 
@@ -484,6 +530,7 @@ impl Remote {
     pub async fn manifest(&self, id: &ImageId) -> Result<Vec<u8>, FetchError> {
         let rel = format!("images/{id}");
         let (what, bytes) = match self {
+            Remote::Mirrored(m) => return m.manifest(id).await,
             Remote::Dir(root) => {
                 let p = root.join(&rel);
                 let what = format!("read {}", p.display());
@@ -499,10 +546,13 @@ impl Remote {
                     r => (what, r?),
                 }
             }
-            Remote::Http { .. } => {
+            Remote::Http { s3, .. } => {
                 let resp = self.get(&rel, None).await?;
                 let what = resp.what.clone();
                 let status = resp.inner.status();
+                if status != StatusCode::OK && s3.is_some() {
+                    return Err(resp.s3_refusal().await);
+                }
                 if status != StatusCode::OK {
                     return Err(resp.unexpected());
                 }
@@ -535,6 +585,8 @@ impl Remote {
         let rel = format!("traces/{id}");
         let cap = MAX_TRACE_BYTES as u64 + 1;
         let bytes = match self {
+            // A hint: the origin's only.
+            Remote::Mirrored(m) => return Box::pin(m.origin().trace(id)).await,
             Remote::Dir(root) => match read_prefix(root.join(&rel), cap).await {
                 Err(FetchError::Permanent(FetchFailure::Io { source, .. }))
                     if source.kind() == std::io::ErrorKind::NotFound =>
@@ -564,6 +616,7 @@ impl Remote {
             || FetchError::Permanent(format!("blobs/{}: empty or overflowing range", hex::encode(blob)).into());
         let end = offset.checked_add(len).filter(|_| len > 0).ok_or_else(bad_len)?;
         match self {
+            Remote::Mirrored(m) => m.range_checked(blob, offset, len, |_| ((), true)).await.map(|(d, ())| d),
             Remote::Dir(root) => {
                 let p = root.join(&rel);
                 tokio::task::spawn_blocking(move || {
@@ -587,10 +640,36 @@ impl Remote {
         }
     }
 
+    /// Bytes [offset, offset+len) of a blob and what `check` made of them. With mirrors,
+    /// the first source whose bytes `check` accepts (its second value) answers; else the
+    /// origin, whatever `check` says.
+    pub async fn range_checked<T>(
+        &self,
+        blob: &Hash,
+        offset: u64,
+        len: u64,
+        check: impl Fn(&Bytes) -> (T, bool),
+    ) -> Result<(Bytes, T), FetchError> {
+        if let Remote::Mirrored(m) = self {
+            return m.range_checked(blob, offset, len, check).await;
+        }
+        let data = self.range(blob, offset, len).await?;
+        let (t, _) = check(&data);
+        Ok((data, t))
+    }
+
+    /// Per-source counters with mirrors (see `Mirrors::counters`); none without.
+    pub fn source_counters(&self) -> Vec<(String, u64)> {
+        match self {
+            Remote::Mirrored(m) => m.counters(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Sends a GET for `rel` (of `range` = (offset, len) if given) and waits for the answer's
     /// head within the attempt's base allowance.
     async fn get(&self, rel: &str, range: Option<(u64, u64)>) -> Result<Answer, FetchError> {
-        let Remote::Http { base, query, client, attempt_base, bearer } = self else {
+        let Remote::Http { base, query, client, attempt_base, bearer, s3 } = self else {
             return Err(FetchError::Permanent("not an HTTP remote".into()));
         };
         let (url, shown) = match query {
@@ -605,8 +684,16 @@ impl Remote {
         if let Some(b) = bearer {
             req = req.header(reqwest::header::AUTHORIZATION, b.value());
         }
-        if let Some((offset, len)) = range {
-            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-{}", offset + len - 1));
+        let range = range.map(|(offset, len)| format!("bytes={offset}-{}", offset + len - 1));
+        if let Some(r) = &range {
+            req = req.header(reqwest::header::RANGE, r);
+        }
+        if let Some(signer) = s3 {
+            let parsed = reqwest::Url::parse(&url)
+                .map_err(|e| FetchError::Permanent(format!("{what}: not a URL: {e}").into()))?;
+            for (name, value) in signer.sign_get(&parsed, range.as_deref(), std::time::SystemTime::now()) {
+                req = req.header(name, value);
+            }
         }
         let start = Instant::now();
         let inner = match tokio::time::timeout(*attempt_base, req.send()).await {
@@ -702,6 +789,42 @@ impl Answer {
             FetchError::Transient(failure)
         } else {
             FetchError::Permanent(failure)
+        }
+    }
+
+    /// S3's refusal, with the error code from its XML body (`SignatureDoesNotMatch`,
+    /// `InvalidAccessKeyId`, `ExpiredToken`, `NoSuchKey`...), which says what to fix.
+    async fn s3_refusal(self) -> FetchError {
+        let status = self.inner.status();
+        if !status.is_client_error() {
+            return self.unexpected();
+        }
+        let what = self.what.clone();
+        let body = self.prefix(4096).await.unwrap_or_default();
+        let body = String::from_utf8_lossy(&body);
+        let tag = |t: &str| -> Option<String> {
+            let start = body.find(&format!("<{t}>"))? + t.len() + 2;
+            let len = body[start..].find(&format!("</{t}>"))?;
+            // What the server says is shown: bounded, and printable characters only.
+            Some(body[start..start + len].chars().filter(|c| !c.is_control()).take(200).collect())
+        };
+        let code = tag("Code").unwrap_or_else(|| "no error code".into());
+        let hint = match code.as_str() {
+            "SignatureDoesNotMatch" => " (wrong secret key?)",
+            // NotSignedUp: what s3s (and older S3 servers) say of a key they do not know.
+            "InvalidAccessKeyId" | "NotSignedUp" => " (unknown access key id?)",
+            "ExpiredToken" | "InvalidToken" => " (session token expired or invalid)",
+            "RequestTimeTooSkewed" => " (the clock is off)",
+            "AuthorizationHeaderMalformed" => " (wrong --s3-region?)",
+            _ => "",
+        };
+        let message = tag("Message").map(|m| format!(": {m}")).unwrap_or_default();
+        let why = format!("S3 refused the request: HTTP {status} {code}{hint}{message}");
+        let f = FetchFailure::Protocol { what, why };
+        if matches!(code.as_str(), "ExpiredToken" | "RequestTimeout" | "SlowDown") {
+            FetchError::Transient(f)
+        } else {
+            FetchError::Permanent(f)
         }
     }
 

@@ -19,6 +19,8 @@ use axum::response::{IntoResponse, Response};
 
 pub const INCFSD: &str = env!("CARGO_BIN_EXE_incfsd");
 
+pub mod s3s;
+
 /// `incfsd run` on a socket, with metrics on a free port; killed on drop.
 pub struct RunDaemon {
     child: Child,
@@ -29,17 +31,29 @@ pub struct RunDaemon {
 impl RunDaemon {
     /// Starts the daemon and waits for its socket. `store`: directory or URL.
     pub fn start(store: &str, id: &str, cache: &Path, socket: &Path, extra: &[&str]) -> RunDaemon {
+        Self::start_env(store, id, cache, socket, extra, |_| {})
+    }
+
+    /// As `start`, the command's environment set by `env`.
+    pub fn start_env(
+        store: &str,
+        id: &str,
+        cache: &Path,
+        socket: &Path,
+        extra: &[&str],
+        env: impl FnOnce(&mut Command),
+    ) -> RunDaemon {
         let metrics = free_port();
         let _ = std::fs::remove_file(socket);
-        let child = Command::new(INCFSD)
-            .args(["run", "--image", id, "--store", store, "--metrics", &format!("127.0.0.1:{metrics}"), "--cache"])
+        let mut cmd = Command::new(INCFSD);
+        cmd.args(["run", "--image", id, "--store", store, "--metrics", &format!("127.0.0.1:{metrics}"), "--cache"])
             .arg(cache)
             .arg("--socket")
             .arg(socket)
             .args(extra)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("incfsd run");
+            .stderr(Stdio::null());
+        env(&mut cmd);
+        let child = cmd.spawn().expect("incfsd run");
         let t = Instant::now();
         while !socket.exists() {
             assert!(t.elapsed() < Duration::from_secs(20), "socket never appeared");
