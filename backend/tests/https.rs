@@ -361,3 +361,66 @@ fn http_proxy_from_the_environment_is_used() {
     assert_served(&cat_via(&format!("{}/store", origin.url), "127.0.0.1"), &data);
     assert_eq!(proxy.log().len(), proxied, "NO_PROXY ignored");
 }
+
+/// Where tinyproxy is (Debian's `tinyproxy`, a CONNECT proxy), or None outside CI when it is
+/// not installed (the test then says it is skipped).
+fn tinyproxy() -> Option<&'static str> {
+    let bin = "/usr/bin/tinyproxy";
+    if Path::new(bin).exists() {
+        return Some(bin);
+    }
+    assert!(std::env::var_os("CI").is_none(), "tinyproxy is not installed (apt-get install tinyproxy)");
+    eprintln!("skipped: tinyproxy is not installed (apt-get install tinyproxy)");
+    None
+}
+
+/// HTTPS_PROXY is honoured for an https:// store: the request is tunnelled through the
+/// proxy with CONNECT (TLS end to end, the proxy sees only the origin's address), and
+/// NO_PROXY sends it straight to the origin.
+#[test]
+fn https_proxy_from_the_environment_tunnels_with_connect() {
+    let Some(bin) = tinyproxy() else { return };
+    let t = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(&t.path().join("pki"));
+    let (id, data) = packed(t.path());
+    let origin = Nginx::start_with(&t.path().join("www"), &pki.ssl(false), "");
+    let url = format!("{}/store", origin.url);
+    let origin_port = origin.url.rsplit(':').next().expect("port").to_string();
+    let port = free_port();
+    let log = t.path().join("tinyproxy.log");
+    let conf = t.path().join("tinyproxy.conf");
+    fs::write(
+        &conf,
+        format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{}\"\nLogLevel Connect\nMaxClients 16\n\
+             Allow 127.0.0.1\nConnectPort {origin_port}\n",
+            log.display()
+        ),
+    )
+    .expect("conf");
+    let mut proxy = Command::new(bin).arg("-d").arg("-c").arg(&conf).spawn().expect("start tinyproxy");
+    wait_for_port(port);
+    let connects = || fs::read_to_string(&log).unwrap_or_default().matches("CONNECT").count();
+    let cat_via = |no_proxy: &str| {
+        let cache = tempfile::tempdir().expect("tmp");
+        Command::new(INCFSD)
+            .args(["cat", "--store", &url, "--image", &id.to_string(), "--cache"])
+            .arg(cache.path())
+            .args(["--ca-file", &pki.path("ca.pem"), "f"])
+            .env("HTTPS_PROXY", format!("http://127.0.0.1:{port}"))
+            .env("NO_PROXY", no_proxy)
+            .env_remove("https_proxy")
+            .env_remove("no_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .output()
+            .expect("incfsd cat")
+    };
+    assert_served(&cat_via(""), &data);
+    let tunnelled = connects();
+    assert!(tunnelled > 0, "no CONNECT through the proxy:\n{}", fs::read_to_string(&log).unwrap_or_default());
+    assert_served(&cat_via("127.0.0.1"), &data);
+    assert_eq!(connects(), tunnelled, "NO_PROXY ignored");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
