@@ -26,7 +26,7 @@ pub use virtio_fs::{run, RunConfig};
 
 /// What every device daemon needs: the image and where it comes from, the engine, the
 /// metrics address, and what to fetch or record in the background.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DaemonConfig {
     /// vhost-user socket to listen on.
     pub socket: PathBuf,
@@ -46,6 +46,26 @@ pub struct DaemonConfig {
     /// Paths the device opens by name besides the daemon's own (the blk overlay's
     /// directory): they stay reachable inside the sandbox.
     pub device_paths: Vec<Reachable>,
+}
+
+/// The store's URL is shown as logs show it: a signed URL's query is a secret.
+impl std::fmt::Debug for DaemonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonConfig")
+            .field("socket", &self.socket)
+            .field("store", &crate::store::redact_store(&self.store))
+            .field("image", &self.image)
+            .field("cache", &self.cache)
+            .field("cache_size", &self.cache_size)
+            .field("engine", &self.engine)
+            .field("worker_threads", &self.worker_threads)
+            .field("metrics", &self.metrics)
+            .field("record_trace", &self.record_trace)
+            .field("background", &self.background)
+            .field("sandbox", &self.sandbox)
+            .field("device_paths", &self.device_paths)
+            .finish()
+    }
 }
 
 impl DaemonConfig {
@@ -292,5 +312,7 @@ mod tests {
         assert_eq!(kept(t.path().join("key.pem")), Some((Access::ReadOnly, false)));
         assert_eq!(kept(t.path().join("secrets")), Some((Access::ReadOnly, true)), "the directory, read while serving");
         assert!(kept(t.path().join("secrets/token")).is_none(), "not the file: a rotated token is a new file");
+        let shown = format!("{cfg:?}");
+        assert!(shown.contains("https://127.0.0.1:8443/store") && !shown.contains("sig=1"), "{shown}");
     }
 }
