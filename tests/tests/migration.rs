@@ -26,7 +26,10 @@ struct Setup {
     _nginx: Nginx,
     proxy: DelayProxy,
     image: String,
+    /// sha256sum lines of the disk's files (under /mnt in the guest).
     sums: String,
+    /// sha256sum lines of the files beside the disk in the image, read over virtio-fs (/fs).
+    fs_sums: String,
 }
 
 impl Setup {
@@ -39,6 +42,11 @@ impl Setup {
             write_file(&tree, p, d);
         }
         mkfs_ext4(&tree, &work.join("src"), 64);
+        let files: Vec<(String, Vec<u8>)> =
+            (0..4).map(|i| (format!("files/f{i}"), pseudo_random(400 + i as u64, (1 << 20) + 1000 * i))).collect();
+        for (p, d) in &files {
+            write_file(&work.join("src"), p, d);
+        }
         let store = work.join("store");
         let image = pack(&work.join("src"), &store);
         let nginx = Nginx::start(&store, &work.path);
@@ -46,7 +54,8 @@ impl Setup {
         // source stops the device and must be answered first.
         let proxy = DelayProxy::start(env!("CARGO_BIN_EXE_delay-proxy"), &nginx.url, 20);
         let sums = readers.iter().map(|(p, d)| format!("{}  /mnt/{p}\n", sha256_hex(d))).collect();
-        Setup { work, _nginx: nginx, proxy, image, sums }
+        let fs_sums = files.iter().map(|(p, d)| format!("{}  /fs/{p}\n", sha256_hex(d))).collect();
+        Setup { work, _nginx: nginx, proxy, image, sums, fs_sums }
     }
 
     /// `incfsd blk` on the disk with the VM's overlay; `incoming`: a migration's destination.
@@ -59,8 +68,53 @@ impl Setup {
         Daemon::start_blk(socket, &self.work.join("cache"), &self.proxy.url, &self.image, "disk.img", &args)
     }
 
-    fn script(&self) -> String {
+    /// `incfsd run` on the image, for the guest's virtio-fs share (tag `incfs`).
+    fn fs_daemon(&self, socket: &Path) -> Daemon {
+        Daemon::start_with(
+            socket,
+            &self.work.join("cache"),
+            &self.proxy.url,
+            &self.image,
+            &["--read-timeout-ms", "60000"],
+        )
+    }
+
+    /// The guest's workload; `fs`: a virtio-fs share is read and checksummed too, buffered
+    /// and with O_DIRECT.
+    fn script(&self, fs: bool) -> String {
         let sums = &self.sums;
+        let fs_sums = &self.fs_sums;
+        let (fs_setup, fs_reader) = if fs {
+            (
+                format!(
+                    r#"mkdir -p /fs
+mount -t virtiofs incfs /fs || fail "mount virtiofs"
+cat > /tmp/fsums <<'EOF'
+{fs_sums}EOF
+sha256sum -c -s /tmp/fsums || fail "first read over virtio-fs"
+"#
+                ),
+                r#"fsreader() {
+    n=0
+    while [ $(now) -lt $END ]; do
+        echo 3 > /proc/sys/vm/drop_caches
+        sha256sum -c -s /tmp/fsums || echo "BAD-FSREAD round $n"
+        while read -r sum path; do
+            got=$(dd if=$path bs=64k iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+            [ "$got" = "$sum" ] || echo "BAD-FSDIRECT $path round $n"
+        done < /tmp/fsums
+        n=$((n + 1))
+    done
+    echo "FSREADER ROUNDS $n"
+}
+fsreader &
+jobs_to_wait="$jobs_to_wait $!"
+"#
+                .to_string(),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         format!(
             r#"#!/bin/sh
 fail() {{ echo "MIG-FAIL $*"; exit 1; }}
@@ -70,7 +124,7 @@ mkdir -p /mnt/w
 cat > /tmp/sums <<'EOF'
 {sums}EOF
 sha256sum -c -s /tmp/sums || fail "first read"
-END=$(( $(now) + {DURATION_S} ))
+{fs_setup}END=$(( $(now) + {DURATION_S} ))
 (sleep $(( {DURATION_S} + 240 )); echo "MIG-FAIL watchdog: the workload hung"; poweroff -f) &
 guest-check stall /dev/vda {DURATION_S} > /tmp/stall.out &
 jobs_to_wait=$!
@@ -86,7 +140,7 @@ reader() {{
 }}
 reader 0 &
 jobs_to_wait="$jobs_to_wait $!"
-i=0
+{fs_reader}i=0
 while [ $(now) -lt $END ]; do
     slot=$((i % 16))
     dd if=/dev/urandom of=/tmp/src bs=64k count=$(( i % 6 + 1 )) 2>/dev/null
@@ -185,39 +239,47 @@ fn check_destination(run: &VmRun, dst: &Daemon) -> u64 {
 
 #[test]
 fn blk_live_migration_under_writes_and_readers() {
-    let s = Setup::new("migrate-blk");
+    live_migration("migrate-blk", false);
+}
+
+#[test]
+fn fs_and_blk_live_migration_under_readers_and_writes() {
+    live_migration("migrate-fs", true);
+}
+
+/// Migrates the guest from one QEMU 10 with its daemons to another with its own; `fs`: with
+/// a virtio-fs share besides the overlay disk.
+fn live_migration(name: &str, fs: bool) {
+    let s = Setup::new(name);
     let _vm = vm_lock();
     qemu10_setup();
-    let (src_sock, dst_sock) = (s.work.join("src.sock"), s.work.join("dst.sock"));
-    let src = s.daemon(&src_sock, false);
-    let dst = s.daemon(&dst_sock, true);
+    let sock = |side: &str, dev: &str| s.work.path.join(format!("{side}-{dev}.sock"));
+    let path = |p: &Path| p.to_str().expect("utf8").to_string();
+    let src = s.daemon(&sock("src", "blk"), false);
+    let dst = s.daemon(&sock("dst", "blk"), true);
+    let fs_daemons = fs.then(|| (s.fs_daemon(&sock("src", "fs")), s.fs_daemon(&sock("dst", "fs"))));
+    let devices = |side: &str| {
+        let mut args = vec!["--blk".to_string(), path(&sock(side, "blk"))];
+        if fs {
+            args.extend(["--fs".to_string(), format!("{}:incfs", path(&sock(side, "fs")))]);
+        }
+        args
+    };
     let initrd = s.work.join("initrd");
     let src_mon = s.work.join("src.mon");
-    let mut src_args: Vec<String> =
-        ["--blk", src_sock.to_str().expect("utf8"), "--monitor", src_mon.to_str().expect("utf8")]
-            .map(String::from)
-            .to_vec();
-    src_args.extend(["--save-initrd".to_string(), initrd.display().to_string()]);
+    let mut src_args = devices("src");
+    src_args.extend(["--monitor".to_string(), path(&src_mon), "--save-initrd".to_string(), path(&initrd)]);
     src_args.extend(e2fsck_in_guest());
     let (src_tx, src_lines) = mpsc::channel();
-    let source = spawn_vm(s.work.join("vm-src"), src_args, s.script(), src_tx);
+    let source = spawn_vm(s.work.join("vm-src"), src_args, s.script(fs), src_tx);
     wait_line(&src_lines, "WARM-DONE");
     let fetched_before = src.metric("incfs_bytes_fetched_total");
 
     let port = free_port();
     let dst_mon = s.work.join("dst.mon");
-    let dst_args: Vec<String> = [
-        "--blk",
-        dst_sock.to_str().expect("utf8"),
-        "--monitor",
-        dst_mon.to_str().expect("utf8"),
-        "--incoming",
-        &format!("tcp:127.0.0.1:{port}"),
-        "--initrd",
-        initrd.to_str().expect("utf8"),
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut dst_args = devices("dst");
+    dst_args.extend(["--monitor".to_string(), path(&dst_mon), "--initrd".to_string(), path(&initrd)]);
+    dst_args.extend(["--incoming".to_string(), format!("tcp:127.0.0.1:{port}")]);
     let (dst_tx, _dst_lines) = mpsc::channel();
     let destination = spawn_vm(s.work.join("vm-dst"), dst_args, String::new(), dst_tx);
     // The destination listens once its monitor answers (never probe its port: the first
@@ -228,7 +290,7 @@ fn blk_live_migration_under_writes_and_readers() {
     let mut mon = Monitor::connect(&src_mon);
     let started = Instant::now();
     let out = mon.cmd(&format!("migrate -d tcp:127.0.0.1:{port}"));
-    assert!(!out.contains("rror"), "migrate refused: {out}");
+    assert!(!out.contains("rror") && !out.contains("isabled"), "migrate refused: {out}");
     let info = wait_migrated(&mut mon);
     let took = started.elapsed();
     println!("migration: {took:?}; info migrate:\n{info}");
@@ -237,20 +299,33 @@ fn blk_live_migration_under_writes_and_readers() {
     assert!(!src_run.console.contains("MIG-FAIL"), "source guest failed:\n{}", src_run.console);
     let run = destination.join().expect("destination vm");
     let stall = check_destination(&run, &dst);
+    if fs {
+        let rounds: u64 = run
+            .console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("FSREADER ROUNDS "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("virtio-fs reader rounds");
+        assert!(rounds >= 2, "the virtio-fs reader made {rounds} rounds");
+    }
     let downtime = ms_after(&info, "downtime:").or_else(|| ms_after(&info, "Downtime:"));
     let dst_fetched = dst.metric("incfs_bytes_fetched_total");
     let dst_blocks = dst.metric("incfs_blocks_fetched_total");
+    let fs_dst_blocks = fs_daemons.as_ref().map_or(0, |(_, d)| d.metric("incfs_blocks_fetched_total"));
     println!(
-        "MIGRATION blk: total {} ms, downtime {downtime:?} ms (QEMU), longest guest stall {stall} ms; \
-         fetched: source {fetched_before} B before, destination {dst_fetched} B ({dst_blocks} blocks)",
+        "MIGRATION {}: total {} ms, downtime {downtime:?} ms (QEMU), longest guest stall {stall} ms; \
+         fetched: source {fetched_before} B before, destination {dst_fetched} B ({dst_blocks} blocks; \
+         virtio-fs destination {fs_dst_blocks} blocks)",
+        if fs { "virtio-fs + blk" } else { "blk" },
         took.as_millis()
     );
     assert!(stall < 15_000, "the guest waited {stall} ms at once");
-    // The source read every file before the migration, into the cache both daemons share:
+    // The source read every file before the migration, into the cache all daemons share:
     // the destination fetches at most the odd block the source never touched (ext4
     // metadata of a new allocation; seen: one), never the thousands the source fetched.
     let src_blocks = src.metric("incfs_blocks_fetched_total");
     assert!(dst_blocks <= 4, "the destination fetched {dst_blocks} blocks (the source {src_blocks})");
+    assert_eq!(fs_dst_blocks, 0, "the virtio-fs destination fetched what the shared cache held");
     drop(src);
 }
 
@@ -269,7 +344,7 @@ fn blk_snapshot_to_a_file_and_back() {
     args.extend(["--save-initrd".to_string(), initrd.display().to_string()]);
     args.extend(e2fsck_in_guest());
     let (tx, lines) = mpsc::channel();
-    let source = spawn_vm(s.work.join("vm-src"), args, s.script(), tx);
+    let source = spawn_vm(s.work.join("vm-src"), args, s.script(false), tx);
     wait_line(&lines, "WARM-DONE");
     std::thread::sleep(Duration::from_secs(4));
     let snap = s.work.join("vm.snapshot");

@@ -143,6 +143,21 @@ pub trait Device: Send + Sync + 'static {
     /// migration's switch-over, after which another daemon may serve this device's state.
     fn queue_stopped(&self, _queue: usize, _migrating: bool) {}
 
+    /// The device's internal state for a live migration's destination (QEMU 8.2+ asks a
+    /// vhost-user-fs backend for it, `VHOST_USER_PROTOCOL_F_DEVICE_STATE`, which the device
+    /// then offers), taken once the frontend stopped every queue. Versioned: the destination
+    /// may run another release.
+    fn save_state(&self) -> io::Result<Vec<u8>> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this device has no state to migrate"))
+    }
+
+    /// Takes over the state a source's [`save_state`](Device::save_state) gave, before the
+    /// frontend starts the queues. Hostile bytes (a frontend may send anything): checked,
+    /// an error refuses them.
+    fn load_state(&self, _state: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this device has no state to migrate"))
+    }
+
     /// Handles a chain popped from queue `queue`, on that queue's worker thread: completes
     /// it through `completer` now, or detaches the completer and completes it later. A
     /// chain with [`Chain::error`] must be completed too, as the device's protocol says.

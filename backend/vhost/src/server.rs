@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringT};
@@ -70,12 +73,20 @@ impl ServerConfig {
     }
 }
 
+/// Largest device state a frontend may send (SET_DEVICE_STATE_FD, load).
+pub const MAX_DEVICE_STATE: u64 = 16 << 20;
+
+/// A device state transfer under way: the thread copying it through the frontend's pipe,
+/// which returns what it read when loading.
+type Transfer = std::thread::JoinHandle<std::io::Result<Option<Vec<u8>>>>;
+
 /// The vhost-user backend of one frontend connection: the device plus its queues.
 struct Backend<D> {
     device: D,
     cfg: ServerConfig,
     mem: Mem,
     queues: Queues,
+    transfer: std::sync::Mutex<Option<Transfer>>,
 }
 
 impl<D: Device> Backend<D> {
@@ -260,6 +271,64 @@ impl<D: Device> VhostUserBackend for Backend<D> {
         Ok(())
     }
 
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        mut file: File,
+    ) -> std::io::Result<Option<File>> {
+        use std::io::{Read, Write};
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "state transfer of a running device"));
+        }
+        // The copy runs after the answer (the frontend reads or writes the pipe only then),
+        // on a thread of its own; CHECK_DEVICE_STATE waits for it.
+        let transfer: Transfer = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let state = self.device.save_state()?;
+                info!(bytes = state.len(), "device state saved for a migration");
+                std::thread::Builder::new().name("incfs-state-save".into()).spawn(move || {
+                    file.write_all(&state)?;
+                    Ok(None)
+                })?
+            }
+            VhostTransferStateDirection::LOAD => {
+                std::thread::Builder::new().name("incfs-state-load".into()).spawn(move || {
+                    let mut state = Vec::new();
+                    (&mut file).take(MAX_DEVICE_STATE + 1).read_to_end(&mut state)?;
+                    if state.len() as u64 > MAX_DEVICE_STATE {
+                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "device state too large"));
+                    }
+                    Ok(Some(state))
+                })?
+            }
+        };
+        if let Some(old) = self.transfer.lock().unwrap_or_else(|e| e.into_inner()).replace(transfer) {
+            // A transfer never checked: its result no longer matters.
+            drop(old.join());
+        }
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> std::io::Result<()> {
+        let Some(transfer) = self.transfer.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no device state transfer"));
+        };
+        let result = transfer.join().map_err(|_| std::io::Error::other("the state transfer thread panicked"))?;
+        match result {
+            Ok(Some(state)) => {
+                self.device.load_state(&state)?;
+                info!(bytes = state.len(), "device state loaded from a migration");
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                warn!("device state transfer failed: {e}");
+                Err(e)
+            }
+        }
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         self.queues.masks()
     }
@@ -343,7 +412,8 @@ impl<D: Device> DeviceServer<D> {
         let masks = device.thread_masks(self.cfg.threads);
         let queues = Queues::new(device.num_queues(), masks, self.cfg.poll_max);
         let mem: Mem = GuestMemoryAtomic::new(GuestMem::new());
-        let backend = Arc::new(Backend { device, cfg: self.cfg, mem: mem.clone(), queues });
+        let backend =
+            Arc::new(Backend { device, cfg: self.cfg, mem: mem.clone(), queues, transfer: Default::default() });
         let mut daemon = VhostUserDaemon::new(D::NAME.to_string(), backend.clone(), mem)?;
         daemon.start(&mut self.listener)?;
         info!(device = D::NAME, "vhost-user frontend connected");
