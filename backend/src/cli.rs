@@ -109,6 +109,13 @@ pub struct RunArgs {
     /// guest data loader supplies them through `.fill`; see docs/pending-reads.md).
     #[arg(long, value_enum, default_value_t = FillFrom::Remote)]
     pub fill_from: FillFrom,
+    /// Serve the socket from this one process, without a supervisor: a crash then ends the
+    /// guest's mount (docs/restart.md).
+    #[arg(long)]
+    pub no_supervisor: bool,
+    /// Internal: run as the worker of a supervisor, on these fds (CONN,STATE,READY).
+    #[arg(long, hide = true)]
+    pub worker_fds: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

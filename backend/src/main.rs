@@ -14,6 +14,7 @@ use incfs::cache::BlockCache;
 use incfs::daemon::{Error, Result};
 use incfs::engine::{Engine, EngineConfig};
 use incfs::store::Store;
+use incfs::supervisor::{SupervisorConfig, WorkerFds};
 use incfs::{http_store_server, inspect, pack};
 
 fn main() -> ExitCode {
@@ -37,10 +38,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("serving {} on http://{a}", store.display())
         }))?,
         Cmd::Cat { engine, stats, path } => cat(&engine, stats, &path)?,
-        Cmd::Run(args) => {
-            tracing::info!(tag = %args.tag, "starting");
-            incfs::daemon::run(args.config())?;
-        }
+        Cmd::Run(args) => run_fs(args)?,
         Cmd::Blk(args) => incfs::blk::run(args.config())?,
         Cmd::Inspect { src, cache } => inspect_image(&src, cache.as_deref())?,
         Cmd::Cache { cmd: CacheCmd::Status { dir } } => {
@@ -80,6 +78,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `incfsd run`: a supervisor that starts the worker (the default), the worker itself, or
+/// the daemon alone (`--no-supervisor`).
+fn run_fs(args: cli::RunArgs) -> Result<()> {
+    let worker_fds = args.worker_fds.clone();
+    let no_supervisor = args.no_supervisor;
+    let cfg = args.config();
+    if let Some(spec) = worker_fds {
+        let fds = WorkerFds::take(&spec).map_err(|e| Error::io("take the worker's fds", e))?;
+        return incfs::daemon::run_worker(cfg, fds);
+    }
+    if no_supervisor {
+        return incfs::daemon::run(cfg);
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::io("find this binary", e))?;
+    let sup = SupervisorConfig {
+        exe,
+        worker_args: std::env::args_os().skip(1).collect(),
+        ready_line: format!("incfsd: serving image {} on {}", cfg.daemon.image, cfg.daemon.socket.display()),
+        socket: cfg.daemon.socket.clone(),
+        num_queues: u16::try_from(cfg.device.request_queues + 1).unwrap_or(u16::MAX),
+        queue_size: cfg.device.server.queue_size,
+    };
+    incfs::supervisor::run(sup)?;
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

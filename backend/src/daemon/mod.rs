@@ -22,7 +22,7 @@ use crate::sandbox::{self, Access, FsSandbox, Reachable, Sandbox, SandboxConfig}
 
 pub use error::{Error, Result};
 pub use record::{Background, FetchAll, Prefetch};
-pub use virtio_fs::{run, RunConfig};
+pub use virtio_fs::{run, run_worker, RunConfig};
 
 /// What every device daemon needs: the image and where it comes from, the engine, the
 /// metrics address, and what to fetch or record in the background.
@@ -149,6 +149,10 @@ pub trait DeviceServer {
     fn stopper(&self) -> ServerStopper;
     /// Serves one frontend until it disconnects: true, or false once stopped.
     fn serve_one(&mut self) -> Result<bool>;
+    /// Says the daemon serves: the device's ready line on stderr.
+    fn announce_ready(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
 }
 
 /// Runs a device daemon until SIGINT/SIGTERM stops it (a second signal exits at once).
@@ -181,7 +185,7 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
     stop_on_signals(server.stopper())?;
     // Everything is open and every thread but the frontend's runs: lock before serving.
     sandbox.lock()?;
-    eprintln!("{}", device.ready_line(&cfg));
+    server.announce_ready(&device.ready_line(&cfg));
     let served = loop {
         match server.serve_one() {
             Ok(true) => tracing::info!("frontend gone; waiting for the next one"),

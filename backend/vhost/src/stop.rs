@@ -58,7 +58,7 @@ impl ServerStopper {
     }
 
     /// Blocks until `listener` has a frontend waiting (true) or the server is stopped (false).
-    pub(crate) fn wait_for_frontend(&self, listener: RawFd) -> std::io::Result<bool> {
+    pub fn wait_for_frontend(&self, listener: RawFd) -> std::io::Result<bool> {
         let mut fds = [
             libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.inner.event.as_raw_fd(), events: libc::POLLIN, revents: 0 },

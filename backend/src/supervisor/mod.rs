@@ -1,0 +1,526 @@
+//! The supervisor of `incfsd run`: owns the vhost-user socket and QEMU's connection, and
+//! relays QEMU's control messages to a worker process (the same binary with `--worker-fds`)
+//! that does everything else. When the worker dies, a new one is started and brought to the
+//! device's state by replaying the recorded messages; the requests it had taken from the
+//! rings are resubmitted from the inflight area, and its FUSE session is taken from the
+//! state region ([`state`]). QEMU sees nothing but a pause. See docs/restart.md.
+//!
+//! The supervisor never maps guest memory nor touches a ring: kick and call eventfds, rings
+//! and guest memory are the worker's alone, so the relay costs nothing per FUSE request. It
+//! handles one QEMU message at a time, so at most one is outstanding when a worker dies; it
+//! is sent again to the next worker.
+
+pub mod relay;
+pub mod state;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use relay::{expects_reply, req, Message, Recorded, RelayError, PF_INFLIGHT_SHMFD, PF_RELAYED};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+/// A worker that dies this soon after its start counts towards a crash loop.
+const QUICK_DEATH: Duration = Duration::from_secs(1);
+/// Quick deaths in a row after which the supervisor gives up.
+const CRASH_LOOP: u32 = 5;
+/// How long a worker may take to exit once its connection is closed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("vhost-user relay")]
+    Relay(#[from] RelayError),
+    #[error("the worker failed to start ({0})")]
+    WorkerFailed(ExitStatus),
+    #[error("the worker died {0} times in a row within a second of its start; giving up")]
+    CrashLoop(u32),
+}
+
+fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> SupervisorError {
+    move |source| SupervisorError::Io { context, source }
+}
+
+type Result<T, E = SupervisorError> = std::result::Result<T, E>;
+
+/// How the supervisor runs.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// The binary workers are started from (resolved once at start).
+    pub exe: PathBuf,
+    /// The worker's command line (this process's, without the program name).
+    pub worker_args: Vec<OsString>,
+    pub socket: PathBuf,
+    /// Printed on stderr once the first worker is ready.
+    pub ready_line: String,
+    /// Queues of the device and their largest size (for the inflight area).
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+/// A running worker, its control channel, and its end of the relayed connection.
+struct Worker {
+    child: Child,
+    pidfd: OwnedFd,
+    /// Hands the worker one frontend connection after another ([`req::CONNECT`]).
+    ctrl: UnixStream,
+    /// The frontend connection relayed to it, if any.
+    conn: Option<UnixStream>,
+    started: Instant,
+}
+
+/// The worker is gone (died, hung up, or answered nonsense): start another.
+struct WorkerGone;
+
+/// Runs the supervisor until SIGINT/SIGTERM (forwarded to the worker, whose exit ends it).
+pub fn run(cfg: SupervisorConfig) -> Result<()> {
+    let (signals, signals_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
+    for sig in [SIGTERM, SIGINT] {
+        let tx = signals_tx.try_clone().map_err(io_err("create the signal pipe"))?;
+        signal_hook::low_level::pipe::register(sig, tx).map_err(io_err("handle SIGTERM and SIGINT"))?;
+    }
+    signals.set_nonblocking(true).map_err(io_err("create the signal pipe"))?;
+    if cfg.socket.exists() {
+        // A stale socket of a previous run (as the vhost crate's listener does).
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
+    let listener = UnixListener::bind(&cfg.socket).map_err(io_err("listen on the vhost-user socket"))?;
+    let mut sup = Supervisor { cfg, signals, quick_deaths: 0, worker: None, state_fd: None, stopping: false };
+    let result = sup.serve(&listener);
+    let _ = std::fs::remove_file(&sup.cfg.socket);
+    if let Some(w) = sup.worker.take() {
+        sup.end_worker(w);
+    }
+    result
+}
+
+struct Supervisor {
+    cfg: SupervisorConfig,
+    signals: UnixStream,
+    quick_deaths: u32,
+    worker: Option<Worker>,
+    /// The state region of the current frontend connection.
+    state_fd: Option<OwnedFd>,
+    stopping: bool,
+}
+
+/// Waits until one of `fds` is readable (or hung up); returns which.
+fn poll(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: `p` is a live array of `p.len()` pollfds.
+        let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+        if n >= 0 {
+            return Ok(p.iter().map(|x| x.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open with a pid and no flags; the returned fd is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the live array; the result is checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two new fds owned by nothing else.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+/// Lets a child inherit `fd` (its copy only: called between fork and exec).
+fn inherit(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd number with integer arguments.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Supervisor {
+    fn serve(&mut self, listener: &UnixListener) -> Result<()> {
+        let state = state::StateRegion::create().map_err(|e| match e {
+            state::StateError::Io(source) => SupervisorError::Io { context: "create the state region", source },
+            other => SupervisorError::Io { context: "create the state region", source: io::Error::other(other) },
+        })?;
+        self.state_fd = Some(state);
+        // Started before a frontend comes, so that a bad image or store fails `incfsd run`
+        // at once.
+        let w = self.start_worker(true)?;
+        self.worker = Some(w);
+        eprintln!("{}", self.cfg.ready_line);
+        loop {
+            let Some(qemu) = self.accept(listener)? else { return Ok(()) };
+            tracing::info!("vhost-user frontend connected (relayed to the worker)");
+            let served = match self.connect_worker() {
+                Ok(()) => self.relay_connection(&qemu),
+                Err(WorkerGone) => self.respawn(&Recorded::default(), true).and_then(|()| self.relay_connection(&qemu)),
+            };
+            drop(qemu);
+            // The worker sees the hang-up, resets the device and waits for the next one.
+            if let Some(w) = self.worker.as_mut() {
+                w.conn = None;
+            }
+            match served {
+                Ok(true) => tracing::info!("frontend gone; waiting for the next one"),
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Hands the worker its end of a new frontend connection.
+    fn connect_worker(&mut self) -> Result<(), WorkerGone> {
+        let w = self.worker.as_mut().ok_or(WorkerGone)?;
+        let (conn, worker_conn) = UnixStream::pair().map_err(|_| WorkerGone)?;
+        relay::send(&w.ctrl, &Message::new(req::CONNECT, Vec::new(), vec![OwnedFd::from(worker_conn)]))
+            .map_err(|_| WorkerGone)?;
+        w.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Starts a worker and waits until it is ready. `first`: the daemon's first start, where
+    /// a failure ends `incfsd run` (later, a failure counts towards a crash loop).
+    fn start_worker(&mut self, first: bool) -> Result<Worker> {
+        loop {
+            match self.spawn_worker() {
+                Ok(w) => return Ok(w),
+                Err(SupervisorError::WorkerFailed(status)) if !first && !self.stopping => {
+                    tracing::error!(%status, "worker failed to start");
+                    self.count_death(Duration::ZERO)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn spawn_worker(&mut self) -> Result<Worker> {
+        let (ctrl, worker_ctrl) = UnixStream::pair().map_err(io_err("create the worker's control channel"))?;
+        let (mut ready, ready_tx) = pipe().map_err(io_err("create the ready pipe"))?;
+        let state_fd = self.state_fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let fds = [worker_ctrl.as_raw_fd(), state_fd, ready_tx.as_fd().as_raw_fd()];
+        let mut cmd = Command::new(&self.cfg.exe);
+        cmd.args(&self.cfg.worker_args).arg("--worker-fds").arg(format!("{},{},{}", fds[0], fds[1], fds[2]));
+        // SAFETY: only async-signal-safe calls (fcntl, prctl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in fds {
+                    inherit(fd)?;
+                }
+                // The worker must not outlive the supervisor: nothing could relay for it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(io_err("start the worker"))?;
+        drop((worker_ctrl, ready_tx));
+        let pidfd = match pidfd_open(child.id()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SupervisorError::Io { context: "watch the worker", source: e });
+            }
+        };
+        tracing::info!(pid = child.id(), "worker started");
+        // One byte once the worker serves; end of file if it exited first.
+        let mut b = [0u8; 1];
+        let n = loop {
+            match ready.read(&mut b) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r.unwrap_or(0),
+            }
+        };
+        if n == 0 {
+            let status = child.wait().map_err(io_err("wait for the worker"))?;
+            return Err(SupervisorError::WorkerFailed(status));
+        }
+        Ok(Worker { child, pidfd, ctrl, conn: None, started: Instant::now() })
+    }
+
+    /// A worker died: counts it, gives up on a crash loop, backs off on quick deaths.
+    fn count_death(&mut self, lived: Duration) -> Result<()> {
+        if lived < QUICK_DEATH {
+            self.quick_deaths += 1;
+        } else {
+            self.quick_deaths = 0;
+        }
+        if self.quick_deaths >= CRASH_LOOP {
+            return Err(SupervisorError::CrashLoop(self.quick_deaths));
+        }
+        std::thread::sleep(Duration::from_millis(100) * self.quick_deaths);
+        Ok(())
+    }
+
+    /// Closes the worker's channels and waits for it to exit (killed if it takes long).
+    fn end_worker(&mut self, mut w: Worker) {
+        drop((w.conn.take(), w.ctrl));
+        let exited = poll(&[w.pidfd.as_raw_fd()], Some(EXIT_GRACE)).map(|r| r[0]).unwrap_or(false);
+        if !exited {
+            tracing::warn!(pid = w.child.id(), "worker did not exit; killing it");
+            let _ = w.child.kill();
+        }
+        let _ = w.child.wait();
+    }
+
+    /// A signal arrived: forward it to the worker and wait for the worker to finish.
+    fn stop(&mut self) {
+        let mut buf = [0u8; 16];
+        while matches!((&self.signals).read(&mut buf), Ok(n) if n > 0) {}
+        tracing::info!("signal received, stopping");
+        self.stopping = true;
+        if let Some(mut w) = self.worker.take() {
+            // SAFETY: kill with the pid of our own child, not yet reaped.
+            unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
+            loop {
+                let r =
+                    poll(&[w.pidfd.as_raw_fd(), self.signals.as_raw_fd()], None).unwrap_or_else(|_| vec![true, false]);
+                if r[0] {
+                    break;
+                }
+                if r[1] {
+                    eprintln!("incfsd: second signal, exiting without finishing the shutdown");
+                    let _ = w.child.kill();
+                    break;
+                }
+            }
+            let _ = w.child.wait();
+        }
+    }
+
+    /// Waits for a frontend, keeping the idle worker alive. None once stopped.
+    fn accept(&mut self, listener: &UnixListener) -> Result<Option<UnixStream>> {
+        loop {
+            let pidfd = self.worker.as_ref().map_or(-1, |w| w.pidfd.as_raw_fd());
+            let r = poll(&[listener.as_raw_fd(), pidfd, self.signals.as_raw_fd()], None)
+                .map_err(io_err("wait for a frontend"))?;
+            if r[2] {
+                self.stop();
+                return Ok(None);
+            }
+            if r[1] {
+                self.respawn(&Recorded::default(), false)?;
+                continue;
+            }
+            if r[0] {
+                let (s, _) = listener.accept().map_err(io_err("accept a frontend"))?;
+                return Ok(Some(s));
+            }
+        }
+    }
+
+    /// Relays one frontend connection: true when QEMU hung up, false when stopped.
+    fn relay_connection(&mut self, qemu: &UnixStream) -> Result<bool> {
+        let mut rec = Recorded::default();
+        loop {
+            let pidfd = self.worker.as_ref().map_or(-1, |w| w.pidfd.as_raw_fd());
+            let r = poll(&[qemu.as_raw_fd(), pidfd, self.signals.as_raw_fd()], None)
+                .map_err(io_err("wait for the frontend"))?;
+            if r[2] {
+                self.stop();
+                return Ok(false);
+            }
+            if r[1] {
+                self.respawn(&rec, true)?;
+                continue;
+            }
+            if r[0] {
+                let Some(msg) = relay::recv(qemu)? else { return Ok(true) };
+                self.relay_message(qemu, msg, &mut rec)?;
+            }
+        }
+    }
+
+    /// Relays one message from QEMU and its reply, across worker deaths; records it.
+    fn relay_message(&mut self, qemu: &UnixStream, mut msg: Message, rec: &mut Recorded) -> Result<()> {
+        relay::check_request(&msg).inspect_err(|e| tracing::error!(request = msg.request, "refused: {e}"))?;
+        if msg.request == req::SET_PROTOCOL_FEATURES {
+            // The worker tracks requests in flight for its successor (the supervisor's
+            // inflight area), whatever QEMU knows of it.
+            let f = msg.u64_at(0).unwrap_or(0) | PF_INFLIGHT_SHMFD;
+            msg.payload[..8].copy_from_slice(&f.to_le_bytes());
+        }
+        let reply_expected = expects_reply(&msg, rec.reply_ack());
+        loop {
+            if msg.request == req::SET_VRING_KICK && !rec.has_inflight() {
+                match self.make_inflight() {
+                    Ok(set) => rec.apply(set)?,
+                    Err(WorkerGone) => {
+                        self.respawn(rec, true)?;
+                        continue;
+                    }
+                }
+            }
+            match self.exchange(&msg, reply_expected) {
+                Ok(reply) => {
+                    let mut acked = true;
+                    if let Some(mut reply) = reply {
+                        if msg.request == req::GET_PROTOCOL_FEATURES {
+                            let f = reply.u64_at(0).unwrap_or(0) & PF_RELAYED;
+                            if reply.payload.len() >= 8 {
+                                reply.payload[..8].copy_from_slice(&f.to_le_bytes());
+                            }
+                        }
+                        acked = !(msg.need_reply() && reply.u64_at(0).is_some_and(|v| v != 0));
+                        relay::send(qemu, &reply)?;
+                    }
+                    if acked {
+                        rec.apply(msg)?;
+                    }
+                    return Ok(());
+                }
+                Err(WorkerGone) => self.respawn(rec, true)?,
+            }
+        }
+    }
+
+    /// Sends `msg` to the worker and returns its reply if one is expected.
+    fn exchange(&mut self, msg: &Message, reply_expected: bool) -> Result<Option<Message>, WorkerGone> {
+        let w = self.worker.as_ref().ok_or(WorkerGone)?;
+        let conn = w.conn.as_ref().ok_or(WorkerGone)?;
+        relay::send(conn, msg).map_err(|_| WorkerGone)?;
+        if !reply_expected {
+            return Ok(None);
+        }
+        let r = poll(&[conn.as_raw_fd(), w.pidfd.as_raw_fd()], None).map_err(|_| WorkerGone)?;
+        if !r[0] {
+            return Err(WorkerGone);
+        }
+        match relay::recv(conn) {
+            Ok(Some(reply)) if reply.is_reply() && reply.request == msg.request => Ok(Some(reply)),
+            Ok(Some(reply)) => {
+                tracing::error!("{}", RelayError::WrongReply { sent: msg.request, got: reply.request });
+                Err(WorkerGone)
+            }
+            Ok(None) | Err(_) => Err(WorkerGone),
+        }
+    }
+
+    /// QEMU's vhost-user-fs never asks for an inflight area, so the supervisor does, before
+    /// the first ring starts: the worker makes it, and every later worker gets the same one.
+    fn make_inflight(&mut self) -> Result<Message, WorkerGone> {
+        let mut payload = vec![0u8; 24];
+        payload[16..18].copy_from_slice(&self.cfg.num_queues.to_le_bytes());
+        payload[18..20].copy_from_slice(&self.cfg.queue_size.to_le_bytes());
+        let get = Message::new(req::GET_INFLIGHT_FD, payload, Vec::new());
+        let reply = self.exchange(&get, true)?.ok_or(WorkerGone)?;
+        if reply.payload.len() != 24 || reply.fds.len() != 1 {
+            tracing::error!("the worker's inflight area reply is malformed");
+            return Err(WorkerGone);
+        }
+        let set = Message::new(req::SET_INFLIGHT_FD, reply.payload, reply.fds);
+        self.exchange(&set, false)?;
+        tracing::info!("inflight area made for the worker");
+        Ok(set)
+    }
+
+    /// The worker is gone: reaps it and starts another; with a frontend `connected`, hands
+    /// it the connection and replays `rec` into it.
+    fn respawn(&mut self, rec: &Recorded, connected: bool) -> Result<()> {
+        loop {
+            if let Some(mut w) = self.worker.take() {
+                let _ = w.child.kill();
+                let status = w.child.wait().ok();
+                let signal = status.and_then(|s| s.signal());
+                tracing::warn!(pid = w.child.id(), ?status, ?signal, "worker died; starting another");
+                self.count_death(w.started.elapsed())?;
+            }
+            let w = self.start_worker(false)?;
+            let started = w.started;
+            self.worker = Some(w);
+            if !connected {
+                return Ok(());
+            }
+            match self.connect_worker().and_then(|()| self.replay(rec)) {
+                Ok(()) => {
+                    tracing::info!(messages = rec.messages().count(), "worker brought to the device state");
+                    return Ok(());
+                }
+                Err(WorkerGone) => {
+                    // Died during replay: counted at the top of the loop.
+                    if let Some(w) = self.worker.as_mut() {
+                        w.started = started;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every recorded message (without asking for acks), then a GET_FEATURES whose
+    /// answer says the worker has taken them all.
+    fn replay(&mut self, rec: &Recorded) -> Result<(), WorkerGone> {
+        for m in rec.messages() {
+            let m = m.replayed().map_err(|_| WorkerGone)?;
+            self.exchange(&m, false)?;
+        }
+        self.exchange(&Message::new(req::GET_FEATURES, Vec::new(), Vec::new()), true)?;
+        Ok(())
+    }
+}
+
+/// The fds a worker was started with (`--worker-fds CTRL,STATE,READY`).
+#[derive(Debug)]
+pub struct WorkerFds {
+    /// The supervisor's control channel: frontend connections come through it.
+    pub ctrl: UnixStream,
+    /// The state region.
+    pub state: File,
+    /// Written once when the worker serves.
+    pub ready: File,
+}
+
+impl WorkerFds {
+    /// Takes the three fds named on the command line. Only call once, at start: the fds are
+    /// this process's from then on.
+    pub fn take(spec: &str) -> io::Result<WorkerFds> {
+        let fds: Vec<RawFd> = spec.split(',').map(|s| s.parse::<RawFd>()).collect::<Result<_, _>>().map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "--worker-fds takes CTRL,STATE,READY fd numbers")
+        })?;
+        let [conn, state, ready] = fds[..] else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "--worker-fds takes three fd numbers"));
+        };
+        for fd in [conn, state, ready] {
+            // SAFETY: fcntl on an fd number: checks it is open, and keeps it from later children.
+            if fd < 3 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("--worker-fds: fd {fd} is not open")));
+            }
+        }
+        // SAFETY: the supervisor passed these open fds to this process alone.
+        Ok(unsafe {
+            WorkerFds {
+                ctrl: UnixStream::from_raw_fd(conn),
+                state: File::from_raw_fd(state),
+                ready: File::from_raw_fd(ready),
+            }
+        })
+    }
+}
