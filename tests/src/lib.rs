@@ -384,11 +384,16 @@ impl Daemon {
     }
 
     /// Starts `incfsd ARGS --metrics <free port>` and waits for its ready line. Unless
-    /// `INCFS_LOG` says otherwise, blk daemons log the vhost layer's connection events (what
-    /// a restart resubmitted).
+    /// `INCFS_LOG` says otherwise, blk and run daemons log the vhost layer's connection events
+    /// (what a restart resubmitted), run daemons also their supervisor's.
     fn spawn(name: &str, socket: &Path, args: &[String]) -> Daemon {
-        let blk = args.first().is_some_and(|a| a == "blk");
-        let log = std::env::var("INCFS_LOG").ok().or_else(|| blk.then(|| "warn,incfs_vhost=info".to_string()));
+        let log = match args.first().map(String::as_str) {
+            Some("blk") => Some("warn,incfs_vhost=info"),
+            // And what the supervisor did (workers started, state replayed).
+            Some("run") => Some("warn,incfs_vhost=info,incfs::supervisor=info"),
+            _ => None,
+        };
+        let log = std::env::var("INCFS_LOG").ok().or(log.map(str::to_string));
         Self::spawn_logging(name, socket, args, log.as_deref())
     }
 
@@ -427,6 +432,18 @@ impl Daemon {
             panic!("{name} did not print its ready line within 30 s; stderr:\n{}", d.stderr());
         }
         d
+    }
+
+    /// The daemon's process id (`incfsd run`: the supervisor's).
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
+    /// `incfsd run`'s worker: the supervisor's one child (None between two workers).
+    pub fn worker_pid(&self) -> Option<u32> {
+        let pid = self.pid();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
     }
 
     /// Kills the daemon with SIGKILL and reaps it; its stderr stays readable.
