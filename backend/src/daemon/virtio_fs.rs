@@ -69,7 +69,17 @@ impl Device for FsDevice {
                 Some(Worker { fds: Mutex::new(Some(fds)), state: Arc::new(state) })
             }
         };
-        Ok(FsDevice { fs: Arc::new(MountFs::new(engine.clone())), engine, cfg, worker })
+        let fs = Arc::new(MountFs::new(engine.clone()));
+        if let Some(w) = &worker {
+            // The guest's open control handles of a previous worker serve on here.
+            let saved = w.state.load().handles;
+            if !saved.handles.is_empty() {
+                tracing::info!(handles = saved.handles.len(), "control handles taken over from the previous worker");
+            }
+            fs.control().restore(&saved);
+            fs.control().set_observer(w.state.clone());
+        }
+        Ok(FsDevice { fs, engine, cfg, worker })
     }
 
     fn bind(&self, socket: &Path, rt: Handle) -> Result<FsServer> {

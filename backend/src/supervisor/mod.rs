@@ -86,6 +86,14 @@ struct WorkerGone;
 
 /// Runs the supervisor until SIGINT/SIGTERM (forwarded to the worker, whose exit ends it).
 pub fn run(cfg: SupervisorConfig) -> Result<()> {
+    // Whatever the supervisor restricts, the workers it starts inherit (seccomp, Landlock,
+    // namespaces all survive execve), and a worker needs the network and the files its own
+    // sandbox keeps until it locks itself. So the supervisor only gives up what no worker
+    // needs either: gaining privileges through exec.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(SupervisorError::Io { context: "set no_new_privs", source: io::Error::last_os_error() });
+    }
     let (signals, signals_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
     for sig in [SIGTERM, SIGINT] {
         let tx = signals_tx.try_clone().map_err(io_err("create the signal pipe"))?;

@@ -1,11 +1,14 @@
 //! The worker's state region: what a fresh worker needs to serve on and QEMU will not send
-//! again (the FUSE session negotiated at INIT). A memfd the supervisor creates once per
+//! again (the FUSE session negotiated at INIT, the control channel's open handles). A memfd the supervisor creates once per
 //! frontend connection and hands to every worker; the worker writes it whenever the state
 //! changes and reads it when it starts.
 //!
 //! ```text
 //! header (16 bytes)   magic u64, version u32, slot size u32
 //! slot 0, slot 1      generation u64, len u32, checksum u32, data[len]
+//! data (version 1)    session: 0, or 1 then major, minor, flags, max_readahead, max_write
+//!                     (u32 each), max_pages u16; next_fh u64, handle count u32, then per
+//!                     handle fh u64, ino u64, cursor u64, timeout_ms u32 (little-endian)
 //! ```
 //!
 //! A write goes to the slot not holding the newest record and publishes it by writing its
@@ -21,13 +24,17 @@ use std::sync::Mutex;
 
 use incfs_fuse::InitInfo;
 
+use crate::control::{HandleObserver, SavedHandle, SavedHandles, MAX_HANDLES};
+
 const MAGIC: u64 = u64::from_le_bytes(*b"incfsWST");
 /// Version of the layout and of the record format. A worker only reads its own.
 pub const VERSION: u32 = 1;
 const HEADER: usize = 16;
 const SLOT_HEADER: usize = 16;
-/// Bytes of one slot, its header included.
-const SLOT: usize = 4096;
+/// Bytes of one handle's record.
+const HANDLE_BYTES: usize = 28;
+/// Bytes of one slot, its header included: room for every handle the control channel allows.
+const SLOT: usize = (SLOT_HEADER + 64 + MAX_HANDLES * HANDLE_BYTES).next_multiple_of(4096);
 /// Bytes of the region.
 pub const REGION_SIZE: usize = HEADER + 2 * SLOT;
 
@@ -46,11 +53,13 @@ pub enum StateError {
 pub struct WorkerState {
     /// The FUSE session, once the guest's INIT was answered.
     pub session: Option<InitInfo>,
+    /// The control channel's open handles.
+    pub handles: SavedHandles,
 }
 
 impl WorkerState {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32);
+        let mut out = Vec::with_capacity(64 + self.handles.handles.len() * HANDLE_BYTES);
         match &self.session {
             None => out.push(0),
             Some(s) => {
@@ -61,26 +70,65 @@ impl WorkerState {
                 out.extend_from_slice(&s.max_pages.to_le_bytes());
             }
         }
+        out.extend_from_slice(&self.handles.next_fh.to_le_bytes());
+        let handles = &self.handles.handles[..self.handles.handles.len().min(MAX_HANDLES)];
+        out.extend_from_slice(&(handles.len() as u32).to_le_bytes());
+        for h in handles {
+            for v in [h.fh, h.ino, h.cursor] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&h.timeout_ms.to_le_bytes());
+        }
         out
     }
 
     fn decode(b: &[u8]) -> Option<WorkerState> {
-        match b.split_first()? {
-            (0, []) => Some(WorkerState { session: None }),
-            (1, rest) if rest.len() == 22 => {
-                let u = |i: usize| u32::from_le_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]]);
-                let session = InitInfo {
-                    major: u(0),
-                    minor: u(4),
-                    flags: u(8),
-                    max_readahead: u(12),
-                    max_write: u(16),
-                    max_pages: u16::from_le_bytes([rest[20], rest[21]]),
-                };
-                Some(WorkerState { session: Some(session) })
+        let mut r = Reader(b);
+        let session = match r.u8()? {
+            0 => None,
+            1 => {
+                let (major, minor, flags, max_readahead, max_write) =
+                    (r.u32()?, r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+                Some(InitInfo { major, minor, flags, max_readahead, max_write, max_pages: r.u16()? })
             }
-            _ => None,
+            _ => return None,
+        };
+        let next_fh = r.u64()?;
+        let count = r.u32()? as usize;
+        if count > MAX_HANDLES {
+            return None;
         }
+        let mut handles = Vec::with_capacity(count);
+        for _ in 0..count {
+            handles.push(SavedHandle { fh: r.u64()?, ino: r.u64()?, cursor: r.u64()?, timeout_ms: r.u32()? });
+        }
+        if !r.0.is_empty() {
+            return None;
+        }
+        Some(WorkerState { session, handles: SavedHandles { next_fh, handles } })
+    }
+}
+
+/// Little-endian fields from a record, in order.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
     }
 }
 
@@ -92,8 +140,8 @@ fn checksum(data: &[u8]) -> u32 {
 /// The region, mapped.
 pub struct StateRegion {
     map: memmap2::MmapRaw,
-    /// Serializes writers; holds the generation of the newest record.
-    newest: Mutex<u64>,
+    /// Serializes writers; the newest record and its generation.
+    newest: Mutex<(u64, WorkerState)>,
 }
 
 impl StateRegion {
@@ -121,7 +169,7 @@ impl StateRegion {
             return Err(StateError::NotARegion);
         }
         let map = memmap2::MmapOptions::new().len(REGION_SIZE).map_raw(file)?;
-        let region = StateRegion { map, newest: Mutex::new(0) };
+        let region = StateRegion { map, newest: Mutex::new((0, WorkerState::default())) };
         let mut header = [0u8; HEADER];
         region.read(0, &mut header);
         let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
@@ -134,8 +182,9 @@ impl StateRegion {
         if word(12) as usize != SLOT {
             return Err(StateError::NotARegion);
         }
-        let newest = (0..2).filter_map(|s| region.slot(s).map(|(g, _)| g)).max().unwrap_or(0);
-        *region.newest.lock().unwrap_or_else(|e| e.into_inner()) = newest;
+        let generation = (0..2).filter_map(|s| region.slot(s).map(|(g, _)| g)).max().unwrap_or(0);
+        let state = region.load();
+        *region.newest.lock().unwrap_or_else(|e| e.into_inner()) = (generation, state);
         Ok(region)
     }
 
@@ -186,10 +235,16 @@ impl StateRegion {
 
     /// Writes `state` as the newest record.
     pub fn store(&self, state: &WorkerState) {
-        let data = state.encode();
+        self.update(|s| *s = state.clone());
+    }
+
+    /// Changes the newest record with `change` and writes it.
+    pub fn update(&self, change: impl FnOnce(&mut WorkerState)) {
         let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut newest.1);
+        let data = newest.1.encode();
         // The slot not holding the newest record (slot of generation g is g % 2).
-        let next = *newest + 1;
+        let next = newest.0 + 1;
         let s = (next % 2) as usize;
         let base = HEADER + s * SLOT;
         // Invalidate first, so a torn write is never taken for the old record of this slot.
@@ -202,13 +257,19 @@ impl StateRegion {
         self.write(base + SLOT_HEADER, &data);
         fence(Ordering::SeqCst);
         self.generation(s).store(next, Ordering::Release);
-        *newest = next;
+        newest.0 = next;
     }
 }
 
 impl incfs_fuse::SessionObserver for StateRegion {
     fn session_changed(&self, session: Option<&InitInfo>) {
-        self.store(&WorkerState { session: session.copied() });
+        self.update(|s| s.session = session.copied());
+    }
+}
+
+impl HandleObserver for StateRegion {
+    fn handles_changed(&self, handles: SavedHandles) {
+        self.update(|s| s.handles = handles);
     }
 }
 
@@ -224,6 +285,10 @@ mod tests {
 
     fn session(minor: u32) -> WorkerState {
         WorkerState {
+            handles: SavedHandles {
+                next_fh: 9,
+                handles: vec![SavedHandle { fh: 3, ino: 1 << 62 | 1, cursor: 17, timeout_ms: 500 }],
+            },
             session: Some(InitInfo {
                 major: 7,
                 minor,
@@ -245,6 +310,9 @@ mod tests {
             let successor = StateRegion::open(&file).expect("reopen");
             assert_eq!(successor.load(), session(minor));
         }
+        region.update(|s| s.session = None);
+        let reopened = StateRegion::open(&file).expect("reopen").load();
+        assert_eq!((reopened.session, reopened.handles), (None, session(0).handles), "one field changed");
         region.store(&WorkerState::default());
         assert_eq!(StateRegion::open(&file).expect("reopen").load(), WorkerState::default());
     }
@@ -279,6 +347,25 @@ mod tests {
         assert_eq!(WorkerState::decode(&[1, 2, 3]), None);
         assert_eq!(WorkerState::decode(&[7]), None);
         let s = session(38);
-        assert_eq!(WorkerState::decode(&s.encode()), Some(s));
+        let bytes = s.encode();
+        assert_eq!(WorkerState::decode(&bytes), Some(s));
+        assert_eq!(WorkerState::decode(&bytes[..bytes.len() - 1]), None, "truncated");
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(WorkerState::decode(&longer), None, "trailing bytes");
+        let mut many = vec![0u8];
+        many.extend_from_slice(&1u64.to_le_bytes());
+        many.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(WorkerState::decode(&many), None, "a count over the bound");
+        let full = WorkerState {
+            session: None,
+            handles: SavedHandles {
+                next_fh: 1,
+                handles: (0..MAX_HANDLES as u64)
+                    .map(|fh| SavedHandle { fh, ino: 1, cursor: u64::MAX, timeout_ms: 1 })
+                    .collect(),
+            },
+        };
+        assert!(full.encode().len() <= SLOT - SLOT_HEADER, "every handle fits a slot");
     }
 }
