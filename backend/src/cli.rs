@@ -42,6 +42,14 @@ pub enum Cmd {
     },
     /// Serve an image to a VM as a vhost-user virtio-fs device.
     Run(RunArgs),
+    /// Replace the worker of a running `incfsd run` by one started from the binary on disk,
+    /// without the guest noticing (docs/restart.md). Fails, and the old worker serves on, if
+    /// the new one cannot start.
+    Upgrade {
+        /// The vhost-user socket `incfsd run` serves.
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Serve one file of an image (a raw disk image) to a VM as a vhost-user-blk device.
     Blk(BlkArgs),
     /// Print an image's tree with sizes (and how much of each file is cached).

@@ -39,6 +39,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }))?,
         Cmd::Cat { engine, stats, path } => cat(&engine, stats, &path)?,
         Cmd::Run(args) => run_fs(args)?,
+        Cmd::Upgrade { socket } => return upgrade(&socket),
         Cmd::Blk(args) => incfs::blk::run(args.config())?,
         Cmd::Inspect { src, cache } => inspect_image(&src, cache.as_deref())?,
         Cmd::Cache { cmd: CacheCmd::Status { dir } } => {
@@ -99,11 +100,31 @@ fn run_fs(args: cli::RunArgs) -> Result<()> {
         worker_args: std::env::args_os().skip(1).collect(),
         ready_line: format!("incfsd: serving image {} on {}", cfg.daemon.image, cfg.daemon.socket.display()),
         socket: cfg.daemon.socket.clone(),
+        metrics: cfg.daemon.metrics,
         num_queues: u16::try_from(cfg.device.request_queues + 1).unwrap_or(u16::MAX),
         queue_size: cfg.device.server.queue_size,
     };
     incfs::supervisor::run(sup)?;
     Ok(())
+}
+
+/// `incfsd upgrade`: asks the supervisor on `socket` to upgrade its worker.
+fn upgrade(socket: &Path) -> Result<ExitCode> {
+    use std::io::Read;
+    let ctl = incfs::supervisor::control_socket(socket);
+    let mut conn = std::os::unix::net::UnixStream::connect(&ctl)
+        .map_err(|e| Error::io(format!("connect to {} (is incfsd run serving there?)", ctl.display()), e))?;
+    conn.write_all(b"upgrade\n").map_err(|e| Error::io("send the request", e))?;
+    let mut answer = String::new();
+    conn.take(4096).read_to_string(&mut answer).map_err(|e| Error::io("read the answer", e))?;
+    let answer = answer.trim();
+    if let Some(ok) = answer.strip_prefix("ok ") {
+        println!("upgraded: {ok}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("incfsd upgrade: {}", answer.strip_prefix("error: ").unwrap_or(answer));
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -366,11 +366,17 @@ impl Daemon {
     /// Like `start`, with the socket and the cache directory chosen (several daemons
     /// sharing one cache).
     pub fn start_with(socket: &Path, cache: &Path, store: &str, image: &str, extra: &[&str]) -> Daemon {
+        Self::start_binary(&incfsd_bin(), socket, cache, store, image, extra)
+    }
+
+    /// Like `start_with`, `incfsd run` started from the binary `bin` (an upgrade test
+    /// replaces it under the running daemon).
+    pub fn start_binary(bin: &Path, socket: &Path, cache: &Path, store: &str, image: &str, extra: &[&str]) -> Daemon {
         let mut args: Vec<String> = vec!["run".into(), "--socket".into(), socket.display().to_string()];
         args.extend(["--store", store, "--image", image].map(String::from));
         args.extend(["--cache".to_string(), cache.display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn("incfsd run", socket, &args)
+        Self::spawn_binary(bin, "incfsd run", socket, &args)
     }
 
     /// `incfsd blk`: file `path` of the image as a vhost-user-blk disk on `socket`, with
@@ -387,6 +393,10 @@ impl Daemon {
     /// `INCFS_LOG` says otherwise, blk and run daemons log the vhost layer's connection events
     /// (what a restart resubmitted), run daemons also their supervisor's.
     fn spawn(name: &str, socket: &Path, args: &[String]) -> Daemon {
+        Self::spawn_binary(&incfsd_bin(), name, socket, args)
+    }
+
+    fn spawn_binary(bin: &Path, name: &str, socket: &Path, args: &[String]) -> Daemon {
         let log = match args.first().map(String::as_str) {
             Some("blk") => Some("warn,incfs_vhost=info"),
             // And what the supervisor did (workers started, state replayed).
@@ -394,12 +404,12 @@ impl Daemon {
             _ => None,
         };
         let log = std::env::var("INCFS_LOG").ok().or(log.map(str::to_string));
-        Self::spawn_logging(name, socket, args, log.as_deref())
+        Self::spawn_logging(bin, name, socket, args, log.as_deref())
     }
 
-    fn spawn_logging(name: &str, socket: &Path, args: &[String], log: Option<&str>) -> Daemon {
+    fn spawn_logging(bin: &Path, name: &str, socket: &Path, args: &[String], log: Option<&str>) -> Daemon {
         let metrics_port = free_port();
-        let mut cmd = Command::new(incfsd_bin());
+        let mut cmd = Command::new(bin);
         if let Some(log) = log {
             cmd.env("INCFS_LOG", log);
         }

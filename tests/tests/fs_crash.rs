@@ -9,6 +9,9 @@
 //!   along, behind a 40 ms link) while the worker is killed at ten random moments (seed
 //!   printed; `INCFS_CRASH_SEED` repeats a run). No error in the guest, every checksum
 //!   right, the supervisor's pid unchanged, and the longest stall the guest saw.
+//! - `fs_survives_ten_upgrades_under_readers`: the same readers while a new binary is
+//!   installed over the one the daemon runs and `incfsd upgrade` replaces the worker, ten
+//!   times: each new worker runs the binary now on disk, the supervisor's pid stays.
 //! - `a_read_parked_at_the_kill_completes`: a READ waits behind a 5 s link when the worker is
 //!   killed; the next worker resubmits it and the guest gets the right bytes.
 
@@ -99,14 +102,41 @@ fn kill_9(pid: u32) {
     assert_eq!(r, 0, "kill -9 {pid}");
 }
 
+/// What happens to the worker ten times under the readers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Event {
+    /// SIGKILL.
+    Kill,
+    /// A new binary installed over the one the daemon was started from, then
+    /// `incfsd upgrade`.
+    Upgrade,
+}
+
 #[test]
 fn fs_survives_ten_worker_kills_under_readers() {
+    ten_events_under_readers("fs-crash", Event::Kill);
+}
+
+#[test]
+fn fs_survives_ten_upgrades_under_readers() {
+    ten_events_under_readers("fs-upgrade", Event::Upgrade);
+}
+
+/// Copies `from` to `to` through a new file renamed into place (a new inode, as a package
+/// upgrade installs it, while the old one may still run).
+fn install(from: &std::path::Path, to: &std::path::Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).expect("copy incfsd");
+    std::fs::rename(&tmp, to).expect("install incfsd");
+}
+
+fn ten_events_under_readers(name: &str, event: Event) {
     const KILLS: usize = 10;
     const DURATION_S: u64 = 40;
     const MMAP_SEED: u64 = 7;
     let files: Vec<(String, Vec<u8>)> =
         (0..5).map(|i| (format!("data/r{i}"), pseudo_random(200 + i as u64, (2 << 20) + 4096 * i + 123))).collect();
-    let work = WorkDir::new("fs-crash");
+    let work = WorkDir::new(name);
     let src = work.join("src");
     for (p, d) in &files {
         write_file(&src, p, d);
@@ -183,7 +213,12 @@ echo CRASH-OK
     // A cache smaller than what the readers read: misses (parked, completed out of order)
     // go on all along, not only in the first round.
     let args = ["--read-timeout-ms", "120000", "--cache-size", "4M"];
-    let daemon = Arc::new(Daemon::start_with(&work.join("fs.sock"), &work.join("cache"), &proxy.url, &image, &args));
+    // Started from a copy of the binary that each upgrade replaces on disk.
+    let bin = work.join("bin/incfsd");
+    std::fs::create_dir_all(work.join("bin")).expect("mkdir bin");
+    install(&incfsd_bin(), &bin);
+    let socket = work.join("fs.sock");
+    let daemon = Arc::new(Daemon::start_binary(&bin, &socket, &work.join("cache"), &proxy.url, &image, &args));
     let supervisor = daemon.pid();
     let seed = std::env::var("INCFS_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
@@ -192,7 +227,7 @@ echo CRASH-OK
     let (start_tx, start_rx) = mpsc::channel::<()>();
     let workers = Arc::new(Mutex::new(Vec::new()));
     let killer = {
-        let (daemon, workers) = (daemon.clone(), workers.clone());
+        let (daemon, workers, bin, socket) = (daemon.clone(), workers.clone(), bin.clone(), socket.clone());
         std::thread::spawn(move || {
             let mut rng = Rng(seed);
             if start_rx.recv_timeout(Duration::from_secs(300)).is_err() {
@@ -203,10 +238,30 @@ echo CRASH-OK
             for k in 0..KILLS {
                 std::thread::sleep(Duration::from_millis(1500 + rng.below(2000)));
                 let t = Instant::now();
-                kill_9(worker);
+                match event {
+                    Event::Kill => kill_9(worker),
+                    Event::Upgrade => {
+                        install(&incfsd_bin(), &bin);
+                        let out = Command::new(incfsd_bin())
+                            .args(["upgrade", "--socket"])
+                            .arg(&socket)
+                            .output()
+                            .expect("run incfsd upgrade");
+                        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+                        assert!(
+                            out.status.success(),
+                            "incfsd upgrade: {said} {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        let new: u32 = said.trim().rsplit(' ').next().and_then(|p| p.parse().ok()).expect("worker pid");
+                        // The new worker runs the binary now on disk, not the replaced one.
+                        let exe = std::fs::read_link(format!("/proc/{new}/exe")).expect("worker exe");
+                        assert_eq!(exe, bin, "the upgraded worker runs {}", exe.display());
+                    }
+                }
                 worker = next_worker(&daemon, Some(worker));
                 workers.lock().unwrap_or_else(|p| p.into_inner()).push(worker);
-                println!("kill {}: worker {worker} started {:?} after the kill", k + 1, t.elapsed());
+                println!("event {}: worker {worker} serving {:?} after it began", k + 1, t.elapsed());
             }
         })
     };
@@ -256,7 +311,9 @@ echo CRASH-OK
         let (pages, digest) = expected_mmap(data, MMAP_SEED);
         assert_eq!((r[2].as_str(), r[3].as_str()), (pages.to_string().as_str(), digest.as_str()), "mmap {}", r[1]);
     }
-    assert!(stderr.contains("worker brought to the device state"), "no replay logged:\n{stderr}");
+    let replayed =
+        if event == Event::Kill { "worker brought to the device state" } else { "upgraded worker took the device" };
+    assert!(stderr.contains(replayed), "no replay logged:\n{stderr}");
     let gaps: Vec<(f64, u64)> = results
         .iter()
         .filter(|r| r.first().is_some_and(|k| k == "GAP"))
@@ -277,17 +334,17 @@ echo CRASH-OK
     let mut died = None;
     let mut downtimes = Vec::new();
     for l in stderr.lines() {
-        if l.contains("worker died") {
+        if l.contains("worker died") || (event == Event::Upgrade && l.contains("worker started")) {
             died = at(l);
-        } else if l.contains("worker brought to the device state") {
+        } else if l.contains("worker brought to the device state") || l.contains("upgraded worker took the device") {
             if let (Some(d), Some(b)) = (died.take(), at(l)) {
                 downtimes.push(((b - d) * 1000.0).round() as u64);
             }
         }
     }
-    println!("worker death to new worker serving, ms: {downtimes:?}");
+    println!("old worker gone (kill) or new one started (upgrade) to new worker serving, ms: {downtimes:?}");
     println!("stalls over 200 ms seen by the guest (at s, ms): {gaps:?}");
-    println!("longest stall: {} ms over {KILLS} kills; reads: {}", stall[1], stall[2]);
+    println!("longest stall: {} ms over {KILLS} events; reads: {}", stall[1], stall[2]);
     println!("requests resubmitted by new workers: {resubmitted}");
     let longest: u64 = stall[1].parse().expect("ms");
     assert!(longest < 15_000, "the guest waited {longest} ms at once");

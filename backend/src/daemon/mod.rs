@@ -134,6 +134,10 @@ pub trait Device: Sized {
     fn bind(&self, socket: &Path, rt: Handle) -> Result<Self::Server>;
     /// Adds the device's metrics after the engine's.
     fn register_metrics(&self, _metrics: &mut Metrics) {}
+    /// A metrics listener bound by someone else (a supervisor), to serve instead of binding.
+    fn metrics_listener(&self) -> Option<std::net::TcpListener> {
+        None
+    }
     /// The line printed on stderr once the socket listens: tests and scripts wait for it.
     fn ready_line(&self, cfg: &DaemonConfig) -> String;
     /// After the last frontend, before the trace is written: keep what must be kept.
@@ -175,9 +179,18 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
         let mut metrics = Metrics::new();
         metrics.register(EngineSnapshot(engine.clone()));
         device.register_metrics(&mut metrics);
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
+        let listener = match device.metrics_listener() {
+            Some(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| {
+                    let _guard = rt.enter();
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .map_err(|e| Error::io("serve the supervisor's metrics listener", e))?,
+            None => rt
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?,
+        };
         rt.spawn(metrics::run_http_endpoint(listener, Arc::new(metrics)));
     }
 

@@ -41,6 +41,7 @@ pub fn run_worker(mut cfg: RunConfig, fds: WorkerFds) -> Result<()> {
 /// A worker's connection, state region and ready pipe, until it serves.
 struct Worker {
     fds: Mutex<Option<WorkerFds>>,
+    metrics: Mutex<Option<std::net::TcpListener>>,
     state: Arc<StateRegion>,
 }
 
@@ -61,12 +62,13 @@ impl Device for FsDevice {
         tracing::info!(image = %img.id, inodes = img.manifest.inodes.len(), bytes = img.data_size(), "image loaded");
         let worker = match fds {
             None => None,
-            Some(fds) => {
+            Some(mut fds) => {
                 // A region this binary does not know (another version's) is refused: the
                 // supervisor keeps the worker it has.
                 let state = StateRegion::open(&fds.state)
                     .map_err(|e| Error::io("open the worker state region", std::io::Error::other(e)))?;
-                Some(Worker { fds: Mutex::new(Some(fds)), state: Arc::new(state) })
+                let metrics = Mutex::new(fds.metrics.take());
+                Some(Worker { fds: Mutex::new(Some(fds)), metrics, state: Arc::new(state) })
             }
         };
         let fs = Arc::new(MountFs::new(engine.clone()));
@@ -98,6 +100,10 @@ impl Device for FsDevice {
             state: worker.state.clone(),
             stopper,
         }))
+    }
+
+    fn metrics_listener(&self) -> Option<std::net::TcpListener> {
+        self.worker.as_ref().and_then(|w| w.metrics.lock().unwrap_or_else(|e| e.into_inner()).take())
     }
 
     fn ready_line(&self, cfg: &DaemonConfig) -> String {

@@ -24,7 +24,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use relay::{expects_reply, req, Message, Recorded, RelayError, PF_INFLIGHT_SHMFD, PF_RELAYED};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// A worker that dies this soon after its start counts towards a crash loop.
 const QUICK_DEATH: Duration = Duration::from_secs(1);
@@ -65,6 +65,8 @@ pub struct SupervisorConfig {
     pub socket: PathBuf,
     /// Printed on stderr once the first worker is ready.
     pub ready_line: String,
+    /// The metrics endpoint's address (`--metrics`): bound here, served by the workers.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Queues of the device and their largest size (for the inflight area).
     pub num_queues: u16,
     pub queue_size: u16,
@@ -100,23 +102,56 @@ pub fn run(cfg: SupervisorConfig) -> Result<()> {
         signal_hook::low_level::pipe::register(sig, tx).map_err(io_err("handle SIGTERM and SIGINT"))?;
     }
     signals.set_nonblocking(true).map_err(io_err("create the signal pipe"))?;
-    if cfg.socket.exists() {
-        // A stale socket of a previous run (as the vhost crate's listener does).
-        let _ = std::fs::remove_file(&cfg.socket);
+    let (hup, hup_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
+    signal_hook::low_level::pipe::register(SIGHUP, hup_tx).map_err(io_err("handle SIGHUP"))?;
+    hup.set_nonblocking(true).map_err(io_err("create the signal pipe"))?;
+    let ctl_path = control_socket(&cfg.socket);
+    for path in [&cfg.socket, &ctl_path] {
+        if path.exists() {
+            // A stale socket of a previous run (as the vhost crate's listener does).
+            let _ = std::fs::remove_file(path);
+        }
     }
     let listener = UnixListener::bind(&cfg.socket).map_err(io_err("listen on the vhost-user socket"))?;
-    let mut sup = Supervisor { cfg, signals, quick_deaths: 0, worker: None, state_fd: None, stopping: false };
+    let ctl = UnixListener::bind(&ctl_path).map_err(io_err("listen on the control socket"))?;
+    // Owner only: it replaces the worker.
+    std::fs::set_permissions(&ctl_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(io_err("restrict the control socket"))?;
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(io_err("listen for metrics"))?),
+        None => None,
+    };
+    let mut sup =
+        Supervisor { cfg, signals, hup, ctl, metrics, quick_deaths: 0, worker: None, state_fd: None, stopping: false };
     let result = sup.serve(&listener);
     let _ = std::fs::remove_file(&sup.cfg.socket);
+    let _ = std::fs::remove_file(&ctl_path);
     if let Some(w) = sup.worker.take() {
         sup.end_worker(w);
     }
     result
 }
 
+/// The supervisor's control socket, beside the vhost-user socket: `incfsd upgrade` talks to
+/// it.
+pub fn control_socket(socket: &std::path::Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".ctl");
+    PathBuf::from(p)
+}
+
+/// Longest request on the control socket.
+const MAX_CONTROL_REQUEST: usize = 64;
+
 struct Supervisor {
     cfg: SupervisorConfig,
     signals: UnixStream,
+    /// SIGHUP: upgrade the worker.
+    hup: UnixStream,
+    /// The control socket (`incfsd upgrade`).
+    ctl: UnixListener,
+    /// The metrics listener, handed to every worker.
+    metrics: Option<std::net::TcpListener>,
     quick_deaths: u32,
     worker: Option<Worker>,
     /// The state region of the current frontend connection.
@@ -233,13 +268,14 @@ impl Supervisor {
         let (ctrl, worker_ctrl) = UnixStream::pair().map_err(io_err("create the worker's control channel"))?;
         let (mut ready, ready_tx) = pipe().map_err(io_err("create the ready pipe"))?;
         let state_fd = self.state_fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-        let fds = [worker_ctrl.as_raw_fd(), state_fd, ready_tx.as_fd().as_raw_fd()];
+        let metrics_fd = self.metrics.as_ref().map_or(-1, |l| l.as_raw_fd());
+        let fds = [worker_ctrl.as_raw_fd(), state_fd, ready_tx.as_fd().as_raw_fd(), metrics_fd];
         let mut cmd = Command::new(&self.cfg.exe);
-        cmd.args(&self.cfg.worker_args).arg("--worker-fds").arg(format!("{},{},{}", fds[0], fds[1], fds[2]));
+        cmd.args(&self.cfg.worker_args).arg("--worker-fds").arg(format!("{},{},{},{}", fds[0], fds[1], fds[2], fds[3]));
         // SAFETY: only async-signal-safe calls (fcntl, prctl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                for fd in fds {
+                for fd in fds.into_iter().filter(|&fd| fd >= 0) {
                     inherit(fd)?;
                 }
                 // The worker must not outlive the supervisor: nothing could relay for it.
@@ -329,11 +365,16 @@ impl Supervisor {
     fn accept(&mut self, listener: &UnixListener) -> Result<Option<UnixStream>> {
         loop {
             let pidfd = self.worker.as_ref().map_or(-1, |w| w.pidfd.as_raw_fd());
-            let r = poll(&[listener.as_raw_fd(), pidfd, self.signals.as_raw_fd()], None)
-                .map_err(io_err("wait for a frontend"))?;
+            let fds =
+                [listener.as_raw_fd(), pidfd, self.signals.as_raw_fd(), self.ctl.as_raw_fd(), self.hup.as_raw_fd()];
+            let r = poll(&fds, None).map_err(io_err("wait for a frontend"))?;
             if r[2] {
                 self.stop();
                 return Ok(None);
+            }
+            if r[3] || r[4] {
+                self.control(r[3], &Recorded::default(), false)?;
+                continue;
             }
             if r[1] {
                 self.respawn(&Recorded::default(), false)?;
@@ -346,16 +387,76 @@ impl Supervisor {
         }
     }
 
+    /// A request on the control socket (`from_socket`) or SIGHUP: upgrade the worker, and
+    /// answer the request with the outcome.
+    fn control(&mut self, from_socket: bool, rec: &Recorded, connected: bool) -> Result<()> {
+        if !from_socket {
+            let mut buf = [0u8; 16];
+            while matches!((&self.hup).read(&mut buf), Ok(n) if n > 0) {}
+            match self.upgrade(rec, connected) {
+                Ok(pid) => tracing::info!(pid, "SIGHUP: worker upgraded"),
+                Err(e) => tracing::error!("SIGHUP: upgrade failed, the old worker serves on: {e}"),
+            }
+            return Ok(());
+        }
+        let Ok((mut client, _)) = self.ctl.accept() else { return Ok(()) };
+        let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut req = Vec::new();
+        let mut buf = [0u8; MAX_CONTROL_REQUEST];
+        while req.len() < MAX_CONTROL_REQUEST && !req.contains(&b'\n') {
+            match client.read(&mut buf[..MAX_CONTROL_REQUEST - req.len()]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = match req.split(|&b| b == b'\n').next() {
+            Some(b"upgrade") => match self.upgrade(rec, connected) {
+                Ok(pid) => format!("ok worker {pid}\n"),
+                Err(e) => format!("error: {e}; the old worker serves on\n"),
+            },
+            _ => "error: unknown request (known: upgrade)\n".to_string(),
+        };
+        let _ = std::io::Write::write_all(&mut client, answer.as_bytes());
+        Ok(())
+    }
+
+    /// Replaces the worker by one started from the binary on disk: the new one opens the
+    /// image and cache first (warm); then the old one is stopped and the new one takes the
+    /// connection and the recorded state, resubmitting what the old one left in flight. If
+    /// the new one fails to start (or refuses the state region's version), the old one
+    /// serves on. The new worker's pid.
+    fn upgrade(&mut self, rec: &Recorded, connected: bool) -> Result<u32, String> {
+        let new = self.spawn_worker().map_err(|e| e.to_string())?;
+        let pid = new.child.id();
+        if let Some(mut old) = self.worker.replace(new) {
+            // Its parked requests stay marked in the inflight area: the new worker resubmits
+            // them. Its FUSE session and handles stay in the state region.
+            let _ = old.child.kill();
+            let _ = old.child.wait();
+        }
+        if connected {
+            match self.connect_worker().and_then(|()| self.replay(rec)) {
+                Ok(()) => tracing::info!(pid, messages = rec.messages().count(), "upgraded worker took the device"),
+                Err(WorkerGone) => self.respawn(rec, true).map_err(|e| e.to_string())?,
+            }
+        }
+        Ok(self.worker.as_ref().map_or(pid, |w| w.child.id()))
+    }
+
     /// Relays one frontend connection: true when QEMU hung up, false when stopped.
     fn relay_connection(&mut self, qemu: &UnixStream) -> Result<bool> {
         let mut rec = Recorded::default();
         loop {
             let pidfd = self.worker.as_ref().map_or(-1, |w| w.pidfd.as_raw_fd());
-            let r = poll(&[qemu.as_raw_fd(), pidfd, self.signals.as_raw_fd()], None)
-                .map_err(io_err("wait for the frontend"))?;
+            let fds = [qemu.as_raw_fd(), pidfd, self.signals.as_raw_fd(), self.ctl.as_raw_fd(), self.hup.as_raw_fd()];
+            let r = poll(&fds, None).map_err(io_err("wait for the frontend"))?;
             if r[2] {
                 self.stop();
                 return Ok(false);
+            }
+            if r[3] || r[4] {
+                self.control(r[3], &rec, true)?;
+                continue;
             }
             if r[1] {
                 self.respawn(&rec, true)?;
@@ -504,19 +605,22 @@ pub struct WorkerFds {
     pub state: File,
     /// Written once when the worker serves.
     pub ready: File,
+    /// The metrics listener (`--metrics`), bound once by the supervisor so that an old and a
+    /// new worker can both hold it during an upgrade.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 impl WorkerFds {
-    /// Takes the three fds named on the command line. Only call once, at start: the fds are
-    /// this process's from then on.
+    /// Takes the fds named on the command line (CTRL,STATE,READY,METRICS; METRICS -1 for
+    /// none). Only call once, at start: the fds are this process's from then on.
     pub fn take(spec: &str) -> io::Result<WorkerFds> {
         let fds: Vec<RawFd> = spec.split(',').map(|s| s.parse::<RawFd>()).collect::<Result<_, _>>().map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, "--worker-fds takes CTRL,STATE,READY fd numbers")
+            io::Error::new(io::ErrorKind::InvalidInput, "--worker-fds takes CTRL,STATE,READY,METRICS fd numbers")
         })?;
-        let [conn, state, ready] = fds[..] else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "--worker-fds takes three fd numbers"));
+        let [conn, state, ready, metrics] = fds[..] else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "--worker-fds takes four fd numbers"));
         };
-        for fd in [conn, state, ready] {
+        for fd in [conn, state, ready].into_iter().chain((metrics != -1).then_some(metrics)) {
             // SAFETY: fcntl on an fd number: checks it is open, and keeps it from later children.
             if fd < 3 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("--worker-fds: fd {fd} is not open")));
@@ -528,6 +632,7 @@ impl WorkerFds {
                 ctrl: UnixStream::from_raw_fd(conn),
                 state: File::from_raw_fd(state),
                 ready: File::from_raw_fd(ready),
+                metrics: (metrics != -1).then(|| std::net::TcpListener::from_raw_fd(metrics)),
             }
         })
     }
