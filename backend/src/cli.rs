@@ -121,9 +121,12 @@ pub struct RunArgs {
     /// guest's mount (docs/restart.md).
     #[arg(long)]
     pub no_supervisor: bool,
-    /// Internal: run as the worker of a supervisor, on these fds (CONN,STATE,READY).
+    /// Internal: run as the worker of a supervisor, on these fds (CTRL,STATE,READY,METRICS).
     #[arg(long, hide = true)]
     pub worker_fds: Option<String>,
+    /// Internal: go on as the supervisor the previous binary handed over to (an upgrade).
+    #[arg(long, hide = true)]
+    pub supervisor_state: Option<i32>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -85,6 +85,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// the daemon alone (`--no-supervisor`).
 fn run_fs(args: cli::RunArgs) -> Result<()> {
     let worker_fds = args.worker_fds.clone();
+    let handover = args.supervisor_state;
     let no_supervisor = args.no_supervisor;
     let cfg = args.config();
     if let Some(spec) = worker_fds {
@@ -97,15 +98,36 @@ fn run_fs(args: cli::RunArgs) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find this binary", e))?;
     let sup = SupervisorConfig {
         exe,
-        worker_args: std::env::args_os().skip(1).collect(),
+        worker_args: without_handover(std::env::args_os().skip(1)),
         ready_line: format!("incfsd: serving image {} on {}", cfg.daemon.image, cfg.daemon.socket.display()),
         socket: cfg.daemon.socket.clone(),
         metrics: cfg.daemon.metrics,
         num_queues: u16::try_from(cfg.device.request_queues + 1).unwrap_or(u16::MAX),
         queue_size: cfg.device.server.queue_size,
     };
-    incfs::supervisor::run(sup)?;
+    match handover {
+        Some(fd) => incfs::supervisor::resume(sup, fd)?,
+        None => incfs::supervisor::run(sup)?,
+    }
     Ok(())
+}
+
+/// The command line without `--supervisor-state FD` (a worker, or the next re-execution,
+/// gets its own).
+fn without_handover(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match a.to_str() {
+            Some("--supervisor-state") => skip = true,
+            Some(s) if s.starts_with("--supervisor-state=") => {}
+            _ => out.push(a),
+        }
+    }
+    out
 }
 
 /// `incfsd upgrade`: asks the supervisor on `socket` to upgrade its worker.

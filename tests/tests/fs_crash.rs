@@ -11,7 +11,8 @@
 //!   right, the supervisor's pid unchanged, and the longest stall the guest saw.
 //! - `fs_survives_ten_upgrades_under_readers`: the same readers while a new binary is
 //!   installed over the one the daemon runs and `incfsd upgrade` replaces the worker, ten
-//!   times: each new worker runs the binary now on disk, the supervisor's pid stays.
+//!   times: each new worker runs the binary now on disk, and so does the supervisor,
+//!   re-executed in place (its pid stays).
 //! - `a_read_parked_at_the_kill_completes`: a READ waits behind a 5 s link when the worker is
 //!   killed; the next worker resubmits it and the guest gets the right bytes.
 
@@ -254,9 +255,15 @@ echo CRASH-OK
                             String::from_utf8_lossy(&out.stderr)
                         );
                         let new: u32 = said.trim().rsplit(' ').next().and_then(|p| p.parse().ok()).expect("worker pid");
-                        // The new worker runs the binary now on disk, not the replaced one.
+                        // The new worker runs the binary now on disk, not the replaced one; so
+                        // does the supervisor, re-executed in place (same pid).
                         let exe = std::fs::read_link(format!("/proc/{new}/exe")).expect("worker exe");
                         assert_eq!(exe, bin, "the upgraded worker runs {}", exe.display());
+                        let t = Instant::now();
+                        while std::fs::read_link(format!("/proc/{}/exe", daemon.pid())).ok().as_ref() != Some(&bin) {
+                            assert!(t.elapsed() < Duration::from_secs(10), "the supervisor did not re-execute itself");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
                 }
                 worker = next_worker(&daemon, Some(worker));

@@ -10,6 +10,7 @@
 //! handles one QEMU message at a time, so at most one is outstanding when a worker dies; it
 //! is sent again to the next worker.
 
+mod handover;
 pub mod relay;
 pub mod state;
 
@@ -20,7 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use relay::{expects_reply, req, Message, Recorded, RelayError, PF_INFLIGHT_SHMFD, PF_RELAYED};
@@ -74,13 +75,47 @@ pub struct SupervisorConfig {
 
 /// A running worker, its control channel, and its end of the relayed connection.
 struct Worker {
-    child: Child,
+    child: WorkerProcess,
     pidfd: OwnedFd,
     /// Hands the worker one frontend connection after another ([`req::CONNECT`]).
     ctrl: UnixStream,
     /// The frontend connection relayed to it, if any.
     conn: Option<UnixStream>,
     started: Instant,
+}
+
+/// A worker process, our child, by pid.
+struct WorkerProcess {
+    pid: u32,
+}
+
+impl WorkerProcess {
+    fn id(&self) -> u32 {
+        self.pid
+    }
+
+    fn kill(&self) -> io::Result<()> {
+        // SAFETY: kill with the pid of our own child, not yet reaped.
+        if unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn wait(&self) -> io::Result<ExitStatus> {
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid on our own child with a live status int.
+            let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, 0) };
+            if r >= 0 {
+                return Ok(ExitStatus::from_raw(status));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
 }
 
 /// The worker is gone (died, hung up, or answered nonsense): start another.
@@ -96,15 +131,6 @@ pub fn run(cfg: SupervisorConfig) -> Result<()> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(SupervisorError::Io { context: "set no_new_privs", source: io::Error::last_os_error() });
     }
-    let (signals, signals_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
-    for sig in [SIGTERM, SIGINT] {
-        let tx = signals_tx.try_clone().map_err(io_err("create the signal pipe"))?;
-        signal_hook::low_level::pipe::register(sig, tx).map_err(io_err("handle SIGTERM and SIGINT"))?;
-    }
-    signals.set_nonblocking(true).map_err(io_err("create the signal pipe"))?;
-    let (hup, hup_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
-    signal_hook::low_level::pipe::register(SIGHUP, hup_tx).map_err(io_err("handle SIGHUP"))?;
-    hup.set_nonblocking(true).map_err(io_err("create the signal pipe"))?;
     let ctl_path = control_socket(&cfg.socket);
     for path in [&cfg.socket, &ctl_path] {
         if path.exists() {
@@ -121,14 +147,43 @@ pub fn run(cfg: SupervisorConfig) -> Result<()> {
         Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(io_err("listen for metrics"))?),
         None => None,
     };
-    let mut sup =
-        Supervisor { cfg, signals, hup, ctl, metrics, quick_deaths: 0, worker: None, state_fd: None, stopping: false };
-    let result = sup.serve(&listener);
-    let _ = std::fs::remove_file(&sup.cfg.socket);
-    let _ = std::fs::remove_file(&ctl_path);
-    if let Some(w) = sup.worker.take() {
-        sup.end_worker(w);
-    }
+    let state = state::StateRegion::create().map_err(|e| match e {
+        state::StateError::Io(source) => SupervisorError::Io { context: "create the state region", source },
+        other => SupervisorError::Io { context: "create the state region", source: io::Error::other(other) },
+    })?;
+    let mut sup = Supervisor::new(cfg, ctl, metrics, state)?;
+    // Started before a frontend comes, so that a bad image or store fails `incfsd run` at once.
+    let w = sup.start_worker(true)?;
+    sup.worker = Some(w);
+    eprintln!("{}", sup.cfg.ready_line);
+    let result = sup.serve(&listener, None);
+    sup.finish();
+    result
+}
+
+/// Goes on as the supervisor a previous binary handed over to (`--supervisor-state FD`):
+/// same socket, same QEMU connection, same worker.
+pub fn resume(cfg: SupervisorConfig, handover_fd: RawFd) -> Result<()> {
+    let h = handover::take(handover_fd).map_err(|e| SupervisorError::Io {
+        context: "take over from the previous supervisor",
+        source: io::Error::other(e),
+    })?;
+    let mut sup = Supervisor::new(cfg, h.ctl, h.metrics, h.state)?;
+    sup.worker = h.worker.map(|w| Worker {
+        child: WorkerProcess { pid: w.pid },
+        pidfd: w.pidfd,
+        ctrl: w.ctrl,
+        conn: w.conn,
+        started: Instant::now(),
+    });
+    tracing::info!(
+        connected = h.qemu.is_some(),
+        messages = h.recorded.messages().count(),
+        "supervisor upgraded in place"
+    );
+    let resumed = h.qemu.map(|q| (q, h.recorded));
+    let result = sup.serve(&h.listener, resumed);
+    sup.finish();
     result
 }
 
@@ -207,36 +262,120 @@ fn inherit(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// How waiting for or relaying a frontend ended.
+enum Outcome {
+    /// QEMU hung up.
+    Hangup,
+    /// SIGTERM/SIGINT: the worker has exited.
+    Stopped,
+    /// The worker was upgraded; now the supervisor re-executes itself.
+    Reexec,
+}
+
 impl Supervisor {
-    fn serve(&mut self, listener: &UnixListener) -> Result<()> {
-        let state = state::StateRegion::create().map_err(|e| match e {
-            state::StateError::Io(source) => SupervisorError::Io { context: "create the state region", source },
-            other => SupervisorError::Io { context: "create the state region", source: io::Error::other(other) },
-        })?;
-        self.state_fd = Some(state);
-        // Started before a frontend comes, so that a bad image or store fails `incfsd run`
-        // at once.
-        let w = self.start_worker(true)?;
-        self.worker = Some(w);
-        eprintln!("{}", self.cfg.ready_line);
+    fn new(
+        cfg: SupervisorConfig,
+        ctl: UnixListener,
+        metrics: Option<std::net::TcpListener>,
+        state: OwnedFd,
+    ) -> Result<Supervisor> {
+        let (signals, signals_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
+        for sig in [SIGTERM, SIGINT] {
+            let tx = signals_tx.try_clone().map_err(io_err("create the signal pipe"))?;
+            signal_hook::low_level::pipe::register(sig, tx).map_err(io_err("handle SIGTERM and SIGINT"))?;
+        }
+        signals.set_nonblocking(true).map_err(io_err("create the signal pipe"))?;
+        let (hup, hup_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
+        signal_hook::low_level::pipe::register(SIGHUP, hup_tx).map_err(io_err("handle SIGHUP"))?;
+        hup.set_nonblocking(true).map_err(io_err("create the signal pipe"))?;
+        Ok(Supervisor {
+            cfg,
+            signals,
+            hup,
+            ctl,
+            metrics,
+            quick_deaths: 0,
+            worker: None,
+            state_fd: Some(state),
+            stopping: false,
+        })
+    }
+
+    /// At exit: the sockets' files go, the worker is ended.
+    fn finish(&mut self) {
+        let _ = std::fs::remove_file(&self.cfg.socket);
+        let _ = std::fs::remove_file(control_socket(&self.cfg.socket));
+        if let Some(w) = self.worker.take() {
+            self.end_worker(w);
+        }
+    }
+
+    /// Serves frontends one after another, starting with `resumed` (a connection and its
+    /// record taken over from the previous supervisor binary).
+    fn serve(&mut self, listener: &UnixListener, mut resumed: Option<(UnixStream, Recorded)>) -> Result<()> {
         loop {
-            let Some(qemu) = self.accept(listener)? else { return Ok(()) };
-            tracing::info!("vhost-user frontend connected (relayed to the worker)");
-            let served = match self.connect_worker() {
-                Ok(()) => self.relay_connection(&qemu),
-                Err(WorkerGone) => self.respawn(&Recorded::default(), true).and_then(|()| self.relay_connection(&qemu)),
+            let (qemu, mut rec) = match resumed.take() {
+                Some(r) => r,
+                None => match self.accept(listener)? {
+                    Ok(qemu) => {
+                        tracing::info!("vhost-user frontend connected (relayed to the worker)");
+                        if self.connect_worker().is_err() {
+                            self.respawn(&Recorded::default(), true)?;
+                        }
+                        (qemu, Recorded::default())
+                    }
+                    Err(Outcome::Reexec) => {
+                        self.reexec(listener, None, &Recorded::default());
+                        continue;
+                    }
+                    Err(Outcome::Stopped) => return Ok(()),
+                    Err(Outcome::Hangup) => continue,
+                },
             };
+            let served = self.relay_connection(&qemu, &mut rec);
+            if let Ok(Outcome::Reexec) = served {
+                self.reexec(listener, Some(&qemu), &rec);
+                // Still here: the exec failed (logged); this binary relays on.
+                resumed = Some((qemu, rec));
+                continue;
+            }
             drop(qemu);
             // The worker sees the hang-up, resets the device and waits for the next one.
             if let Some(w) = self.worker.as_mut() {
                 w.conn = None;
             }
             match served {
-                Ok(true) => tracing::info!("frontend gone; waiting for the next one"),
-                Ok(false) => return Ok(()),
+                Ok(Outcome::Hangup) | Ok(Outcome::Reexec) => tracing::info!("frontend gone; waiting for the next one"),
+                Ok(Outcome::Stopped) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Re-executes this supervisor from the binary on disk, handing it everything over:
+    /// the sockets, QEMU's connection, the worker and the record. Returns only if that
+    /// failed (logged): this binary serves on.
+    fn reexec(&mut self, listener: &UnixListener, qemu: Option<&UnixStream>, rec: &Recorded) {
+        let (Some(state), Some(w)) = (self.state_fd.as_ref(), self.worker.as_ref()) else { return };
+        let h = handover::Borrowed {
+            listener: listener.as_raw_fd(),
+            ctl: self.ctl.as_raw_fd(),
+            metrics: self.metrics.as_ref().map(|m| m.as_raw_fd()),
+            state: state.as_raw_fd(),
+            qemu: qemu.map(|q| q.as_raw_fd()),
+            worker: Some(handover::BorrowedWorker {
+                pid: w.child.id(),
+                pidfd: w.pidfd.as_raw_fd(),
+                ctrl: w.ctrl.as_raw_fd(),
+                conn: w.conn.as_ref().map(|c| c.as_raw_fd()),
+            }),
+            recorded: rec,
+        };
+        let err = match handover::exec(&self.cfg.exe, &self.cfg.worker_args, &h) {
+            Err(e) => e,
+            Ok(never) => match never {},
+        };
+        tracing::error!("cannot re-execute the supervisor, the old one serves on: {err}");
     }
 
     /// Hands the worker its end of a new frontend connection.
@@ -285,7 +424,8 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(io_err("start the worker"))?;
+        // By pid, not std's Child: a supervisor re-executed for an upgrade keeps its worker.
+        let child = WorkerProcess { pid: cmd.spawn().map_err(io_err("start the worker"))?.id() };
         drop((worker_ctrl, ready_tx));
         let pidfd = match pidfd_open(child.id()) {
             Ok(fd) => fd,
@@ -342,7 +482,7 @@ impl Supervisor {
         while matches!((&self.signals).read(&mut buf), Ok(n) if n > 0) {}
         tracing::info!("signal received, stopping");
         self.stopping = true;
-        if let Some(mut w) = self.worker.take() {
+        if let Some(w) = self.worker.take() {
             // SAFETY: kill with the pid of our own child, not yet reaped.
             unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
             loop {
@@ -361,8 +501,9 @@ impl Supervisor {
         }
     }
 
-    /// Waits for a frontend, keeping the idle worker alive. None once stopped.
-    fn accept(&mut self, listener: &UnixListener) -> Result<Option<UnixStream>> {
+    /// Waits for a frontend, keeping the idle worker alive: its connection, or how the wait
+    /// ended.
+    fn accept(&mut self, listener: &UnixListener) -> Result<Result<UnixStream, Outcome>> {
         loop {
             let pidfd = self.worker.as_ref().map_or(-1, |w| w.pidfd.as_raw_fd());
             let fds =
@@ -370,11 +511,10 @@ impl Supervisor {
             let r = poll(&fds, None).map_err(io_err("wait for a frontend"))?;
             if r[2] {
                 self.stop();
-                return Ok(None);
+                return Ok(Err(Outcome::Stopped));
             }
-            if r[3] || r[4] {
-                self.control(r[3], &Recorded::default(), false)?;
-                continue;
+            if (r[3] || r[4]) && self.control(r[3], &Recorded::default(), false)? {
+                return Ok(Err(Outcome::Reexec));
             }
             if r[1] {
                 self.respawn(&Recorded::default(), false)?;
@@ -382,24 +522,30 @@ impl Supervisor {
             }
             if r[0] {
                 let (s, _) = listener.accept().map_err(io_err("accept a frontend"))?;
-                return Ok(Some(s));
+                return Ok(Ok(s));
             }
         }
     }
 
     /// A request on the control socket (`from_socket`) or SIGHUP: upgrade the worker, and
-    /// answer the request with the outcome.
-    fn control(&mut self, from_socket: bool, rec: &Recorded, connected: bool) -> Result<()> {
+    /// answer the request with the outcome. True when the worker was upgraded: the
+    /// supervisor then re-executes itself from the binary on disk.
+    fn control(&mut self, from_socket: bool, rec: &Recorded, connected: bool) -> Result<bool> {
         if !from_socket {
             let mut buf = [0u8; 16];
             while matches!((&self.hup).read(&mut buf), Ok(n) if n > 0) {}
-            match self.upgrade(rec, connected) {
-                Ok(pid) => tracing::info!(pid, "SIGHUP: worker upgraded"),
-                Err(e) => tracing::error!("SIGHUP: upgrade failed, the old worker serves on: {e}"),
-            }
-            return Ok(());
+            return Ok(match self.upgrade(rec, connected) {
+                Ok(pid) => {
+                    tracing::info!(pid, "SIGHUP: worker upgraded");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!("SIGHUP: upgrade failed, the old worker serves on: {e}");
+                    false
+                }
+            });
         }
-        let Ok((mut client, _)) = self.ctl.accept() else { return Ok(()) };
+        let Ok((mut client, _)) = self.ctl.accept() else { return Ok(false) };
         let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
         let mut req = Vec::new();
         let mut buf = [0u8; MAX_CONTROL_REQUEST];
@@ -409,15 +555,15 @@ impl Supervisor {
                 Ok(n) => req.extend_from_slice(&buf[..n]),
             }
         }
-        let answer = match req.split(|&b| b == b'\n').next() {
+        let (answer, upgraded) = match req.split(|&b| b == b'\n').next() {
             Some(b"upgrade") => match self.upgrade(rec, connected) {
-                Ok(pid) => format!("ok worker {pid}\n"),
-                Err(e) => format!("error: {e}; the old worker serves on\n"),
+                Ok(pid) => (format!("ok supervisor {} worker {pid}\n", std::process::id()), true),
+                Err(e) => (format!("error: {e}; the old worker serves on\n"), false),
             },
-            _ => "error: unknown request (known: upgrade)\n".to_string(),
+            _ => ("error: unknown request (known: upgrade)\n".to_string(), false),
         };
         let _ = std::io::Write::write_all(&mut client, answer.as_bytes());
-        Ok(())
+        Ok(upgraded)
     }
 
     /// Replaces the worker by one started from the binary on disk: the new one opens the
@@ -428,7 +574,7 @@ impl Supervisor {
     fn upgrade(&mut self, rec: &Recorded, connected: bool) -> Result<u32, String> {
         let new = self.spawn_worker().map_err(|e| e.to_string())?;
         let pid = new.child.id();
-        if let Some(mut old) = self.worker.replace(new) {
+        if let Some(old) = self.worker.replace(new) {
             // Its parked requests stay marked in the inflight area: the new worker resubmits
             // them. Its FUSE session and handles stay in the state region.
             let _ = old.child.kill();
@@ -443,28 +589,26 @@ impl Supervisor {
         Ok(self.worker.as_ref().map_or(pid, |w| w.child.id()))
     }
 
-    /// Relays one frontend connection: true when QEMU hung up, false when stopped.
-    fn relay_connection(&mut self, qemu: &UnixStream) -> Result<bool> {
-        let mut rec = Recorded::default();
+    /// Relays one frontend connection, recording its state in `rec`.
+    fn relay_connection(&mut self, qemu: &UnixStream, rec: &mut Recorded) -> Result<Outcome> {
         loop {
             let pidfd = self.worker.as_ref().map_or(-1, |w| w.pidfd.as_raw_fd());
             let fds = [qemu.as_raw_fd(), pidfd, self.signals.as_raw_fd(), self.ctl.as_raw_fd(), self.hup.as_raw_fd()];
             let r = poll(&fds, None).map_err(io_err("wait for the frontend"))?;
             if r[2] {
                 self.stop();
-                return Ok(false);
+                return Ok(Outcome::Stopped);
             }
-            if r[3] || r[4] {
-                self.control(r[3], &rec, true)?;
-                continue;
+            if (r[3] || r[4]) && self.control(r[3], rec, true)? {
+                return Ok(Outcome::Reexec);
             }
             if r[1] {
-                self.respawn(&rec, true)?;
+                self.respawn(rec, true)?;
                 continue;
             }
             if r[0] {
-                let Some(msg) = relay::recv(qemu)? else { return Ok(true) };
-                self.relay_message(qemu, msg, &mut rec)?;
+                let Some(msg) = relay::recv(qemu)? else { return Ok(Outcome::Hangup) };
+                self.relay_message(qemu, msg, rec)?;
             }
         }
     }
@@ -556,7 +700,7 @@ impl Supervisor {
     /// it the connection and replays `rec` into it.
     fn respawn(&mut self, rec: &Recorded, connected: bool) -> Result<()> {
         loop {
-            if let Some(mut w) = self.worker.take() {
+            if let Some(w) = self.worker.take() {
                 let _ = w.child.kill();
                 let status = w.child.wait().ok();
                 let signal = status.and_then(|s| s.signal());

@@ -400,6 +400,83 @@ impl Recorded {
     }
 }
 
+impl Recorded {
+    /// Appends the record to `out` for a successor supervisor (an upgrade re-executes it);
+    /// the fds stay open across execve and are written as their numbers, kept in `fds`.
+    pub fn encode(&self, out: &mut Vec<u8>, fds: &mut Vec<RawFd>) {
+        out.extend_from_slice(&self.features.to_le_bytes());
+        out.extend_from_slice(&self.protocol_features.to_le_bytes());
+        out.extend_from_slice(&(self.msgs.len() as u32).to_le_bytes());
+        for (key, m) in &self.msgs {
+            let (tag, a, b) = match *key {
+                Key::Owner => (0u8, 0, 0),
+                Key::Features => (1, 0, 0),
+                Key::ProtocolFeatures => (2, 0, 0),
+                Key::MemTable => (3, 0, 0),
+                Key::MemRegion(gpa, size) => (4, gpa, size),
+                Key::Inflight => (5, 0, 0),
+                Key::Vring(request, q) => (6, u64::from(request), u64::from(q)),
+            };
+            out.push(tag);
+            for v in [a, b] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            for v in [m.request, m.flags, m.payload.len() as u32, m.fds.len() as u32] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&m.payload);
+            for f in &m.fds {
+                out.extend_from_slice(&f.as_raw_fd().to_le_bytes());
+                fds.push(f.as_raw_fd());
+            }
+        }
+    }
+
+    /// The record `encode` wrote, taking its fds with `take_fd`. None if the bytes are not
+    /// one (every length bounded as a message's).
+    pub fn decode(b: &mut &[u8], take_fd: &mut dyn FnMut(RawFd) -> Option<OwnedFd>) -> Option<Recorded> {
+        fn take<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
+            let (head, rest) = b.split_first_chunk::<N>()?;
+            *b = rest;
+            Some(*head)
+        }
+        let u32_ = |b: &mut &[u8]| take::<4>(b).map(u32::from_le_bytes);
+        let u64_ = |b: &mut &[u8]| take::<8>(b).map(u64::from_le_bytes);
+        let mut r = Recorded { features: u64_(b)?, protocol_features: u64_(b)?, msgs: Vec::new() };
+        let count = u32_(b)? as usize;
+        if count > MAX_RECORDED {
+            return None;
+        }
+        for _ in 0..count {
+            let tag = take::<1>(b)?[0];
+            let (a, c) = (u64_(b)?, u64_(b)?);
+            let key = match tag {
+                0 => Key::Owner,
+                1 => Key::Features,
+                2 => Key::ProtocolFeatures,
+                3 => Key::MemTable,
+                4 => Key::MemRegion(a, c),
+                5 => Key::Inflight,
+                6 => Key::Vring(u32::try_from(a).ok()?, u32::try_from(c).ok()?),
+                _ => return None,
+            };
+            let (request, flags, len, nfds) = (u32_(b)?, u32_(b)?, u32_(b)? as usize, u32_(b)? as usize);
+            if len > MAX_PAYLOAD || nfds > MAX_FDS || b.len() < len {
+                return None;
+            }
+            let (payload, rest) = b.split_at(len);
+            let payload = payload.to_vec();
+            *b = rest;
+            let mut fds = Vec::with_capacity(nfds);
+            for _ in 0..nfds {
+                fds.push(take_fd(u32_(b)? as RawFd)?);
+            }
+            r.msgs.push((key, Message { request, flags, payload, fds }));
+        }
+        Some(r)
+    }
+}
+
 /// Checks a request from QEMU before it is relayed: only what the relay understands.
 pub fn check_request(msg: &Message) -> Result<(), RelayError> {
     if msg.is_reply() {
@@ -599,6 +676,40 @@ mod tests {
             }
         }
         assert!(matches!(err, Some(RelayError::TooMuchState)));
+    }
+
+    #[test]
+    fn the_record_round_trips_for_a_successor() {
+        let mut r = Recorded::default();
+        r.apply(Message::new(req::SET_OWNER, vec![], vec![])).expect("owner");
+        r.apply(Message::new(req::SET_FEATURES, (F_PROTOCOL_FEATURES).to_le_bytes().to_vec(), vec![])).expect("f");
+        r.apply(Message::new(req::SET_PROTOCOL_FEATURES, PF_REPLY_ACK.to_le_bytes().to_vec(), vec![])).expect("pf");
+        r.apply(vring(req::SET_VRING_NUM, 1, 256)).expect("num");
+        r.apply(Message::new(req::SET_VRING_KICK, 1u64.to_le_bytes().to_vec(), vec![eventfd()])).expect("kick");
+        let mut out = Vec::new();
+        let mut fds = Vec::new();
+        r.encode(&mut out, &mut fds);
+        assert_eq!(fds.len(), 1);
+        // The successor takes the same fd numbers (here: duplicates standing in for them).
+        let mut take = |fd: RawFd| {
+            // SAFETY: `fd` is open (owned by `r`), borrowed only to duplicate it.
+            unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok()
+        };
+        let back = Recorded::decode(&mut &out[..], &mut take).expect("decode");
+        assert!(back.reply_ack());
+        assert_eq!(requests(&back), requests(&r));
+        assert_eq!(
+            back.messages().map(|m| m.payload.clone()).collect::<Vec<_>>(),
+            r.messages().map(|m| m.payload.clone()).collect::<Vec<_>>()
+        );
+        assert_eq!(back.messages().map(|m| m.fds.len()).sum::<usize>(), 1);
+        // Truncated or out-of-bounds records are refused, not trusted.
+        for cut in [1, 10, out.len() / 2, out.len() - 1] {
+            assert!(Recorded::decode(&mut &out[..cut], &mut take).is_none(), "cut at {cut}");
+        }
+        let mut huge = out.clone();
+        huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Recorded::decode(&mut &huge[..], &mut take).is_none());
     }
 
     #[test]
