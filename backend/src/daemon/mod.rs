@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use incfs_vhost::ServerStopper;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tokio::runtime::Handle;
 
@@ -216,12 +216,31 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
     served
 }
 
+/// Longest wait of a draining worker for the requests it took.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Stops `server` on the first SIGINT or SIGTERM. Shutdown waits for the frontend to let
 /// go and for the final flush and trace; a second signal exits at once, with 128 + its
 /// number as a shell reports a process killed by it, for when that takes too long. The
 /// signals are taken on a thread of their own, so that they work even when the runtime is
 /// stuck.
+///
+/// SIGUSR1 hands over to a successor (the supervisor's upgrade): take nothing more from the
+/// rings, wait up to [`DRAIN_TIMEOUT`] for what was taken, and exit at once, without a device
+/// reset, so that the FUSE session and the inflight marks stay for the successor.
 fn stop_on_signals(server: ServerStopper) -> Result<()> {
+    let mut drain = Signals::new([SIGUSR1]).map_err(|e| Error::io("handle SIGUSR1", e))?;
+    let drainer = server.clone();
+    std::thread::Builder::new()
+        .name("incfsd-drain".into())
+        .spawn(move || {
+            if drain.forever().next().is_some() {
+                let left = drainer.drain(DRAIN_TIMEOUT);
+                tracing::info!(left_in_flight = left, "drained for a successor; exiting");
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| Error::io("start the drain thread", e))?;
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| Error::io("handle SIGTERM and SIGINT", e))?;
     std::thread::Builder::new()
         .name("incfsd-signals".into())

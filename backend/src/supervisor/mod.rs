@@ -31,6 +31,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 const QUICK_DEATH: Duration = Duration::from_secs(1);
 /// Quick deaths in a row after which the supervisor gives up.
 const CRASH_LOOP: u32 = 5;
+/// How long an old worker may take to drain and exit on an upgrade (it waits at most a
+/// second for its requests).
+const DRAIN_GRACE: Duration = Duration::from_secs(3);
 /// How long a worker may take to exit once its connection is closed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -575,9 +578,17 @@ impl Supervisor {
         let new = self.spawn_worker().map_err(|e| e.to_string())?;
         let pid = new.child.id();
         if let Some(old) = self.worker.replace(new) {
-            // Its parked requests stay marked in the inflight area: the new worker resubmits
-            // them. Its FUSE session and handles stay in the state region.
-            let _ = old.child.kill();
+            // Drained: it takes nothing more from the rings, answers what it took (up to a
+            // second), and exits without a reset. What it could not answer stays marked in
+            // the inflight area for the new worker; its FUSE session and handles stay in the
+            // state region.
+            // SAFETY: kill with the pid of our own child, not yet reaped.
+            unsafe { libc::kill(old.child.id() as libc::pid_t, libc::SIGUSR1) };
+            let exited = poll(&[old.pidfd.as_raw_fd()], Some(DRAIN_GRACE)).map(|r| r[0]).unwrap_or(false);
+            if !exited {
+                tracing::warn!(pid = old.child.id(), "old worker did not drain in time; killing it");
+                let _ = old.child.kill();
+            }
             let _ = old.child.wait();
         }
         if connected {

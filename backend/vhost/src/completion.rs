@@ -156,6 +156,7 @@ impl<'batch> Completer<'batch> {
         if let Some(inflight) = &self.inflight {
             inflight.used(self.head, state.get_queue().next_used());
         }
+        let _ = self.queue.drain.outstanding.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         match self.batch {
             Some(batch) => batch.store(true, Ordering::Relaxed),
             None => {

@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::inflight::QueueInflight;
+use crate::stop::Drain;
 
 /// One queue's state shared by its worker thread and the tasks completing its requests.
 pub(crate) struct QueueState {
@@ -27,11 +28,14 @@ pub(crate) struct QueueState {
     recover: AtomicBool,
     /// Counter of the next chain popped (inflight tracking).
     counter: AtomicU64,
+    /// The server's count of chains taken and not answered, and whether to take more.
+    pub(crate) drain: Arc<Drain>,
 }
 
 impl QueueState {
-    fn new(poll_max: Duration) -> Self {
+    fn new(poll_max: Duration, drain: Arc<Drain>) -> Self {
         QueueState {
+            drain,
             generation: AtomicU64::new(0),
             poll: QueuePoll::new(poll_max),
             inflight: Mutex::new(None),
@@ -156,9 +160,9 @@ pub(crate) struct Queues {
 impl Queues {
     /// `n` queues served by threads with these `masks`; `poll_max`: longest adaptive poll
     /// window (zero: never poll).
-    pub(crate) fn new(n: usize, masks: Vec<u64>, poll_max: Duration) -> Self {
+    pub(crate) fn new(n: usize, masks: Vec<u64>, poll_max: Duration, drain: Arc<Drain>) -> Self {
         Queues {
-            states: (0..n).map(|_| Arc::new(QueueState::new(poll_max))).collect(),
+            states: (0..n).map(|_| Arc::new(QueueState::new(poll_max, drain.clone()))).collect(),
             masks,
             event_idx: AtomicBool::new(false),
         }

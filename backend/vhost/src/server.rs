@@ -80,6 +80,10 @@ impl<D: Device> Backend<D> {
         let max_request = self.device.max_request_len();
         let used_any = AtomicBool::new(false);
         let inflight = queue.inflight();
+        // Draining (handing over to a successor): take nothing more from the ring.
+        if queue.drain.draining.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if let Some(area) = inflight.as_ref().filter(|_| queue.take_recover()) {
             self.resubmit(vring, qidx, queue, area, &used_any);
         }
@@ -95,6 +99,7 @@ impl<D: Device> Backend<D> {
                 (chain, generation)
             };
             let Some(chain) = chain else { break };
+            queue.drain.outstanding.fetch_add(1, Ordering::AcqRel);
             let chain = walk(&mem, chain, max_request);
             drop(mem);
             let completer = Completer::new(
@@ -151,6 +156,7 @@ impl<D: Device> Backend<D> {
         info!(queue = qidx, resubmitted = heads.len(), next_avail, "queue resumed from the inflight area");
         let max_request = self.device.max_request_len();
         for head in heads {
+            queue.drain.outstanding.fetch_add(1, Ordering::AcqRel);
             let chain = walk_head(&mem, table, size, head, max_request);
             let completer = Completer::new(
                 vring.clone(),
@@ -331,7 +337,10 @@ fn serve_connection<D: Device>(
     connect: impl FnOnce(&mut VhostUserDaemon<Arc<Backend<D>>>) -> vhost_user_backend::Result<()>,
 ) -> Result<bool> {
     let masks = device.thread_masks(cfg.threads);
-    let queues = Queues::new(device.num_queues(), masks, cfg.poll_max);
+    let drain = stopper.drain_state();
+    // What an earlier connection left unanswered will never be: count afresh.
+    drain.outstanding.store(0, Ordering::Release);
+    let queues = Queues::new(device.num_queues(), masks, cfg.poll_max, drain);
     let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let backend = Arc::new(Backend { device, cfg, mem: mem.clone(), queues });
     let mut daemon = VhostUserDaemon::new(D::NAME.to_string(), backend.clone(), mem)?;
