@@ -4,7 +4,7 @@
 mod cli;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -95,7 +95,14 @@ fn run_fs(args: cli::RunArgs) -> Result<()> {
     if no_supervisor {
         return incfs::daemon::run(cfg);
     }
-    let exe = std::env::current_exe().map_err(|e| Error::io("find this binary", e))?;
+    // The path this binary was started as, resolved once: after a package upgrade
+    // /proc/self/exe names the old, deleted inode. A supervisor re-executed for an upgrade
+    // was started as its predecessor's path (argv[0]): reading /proc/self/exe now could
+    // already see the binary replaced again.
+    let exe = match (handover, std::env::args_os().next().map(PathBuf::from)) {
+        (Some(_), Some(argv0)) if argv0.is_absolute() => argv0,
+        _ => std::env::current_exe().map_err(|e| Error::io("find this binary", e))?,
+    };
     let sup = SupervisorConfig {
         exe,
         worker_args: without_handover(std::env::args_os().skip(1)),

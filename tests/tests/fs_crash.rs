@@ -270,6 +270,24 @@ echo CRASH-OK
                 workers.lock().unwrap_or_else(|p| p.into_inner()).push(worker);
                 println!("event {}: worker {worker} serving {:?} after it began", k + 1, t.elapsed());
             }
+            if event == Event::Upgrade {
+                // A binary that cannot start: the upgrade fails, says so, and the old worker
+                // serves on.
+                let broken = bin.with_extension("broken");
+                std::fs::write(&broken, "#!/bin/sh\necho 'incfsd: cannot start' >&2\nexit 3\n").expect("write");
+                std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+                std::fs::rename(&broken, &bin).expect("install the broken binary");
+                let out =
+                    Command::new(incfsd_bin()).args(["upgrade", "--socket"]).arg(&socket).output().expect("upgrade");
+                let said = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(
+                    !out.status.success() && said.contains("failed to start") && said.contains("serves on"),
+                    "a broken upgrade: {said}"
+                );
+                assert_eq!(daemon.worker_pid(), Some(worker), "the old worker serves on");
+                install(&incfsd_bin(), &bin);
+                println!("a broken binary: the upgrade failed ({}), the old worker serves on", said.trim());
+            }
         })
     };
     let mut start_tx = Some(start_tx);
