@@ -350,6 +350,11 @@ impl Supervisor {
             match served {
                 Ok(Outcome::Hangup) | Ok(Outcome::Reexec) => tracing::info!("frontend gone; waiting for the next one"),
                 Ok(Outcome::Stopped) => return Ok(()),
+                // A frontend that sent what the relay refuses loses its connection, not
+                // the daemon: the next one is served.
+                Err(SupervisorError::Relay(e)) => {
+                    tracing::error!("frontend connection ended: {e}; waiting for the next one")
+                }
                 Err(e) => return Err(e),
             }
         }
