@@ -521,6 +521,19 @@ mod tests {
     }
 
     #[test]
+    fn run_has_a_supervisor_unless_told_and_upgrade_names_the_socket() {
+        let base = ["incfsd", "run", "--socket", "s", "--store", "d", "--image", ID, "--cache", "c"];
+        let Cmd::Run(args) = parse(&base) else { panic!("not run") };
+        assert!(!args.no_supervisor && args.worker_fds.is_none() && args.supervisor_state.is_none());
+        let Cmd::Run(args) = parse(&[&base[..], &["--no-supervisor"]].concat()) else { panic!("not run") };
+        assert!(args.no_supervisor);
+        let Cmd::Upgrade { socket } = parse(&["incfsd", "upgrade", "--socket", "/run/x.sock"]) else {
+            panic!("not upgrade")
+        };
+        assert_eq!(socket, PathBuf::from("/run/x.sock"));
+    }
+
+    #[test]
     fn blk_defaults_and_shared_flags() {
         let Cmd::Blk(args) = parse(&[
             "incfsd",

@@ -84,6 +84,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// `incfsd run`: a supervisor that starts the worker (the default), the worker itself, or
 /// the daemon alone (`--no-supervisor`).
 fn run_fs(args: cli::RunArgs) -> Result<()> {
+    tracing::info!(tag = %args.tag, "starting");
     let worker_fds = args.worker_fds.clone();
     let handover = args.supervisor_state;
     let no_supervisor = args.no_supervisor;
