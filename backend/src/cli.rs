@@ -42,6 +42,14 @@ pub enum Cmd {
     },
     /// Serve an image to a VM as a vhost-user virtio-fs device.
     Run(RunArgs),
+    /// Replace the worker of a running `incfsd run` by one started from the binary on disk,
+    /// without the guest noticing (docs/restart.md). Fails, and the old worker serves on, if
+    /// the new one cannot start.
+    Upgrade {
+        /// The vhost-user socket `incfsd run` serves.
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Serve one file of an image (a raw disk image) to a VM as a vhost-user-blk device.
     Blk(BlkArgs),
     /// Print an image's tree with sizes (and how much of each file is cached).
@@ -115,6 +123,16 @@ pub struct RunArgs {
     /// guest data loader supplies them through `.fill`; see docs/pending-reads.md).
     #[arg(long, value_enum, default_value_t = FillFrom::Remote)]
     pub fill_from: FillFrom,
+    /// Serve the socket from this one process, without a supervisor: a crash then ends the
+    /// guest's mount (docs/restart.md).
+    #[arg(long)]
+    pub no_supervisor: bool,
+    /// Internal: run as the worker of a supervisor, on these fds (CTRL,STATE,READY,METRICS).
+    #[arg(long, hide = true)]
+    pub worker_fds: Option<String>,
+    /// Internal: go on as the supervisor the previous binary handed over to (an upgrade).
+    #[arg(long, hide = true)]
+    pub supervisor_state: Option<i32>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -593,6 +611,19 @@ mod tests {
         assert!(matches!(cfg.daemon.engine.fill, FillSource::Remote));
         assert!(matches!(cfg.daemon.background.trace, Prefetch::Published));
         assert!(cfg.daemon.background.fetch_all.is_none() && cfg.daemon.cache_size.is_none());
+    }
+
+    #[test]
+    fn run_has_a_supervisor_unless_told_and_upgrade_names_the_socket() {
+        let base = ["incfsd", "run", "--socket", "s", "--store", "d", "--image", ID, "--cache", "c"];
+        let Cmd::Run(args) = parse(&base) else { panic!("not run") };
+        assert!(!args.no_supervisor && args.worker_fds.is_none() && args.supervisor_state.is_none());
+        let Cmd::Run(args) = parse(&[&base[..], &["--no-supervisor"]].concat()) else { panic!("not run") };
+        assert!(args.no_supervisor);
+        let Cmd::Upgrade { socket } = parse(&["incfsd", "upgrade", "--socket", "/run/x.sock"]) else {
+            panic!("not upgrade")
+        };
+        assert_eq!(socket, PathBuf::from("/run/x.sock"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod fs;
 pub mod metrics;
 pub mod sandbox;
+pub mod supervisor;
 
 pub use incfs_storage::{cache, engine, error, http_store_server, image, inspect, pack, store, trace};
 pub use incfs_storage::{Error, Result};

@@ -4,7 +4,7 @@
 mod cli;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,6 +14,7 @@ use incfs::cache::BlockCache;
 use incfs::daemon::{Error, Result};
 use incfs::engine::{Engine, EngineConfig};
 use incfs::store::Store;
+use incfs::supervisor::{SupervisorConfig, WorkerFds};
 use incfs::{http_store_server, inspect, pack};
 
 fn main() -> ExitCode {
@@ -37,10 +38,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("serving {} on http://{a}", store.display())
         }))?,
         Cmd::Cat { engine, stats, path } => cat(&engine, stats, &path)?,
-        Cmd::Run(args) => {
-            tracing::info!(tag = %args.tag, "starting");
-            incfs::daemon::run(args.config()?)?;
-        }
+        Cmd::Run(args) => run_fs(args)?,
+        Cmd::Upgrade { socket } => return upgrade(&socket),
         Cmd::Blk(args) => incfs::blk::run(args.config()?)?,
         Cmd::Inspect { src, cache } => inspect_image(&src, cache.as_deref())?,
         Cmd::Cache { cmd: CacheCmd::Status { dir } } => {
@@ -80,6 +79,101 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `incfsd run`: a supervisor that starts the worker (the default), the worker itself, or
+/// the daemon alone (`--no-supervisor`).
+fn run_fs(args: cli::RunArgs) -> Result<()> {
+    tracing::info!(tag = %args.tag, "starting");
+    let worker_fds = args.worker_fds.clone();
+    let handover = args.supervisor_state;
+    let no_supervisor = args.no_supervisor;
+    let cfg = args.config()?;
+    if let Some(spec) = worker_fds {
+        let fds = WorkerFds::take(&spec).map_err(|e| Error::io("take the worker's fds", e))?;
+        return incfs::daemon::run_worker(cfg, fds);
+    }
+    if no_supervisor {
+        return incfs::daemon::run(cfg);
+    }
+    // The path this binary was started as, resolved once: after a package upgrade
+    // /proc/self/exe names the old, deleted inode. A supervisor re-executed for an upgrade
+    // was started as its predecessor's path (argv[0]): reading /proc/self/exe now could
+    // already see the binary replaced again.
+    let exe = match (handover, std::env::args_os().next().map(PathBuf::from)) {
+        (Some(_), Some(argv0)) if argv0.is_absolute() => argv0,
+        _ => std::env::current_exe().map_err(|e| Error::io("find this binary", e))?,
+    };
+    let sup = SupervisorConfig {
+        exe,
+        worker_args: with_image(without_handover(std::env::args_os().skip(1)), &cfg.daemon.image.to_string()),
+        ready_line: format!("incfsd: serving image {} on {}", cfg.daemon.image, cfg.daemon.socket.display()),
+        socket: cfg.daemon.socket.clone(),
+        metrics: cfg.daemon.metrics,
+        num_queues: u16::try_from(cfg.device.request_queues + 1).unwrap_or(u16::MAX),
+        queue_size: cfg.device.server.queue_size,
+    };
+    match handover {
+        Some(fd) => incfs::supervisor::resume(sup, fd)?,
+        None => incfs::supervisor::run(sup)?,
+    }
+    Ok(())
+}
+
+/// The command line without `--supervisor-state FD` (a worker, or the next re-execution,
+/// gets its own).
+fn without_handover(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match a.to_str() {
+            Some("--supervisor-state") => skip = true,
+            Some(s) if s.starts_with("--supervisor-state=") => {}
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
+/// The command line with `--image ID`, the image resolved at start: a worker (and the
+/// supervisor re-executed by an upgrade) must serve the image the guest mounted, even if the
+/// registry's tag it was given has moved since.
+fn with_image(args: Vec<std::ffi::OsString>, id: &str) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len() + 2);
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        match a.to_str() {
+            Some("--image") => {
+                args.next();
+            }
+            Some(s) if s.starts_with("--image=") => {}
+            _ => out.push(a),
+        }
+    }
+    out.extend(["--image".into(), id.into()]);
+    out
+}
+
+/// `incfsd upgrade`: asks the supervisor on `socket` to upgrade its worker.
+fn upgrade(socket: &Path) -> Result<ExitCode> {
+    use std::io::Read;
+    let ctl = incfs::supervisor::control_socket(socket);
+    let mut conn = std::os::unix::net::UnixStream::connect(&ctl)
+        .map_err(|e| Error::io(format!("connect to {} (is incfsd run serving there?)", ctl.display()), e))?;
+    conn.write_all(b"upgrade\n").map_err(|e| Error::io("send the request", e))?;
+    let mut answer = String::new();
+    conn.take(4096).read_to_string(&mut answer).map_err(|e| Error::io("read the answer", e))?;
+    let answer = answer.trim();
+    if let Some(ok) = answer.strip_prefix("ok ") {
+        println!("upgraded: {ok}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("incfsd upgrade: {}", answer.strip_prefix("error: ").unwrap_or(answer));
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -191,4 +285,24 @@ fn inspect_image(src: &ImageArgs, cache: Option<&Path>) -> Result<()> {
         let engine = engine?;
         inspect::print_tree(&engine, &mut std::io::stdout().lock()).map_err(|e| Error::io("write stdout", e))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_get_the_image_id_resolved_at_start() {
+        let id = "ab".repeat(32);
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let pinned = with_image(args(&["run", "--store", "oci://r/x:v1", "--image", "v1", "--socket", "s"]), &id);
+        assert_eq!(pinned, args(&["run", "--store", "oci://r/x:v1", "--socket", "s", "--image", &id]));
+        let pinned = with_image(args(&["run", "--image=v1", "--store", "oci://r/x"]), &id);
+        assert_eq!(pinned, args(&["run", "--store", "oci://r/x", "--image", &id]));
+        // The tag only in the URL: the id is added.
+        assert_eq!(
+            with_image(args(&["run", "--store", "oci://r/x:v1"]), &id),
+            args(&["run", "--store", "oci://r/x:v1", "--image", &id])
+        );
+    }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use incfs::cache::BlockCache;
-use incfs::control::{Control, CTL_BIT, FILL_HEADER_SIZE, LOG_CAPACITY, RECORD_SIZE};
+use incfs::control::{
+    Control, HandleObserver, SavedHandle, SavedHandles, CTL_BIT, FILL_HEADER_SIZE, LOG_CAPACITY, RECORD_SIZE,
+};
 use incfs::engine::{Engine, EngineConfig, FillSource};
 use incfs::fs::MountFs;
 use incfs::image::ImageId;
@@ -481,4 +483,53 @@ async fn generated_file_snapshots_are_bounded() {
         c.release(fh);
     }
     assert_eq!(stats(&c, *pieces.last().expect("handle"), 16).map(|d| d.len()), Ok(16));
+}
+
+/// Keeps what the control channel reports, as the worker's state region does.
+#[derive(Default)]
+struct Kept(std::sync::Mutex<SavedHandles>);
+
+impl HandleObserver for Kept {
+    fn handles_changed(&self, handles: SavedHandles) {
+        *self.0.lock().expect("lock") = handles;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_handles_are_taken_over_by_a_successor() {
+    let (engine, _data, _dir) = engine(FillSource::Supplied, Duration::from_secs(1)).await;
+    let old = MountFs::new(engine.clone());
+    let kept = Arc::new(Kept::default());
+    old.control().set_observer(kept.clone());
+    let zeros = ino(&old, ROOT, "zeros");
+    let (l, lfh) = open_ctl(&old, ".log", libc::O_RDWR);
+    let (stats, gone) = open_ctl(&old, ".stats", libc::O_RDONLY);
+    set_timeout(&old, l, lfh, 700);
+    let _ = done(read(&old, zeros, 0, 0, 2 * 4096, &ctx(3))).await;
+    let seen = records(&done(read(&old, l, lfh, 0, 4096, &ctx(0))).await.expect("log"));
+    assert_eq!(seen.len(), 2);
+    old.release(stats, gone);
+    let saved = kept.0.lock().expect("lock").clone();
+    assert_eq!(saved.handles.len(), 1, "the released handle is not kept: {saved:?}");
+    assert_eq!((saved.handles[0].fh, saved.handles[0].timeout_ms), (lfh, 700));
+    assert_eq!(saved.handles[0].cursor, u64::from(seen[1].serial), "the cursor follows what was read");
+
+    // The successor: a new process, its own read log.
+    let new = MountFs::new(engine);
+    new.control().restore(&saved);
+    // The handle reads on; what it had seen is not repeated, what comes after is there.
+    let _ = done(read(&new, zeros, 0, 4096 * 5, 4096, &ctx(4))).await;
+    let after = records(&done(read(&new, l, lfh, 0, 4096, &ctx(0))).await.expect("log"));
+    assert_eq!(after.iter().map(|r| (r.block, r.uid)).collect::<Vec<_>>(), vec![(5, 4)]);
+    assert!(after[0].serial > seen[1].serial, "serials go on above every saved cursor");
+    // The released one is gone; new handles do not reuse a saved number.
+    assert_eq!(done(read(&new, l, gone, 0, 4096, &ctx(0))).await, Err(libc::EBADF));
+    let (_, fresh) = open_ctl(&new, ".log", libc::O_RDONLY);
+    assert!(fresh > lfh.max(gone));
+    // Handles naming no control file are dropped.
+    let nothing = CTL_BIT | 0x99;
+    let bogus =
+        SavedHandles { next_fh: 1, handles: vec![SavedHandle { fh: 77, ino: nothing, cursor: 0, timeout_ms: 0 }] };
+    new.control().restore(&bogus);
+    assert!(matches!(done(read(&new, nothing, 77, 0, 4096, &ctx(0))).await, Err(libc::EBADF)));
 }

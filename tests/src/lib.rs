@@ -426,11 +426,17 @@ impl Daemon {
     /// Like `start`, with the socket and the cache directory chosen (several daemons
     /// sharing one cache).
     pub fn start_with(socket: &Path, cache: &Path, store: &str, image: &str, extra: &[&str]) -> Daemon {
+        Self::start_binary(&incfsd_bin(), socket, cache, store, image, extra)
+    }
+
+    /// Like `start_with`, `incfsd run` started from the binary `bin` (an upgrade test
+    /// replaces it under the running daemon).
+    pub fn start_binary(bin: &Path, socket: &Path, cache: &Path, store: &str, image: &str, extra: &[&str]) -> Daemon {
         let mut args: Vec<String> = vec!["run".into(), "--socket".into(), socket.display().to_string()];
         args.extend(["--store", store, "--image", image].map(String::from));
         args.extend(["--cache".to_string(), cache.display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn("incfsd run", socket, &args)
+        Self::spawn_binary(bin, "incfsd run", socket, &args)
     }
 
     /// `incfsd blk`: file `path` of the image as a vhost-user-blk disk on `socket`, with
@@ -444,17 +450,26 @@ impl Daemon {
     }
 
     /// Starts `incfsd ARGS --metrics <free port>` and waits for its ready line. Unless
-    /// `INCFS_LOG` says otherwise, blk daemons log the vhost layer's connection events (what
-    /// a restart resubmitted).
+    /// `INCFS_LOG` says otherwise, blk and run daemons log the vhost layer's connection events
+    /// (what a restart resubmitted), run daemons also their supervisor's.
     fn spawn(name: &str, socket: &Path, args: &[String]) -> Daemon {
-        let blk = args.first().is_some_and(|a| a == "blk");
-        let log = std::env::var("INCFS_LOG").ok().or_else(|| blk.then(|| "warn,incfs_vhost=info".to_string()));
-        Self::spawn_logging(name, socket, args, log.as_deref())
+        Self::spawn_binary(&incfsd_bin(), name, socket, args)
     }
 
-    fn spawn_logging(name: &str, socket: &Path, args: &[String], log: Option<&str>) -> Daemon {
+    fn spawn_binary(bin: &Path, name: &str, socket: &Path, args: &[String]) -> Daemon {
+        let log = match args.first().map(String::as_str) {
+            Some("blk") => Some("warn,incfs_vhost=info"),
+            // And what the supervisor did (workers started, state replayed).
+            Some("run") => Some("warn,incfs_vhost=info,incfs::supervisor=info"),
+            _ => None,
+        };
+        let log = std::env::var("INCFS_LOG").ok().or(log.map(str::to_string));
+        Self::spawn_logging(bin, name, socket, args, log.as_deref())
+    }
+
+    fn spawn_logging(bin: &Path, name: &str, socket: &Path, args: &[String], log: Option<&str>) -> Daemon {
         let metrics_port = free_port();
-        let mut cmd = Command::new(incfsd_bin());
+        let mut cmd = Command::new(bin);
         if let Some(log) = log {
             cmd.env("INCFS_LOG", log);
         }
@@ -487,6 +502,18 @@ impl Daemon {
             panic!("{name} did not print its ready line within 30 s; stderr:\n{}", d.stderr());
         }
         d
+    }
+
+    /// The daemon's process id (`incfsd run`: the supervisor's).
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
+    /// `incfsd run`'s worker: the supervisor's one child (None between two workers).
+    pub fn worker_pid(&self) -> Option<u32> {
+        let pid = self.pid();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
     }
 
     /// Kills the daemon with SIGKILL and reaps it; its stderr stays readable.

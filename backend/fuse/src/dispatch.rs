@@ -231,19 +231,42 @@ struct Request<'a> {
     body: &'a [u8],
 }
 
+/// Told whenever the FUSE session starts (INIT) or ends (DESTROY, reset), so that another
+/// process can take the session over without the guest noticing (`incfsd run`'s worker
+/// keeps it in its state region; docs/restart.md).
+pub trait SessionObserver: Send + Sync {
+    fn session_changed(&self, session: Option<&InitInfo>);
+}
+
 /// Per-connection FUSE session: negotiated state plus the filesystem.
 pub struct Dispatcher {
     fs: Arc<dyn FileSystem>,
     cfg: FuseConfig,
     initialized: AtomicBool,
     minor: AtomicU32,
+    observer: Option<Arc<dyn SessionObserver>>,
 }
 
 impl Dispatcher {
     pub fn new(fs: Arc<dyn FileSystem>, cfg: FuseConfig) -> Self {
         let mut cfg = cfg;
         cfg.max_pages = cfg.max_pages.clamp(1, MAX_MAX_PAGES);
-        Dispatcher { fs, cfg, initialized: AtomicBool::new(false), minor: AtomicU32::new(0) }
+        Dispatcher { fs, cfg, initialized: AtomicBool::new(false), minor: AtomicU32::new(0), observer: None }
+    }
+
+    /// Reports every start and end of the session to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Takes over a session negotiated by another process (same guest, same connection):
+    /// requests are answered as if this dispatcher had answered the guest's INIT.
+    pub fn resume(&self, session: &InitInfo) {
+        self.minor.store(session.minor, Ordering::Release);
+        self.fs.init(session);
+        self.initialized.store(true, Ordering::Release);
+        debug!(minor = session.minor, "FUSE session resumed");
     }
 
     pub fn config(&self) -> &FuseConfig {
@@ -263,6 +286,9 @@ impl Dispatcher {
     pub fn reset(&self) {
         if self.initialized.swap(false, Ordering::AcqRel) {
             self.fs.destroy();
+            if let Some(o) = &self.observer {
+                o.session_changed(None);
+            }
         }
     }
 
@@ -430,6 +456,9 @@ impl Dispatcher {
         self.minor.store(minor, Ordering::Release);
         self.fs.init(&info);
         self.initialized.store(true, Ordering::Release);
+        if let Some(o) = &self.observer {
+            o.session_changed(Some(&info));
+        }
         debug!(minor, flags = format_args!("{flags:#x}"), max_pages, "FUSE session initialized");
         ok_reply(unique, out.as_slice(), Vec::new())
     }

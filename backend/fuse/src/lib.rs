@@ -22,7 +22,7 @@ pub mod dispatch;
 pub mod filesystem;
 pub mod virtio_fs;
 
-pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, ReplyFuture, ReplyWriter, Response};
+pub use dispatch::{Dispatcher, FuseConfig, ReplyBuf, ReplyFuture, ReplyWriter, Response, SessionObserver};
 pub use filesystem::{
     read_to_vec, Attr, BoxFuture, Context, DirEntry, DirSink, Entry, Errno, FileSystem, InitInfo, ReadFill, ReadReply,
     Reply, StatFs,

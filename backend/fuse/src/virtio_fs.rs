@@ -9,7 +9,7 @@
 //! filesystem answer is pending is completed from a tokio task when it resolves, into the
 //! same buffers. The transport (queues, completion, stop) is `incfs_vhost`.
 
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,11 +33,19 @@ pub struct VirtioFsConfig {
     pub fuse: FuseConfig,
     /// Queue size, worker threads (at most `request_queues` are used), EVENT_IDX, polling.
     pub server: ServerConfig,
+    /// Offer inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD). QEMU's
+    /// vhost-user-fs never uses it; the supervisor of `incfsd run` does, for its workers.
+    pub inflight: bool,
 }
 
 impl Default for VirtioFsConfig {
     fn default() -> Self {
-        VirtioFsConfig { request_queues: 1, fuse: FuseConfig::default(), server: ServerConfig::default() }
+        VirtioFsConfig {
+            request_queues: 1,
+            fuse: FuseConfig::default(),
+            server: ServerConfig::default(),
+            inflight: false,
+        }
     }
 }
 
@@ -72,7 +80,20 @@ pub struct VirtioFs {
 
 impl VirtioFs {
     pub fn new(fs: Arc<dyn FileSystem>, cfg: VirtioFsConfig, rt: Handle) -> Self {
-        VirtioFs { dispatcher: Arc::new(Dispatcher::new(fs, cfg.fuse)), cfg, rt }
+        Self::with_dispatcher(Dispatcher::new(fs, cfg.fuse), cfg, rt)
+    }
+
+    /// With a dispatcher set up by the caller (a session observer, a resumed session).
+    pub fn with_dispatcher(dispatcher: Dispatcher, cfg: VirtioFsConfig, rt: Handle) -> Self {
+        VirtioFs { dispatcher: Arc::new(dispatcher), cfg, rt }
+    }
+
+    /// Serves an already connected frontend `stream` until it hangs up or `stopper` stops
+    /// it (the worker of `incfsd run`'s supervisor).
+    pub fn serve_stream(self, stream: UnixStream, stopper: &ServerStopper) -> Result<()> {
+        self.cfg.validate()?;
+        let cfg = self.cfg.server;
+        incfs_vhost::serve_stream(stream, self, cfg, stopper)
     }
 }
 
@@ -94,9 +115,14 @@ impl Device for VirtioFs {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // Not CONFIG: QEMU 7.1..8.0 crash on it, and QEMU knows the tag itself.
-        VhostUserProtocolFeatures::MQ
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.cfg.inflight {
+            f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            f
+        }
     }
 
     fn max_request_len(&self) -> usize {

@@ -105,6 +105,28 @@ struct Handle {
     snapshot: Option<Arc<Vec<u8>>>,
 }
 
+/// An open control handle as kept for a successor process (`incfsd run`'s worker state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedHandle {
+    pub fh: u64,
+    pub ino: u64,
+    pub cursor: u64,
+    pub timeout_ms: u32,
+}
+
+/// The control channel's open handles, as a successor needs them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SavedHandles {
+    pub next_fh: u64,
+    pub handles: Vec<SavedHandle>,
+}
+
+/// Told whenever a handle is opened, released, or its cursor or timeout changes, so that a
+/// successor process serves the guest's open handles on (docs/restart.md).
+pub trait HandleObserver: Send + Sync {
+    fn handles_changed(&self, handles: SavedHandles);
+}
+
 /// Which of the mount's files a control lookup names.
 pub enum Lookup {
     /// A control inode.
@@ -132,6 +154,7 @@ pub struct Control {
     /// Bytes of the snapshots handles keep, and the most they may.
     snapshot_bytes: AtomicU64,
     snapshot_limit: u64,
+    observer: std::sync::OnceLock<Arc<dyn HandleObserver>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -169,7 +192,55 @@ impl Control {
             counters: ControlCounters::default(),
             snapshot_bytes: AtomicU64::new(0),
             snapshot_limit,
+            observer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reports every change of the open handles to `observer` (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn HandleObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Called with the handles locked, so that reports reach the observer in order.
+    fn handles_changed(&self, handles: &HashMap<u64, Handle>) {
+        if let Some(o) = self.observer.get() {
+            let mut saved: Vec<SavedHandle> = handles
+                .iter()
+                .map(|(&fh, h)| SavedHandle {
+                    fh,
+                    ino: h.ino,
+                    cursor: h.cursor,
+                    timeout_ms: u32::try_from(h.timeout.as_millis()).unwrap_or(u32::MAX),
+                })
+                .collect();
+            saved.sort_unstable_by_key(|h| h.fh);
+            o.handles_changed(SavedHandles { next_fh: self.next_fh.load(Relaxed), handles: saved });
+        }
+    }
+
+    /// Takes over the handles a previous process had open (same guest, same session). The
+    /// pending-read and log serials of this process start above every saved cursor, so each
+    /// handle sees every record made from now on. Handles naming no control file are dropped.
+    pub fn restore(&self, saved: &SavedHandles) {
+        let mut handles = lock(&self.handles);
+        let mut top_fh = saved.next_fh;
+        let mut top_cursor = 0;
+        for s in saved.handles.iter().take(MAX_HANDLES) {
+            if self.ctl_attr(s.ino).is_none() || s.fh == 0 {
+                continue;
+            }
+            let timeout = Duration::from_millis(u64::from(s.timeout_ms)).min(MAX_POLL);
+            handles.insert(s.fh, Handle { ino: s.ino, cursor: s.cursor, timeout, snapshot: None });
+            top_fh = top_fh.max(s.fh.saturating_add(1));
+            top_cursor = top_cursor.max(s.cursor);
+        }
+        self.next_fh.fetch_max(top_fh.max(1), Relaxed);
+        let first = top_cursor.saturating_add(1);
+        let mut p = lock(&self.pending);
+        p.next_serial = p.next_serial.max(first);
+        drop(p);
+        let mut l = lock(&self.log);
+        l.next_serial = l.next_serial.max(first);
     }
 
     pub fn is_control(ino: u64) -> bool {
@@ -320,19 +391,27 @@ impl Control {
         }
         let fh = self.next_fh.fetch_add(1, Relaxed);
         handles.insert(fh, Handle { ino, cursor: 0, timeout: Duration::ZERO, snapshot: None });
+        self.handles_changed(&handles);
         // Direct I/O: every read and write reaches us; the guest never caches these pages.
         Ok((fh, abi::FOPEN_DIRECT_IO))
     }
 
     pub fn release(&self, fh: u64) {
-        if let Some(h) = lock(&self.handles).remove(&fh) {
+        let mut handles = lock(&self.handles);
+        if let Some(h) = handles.remove(&fh) {
+            self.handles_changed(&handles);
+            drop(handles);
             self.forget_snapshot(h.snapshot);
         }
     }
 
     /// The guest unmounted or went away: its handles will never be released one by one.
     pub fn drop_handles(&self) {
-        for (_, h) in lock(&self.handles).drain() {
+        let mut handles = lock(&self.handles);
+        let dropped: Vec<Handle> = handles.drain().map(|(_, h)| h).collect();
+        self.handles_changed(&handles);
+        drop(handles);
+        for h in dropped {
             self.forget_snapshot(h.snapshot);
         }
     }
@@ -369,6 +448,7 @@ impl Control {
                 // The handle's long-poll timeout: u32 LE milliseconds.
                 let Ok(ms) = incfs_wire::decode_poll_timeout(data) else { return Reply::err(libc::EINVAL) };
                 h.timeout = Duration::from_millis(ms as u64).min(MAX_POLL);
+                self.handles_changed(&handles);
                 Reply::ok(4)
             }
             INO_FILL => {

@@ -91,7 +91,11 @@ impl Control {
                 last = r.serial;
             }
         }
+        let moved = h.cursor != last;
         h.cursor = last;
+        if moved {
+            self.handles_changed(&handles);
+        }
         out
     }
 

@@ -24,6 +24,8 @@ pub enum Error {
     },
     #[error("sandbox")]
     Sandbox(#[from] crate::sandbox::Error),
+    #[error("supervisor")]
+    Supervisor(#[from] crate::supervisor::SupervisorError),
     #[error("{0}: not found")]
     NotFound(String),
     #[error("{0} is not a regular file")]

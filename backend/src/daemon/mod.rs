@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use incfs_vhost::ServerStopper;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use tokio::runtime::Handle;
 
@@ -22,7 +22,7 @@ use crate::sandbox::{self, Access, FsSandbox, Reachable, Sandbox, SandboxConfig}
 
 pub use error::{Error, Result};
 pub use record::{Background, FetchAll, Prefetch};
-pub use virtio_fs::{run, RunConfig};
+pub use virtio_fs::{run, run_worker, RunConfig};
 
 /// What every device daemon needs: the image and where it comes from, the engine, the
 /// metrics address, and what to fetch or record in the background.
@@ -182,6 +182,10 @@ pub trait Device: Sized {
     fn bind(&self, socket: &Path, rt: Handle) -> Result<Self::Server>;
     /// Adds the device's metrics after the engine's.
     fn register_metrics(&self, _metrics: &mut Metrics) {}
+    /// A metrics listener bound by someone else (a supervisor), to serve instead of binding.
+    fn metrics_listener(&self) -> Option<std::net::TcpListener> {
+        None
+    }
     /// The line printed on stderr once the socket listens: tests and scripts wait for it.
     fn ready_line(&self, cfg: &DaemonConfig) -> String;
     /// After the last frontend, before the trace is written: keep what must be kept.
@@ -197,6 +201,10 @@ pub trait DeviceServer {
     fn stopper(&self) -> ServerStopper;
     /// Serves one frontend until it disconnects: true, or false once stopped.
     fn serve_one(&mut self) -> Result<bool>;
+    /// Says the daemon serves: the device's ready line on stderr.
+    fn announce_ready(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
 }
 
 /// Runs a device daemon until SIGINT/SIGTERM stops it (a second signal exits at once).
@@ -222,9 +230,18 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
             metrics.register(sources);
         }
         device.register_metrics(&mut metrics);
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?;
+        let listener = match device.metrics_listener() {
+            Some(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| {
+                    let _guard = rt.enter();
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .map_err(|e| Error::io("serve the supervisor's metrics listener", e))?,
+            None => rt
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|e| Error::io(format!("metrics listen on {addr}"), e))?,
+        };
         rt.spawn(metrics::run_http_endpoint(listener, Arc::new(metrics)));
     }
 
@@ -232,7 +249,7 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
     stop_on_signals(server.stopper())?;
     // Everything is open and every thread but the frontend's runs: lock before serving.
     sandbox.lock()?;
-    eprintln!("{}", device.ready_line(&cfg));
+    server.announce_ready(&device.ready_line(&cfg));
     let served = loop {
         match server.serve_one() {
             Ok(true) => tracing::info!("frontend gone; waiting for the next one"),
@@ -250,12 +267,31 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
     served
 }
 
+/// Longest wait of a draining worker for the requests it took.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Stops `server` on the first SIGINT or SIGTERM. Shutdown waits for the frontend to let
 /// go and for the final flush and trace; a second signal exits at once, with 128 + its
 /// number as a shell reports a process killed by it, for when that takes too long. The
 /// signals are taken on a thread of their own, so that they work even when the runtime is
 /// stuck.
+///
+/// SIGUSR1 hands over to a successor (the supervisor's upgrade): take nothing more from the
+/// rings, wait up to [`DRAIN_TIMEOUT`] for what was taken, and exit at once, without a device
+/// reset, so that the FUSE session and the inflight marks stay for the successor.
 fn stop_on_signals(server: ServerStopper) -> Result<()> {
+    let mut drain = Signals::new([SIGUSR1]).map_err(|e| Error::io("handle SIGUSR1", e))?;
+    let drainer = server.clone();
+    std::thread::Builder::new()
+        .name("incfsd-drain".into())
+        .spawn(move || {
+            if drain.forever().next().is_some() {
+                let left = drainer.drain(DRAIN_TIMEOUT);
+                tracing::info!(left_in_flight = left, "drained for a successor; exiting");
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| Error::io("start the drain thread", e))?;
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| Error::io("handle SIGTERM and SIGINT", e))?;
     std::thread::Builder::new()
         .name("incfsd-signals".into())

@@ -31,7 +31,7 @@ pub use chain::{Chain, ChainError, Region};
 pub use completion::Completer;
 pub use incfs_buf::ScatterBuf;
 pub use queue::DEFAULT_POLL_MAX;
-pub use server::{round_robin, DeviceServer, ServerConfig};
+pub use server::{round_robin, serve_stream, DeviceServer, ServerConfig};
 pub use stop::ServerStopper;
 pub use vhost::vhost_user::message::VhostUserProtocolFeatures;
 

@@ -14,6 +14,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::inflight::QueueInflight;
+use crate::stop::Drain;
 use crate::Vring;
 
 /// One queue's state shared by its worker thread and the tasks completing its requests.
@@ -36,6 +37,9 @@ pub(crate) struct QueueState {
     /// GET_VRING_BASE is waiting for the chains in flight: the queue is not ready any more,
     /// so nothing new is popped, but these may still complete.
     draining: AtomicBool,
+    /// The server's count of chains taken and not answered, and whether to take more
+    /// (an upgrade's hand-over drains the whole server).
+    pub(crate) drain: Arc<Drain>,
 }
 
 /// One chain in flight on a queue, from its pop until its completer is dropped (completed,
@@ -45,6 +49,7 @@ pub(crate) struct InFlight(Arc<QueueState>);
 impl InFlight {
     pub(crate) fn new(queue: &Arc<QueueState>) -> Self {
         queue.in_flight.fetch_add(1, Ordering::AcqRel);
+        queue.drain.outstanding.fetch_add(1, Ordering::AcqRel);
         InFlight(queue.clone())
     }
 
@@ -56,12 +61,14 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.0.drain.outstanding.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 }
 
 impl QueueState {
-    fn new(poll_max: Duration, dirty_log: Arc<AtomicBool>) -> Self {
+    fn new(poll_max: Duration, dirty_log: Arc<AtomicBool>, drain: Arc<Drain>) -> Self {
         QueueState {
+            drain,
             generation: AtomicU64::new(0),
             poll: QueuePoll::new(poll_max),
             inflight: Mutex::new(None),
@@ -201,10 +208,10 @@ pub(crate) struct Queues {
 impl Queues {
     /// `n` queues served by threads with these `masks`; `poll_max`: longest adaptive poll
     /// window (zero: never poll).
-    pub(crate) fn new(n: usize, masks: Vec<u64>, poll_max: Duration) -> Self {
+    pub(crate) fn new(n: usize, masks: Vec<u64>, poll_max: Duration, drain: Arc<Drain>) -> Self {
         let dirty_log = Arc::new(AtomicBool::new(false));
         Queues {
-            states: (0..n).map(|_| Arc::new(QueueState::new(poll_max, dirty_log.clone()))).collect(),
+            states: (0..n).map(|_| Arc::new(QueueState::new(poll_max, dirty_log.clone(), drain.clone()))).collect(),
             masks,
             event_idx: AtomicBool::new(false),
             dirty_log,

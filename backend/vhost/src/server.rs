@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -102,6 +102,10 @@ impl<D: Device> Backend<D> {
         let max_request = self.device.max_request_len();
         let used_any = AtomicBool::new(false);
         let inflight = queue.inflight();
+        // Draining (handing over to a successor): take nothing more from the ring.
+        if queue.drain.draining.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if let Some(area) = inflight.as_ref().filter(|_| queue.take_recover()) {
             self.resubmit(vring, qidx, queue, area, &used_any);
         }
@@ -409,34 +413,59 @@ impl<D: Device> DeviceServer<D> {
             return Ok(false);
         }
         let device = (self.new_device)();
-        let masks = device.thread_masks(self.cfg.threads);
-        let queues = Queues::new(device.num_queues(), masks, self.cfg.poll_max);
-        let mem: Mem = GuestMemoryAtomic::new(GuestMem::new());
-        let backend =
-            Arc::new(Backend { device, cfg: self.cfg, mem: mem.clone(), queues, transfer: Default::default() });
-        let mut daemon = VhostUserDaemon::new(D::NAME.to_string(), backend.clone(), mem)?;
-        daemon.start(&mut self.listener)?;
-        info!(device = D::NAME, "vhost-user frontend connected");
-        self.stopper.set_connection(daemon.shutdown_handle());
-        // A stop() that raced with the connection setup.
-        if self.stopper.is_stopped() {
-            daemon.request_shutdown();
-        }
-        let result = daemon.wait();
-        self.stopper.set_connection(None);
-        // Whatever is still parked must not complete into a ring that is gone.
-        backend.queues.stop_all();
-        backend.device.reset();
-        // Dropping the daemon stops and joins its queue threads.
-        drop(daemon);
-        info!(device = D::NAME, "vhost-user frontend disconnected");
-        match result {
-            Ok(()) => Ok(true),
-            Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => Ok(true),
-            Err(e) => Err(e.into()),
-        }
+        let listener = &mut self.listener;
+        serve_connection(device, self.cfg, &self.stopper, |daemon| daemon.start(listener))
+    }
+}
+
+/// Serves `device` on `stream`, a frontend connection that is already established (relayed
+/// by the supervisor of `incfsd run`), until it hangs up or `stopper` stops it.
+pub fn serve_stream<D: Device>(
+    stream: UnixStream,
+    device: D,
+    cfg: ServerConfig,
+    stopper: &ServerStopper,
+) -> Result<()> {
+    cfg.validate()?;
+    serve_connection(device, cfg, stopper, |daemon| daemon.start_stream(stream)).map(|_| ())
+}
+
+/// Serves one frontend connection, set up by `connect`, with `device`.
+fn serve_connection<D: Device>(
+    device: D,
+    cfg: ServerConfig,
+    stopper: &ServerStopper,
+    connect: impl FnOnce(&mut VhostUserDaemon<Arc<Backend<D>>>) -> vhost_user_backend::Result<()>,
+) -> Result<bool> {
+    let masks = device.thread_masks(cfg.threads);
+    // Chains an earlier connection left parked stay counted until their completers are
+    // dropped (they can no longer complete): an upgrade's drain waits for them too.
+    let drain = stopper.drain_state();
+    let queues = Queues::new(device.num_queues(), masks, cfg.poll_max, drain);
+    let mem: Mem = GuestMemoryAtomic::new(GuestMem::new());
+    let backend = Arc::new(Backend { device, cfg, mem: mem.clone(), queues, transfer: Default::default() });
+    let mut daemon = VhostUserDaemon::new(D::NAME.to_string(), backend.clone(), mem)?;
+    connect(&mut daemon)?;
+    info!(device = D::NAME, "vhost-user frontend connected");
+    stopper.set_connection(daemon.shutdown_handle());
+    // A stop() that raced with the connection setup.
+    if stopper.is_stopped() {
+        daemon.request_shutdown();
+    }
+    let result = daemon.wait();
+    stopper.set_connection(None);
+    // Whatever is still parked must not complete into a ring that is gone.
+    backend.queues.stop_all();
+    backend.device.reset();
+    // Dropping the daemon stops and joins its queue threads.
+    drop(daemon);
+    info!(device = D::NAME, "vhost-user frontend disconnected");
+    match result {
+        Ok(()) => Ok(true),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(true),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -2,8 +2,9 @@
 //! being served ends, and so does any wait for the next one.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -15,8 +16,17 @@ pub struct ServerStopper {
     inner: Arc<StopState>,
 }
 
+/// Requests taken from the rings and not yet answered, and whether new ones may be taken
+/// (a worker handing over to its successor drains).
+#[derive(Default)]
+pub(crate) struct Drain {
+    pub(crate) draining: AtomicBool,
+    pub(crate) outstanding: AtomicUsize,
+}
+
 struct StopState {
     stopped: AtomicBool,
+    drain: Arc<Drain>,
     /// Wakes a server waiting for a connection.
     event: EventFd,
     connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
@@ -27,6 +37,7 @@ impl ServerStopper {
         Ok(ServerStopper {
             inner: Arc::new(StopState {
                 stopped: AtomicBool::new(false),
+                drain: Arc::new(Drain::default()),
                 event: EventFd::new(EFD_NONBLOCK)?,
                 connection: Mutex::new(None),
             }),
@@ -46,6 +57,26 @@ impl ServerStopper {
         }
     }
 
+    /// Stops taking requests from the rings (the connection stays) and waits up to
+    /// `timeout` for those taken to be answered. Returns how many are still unanswered: with
+    /// inflight tracking, a successor resubmits them.
+    pub fn drain(&self, timeout: Duration) -> usize {
+        let d = &self.inner.drain;
+        d.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = d.outstanding.load(Ordering::Acquire);
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub(crate) fn drain_state(&self) -> Arc<Drain> {
+        self.inner.drain.clone()
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::Acquire)
     }
@@ -58,7 +89,7 @@ impl ServerStopper {
     }
 
     /// Blocks until `listener` has a frontend waiting (true) or the server is stopped (false).
-    pub(crate) fn wait_for_frontend(&self, listener: RawFd) -> std::io::Result<bool> {
+    pub fn wait_for_frontend(&self, listener: RawFd) -> std::io::Result<bool> {
         let mut fds = [
             libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: self.inner.event.as_raw_fd(), events: libc::POLLIN, revents: 0 },

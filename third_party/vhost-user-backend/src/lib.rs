@@ -203,6 +203,15 @@ where
         self.start_daemon(backend_handler)
     }
 
+    // incfs patch: serve a frontend connection that is already established.
+    /// Run a dedicated thread handling all requests coming through `stream`, an already
+    /// connected vhost-user socket (e.g. relayed by a supervisor that owns the frontend's
+    /// connection). Ends when the other end hangs up, as [VhostUserDaemon::start] does.
+    pub fn start_stream(&mut self, stream: UnixStream) -> Result<()> {
+        let backend_handler = BackendReqHandler::from_stream(stream, self.handler.clone());
+        self.start_daemon(backend_handler)
+    }
+
     /// Listen to the vhost-user socket and run a dedicated thread handling all requests coming
     /// through this socket.
     ///
