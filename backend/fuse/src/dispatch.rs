@@ -245,13 +245,22 @@ pub struct Dispatcher {
     initialized: AtomicBool,
     minor: AtomicU32,
     observer: Option<Arc<dyn SessionObserver>>,
+    /// What INIT agreed (or a resumed session), for a migration's destination.
+    session: std::sync::Mutex<Option<InitInfo>>,
 }
 
 impl Dispatcher {
     pub fn new(fs: Arc<dyn FileSystem>, cfg: FuseConfig) -> Self {
         let mut cfg = cfg;
         cfg.max_pages = cfg.max_pages.clamp(1, MAX_MAX_PAGES);
-        Dispatcher { fs, cfg, initialized: AtomicBool::new(false), minor: AtomicU32::new(0), observer: None }
+        Dispatcher {
+            fs,
+            cfg,
+            initialized: AtomicBool::new(false),
+            minor: AtomicU32::new(0),
+            observer: None,
+            session: std::sync::Mutex::new(None),
+        }
     }
 
     /// Reports every start and end of the session to `observer`.
@@ -263,6 +272,7 @@ impl Dispatcher {
     /// Takes over a session negotiated by another process (same guest, same connection):
     /// requests are answered as if this dispatcher had answered the guest's INIT.
     pub fn resume(&self, session: &InitInfo) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(*session);
         self.minor.store(session.minor, Ordering::Release);
         self.fs.init(session);
         self.initialized.store(true, Ordering::Release);
@@ -283,7 +293,13 @@ impl Dispatcher {
     }
 
     /// Ends the session as if the guest had sent DESTROY (device reset, frontend gone).
+    /// The FUSE session, once INIT was answered (or a session resumed).
+    pub fn session(&self) -> Option<InitInfo> {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn reset(&self) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if self.initialized.swap(false, Ordering::AcqRel) {
             self.fs.destroy();
             if let Some(o) = &self.observer {
@@ -455,6 +471,7 @@ impl Dispatcher {
         };
         self.minor.store(minor, Ordering::Release);
         self.fs.init(&info);
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
         self.initialized.store(true, Ordering::Release);
         if let Some(o) = &self.observer {
             o.session_changed(Some(&info));

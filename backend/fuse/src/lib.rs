@@ -29,4 +29,4 @@ pub use filesystem::{
 };
 pub use incfs_buf::ScatterBuf;
 pub use incfs_vhost::ServerConfig;
-pub use virtio_fs::{serve, Error, Result, ServerStopper, VirtioFs, VirtioFsConfig, VirtioFsServer};
+pub use virtio_fs::{serve, Error, MigrationState, Result, ServerStopper, VirtioFs, VirtioFsConfig, VirtioFsServer};

@@ -20,7 +20,7 @@ use tracing::debug;
 
 use crate::abi::{InHeader, OutHeader};
 use crate::dispatch::{Dispatcher, FuseConfig, Response};
-use crate::filesystem::FileSystem;
+use crate::filesystem::{FileSystem, InitInfo};
 pub use incfs_vhost::{Error, Result, ServerStopper};
 
 /// Device-level configuration.
@@ -71,11 +71,23 @@ impl VirtioFsConfig {
     }
 }
 
+/// What a live migration carries of a virtio-fs device besides the FUSE session: the
+/// filesystem's own state (incfsd: the control channel's open handles), in a versioned
+/// format of the implementer's.
+pub trait MigrationState: Send + Sync {
+    /// The device's state, with `session` (None before the guest's INIT).
+    fn save(&self, session: Option<&InitInfo>) -> std::io::Result<Vec<u8>>;
+    /// Takes over a source's state (hostile bytes: checked) and returns its session.
+    fn load(&self, state: &[u8]) -> std::io::Result<Option<InitInfo>>;
+}
+
 /// The virtio-fs device of one frontend connection.
 pub struct VirtioFs {
     dispatcher: Arc<Dispatcher>,
     cfg: VirtioFsConfig,
     rt: Handle,
+    /// Offered with DEVICE_STATE when set.
+    migration: Option<Arc<dyn MigrationState>>,
 }
 
 impl VirtioFs {
@@ -85,7 +97,14 @@ impl VirtioFs {
 
     /// With a dispatcher set up by the caller (a session observer, a resumed session).
     pub fn with_dispatcher(dispatcher: Dispatcher, cfg: VirtioFsConfig, rt: Handle) -> Self {
-        VirtioFs { dispatcher: Arc::new(dispatcher), cfg, rt }
+        VirtioFs { dispatcher: Arc::new(dispatcher), cfg, rt, migration: None }
+    }
+
+    /// Live migration of the device (VHOST_USER_PROTOCOL_F_DEVICE_STATE), its state saved
+    /// and loaded by `migration`.
+    pub fn with_migration(mut self, migration: Option<Arc<dyn MigrationState>>) -> Self {
+        self.migration = migration;
+        self
     }
 
     /// Serves an already connected frontend `stream` until it hangs up or `stopper` stops
@@ -115,14 +134,34 @@ impl Device for VirtioFs {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // Not CONFIG: QEMU 7.1..8.0 crash on it, and QEMU knows the tag itself.
-        let f = VhostUserProtocolFeatures::MQ
+        let mut f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         if self.cfg.inflight {
-            f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-        } else {
-            f
+            f |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
+        if self.migration.is_some() {
+            f |= VhostUserProtocolFeatures::DEVICE_STATE;
+        }
+        f
+    }
+
+    fn save_state(&self) -> std::io::Result<Vec<u8>> {
+        match &self.migration {
+            Some(m) => m.save(self.dispatcher.session().as_ref()),
+            None => Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "no migration state")),
+        }
+    }
+
+    fn load_state(&self, state: &[u8]) -> std::io::Result<()> {
+        let Some(m) = &self.migration else {
+            return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "no migration state"));
+        };
+        if let Some(session) = m.load(state)? {
+            // The guest's INIT was answered by the source: serve on in that session.
+            self.dispatcher.resume(&session);
+        }
+        Ok(())
     }
 
     fn max_request_len(&self) -> usize {
@@ -194,8 +233,21 @@ pub struct VirtioFsServer {
 impl VirtioFsServer {
     /// Binds `socket` (replacing a stale socket file there; the file is removed on drop).
     pub fn bind(socket: &Path, fs: Arc<dyn FileSystem>, cfg: VirtioFsConfig, rt: Handle) -> Result<Self> {
+        Self::bind_migratable(socket, fs, cfg, rt, None)
+    }
+
+    /// As `bind`, each connection's device migratable with `migration` (if given).
+    pub fn bind_migratable(
+        socket: &Path,
+        fs: Arc<dyn FileSystem>,
+        cfg: VirtioFsConfig,
+        rt: Handle,
+        migration: Option<Arc<dyn MigrationState>>,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let server = DeviceServer::bind(socket, cfg.server, move || VirtioFs::new(fs.clone(), cfg, rt.clone()))?;
+        let server = DeviceServer::bind(socket, cfg.server, move || {
+            VirtioFs::new(fs.clone(), cfg, rt.clone()).with_migration(migration.clone())
+        })?;
         Ok(VirtioFsServer { server })
     }
 

@@ -204,18 +204,27 @@ impl Control {
     /// Called with the handles locked, so that reports reach the observer in order.
     fn handles_changed(&self, handles: &HashMap<u64, Handle>) {
         if let Some(o) = self.observer.get() {
-            let mut saved: Vec<SavedHandle> = handles
-                .iter()
-                .map(|(&fh, h)| SavedHandle {
-                    fh,
-                    ino: h.ino,
-                    cursor: h.cursor,
-                    timeout_ms: u32::try_from(h.timeout.as_millis()).unwrap_or(u32::MAX),
-                })
-                .collect();
-            saved.sort_unstable_by_key(|h| h.fh);
-            o.handles_changed(SavedHandles { next_fh: self.next_fh.load(Relaxed), handles: saved });
+            o.handles_changed(self.saved_from(handles));
         }
+    }
+
+    fn saved_from(&self, handles: &HashMap<u64, Handle>) -> SavedHandles {
+        let mut saved: Vec<SavedHandle> = handles
+            .iter()
+            .map(|(&fh, h)| SavedHandle {
+                fh,
+                ino: h.ino,
+                cursor: h.cursor,
+                timeout_ms: u32::try_from(h.timeout.as_millis()).unwrap_or(u32::MAX),
+            })
+            .collect();
+        saved.sort_unstable_by_key(|h| h.fh);
+        SavedHandles { next_fh: self.next_fh.load(Relaxed), handles: saved }
+    }
+
+    /// The open handles as [`restore`](Control::restore) takes them (a migration's state).
+    pub fn saved(&self) -> SavedHandles {
+        self.saved_from(&lock(&self.handles))
     }
 
     /// Takes over the handles a previous process had open (same guest, same session). The

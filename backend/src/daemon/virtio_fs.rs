@@ -9,14 +9,14 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use incfs_fuse::{Dispatcher, VirtioFs, VirtioFsConfig, VirtioFsServer};
+use incfs_fuse::{Dispatcher, InitInfo, MigrationState, VirtioFs, VirtioFsConfig, VirtioFsServer};
 use incfs_vhost::ServerStopper;
 use tokio::runtime::Handle;
 
 use super::{serve_device, DaemonConfig, Device, DeviceServer, Error, Result};
 use crate::engine::Engine;
 use crate::fs::MountFs;
-use crate::supervisor::state::StateRegion;
+use crate::supervisor::state::{decode_device_state, encode_device_state, StateRegion, WorkerState};
 use crate::supervisor::{relay, WorkerFds};
 
 #[derive(Clone, Debug)]
@@ -36,6 +36,35 @@ pub fn run(cfg: RunConfig) -> Result<()> {
 pub fn run_worker(mut cfg: RunConfig, fds: WorkerFds) -> Result<()> {
     cfg.device.inflight = true;
     serve_device::<FsDevice>(cfg.daemon, (cfg.device, Some(fds)))
+}
+
+/// What a live migration carries of the mount: the FUSE session and the control channel's
+/// open handles, in the format of the worker state region (docs/migration.md).
+struct FsMigration {
+    fs: Arc<MountFs>,
+    /// A worker's region, kept up to date with a loaded state (a worker killed right after
+    /// the switch-over hands it on).
+    region: Option<Arc<StateRegion>>,
+}
+
+impl MigrationState for FsMigration {
+    fn save(&self, session: Option<&InitInfo>) -> std::io::Result<Vec<u8>> {
+        Ok(encode_device_state(&WorkerState { session: session.copied(), handles: self.fs.control().saved() }))
+    }
+
+    fn load(&self, state: &[u8]) -> std::io::Result<Option<InitInfo>> {
+        let state = decode_device_state(state).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        self.fs.control().restore(&state.handles);
+        if let Some(r) = &self.region {
+            r.store(&state);
+        }
+        tracing::info!(
+            session = state.session.is_some(),
+            handles = state.handles.handles.len(),
+            "mount state taken over from a migration's source"
+        );
+        Ok(state.session)
+    }
 }
 
 /// A worker's connection, state region and ready pipe, until it serves.
@@ -86,7 +115,14 @@ impl Device for FsDevice {
 
     fn bind(&self, socket: &Path, rt: Handle) -> Result<FsServer> {
         let Some(worker) = &self.worker else {
-            return Ok(FsServer::Socket(VirtioFsServer::bind(socket, self.fs.clone(), self.cfg, rt)?));
+            let migration: Arc<dyn MigrationState> = Arc::new(FsMigration { fs: self.fs.clone(), region: None });
+            return Ok(FsServer::Socket(VirtioFsServer::bind_migratable(
+                socket,
+                self.fs.clone(),
+                self.cfg,
+                rt,
+                Some(migration),
+            )?));
         };
         let fds = worker.fds.lock().unwrap_or_else(|e| e.into_inner()).take();
         let fds = fds.ok_or_else(|| Error::io("serve", std::io::Error::other("worker fds already taken")))?;
@@ -161,7 +197,11 @@ impl WorkerServer {
             dispatcher.resume(&session);
             tracing::info!(minor = session.minor, "FUSE session taken over from the previous worker");
         }
-        VirtioFs::with_dispatcher(dispatcher, self.cfg, self.rt.clone()).serve_stream(conn, &self.stopper)?;
+        let migration: Arc<dyn MigrationState> =
+            Arc::new(FsMigration { fs: self.fs.clone(), region: Some(self.state.clone()) });
+        VirtioFs::with_dispatcher(dispatcher, self.cfg, self.rt.clone())
+            .with_migration(Some(migration))
+            .serve_stream(conn, &self.stopper)?;
         Ok(true)
     }
 }

@@ -46,6 +46,32 @@ pub enum StateError {
     NotARegion,
     #[error("state region version {0} is not known to this incfsd (it knows {VERSION})")]
     UnknownVersion(u32),
+    #[error("device state from a migration is malformed")]
+    BadDeviceState,
+}
+
+/// The device state a live migration carries (SET_DEVICE_STATE_FD): the record a worker keeps
+/// for its successor, framed as `magic u64, version u32, record`. A destination refuses a
+/// version it does not know, as a worker does (docs/migration.md).
+const DEVICE_STATE_MAGIC: u64 = u64::from_le_bytes(*b"incfsDST");
+
+pub fn encode_device_state(state: &WorkerState) -> Vec<u8> {
+    let mut out = DEVICE_STATE_MAGIC.to_le_bytes().to_vec();
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&state.encode());
+    out
+}
+
+pub fn decode_device_state(bytes: &[u8]) -> Result<WorkerState, StateError> {
+    let mut r = Reader(bytes);
+    if r.u64() != Some(DEVICE_STATE_MAGIC) {
+        return Err(StateError::BadDeviceState);
+    }
+    match r.u32() {
+        Some(VERSION) => WorkerState::decode(r.0).ok_or(StateError::BadDeviceState),
+        Some(v) => Err(StateError::UnknownVersion(v)),
+        None => Err(StateError::BadDeviceState),
+    }
 }
 
 /// What a worker keeps for its successor.
@@ -298,6 +324,26 @@ mod tests {
                 max_pages: 256,
             }),
         }
+    }
+
+    /// A migration's device state: what was saved loads back; another version, garbage, a
+    /// truncated or padded record, or too many handles are refused, never trusted.
+    #[test]
+    fn device_state_round_trip_and_hostile_bytes() {
+        let state = session(31);
+        let bytes = encode_device_state(&state);
+        assert_eq!(decode_device_state(&bytes).expect("decode"), state);
+        let mut other = bytes.clone();
+        other[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
+        assert!(matches!(decode_device_state(&other), Err(StateError::UnknownVersion(v)) if v == VERSION + 1));
+        for bad in [&bytes[..bytes.len() - 1], &[&bytes[..], &[0]].concat()[..], b"incfsDST", b"junk", &[][..]] {
+            assert!(matches!(decode_device_state(bad), Err(StateError::BadDeviceState)), "{bad:?}");
+        }
+        let mut many = bytes[..12].to_vec();
+        many.push(0);
+        many.extend_from_slice(&1u64.to_le_bytes());
+        many.extend_from_slice(&(MAX_HANDLES as u32 + 1).to_le_bytes());
+        assert!(matches!(decode_device_state(&many), Err(StateError::BadDeviceState)));
     }
 
     #[test]
