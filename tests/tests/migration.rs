@@ -242,17 +242,102 @@ fn check_destination(run: &VmRun, dst: &Daemon) -> u64 {
 
 #[test]
 fn blk_live_migration_under_writes_and_readers() {
-    live_migration("migrate-blk", false);
+    live_migration("migrate-blk", None);
 }
 
 #[test]
 fn fs_and_blk_live_migration_under_readers_and_writes() {
-    live_migration("migrate-fs", true);
+    live_migration("migrate-fs", Some(FsServer::Incfsd));
+}
+
+/// The benchmark `tests/bench/migration` runs: the same migration with the virtio-fs share
+/// served by incfsd and by virtiofsd (`--migration-mode find-paths`, sharing the same files),
+/// `MIGRATION_ROUNDS` rounds each (default 3), alternating; prints the downtimes side by side.
+#[test]
+#[ignore = "a benchmark: tests/bench/migration"]
+fn downtime_beside_virtiofsd() {
+    let Some(_) = virtiofsd_bin() else {
+        println!("skipped: no virtiofsd (VIRTIOFSD=/path, or `cargo install --locked virtiofsd`)");
+        return;
+    };
+    let rounds: usize = std::env::var("MIGRATION_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let mut rows = Vec::new();
+    for r in 0..rounds {
+        for server in [FsServer::Incfsd, FsServer::Virtiofsd] {
+            rows.push((server, live_migration(&format!("migrate-bench-{r}"), Some(server))));
+        }
+    }
+    println!("\nvirtio-fs + blk live migration, QEMU 10, TCG guest with 1 GiB, loopback TCP");
+    println!("{:<10} {:>10} {:>14} {:>16}", "fs server", "total ms", "downtime ms", "guest stall ms");
+    for (server, f) in &rows {
+        println!("{:<10} {:>10} {:>14} {:>16}", server.name(), f.total_ms, f.downtime_ms, f.stall_ms);
+    }
+    for server in [FsServer::Incfsd, FsServer::Virtiofsd] {
+        let mut d: Vec<u64> = rows.iter().filter(|(s, _)| *s == server).map(|(_, f)| f.downtime_ms).collect();
+        d.sort_unstable();
+        println!("MEDIAN-DOWNTIME {} {} ms", server.name(), d[d.len() / 2]);
+    }
+}
+
+/// Which daemon serves the guest's virtio-fs share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FsServer {
+    Incfsd,
+    /// The reference daemon (the comparison of `downtime_beside_virtiofsd`).
+    Virtiofsd,
+}
+
+impl FsServer {
+    fn name(self) -> &'static str {
+        match self {
+            FsServer::Incfsd => "incfsd",
+            FsServer::Virtiofsd => "virtiofsd",
+        }
+    }
+}
+
+fn virtiofsd_bin() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd"));
+    std::env::var_os("VIRTIOFSD")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(home)
+        .chain(["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"].map(PathBuf::from))
+        .find(|p| p.is_file())
+}
+
+/// virtiofsd sharing the files beside the disk (the same the image holds), migratable.
+fn start_virtiofsd(s: &Setup, socket: &Path) -> Proc {
+    let bin = virtiofsd_bin().expect("virtiofsd");
+    let child = std::process::Command::new(bin)
+        .arg("--socket-path")
+        .arg(socket)
+        .arg("--shared-dir")
+        .arg(s.work.join("src"))
+        .args(["--sandbox", "none", "--cache", "auto", "--migration-mode", "find-paths"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start virtiofsd");
+    let p = Proc { child, name: "virtiofsd".into() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "virtiofsd did not create its socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// What one migration took.
+struct Figures {
+    total_ms: u64,
+    downtime_ms: u64,
+    stall_ms: u64,
 }
 
 /// Migrates the guest from one QEMU 10 with its daemons to another with its own; `fs`: with
-/// a virtio-fs share besides the overlay disk.
-fn live_migration(name: &str, fs: bool) {
+/// a virtio-fs share besides the overlay disk, served by incfsd or virtiofsd.
+fn live_migration(name: &str, fs: Option<FsServer>) -> Figures {
     let s = Setup::new(name);
     let _vm = vm_lock();
     qemu10_setup();
@@ -260,7 +345,11 @@ fn live_migration(name: &str, fs: bool) {
     let path = |p: &Path| p.to_str().expect("utf8").to_string();
     let src = s.daemon(&sock("src", "blk"), false);
     let dst = s.daemon(&sock("dst", "blk"), true);
-    let fs_daemons = fs.then(|| (s.fs_daemon(&sock("src", "fs")), s.fs_daemon(&sock("dst", "fs"))));
+    let fs_daemons =
+        (fs == Some(FsServer::Incfsd)).then(|| (s.fs_daemon(&sock("src", "fs")), s.fs_daemon(&sock("dst", "fs"))));
+    let _virtiofsds = (fs == Some(FsServer::Virtiofsd))
+        .then(|| (start_virtiofsd(&s, &sock("src", "fs")), start_virtiofsd(&s, &sock("dst", "fs"))));
+    let fs = fs.is_some();
     let devices = |side: &str| {
         let mut args = vec!["--blk".to_string(), path(&sock(side, "blk"))];
         if fs {
@@ -330,6 +419,7 @@ fn live_migration(name: &str, fs: bool) {
     assert!(dst_blocks <= 4, "the destination fetched {dst_blocks} blocks (the source {src_blocks})");
     assert_eq!(fs_dst_blocks, 0, "the virtio-fs destination fetched what the shared cache held");
     drop(src);
+    Figures { total_ms: took.as_millis() as u64, downtime_ms: downtime.unwrap_or(0), stall_ms: stall }
 }
 
 #[test]
