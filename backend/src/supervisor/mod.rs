@@ -215,6 +215,9 @@ struct Supervisor {
     /// The state region of the current frontend connection.
     state_fd: Option<OwnedFd>,
     stopping: bool,
+    /// The number of the last SIGTERM or SIGINT: a second one exits with 128 + it, as the
+    /// daemon does (and a shell reports a process that signal killed).
+    last_signal: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Waits until one of `fds` is readable (or hung up); returns which.
@@ -283,9 +286,12 @@ impl Supervisor {
         state: OwnedFd,
     ) -> Result<Supervisor> {
         let (signals, signals_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
+        let last_signal = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for sig in [SIGTERM, SIGINT] {
             let tx = signals_tx.try_clone().map_err(io_err("create the signal pipe"))?;
             signal_hook::low_level::pipe::register(sig, tx).map_err(io_err("handle SIGTERM and SIGINT"))?;
+            signal_hook::flag::register_usize(sig, last_signal.clone(), sig as usize)
+                .map_err(io_err("handle SIGTERM and SIGINT"))?;
         }
         signals.set_nonblocking(true).map_err(io_err("create the signal pipe"))?;
         let (hup, hup_tx) = UnixStream::pair().map_err(io_err("create the signal pipe"))?;
@@ -301,6 +307,7 @@ impl Supervisor {
             worker: None,
             state_fd: Some(state),
             stopping: false,
+            last_signal,
         })
     }
 
@@ -502,7 +509,10 @@ impl Supervisor {
                 if r[1] {
                     eprintln!("incfsd: second signal, exiting without finishing the shutdown");
                     let _ = w.child.kill();
-                    break;
+                    let _ = w.child.wait();
+                    self.finish();
+                    let sig = self.last_signal.load(std::sync::atomic::Ordering::Relaxed) as i32;
+                    std::process::exit(128 + sig);
                 }
             }
             let _ = w.child.wait();
