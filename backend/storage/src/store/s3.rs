@@ -294,6 +294,13 @@ fn host_header(url: &reqwest::Url) -> String {
 
 /// `YYYYMMDDTHHMMSSZ` (UTC) of `t`.
 pub fn amz_date(t: SystemTime) -> String {
+    let (y, m, d, hh, mm, ss) = civil_utc(t);
+    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
+}
+
+/// The UTC calendar date and time of `t` (year, month, day, hour, minute, second), for the
+/// date formats stores want.
+pub(crate) fn civil_utc(t: SystemTime) -> (i64, i64, i64, u64, u64, u64) {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -306,7 +313,7 @@ pub fn amz_date(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    (y, m, d, rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 /// RFC 3986 percent-encoding as SigV4 wants it: all but unreserved characters (and `/`
