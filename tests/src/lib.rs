@@ -703,3 +703,29 @@ impl DelayProxy {
 /// Lines the guest prints when something went wrong with the disk.
 pub const DMESG_ERRORS: &str =
     "I/O error|EXT4-fs error|EXT4-fs warning|Aborting journal|Remounting filesystem read-only|is not a head|virtio.*broken|Buffer I/O";
+
+/// `text` without its terminal colour sequences (the daemon's log has them).
+pub fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// xorshift, for the kill moments.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}

@@ -16,61 +16,12 @@
 //! - `a_read_parked_at_the_kill_completes`: a READ waits behind a 5 s link when the worker is
 //!   killed; the next worker resubmits it and the guest gets the right bytes.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use incfs_e2e::check::{self, sha256_hex, PieceDigest};
 use incfs_e2e::*;
-
-/// A slow link in front of nginx (tests/src/bin/delay-proxy.rs).
-struct DelayProxy {
-    _proc: Proc,
-    url: String,
-}
-
-impl DelayProxy {
-    fn start(to: &str, rtt_ms: u32) -> DelayProxy {
-        let port = free_port();
-        let to = to.trim_start_matches("http://");
-        let child = Command::new(env!("CARGO_BIN_EXE_delay-proxy"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--to", to, "--rtt-ms", &rtt_ms.to_string()])
-            .args(["--mbit", "1000"])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start delay-proxy");
-        let p =
-            DelayProxy { _proc: Proc { child, name: "delay-proxy".into() }, url: format!("http://127.0.0.1:{port}") };
-        wait_for_port(port, "delay-proxy");
-        p
-    }
-}
-
-/// `text` without its terminal colour sequences (the daemon's log has them).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            chars.by_ref().find(|&c| c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// xorshift, for the kill moments.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 /// What the guest's kernel says when virtio-fs or its ring went wrong.
 const DMESG_ERRORS: &str = "virtio.*broken|is not a head|I/O error|(virtiofs|virtio_fs|fuse).*(error|fail|timeout)";
@@ -145,7 +96,7 @@ fn ten_events_under_readers(name: &str, event: Event) {
     let store = work.join("store");
     let image = pack(&src, &store);
     let nginx = Nginx::start(&store, &work.path);
-    let proxy = DelayProxy::start(&nginx.url, 40);
+    let proxy = DelayProxy::start(env!("CARGO_BIN_EXE_delay-proxy"), &nginx.url, 40);
     let sums: String = files.iter().map(|(p, d)| format!("{}  /mnt/{p}\n", sha256_hex(d))).collect();
     let names: Vec<String> = files.iter().map(|(p, _)| format!("/mnt/{p}")).collect();
     let names = names.join(" ");
@@ -389,7 +340,7 @@ fn a_read_parked_at_the_kill_completes() {
     let store = work.join("store");
     let image = pack(&src, &store);
     let nginx = Nginx::start(&store, &work.path);
-    let proxy = DelayProxy::start(&nginx.url, 5000);
+    let proxy = DelayProxy::start(env!("CARGO_BIN_EXE_delay-proxy"), &nginx.url, 5000);
     let script = format!(
         r#"#!/bin/sh
 fail() {{ echo "PARKED-FAIL $*"; exit 1; }}
