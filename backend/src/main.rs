@@ -22,6 +22,12 @@ use incfs::{http_store_server, inspect, pack};
 
 fn main() -> ExitCode {
     let argv = vhost_user_fs::with_subcommand(std::env::args_os().collect());
+    // QEMU's backend program conventions: with --print-capabilities, other options and
+    // arguments are ignored.
+    if vhost_user_fs::asks_capabilities(&argv) {
+        println!("{}", vhost_user_fs::CAPABILITIES);
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse_from(&argv);
     let mut default_log = "warn";
     if let Cmd::VhostUserFs(args) = &cli.cmd {

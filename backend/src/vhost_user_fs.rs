@@ -67,6 +67,11 @@ pub fn with_subcommand(mut argv: Vec<OsString>) -> Vec<OsString> {
     argv
 }
 
+/// `incfsd vhost-user-fs … --print-capabilities …`, whatever else the command line says.
+pub fn asks_capabilities(argv: &[OsString]) -> bool {
+    argv.get(1).is_some_and(|a| a == "vhost-user-fs") && argv.iter().skip(2).any(|a| a == "--print-capabilities")
+}
+
 /// Checks the options and turns them, with the share's settings, into a plan.
 pub fn plan(args: &VhostUserFsArgs) -> Result<Plan> {
     if args.print_capabilities {
@@ -344,6 +349,12 @@ mod tests {
         assert_eq!(features, ["migrate-precopy", "separate-options"]);
         assert_eq!(obj.len(), 2, "nothing else: {obj:?}");
         assert!(matches!(plan(&args(&["--print-capabilities"])), Ok(Plan::PrintCapabilities)));
+        // Other options and arguments are ignored (QEMU's conventions), even unknown ones.
+        let v = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(asks_capabilities(&v(&["incfsd", "vhost-user-fs", "--bogus", "--print-capabilities"])));
+        assert!(asks_capabilities(&with_subcommand(v(&["/x/incfsd-vhost-user-fs", "--print-capabilities"]))));
+        assert!(!asks_capabilities(&v(&["incfsd", "run", "--print-capabilities"])));
+        assert!(!asks_capabilities(&v(&["incfsd", "vhost-user-fs", "--fd=3"])));
     }
 
     #[test]

@@ -204,7 +204,10 @@ echo LIBVIRT-OK
 fn capabilities_and_bad_settings_as_libvirt_sees_them() {
     let work = WorkDir::new("libvirt-caps");
     let bin = installed(&work);
+    // As libvirt runs it (qemuVhostUserFillFSCapabilities); other options are ignored then.
     let out = Command::new(&bin).arg("--print-capabilities").output().expect("run --print-capabilities");
+    let ignoring = Command::new(&bin).args(["--fd=999", "--print-capabilities", "--frobnicate"]).output().expect("run");
+    assert_eq!(ignoring.stdout, out.stdout, "{}", String::from_utf8_lossy(&ignoring.stderr));
     assert!(out.status.success(), "--print-capabilities: {}", String::from_utf8_lossy(&out.stderr));
     let caps = String::from_utf8_lossy(&out.stdout);
     let compact: String = caps.split_whitespace().collect();
