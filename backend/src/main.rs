@@ -151,25 +151,28 @@ fn run_fs(args: cli::RunArgs, argv: Vec<OsString>, listener: Option<UnixListener
         // The listener comes with the handover: --listen-fd's number is stale by now.
         Some(fd) => incfs::supervisor::resume(sup, fd)?,
         None => {
-            let listener = match (listener, listen_fd) {
-                (Some(l), _) => Some(l),
-                (None, Some(fd)) => {
-                    let (l, path) = incfs::supervisor::inherited_listener(fd)?;
-                    if path != cfg.daemon.socket {
-                        return Err(Error::Settings(format!(
-                            "--listen-fd {fd} is bound at {}, not at --socket {}",
-                            path.display(),
-                            cfg.daemon.socket.display()
-                        )));
-                    }
-                    Some(l)
-                }
-                (None, None) => None,
+            let listener = match listener {
+                Some(l) => Some(l),
+                None => listen_fd.map(|fd| inherited_at(fd, &cfg.daemon.socket)).transpose()?,
             };
             incfs::supervisor::run(sup, listener)?
         }
     }
     Ok(())
+}
+
+/// `incfsd run --listen-fd FD --socket PATH`: the inherited listener, which must be bound at
+/// PATH (the control socket goes beside it).
+fn inherited_at(fd: i32, socket: &Path) -> Result<UnixListener> {
+    let (l, path) = incfs::supervisor::inherited_listener(fd)?;
+    if path != socket {
+        return Err(Error::Settings(format!(
+            "--listen-fd {fd} is bound at {}, not at --socket {}",
+            path.display(),
+            socket.display()
+        )));
+    }
+    Ok(l)
 }
 
 /// The command line without `--supervisor-state FD` (a worker, or the next re-execution,
@@ -342,6 +345,18 @@ fn inspect_image(src: &ImageArgs, cache: Option<&Path>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inherited_listener_must_be_bound_at_the_socket() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let bind =
+            |name: &str| std::os::fd::IntoRawFd::into_raw_fd(UnixListener::bind(d.path().join(name)).expect("bind"));
+        let fd = bind("a.sock");
+        assert!(inherited_at(fd, &d.path().join("a.sock")).is_ok());
+        let fd = bind("b.sock");
+        let e = inherited_at(fd, &d.path().join("c.sock")).err().map(|e| e.chain()).unwrap_or_default();
+        assert!(e.contains("b.sock, not at --socket") && e.contains("c.sock"), "{e}");
+    }
 
     #[test]
     fn workers_get_the_image_id_resolved_at_start() {
