@@ -8,7 +8,8 @@
 //!   filesystem, the fd passed the way it passes it; a real guest (QEMU 7.2, bookworm's,
 //!   which libvirt 9.0 drives there) mounts the share and checksums every file three times:
 //!   before and after the worker is killed with SIGKILL, and after `incfsd upgrade` on the
-//!   control socket beside libvirt's socket. Then SIGTERM (what libvirt sends at domain
+//!   control socket beside libvirt's socket; a second share, started with the command
+//!   line later libvirts build ("separate-options"), is checksummed alongside. Then SIGTERM (what libvirt sends at domain
 //!   stop) ends the daemon, which leaves libvirt's socket for libvirt to remove.
 //! - `capabilities_and_bad_settings_as_libvirt_sees_them`: `--print-capabilities` of the
 //!   installed name, and a share whose settings are wrong: incfsd exits non-zero at once
@@ -134,11 +135,23 @@ fn libvirt_9_launched_share_serves_a_guest_through_crash_and_upgrade() {
         format!("source={},cache=always,sandbox=namespace,xattr", dir.display().to_string().replace(',', ",,")),
         "--thread-pool-size=2".to_string(),
     ];
-    let sums: String = files.iter().map(|(p, d)| format!("{}  /mnt/{p}\n", sha256_hex(d))).collect();
+    // And a second share, tag incfs2, as a later libvirt starts it once --print-capabilities
+    // lists "separate-options" (qemuVirtioFSBuildCommandLine in libvirt 10 and later):
+    // "--fd=%d", "--shared-dir" DIR, "--cache" from <cache mode>, "--sandbox" MODE, "--xattr",
+    // "--thread-pool-size=%i", "--rlimit-nofile=%llu" from <openfiles max>.
+    let newer_args: Vec<String> =
+        ["--shared-dir", &dir.display().to_string(), "--cache", "always", "--sandbox", "namespace", "--xattr"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--thread-pool-size=2".to_string(), "--rlimit-nofile=4096".to_string()])
+            .collect();
+    let mut sums: String = files.iter().map(|(p, d)| format!("{}  /mnt/{p}\n", sha256_hex(d))).collect();
+    sums.extend(files.iter().map(|(p, d)| format!("{}  /mnt2/{p}\n", sha256_hex(d))));
     let script = format!(
         r#"#!/bin/sh
 fail() {{ echo "LIBVIRT-FAIL $*"; exit 1; }}
 mount -t virtiofs incfs /mnt || fail mount
+mkdir -p /mnt2 && mount -t virtiofs incfs2 /mnt2 || fail "mount incfs2"
 cat > /tmp/sums <<'EOF'
 {sums}EOF
 for round in 1 2 3; do
@@ -155,6 +168,9 @@ echo LIBVIRT-OK
     let _vm = vm_lock();
     let started = Instant::now();
     let mut daemon = start_like_libvirt(&bin, &socket, &args, &log);
+    let socket2 = work.join("fs1-fs.sock");
+    let log2 = work.join("vm1-fs1-virtiofsd.log");
+    let mut newer = start_like_libvirt(&bin, &socket2, &newer_args, &log2);
     let supervisor = daemon.child.id();
     // libvirt starts QEMU without waiting for a ready line: QEMU connects into the backlog of
     // the socket it created.
@@ -162,7 +178,8 @@ echo LIBVIRT-OK
     let mut second = None;
     let mut upgraded = None;
     let fs = format!("{}:incfs", socket.display());
-    let run = run_vm_with(&work.path, &["--fs", &fs], &script, 240, |line| {
+    let fs2 = format!("{}:incfs2", socket2.display());
+    let run = run_vm_with(&work.path, &["--fs", &fs, "--fs", &fs2], &script, 240, |line| {
         if line.contains("ROUND 1 OK") {
             // SAFETY: kill with a pid and a signal number.
             assert_eq!(unsafe { libc::kill(first as libc::pid_t, libc::SIGKILL) }, 0, "kill the worker");
@@ -186,6 +203,8 @@ echo LIBVIRT-OK
     assert!(second.is_some() && upgraded.is_some(), "the worker was not replaced twice; log:\n{log_text}");
     assert!(daemon.is_running(), "the supervisor exited; log:\n{log_text}");
     assert!(log_text.contains("incfsd: serving image"), "no ready line in the log:\n{log_text}");
+    assert!(newer.is_running(), "the second share's incfsd exited; log:\n{}", read(&log2));
+    newer.kill();
     // libvirt's qemuVirtioFSStop: SIGTERM to the pid (virPidFileForceCleanupPath), then it
     // removes the socket itself.
     // SAFETY: kill with a pid and a signal number.
