@@ -14,6 +14,8 @@
 //! - `capabilities_and_bad_settings_as_libvirt_sees_them`: `--print-capabilities` of the
 //!   installed name, and a share whose settings are wrong: incfsd exits non-zero at once
 //!   with a message naming the file and line in the log libvirt shows.
+//! - `shipped_domains_validate_and_the_descriptor_names_the_binary`: docs/libvirt's domains
+//!   against libvirt's schema (`virt-xml-validate`), and the descriptor's shape.
 //! - `virsh_starts_the_example_domain_and_incfsd_with_it` (opt-in: needs a libvirtd on
 //!   qemu:///system, tests/README.md): a real libvirt 9.0 starts the example domain and,
 //!   with it, incfsd; the guest checksums the share; `virsh destroy` stops incfsd.
@@ -397,4 +399,40 @@ fn virsh_starts_the_example_domain_and_incfsd_with_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
     println!("virsh create to the guest's checksums: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// The shipped domains validate against the installed libvirt's schema (9.0 on bookworm:
+/// `virt-xml-validate`, libvirt-clients), and the descriptor is QEMU's VhostUserBackend for
+/// type "fs", naming the binary the example domain names.
+#[test]
+fn shipped_domains_validate_and_the_descriptor_names_the_binary() {
+    if Command::new("virt-xml-validate").arg("--help").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "virt-xml-validate is not installed (.ci/run installs libvirt-clients)"
+        );
+        println!("skipped: virt-xml-validate is not installed (apt-get install libvirt-clients libxml2-utils)");
+        return;
+    }
+    let docs = workspace().join("docs/libvirt");
+    for xml in ["vm-incfs.xml", "vm-incfs-launched.xml"] {
+        let out = Command::new("virt-xml-validate")
+            .arg(docs.join(xml))
+            .arg("domain")
+            .output()
+            .expect("run virt-xml-validate");
+        assert!(
+            out.status.success(),
+            "{xml}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let descriptor = read(&docs.join("60-incfsd.json"));
+    let compact: String = descriptor.split_whitespace().collect();
+    let binary = "/usr/libexec/incfsd-vhost-user-fs";
+    assert!(compact.starts_with("{\"description\":\"") && compact.ends_with('}'), "{descriptor}");
+    assert!(compact.contains("\"type\":\"fs\""), "{descriptor}");
+    assert!(compact.contains(&format!("\"binary\":\"{binary}\"")), "{descriptor}");
+    assert!(read(&docs.join("vm-incfs-launched.xml")).contains(&format!("<binary path='{binary}'")));
 }
