@@ -102,6 +102,12 @@ pub fn plan(args: &VhostUserFsArgs) -> Result<Plan> {
     if let Some(n) = args.rlimit_nofile {
         set(&mut settings, "rlimit-nofile", n.to_string());
     }
+    if args.fd.is_some() && settings.iter().any(|(n, _)| n == "no-supervisor") {
+        return Err(invalid(format!(
+            "{}: no-supervisor cannot serve a socket passed with --fd (the supervisor does)",
+            dir.join(SETTINGS_FILE).display()
+        )));
+    }
     let (socket, listener, fd) = match (args.fd, &args.socket_path) {
         (Some(fd), _) => {
             let (l, path) = incfs::supervisor::inherited_listener(fd)?;
@@ -473,6 +479,12 @@ mod tests {
             let full = [&["incfsd", "vhost-user-fs"], bad].concat();
             assert!(Cli::try_parse_from(&full).is_err(), "{bad:?} accepted");
         }
+        // no-supervisor cannot take libvirt's socket.
+        let d2 = settings_dir(&format!("store = /s\nimage = {ID}\ncache = /c\nno-supervisor\n"));
+        let o2 = format!("source={}", d2.path().display());
+        assert!(error_of(&["--fd=3", "-o", &o2]).contains("no-supervisor cannot serve a socket passed with --fd"));
+        let Ok(Plan::Serve { argv, .. }) = plan(&args(&["--socket-path=/x", "-o", &o2])) else { panic!("not served") };
+        assert!(run_args(&argv).is_ok_and(|a| a.no_supervisor), "fine with a socket of its own");
         // An fd that is not a listening Unix socket.
         let file = std::fs::File::open(d.path().join(SETTINGS_FILE)).expect("open");
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file).to_string();
