@@ -52,6 +52,10 @@ pub enum Cmd {
     },
     /// Serve one file of an image (a raw disk image) to a VM as a vhost-user-blk device.
     Blk(BlkArgs),
+    /// `incfsd run` as a vhost-user-fs backend program that libvirt starts (QEMU's backend
+    /// program conventions, virtiofsd's options): the share's directory holds its settings,
+    /// incfsd.conf (docs/libvirt.md). Also run as `incfsd-vhost-user-fs` (a link to incfsd).
+    VhostUserFs(VhostUserFsArgs),
     /// Print an image's tree with sizes (and how much of each file is cached).
     Inspect {
         #[command(flatten)]
@@ -133,6 +137,83 @@ pub struct RunArgs {
     /// Internal: go on as the supervisor the previous binary handed over to (an upgrade).
     #[arg(long, hide = true)]
     pub supervisor_state: Option<i32>,
+    /// Internal (`vhost-user-fs --fd`): serve on this inherited listening socket, bound at
+    /// --socket, which stays its creator's. Read by a starting supervisor only.
+    #[arg(long, hide = true, conflicts_with = "no_supervisor")]
+    pub listen_fd: Option<i32>,
+}
+
+/// `incfsd vhost-user-fs`: what QEMU's backend program conventions
+/// (docs/interop/vhost-user.rst) and libvirt's virtiofsd command lines pass. Options without
+/// a meaning for an image served from a store are accepted and ignored with a note
+/// (crate::vhost_user_fs says which and why); any other is an error.
+#[derive(Args, Debug)]
+pub struct VhostUserFsArgs {
+    /// Print the backend's capabilities as JSON (type "fs") and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// Serve on this inherited, listening vhost-user socket (libvirt creates it).
+    #[arg(long, value_name = "FDNUM", conflicts_with = "socket_path")]
+    pub fd: Option<i32>,
+    /// Listen on a vhost-user socket at this path.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// The share's directory, holding incfsd.conf (libvirt's `<source dir>`; newer libvirts).
+    #[arg(long, value_name = "DIR")]
+    pub shared_dir: Option<PathBuf>,
+    /// virtiofsd's old option list (libvirt 9.0): source=DIR, cache=, sandbox=, xattr,
+    /// no_xattr, flock, no_flock, posix_lock, no_posix_lock.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Guest caching (auto, always, never, metadata): ignored, the image never changes.
+    #[arg(long, value_name = "MODE")]
+    pub cache: Option<String>,
+    /// Sandbox: namespace, chroot, none (as virtiofsd), or landlock.
+    #[arg(long, value_enum)]
+    pub sandbox: Option<SandboxArg>,
+    /// Extended attributes: ignored, the image's are served.
+    #[arg(long)]
+    pub xattr: bool,
+    /// Threads serving the queues (incfsd run's --threads); 0 keeps the settings' value.
+    #[arg(long, value_name = "N")]
+    pub thread_pool_size: Option<usize>,
+    /// Limit on open file descriptors.
+    #[arg(long, value_name = "N")]
+    pub rlimit_nofile: Option<u64>,
+    /// Log at debug level (unless INCFS_LOG says otherwise).
+    #[arg(short = 'd')]
+    pub debug: bool,
+    /// Log level (error, warn, info, debug, trace, off), unless INCFS_LOG says otherwise.
+    #[arg(long, value_enum)]
+    pub log_level: Option<LogLevel>,
+    /// UID mapping (unprivileged libvirt): ignored, files have the image's owners.
+    #[arg(long, value_name = "MAP")]
+    pub uid_map: Vec<String>,
+    /// GID mapping (unprivileged libvirt): ignored, files have the image's owners.
+    #[arg(long, value_name = "MAP")]
+    pub gid_map: Vec<String>,
+    /// Ignored: an image has no submounts.
+    #[arg(long)]
+    pub announce_submounts: bool,
+    /// Ignored: the share is always read-only.
+    #[arg(long)]
+    pub readonly: bool,
+    /// Ignored: the device's whole state migrates with it (docs/migration.md).
+    #[arg(long, value_name = "MODE")]
+    pub migration_mode: Option<String>,
+    /// Ignored: the device's whole state migrates with it (docs/migration.md).
+    #[arg(long, value_name = "MODE")]
+    pub migration_on_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -206,7 +287,7 @@ pub struct SandboxArgs {
     pub rlimit_nofile: u64,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SandboxArg {
     Namespace,
     Landlock,

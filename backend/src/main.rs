@@ -2,8 +2,11 @@
 //! `blk`) are the library's, the one-shot commands are here.
 
 mod cli;
+mod vhost_user_fs;
 
+use std::ffi::OsString;
 use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,11 +21,31 @@ use incfs::supervisor::{SupervisorConfig, WorkerFds};
 use incfs::{http_store_server, inspect, pack};
 
 fn main() -> ExitCode {
+    let argv = vhost_user_fs::with_subcommand(std::env::args_os().collect());
+    // QEMU's backend program conventions: with --print-capabilities, other options and
+    // arguments are ignored.
+    if vhost_user_fs::asks_capabilities(&argv) {
+        println!("{}", vhost_user_fs::CAPABILITIES);
+        return ExitCode::SUCCESS;
+    }
+    let cli = Cli::parse_from(&argv);
+    let mut default_log = "warn";
+    if let Cmd::VhostUserFs(args) = &cli.cmd {
+        if let Some(level) = vhost_user_fs::log_filter(args) {
+            default_log = level;
+            // The workers log as the supervisor does (they inherit the environment).
+            if std::env::var_os("INCFS_LOG").is_none() {
+                std::env::set_var("INCFS_LOG", level);
+            }
+        }
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("INCFS_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INCFS_LOG").unwrap_or_else(|_| default_log.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    match run(cli, argv) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("incfsd: {}", e.chain());
@@ -31,14 +54,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+/// Runs `cli`, parsed from `argv` (the program's name first).
+fn run(cli: Cli, argv: Vec<OsString>) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Pack(args) => pack(args)?,
         Cmd::Serve { store, listen } => runtime()?.block_on(http_store_server::run(&store, listen, |a| {
             eprintln!("serving {} on http://{a}", store.display())
         }))?,
         Cmd::Cat { engine, stats, path } => cat(&engine, stats, &path)?,
-        Cmd::Run(args) => run_fs(args)?,
+        Cmd::Run(args) => run_fs(args, argv.into_iter().skip(1).collect(), None)?,
+        Cmd::VhostUserFs(args) => match vhost_user_fs::plan(&args)? {
+            vhost_user_fs::Plan::PrintCapabilities => println!("{}", vhost_user_fs::CAPABILITIES),
+            vhost_user_fs::Plan::Serve { argv, listener } => {
+                let run = vhost_user_fs::run_args(&argv)?;
+                run_fs(run, argv, listener)?
+            }
+        },
         Cmd::Upgrade { socket } => return upgrade(&socket),
         Cmd::Blk(args) => incfs::blk::run(args.config()?)?,
         Cmd::Inspect { src, cache } => inspect_image(&src, cache.as_deref())?,
@@ -82,12 +113,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `incfsd run`: a supervisor that starts the worker (the default), the worker itself, or
-/// the daemon alone (`--no-supervisor`).
-fn run_fs(args: cli::RunArgs) -> Result<()> {
+/// the daemon alone (`--no-supervisor`). `argv`: its command line without the program name
+/// (workers get it too); `listener`: the socket `--listen-fd` names, already taken.
+fn run_fs(args: cli::RunArgs, argv: Vec<OsString>, listener: Option<UnixListener>) -> Result<()> {
     tracing::info!(tag = %args.tag, "starting");
     let worker_fds = args.worker_fds.clone();
     let handover = args.supervisor_state;
     let no_supervisor = args.no_supervisor;
+    let listen_fd = args.listen_fd;
     let cfg = args.config()?;
     if let Some(spec) = worker_fds {
         let fds = WorkerFds::take(&spec).map_err(|e| Error::io("take the worker's fds", e))?;
@@ -106,23 +139,45 @@ fn run_fs(args: cli::RunArgs) -> Result<()> {
     };
     let sup = SupervisorConfig {
         exe,
-        worker_args: with_image(without_handover(std::env::args_os().skip(1)), &cfg.daemon.image.to_string()),
+        worker_args: with_image(without_handover(argv.into_iter()), &cfg.daemon.image.to_string()),
         ready_line: format!("incfsd: serving image {} on {}", cfg.daemon.image, cfg.daemon.socket.display()),
         socket: cfg.daemon.socket.clone(),
+        socket_inherited: listen_fd.is_some(),
         metrics: cfg.daemon.metrics,
         num_queues: u16::try_from(cfg.device.request_queues + 1).unwrap_or(u16::MAX),
         queue_size: cfg.device.server.queue_size,
     };
     match handover {
+        // The listener comes with the handover: --listen-fd's number is stale by now.
         Some(fd) => incfs::supervisor::resume(sup, fd)?,
-        None => incfs::supervisor::run(sup)?,
+        None => {
+            let listener = match listener {
+                Some(l) => Some(l),
+                None => listen_fd.map(|fd| inherited_at(fd, &cfg.daemon.socket)).transpose()?,
+            };
+            incfs::supervisor::run(sup, listener)?
+        }
     }
     Ok(())
 }
 
+/// `incfsd run --listen-fd FD --socket PATH`: the inherited listener, which must be bound at
+/// PATH (the control socket goes beside it).
+fn inherited_at(fd: i32, socket: &Path) -> Result<UnixListener> {
+    let (l, path) = incfs::supervisor::inherited_listener(fd)?;
+    if path != socket {
+        return Err(Error::Settings(format!(
+            "--listen-fd {fd} is bound at {}, not at --socket {}",
+            path.display(),
+            socket.display()
+        )));
+    }
+    Ok(l)
+}
+
 /// The command line without `--supervisor-state FD` (a worker, or the next re-execution,
 /// gets its own).
-fn without_handover(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+fn without_handover(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     let mut out = Vec::new();
     let mut skip = false;
     for a in args {
@@ -290,6 +345,18 @@ fn inspect_image(src: &ImageArgs, cache: Option<&Path>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inherited_listener_must_be_bound_at_the_socket() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let bind =
+            |name: &str| std::os::fd::IntoRawFd::into_raw_fd(UnixListener::bind(d.path().join(name)).expect("bind"));
+        let fd = bind("a.sock");
+        assert!(inherited_at(fd, &d.path().join("a.sock")).is_ok());
+        let fd = bind("b.sock");
+        let e = inherited_at(fd, &d.path().join("c.sock")).err().map(|e| e.chain()).unwrap_or_default();
+        assert!(e.contains("b.sock, not at --socket") && e.contains("c.sock"), "{e}");
+    }
 
     #[test]
     fn workers_get_the_image_id_resolved_at_start() {

@@ -30,6 +30,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0} is not a regular file")]
     NotARegularFile(String),
+    /// A command line or settings file that cannot be served (says what and where).
+    #[error("{0}")]
+    Settings(String),
 }
 
 impl Error {

@@ -51,6 +51,8 @@ pub enum SupervisorError {
     WorkerFailed(ExitStatus),
     #[error("the worker died {0} times in a row within a second of its start; giving up")]
     CrashLoop(u32),
+    #[error("inherited fd {fd} cannot be the vhost-user listener: {problem}")]
+    InheritedFd { fd: RawFd, problem: String },
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -67,6 +69,9 @@ pub struct SupervisorConfig {
     /// The worker's command line (this process's, without the program name).
     pub worker_args: Vec<OsString>,
     pub socket: PathBuf,
+    /// The socket was created by whoever started incfsd (libvirt's `--fd`): theirs to
+    /// remove, not ours.
+    pub socket_inherited: bool,
     /// Printed on stderr once the first worker is ready.
     pub ready_line: String,
     /// The metrics endpoint's address (`--metrics`): bound here, served by the workers.
@@ -124,8 +129,10 @@ impl WorkerProcess {
 /// The worker is gone (died, hung up, or answered nonsense): start another.
 struct WorkerGone;
 
-/// Runs the supervisor until SIGINT/SIGTERM (forwarded to the worker, whose exit ends it).
-pub fn run(cfg: SupervisorConfig) -> Result<()> {
+/// Runs the supervisor until SIGINT/SIGTERM (forwarded to the worker, whose exit ends it),
+/// on `inherited` if given (a listening socket bound at `cfg.socket`, see
+/// [`inherited_listener`]), else on a socket it binds at `cfg.socket`.
+pub fn run(cfg: SupervisorConfig, inherited: Option<UnixListener>) -> Result<()> {
     // Whatever the supervisor restricts, the workers it starts inherit (seccomp, Landlock,
     // namespaces all survive execve), and a worker needs the network and the files its own
     // sandbox keeps until it locks itself. So the supervisor only gives up what no worker
@@ -135,13 +142,20 @@ pub fn run(cfg: SupervisorConfig) -> Result<()> {
         return Err(SupervisorError::Io { context: "set no_new_privs", source: io::Error::last_os_error() });
     }
     let ctl_path = control_socket(&cfg.socket);
-    for path in [&cfg.socket, &ctl_path] {
+    let stale: &[&PathBuf] = match inherited {
+        Some(_) => &[&ctl_path],
+        None => &[&cfg.socket, &ctl_path],
+    };
+    for path in stale {
         if path.exists() {
             // A stale socket of a previous run (as the vhost crate's listener does).
             let _ = std::fs::remove_file(path);
         }
     }
-    let listener = UnixListener::bind(&cfg.socket).map_err(io_err("listen on the vhost-user socket"))?;
+    let listener = match inherited {
+        Some(l) => l,
+        None => UnixListener::bind(&cfg.socket).map_err(io_err("listen on the vhost-user socket"))?,
+    };
     let ctl = UnixListener::bind(&ctl_path).map_err(io_err("listen on the control socket"))?;
     // Owner only: it replaces the worker.
     std::fs::set_permissions(&ctl_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -188,6 +202,54 @@ pub fn resume(cfg: SupervisorConfig, handover_fd: RawFd) -> Result<()> {
     let result = sup.serve(&h.listener, resumed);
     sup.finish();
     result
+}
+
+/// Takes fd `fd`, inherited from whoever started incfsd (libvirt's `--fd`, QEMU's "backend
+/// program conventions"), as the vhost-user listener, after checking that it is one: an
+/// open, listening Unix stream socket. Returns it with the path it is bound at (the control
+/// socket goes beside it). It is made close-on-exec: workers must not hold it.
+pub fn inherited_listener(fd: RawFd) -> Result<(UnixListener, PathBuf)> {
+    let bad = |problem: String| SupervisorError::InheritedFd { fd, problem };
+    let int_opt = |name: libc::c_int| -> Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt with a live int and its length; the result is checked.
+        let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut v as *mut libc::c_int).cast(), &mut len) };
+        if r != 0 {
+            return Err(bad(format!("not an open socket ({})", io::Error::last_os_error())));
+        }
+        Ok(v)
+    };
+    if fd < 0 {
+        return Err(bad("not an fd".into()));
+    }
+    if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX || int_opt(libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(bad("not a Unix stream socket".into()));
+    }
+    if int_opt(libc::SO_ACCEPTCONN)? == 0 {
+        return Err(bad("a socket that does not listen".into()));
+    }
+    // SAFETY: sockaddr_un is plain data; getsockname fills at most `len` bytes of it.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: getsockname with a live sockaddr_un and its length; the result is checked.
+    if unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) } != 0 {
+        return Err(bad(format!("not an open socket ({})", io::Error::last_os_error())));
+    }
+    let path_len = (len as usize).saturating_sub(std::mem::size_of::<libc::sa_family_t>()).min(addr.sun_path.len());
+    let raw: Vec<u8> = addr.sun_path[..path_len].iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+    // An unnamed or abstract socket (first byte 0) has no path for the control socket.
+    if raw.is_empty() {
+        return Err(bad("not bound to a path (the control socket goes beside it)".into()));
+    }
+    let path = PathBuf::from(<OsString as std::os::unix::ffi::OsStringExt>::from_vec(raw));
+    // SAFETY: fcntl on a checked, open fd with integer arguments.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(bad(format!("not an open socket ({})", io::Error::last_os_error())));
+    }
+    // SAFETY: an open listening socket this process inherited and nothing else owns: the
+    // command line hands it to us, once.
+    Ok((unsafe { UnixListener::from_raw_fd(fd) }, path))
 }
 
 /// The supervisor's control socket, beside the vhost-user socket: `incfsd upgrade` talks to
@@ -313,7 +375,9 @@ impl Supervisor {
 
     /// At exit: the sockets' files go, the worker is ended.
     fn finish(&mut self) {
-        let _ = std::fs::remove_file(&self.cfg.socket);
+        if !self.cfg.socket_inherited {
+            let _ = std::fs::remove_file(&self.cfg.socket);
+        }
         let _ = std::fs::remove_file(control_socket(&self.cfg.socket));
         if let Some(w) = self.worker.take() {
             self.end_worker(w);
