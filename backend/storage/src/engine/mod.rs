@@ -5,6 +5,8 @@
 //! - `fetch`: single-flight fetches of runs of blocks, verification, storing.
 //! - `prefetch`: record and replay of read traces, the whole-image background fetch.
 //! - `fill`: blocks supplied by a guest data loader, and what is present of a file.
+//! - `intent`: the head of a file fetched in the background when a guest opens it.
+//! - `readahead`: per-stream windows (a sequential reader's grows, a random reader's not).
 //!
 //! A read first copies what the cache has. Missing blocks are fetched by one task per run of
 //! neighbouring blocks (single flight in this process through `inflight`, across processes
