@@ -70,9 +70,11 @@ impl Engine {
         }
         let Some(rt) = &self.intents.rt else { return false };
         let Ok(f) = self.file(file) else { return false };
-        let head = f.size.min(self.cfg.readahead).div_ceil(BLOCK_SIZE as u64) as usize;
+        let head = usize::try_from(f.size.min(self.cfg.readahead).div_ceil(BLOCK_SIZE as u64))
+            .unwrap_or(usize::MAX)
+            .min(f.blocks.len());
         // One look: a file whose first data block is cached or on its way was read before.
-        let Some(first) = f.blocks[..head.min(f.blocks.len())].iter().position(|r| r.kind != BlockKind::Zero) else {
+        let Some(first) = f.blocks[..head].iter().position(|r| r.kind != BlockKind::Zero) else {
             return false;
         };
         if self.hint(file, first).is_some_and(|h| h.load(Relaxed) != 0)
