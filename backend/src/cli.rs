@@ -467,9 +467,32 @@ pub struct FetchArgs {
     /// How long a read waits for missing blocks before failing with ETIME.
     #[arg(long, default_value_t = 10_000)]
     pub read_timeout_ms: u64,
-    /// Largest fetch, missing blocks included.
+    /// Largest fetch, missing blocks included, for the first read of a file (a sequential
+    /// reader's window then grows up to --readahead-max-kb).
     #[arg(long, default_value_t = 512)]
     pub readahead_kb: u64,
+    /// Largest window of a sequential reader (doubling from --readahead-kb).
+    #[arg(long, default_value_t = 4096)]
+    pub readahead_max_kb: u64,
+    /// Window of a miss away from where the file's last fetch ended (random access), at most
+    /// --readahead-kb; 4 fetches only what was asked.
+    #[arg(long, default_value_t = 512)]
+    pub readahead_random_kb: u64,
+    /// Keep every fetch's window at --readahead-kb: do not grow it for sequential readers
+    /// nor use --readahead-random-kb for random ones.
+    #[arg(long)]
+    pub no_adaptive_readahead: bool,
+    /// Do not fetch the head of a file in the background when the guest opens it.
+    #[arg(long)]
+    pub no_open_prefetch: bool,
+    /// Also fetch the head of a regular file in the background on LOOKUP (stat, ls -l, path
+    /// walks), not only on OPEN.
+    #[arg(long)]
+    pub lookup_prefetch: bool,
+    /// Fetch a read's readahead in the same request as the blocks it waits for, not in a
+    /// second request beside it.
+    #[arg(long)]
+    pub no_split_fetch: bool,
     /// Keep the shared cache under this size (e.g. 512M, 20G), evicting least recently
     /// used blocks. Unbounded if not given.
     #[arg(long, value_parser = parse_size)]
@@ -536,6 +559,12 @@ impl FetchArgs {
         EngineConfig {
             read_timeout: Duration::from_millis(self.read_timeout_ms),
             readahead: self.readahead_kb.max(4) << 10,
+            readahead_max: self.readahead_max_kb.max(4) << 10,
+            readahead_random: self.readahead_random_kb.max(4) << 10,
+            adaptive_readahead: !self.no_adaptive_readahead,
+            open_prefetch: !self.no_open_prefetch,
+            lookup_prefetch: self.lookup_prefetch,
+            split_fetch: !self.no_split_fetch,
             cross_file_readahead: !self.no_cross_file_readahead,
             attempt_timeout: Duration::from_millis(self.fetch_timeout_ms),
             max_parked_bytes: self.max_parked_mb.saturating_mul(1 << 20),

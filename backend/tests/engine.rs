@@ -218,7 +218,8 @@ async fn one_small_read_of_a_large_file_fetches_at_most_the_readahead_window() {
     let id = pack_dir(&src, &store);
     let nginx = Nginx::start(&store, 0);
     let readahead = 256 << 10;
-    let cfg = EngineConfig { readahead, ..EngineConfig::default() };
+    // One request: the read's blocks and their readahead together (not split in two).
+    let cfg = EngineConfig { readahead, split_fetch: false, ..EngineConfig::default() };
     let engine = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let ino = engine.image().resolve(b"big").expect("big");
     let off = 50 << 20;

@@ -130,7 +130,19 @@ impl ImageTree {
         if !matches!(node.kind, InodeKind::Dir(_)) {
             return Err(libc::ENOTDIR);
         }
-        self.image().lookup(p, name).map(|c| self.image_entry(c, TTL)).ok_or(libc::ENOENT)
+        let c = self.image().lookup(p, name).ok_or(libc::ENOENT)?;
+        if self.engine.config().lookup_prefetch {
+            self.hint_intent(c);
+        }
+        Ok(self.image_entry(c, TTL))
+    }
+
+    /// The guest showed it will read image inode `idx` (a regular file): the engine may fetch
+    /// its head in the background. Never blocks the reply.
+    fn hint_intent(&self, idx: u32) {
+        if matches!(self.image().manifest.inodes[idx as usize].kind, InodeKind::File(_)) {
+            self.engine.hint_open(idx);
+        }
     }
 
     pub fn getattr(&self, ino: u64) -> Result<(Attr, Duration), Errno> {
@@ -146,13 +158,18 @@ impl ImageTree {
     }
 
     pub fn open(&self, ino: u64, flags: u32) -> Result<(u64, u32), Errno> {
-        let (_, node) = self.node(ino)?;
+        let (idx, node) = self.node(ino)?;
         if (flags as i32) & libc::O_ACCMODE != libc::O_RDONLY || (flags as i32) & libc::O_TRUNC != 0 {
             return Err(libc::EROFS);
         }
         match node.kind {
             // Immutable: keep the guest's page cache across opens; never direct I/O, so mmap works.
-            InodeKind::File(_) => Ok((0, abi::FOPEN_KEEP_CACHE)),
+            InodeKind::File(_) => {
+                if self.engine.config().open_prefetch {
+                    self.hint_intent(idx);
+                }
+                Ok((0, abi::FOPEN_KEEP_CACHE))
+            }
             InodeKind::Dir(_) => Err(libc::EISDIR),
             _ => Err(libc::EINVAL),
         }

@@ -295,6 +295,9 @@ impl Transport {
         };
         self.vu.set_log_base(0, Some(region))?;
         self.vu.set_features(self.features | log_all)?;
+        // SET_FEATURES has no reply: as QEMU does when it turns logging on, wait for one to
+        // a later message, so no request is served before the backend logs.
+        self.vu.get_features()?;
         self.dirty_log = Some(log);
         Ok(())
     }
@@ -302,7 +305,10 @@ impl Transport {
     /// Ends logging as QEMU does when a migration ends or fails: SET_FEATURES without
     /// VHOST_F_LOG_ALL. The log stays readable here.
     pub fn stop_dirty_log(&mut self) -> Result<()> {
-        Ok(self.vu.set_features(self.features)?)
+        self.vu.set_features(self.features)?;
+        // As in `start_dirty_log`: the backend has stopped logging once a later reply comes.
+        self.vu.get_features()?;
+        Ok(())
     }
 
     /// Guest-physical addresses of the pages marked in the dirty log since the last call,

@@ -52,6 +52,9 @@ impl InFlight {
     }
 }
 
+/// Readahead behind a read shorter than this goes in the read's own request.
+const MIN_SPLIT_BLOCKS: usize = 16;
+
 /// What one fetch got: (index, plaintext) of the blocks that verified, and the indexes of
 /// those that did not.
 type Fetched = (Vec<(usize, Arc<[u8]>)>, Vec<usize>);
@@ -68,7 +71,6 @@ impl Engine {
     ) -> Vec<(Hash, Arc<InFlight>)> {
         let mut waits = Vec::with_capacity(missing.len());
         let mut runs = Vec::new();
-        let window = (self.cfg.readahead as usize / BLOCK_SIZE).max(1);
         {
             let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             for &b in missing {
@@ -95,7 +97,7 @@ impl Engine {
                 // past the end of the file into the files packed after it (small files of a
                 // directory are read together: one round trip instead of one per file).
                 let mut run = vec![(f.blocks[b], fl)];
-                let limit = window.max(read_end.saturating_sub(b));
+                let limit = self.readahead_window(file, b, read_end);
                 let (mut cur_file, mut cur, mut next) = (file, f, b + 1);
                 while run.len() < limit {
                     if next >= cur.blocks.len() {
@@ -118,7 +120,15 @@ impl Engine {
                     run.push((r, nf));
                     next += 1;
                 }
+                let in_file = run.len().min(f.blocks.len() - b);
+                self.note_fetch(file, b, in_file, limit);
+                // The blocks the read waits for in a request of their own, so it does not
+                // wait for the readahead behind them too.
+                let asked = read_end.saturating_sub(b);
+                let rest = (self.cfg.split_fetch && asked > 0 && run.len() >= asked + MIN_SPLIT_BLOCKS)
+                    .then(|| run.split_off(asked));
                 runs.push(run);
+                runs.extend(rest);
             }
         }
         for run in runs {

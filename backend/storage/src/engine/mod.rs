@@ -5,6 +5,8 @@
 //! - `fetch`: single-flight fetches of runs of blocks, verification, storing.
 //! - `prefetch`: record and replay of read traces, the whole-image background fetch.
 //! - `fill`: blocks supplied by a guest data loader, and what is present of a file.
+//! - `intent`: the head of a file fetched in the background when a guest opens it.
+//! - `readahead`: per-stream windows (a sequential reader's grows, a random reader's not).
 //!
 //! A read first copies what the cache has. Missing blocks are fetched by one task per run of
 //! neighbouring blocks (single flight in this process through `inflight`, across processes
@@ -20,8 +22,12 @@ use std::time::{Duration, Instant};
 
 mod fetch;
 mod fill;
+mod intent;
 mod prefetch;
 mod read;
+mod readahead;
+
+pub use intent::{IntentCounters, MAX_INTENT_FETCHES};
 
 pub use read::{Miss, MissData, ReadOutcome};
 
@@ -46,8 +52,25 @@ pub enum FillSource {
 pub struct EngineConfig {
     /// How long a read may wait for missing blocks; zero fails at once (as incfs).
     pub read_timeout: Duration,
-    /// Bytes of plaintext one fetch may cover, missing blocks of the read included.
+    /// Bytes of plaintext one fetch may cover, missing blocks of the read included (the
+    /// first fetch of a file; see `adaptive_readahead`).
     pub readahead: u64,
+    /// Grow the window of a sequential reader (doubling up to `readahead_max`) and fetch only
+    /// what a random reader asked for (`readahead.rs`).
+    pub adaptive_readahead: bool,
+    /// Largest window of a sequential reader.
+    pub readahead_max: u64,
+    /// Window of a random reader's miss (at most `readahead`; what was asked if smaller).
+    pub readahead_random: u64,
+    /// On OPEN of a file whose head is not cached, fetch the head in the background
+    /// (`intent.rs`).
+    pub open_prefetch: bool,
+    /// The same on LOOKUP of a regular file (a stat of every file of a directory fetches
+    /// their heads: off by default).
+    pub lookup_prefetch: bool,
+    /// Fetch the blocks a read waits for in a request of their own, its readahead in another
+    /// one beside it.
+    pub split_fetch: bool,
     /// Limit for one remote request before it counts as a transient failure.
     pub attempt_timeout: Duration,
     /// Fetches of a block that keep failing verification give up after this many.
@@ -70,6 +93,12 @@ impl Default for EngineConfig {
         EngineConfig {
             read_timeout: Duration::from_secs(10),
             readahead: 512 << 10,
+            adaptive_readahead: true,
+            readahead_max: 4 << 20,
+            readahead_random: 512 << 10,
+            open_prefetch: true,
+            lookup_prefetch: false,
+            split_fetch: true,
             attempt_timeout: Duration::from_secs(5),
             corrupt_attempts: 3,
             fill: FillSource::Remote,
@@ -103,6 +132,10 @@ pub struct Counters {
     pub cache_lookups: AtomicU64,
     /// Waiting reads that had to wait for room for their data (`max_parked_bytes`).
     pub parked_waits: AtomicU64,
+    /// Microseconds reads spent waiting for missing blocks (what round trips cost readers).
+    pub read_wait_us: AtomicU64,
+    /// Fetches started by a guest's OPEN or LOOKUP (`intent.rs`).
+    pub intents: IntentCounters,
 }
 
 impl Counters {
@@ -125,7 +158,11 @@ impl Counters {
             ("prefetch_blocks", c(&self.prefetch_blocks)),
             ("cache_lookups", c(&self.cache_lookups)),
             ("parked_waits", c(&self.parked_waits)),
+            ("read_wait_us", c(&self.read_wait_us)),
         ]
+        .into_iter()
+        .chain(self.intents.snapshot())
+        .collect()
     }
 }
 
@@ -158,6 +195,10 @@ pub struct Engine {
     /// Room for parked reads' data, in blocks (see `EngineConfig::max_parked_bytes`).
     parked: Arc<tokio::sync::Semaphore>,
     parked_blocks: u32,
+    /// Per-stream readahead windows.
+    streams: readahead::Streams,
+    /// Background fetches of opened files' heads.
+    intents: intent::Intents,
 }
 
 impl Drop for Engine {
@@ -196,6 +237,8 @@ impl Engine {
             recorder: std::sync::OnceLock::new(),
             parked: Arc::new(tokio::sync::Semaphore::new(parked_blocks as usize)),
             parked_blocks,
+            streams: readahead::Streams::new(),
+            intents: intent::Intents::new(),
         }))
     }
 

@@ -108,7 +108,9 @@ impl Miss {
         c.cache_hits.fetch_add(self.cached, Relaxed);
         c.cache_misses.fetch_add(self.missing.len() as u64, Relaxed);
         c.reads_delayed.fetch_add(1, Relaxed);
+        let t = Instant::now();
         let res = self.fetch().await;
+        c.read_wait_us.fetch_add(t.elapsed().as_micros() as u64, Relaxed);
         if matches!(res, Err(Error::Timeout)) && self.engine.cfg.fill == FillSource::Supplied {
             if let Ok(f) = self.engine.file(self.file) {
                 let hashes = self.missing.iter().filter_map(|&b| f.blocks.get(b as usize)).map(|r| r.hash);
