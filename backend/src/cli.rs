@@ -133,6 +133,10 @@ pub struct RunArgs {
     /// Internal: go on as the supervisor the previous binary handed over to (an upgrade).
     #[arg(long, hide = true)]
     pub supervisor_state: Option<i32>,
+    /// Internal: when the supervisor that starts this worker was started (CLOCK_MONOTONIC
+    /// nanoseconds), for the time to ready.
+    #[arg(long, hide = true)]
+    pub started_ns: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -502,6 +506,8 @@ impl DeviceArgs {
             engine,
             worker_threads,
             metrics: self.metrics,
+            // Set by main, which knows when the process (or its supervisor) started.
+            started_ns: 0,
             record_trace: self.trace.record_trace,
             background,
             sandbox: self.sandbox.config(),

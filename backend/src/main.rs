@@ -18,11 +18,13 @@ use incfs::supervisor::{SupervisorConfig, WorkerFds};
 use incfs::{http_store_server, inspect, pack};
 
 fn main() -> ExitCode {
+    // The daemon's start, for its time to ready (`incfs_ready_seconds`, `incfs_first_read_seconds`).
+    let started_ns = incfs::engine::monotonic_ns();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("INCFS_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    match run(Cli::parse(), started_ns) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("incfsd: {}", e.chain());
@@ -31,16 +33,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, started_ns: u64) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Pack(args) => pack(args)?,
         Cmd::Serve { store, listen } => runtime()?.block_on(http_store_server::run(&store, listen, |a| {
             eprintln!("serving {} on http://{a}", store.display())
         }))?,
         Cmd::Cat { engine, stats, path } => cat(&engine, stats, &path)?,
-        Cmd::Run(args) => run_fs(args)?,
+        Cmd::Run(args) => run_fs(args, started_ns)?,
         Cmd::Upgrade { socket } => return upgrade(&socket),
-        Cmd::Blk(args) => incfs::blk::run(args.config()?)?,
+        Cmd::Blk(args) => {
+            let mut cfg = args.config()?;
+            cfg.daemon.started_ns = started_ns;
+            incfs::blk::run(cfg)?
+        }
         Cmd::Inspect { src, cache } => inspect_image(&src, cache.as_deref())?,
         Cmd::Cache { cmd: CacheCmd::Status { dir } } => {
             let u = BlockCache::open(&dir)?.usage()?;
@@ -83,12 +89,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// `incfsd run`: a supervisor that starts the worker (the default), the worker itself, or
 /// the daemon alone (`--no-supervisor`).
-fn run_fs(args: cli::RunArgs) -> Result<()> {
+/// The time to ready counts from `started_ns`: this process's start, or for a worker the
+/// start of the supervisor that started it (`--started-ns`).
+fn run_fs(args: cli::RunArgs, started_ns: u64) -> Result<()> {
     tracing::info!(tag = %args.tag, "starting");
     let worker_fds = args.worker_fds.clone();
     let handover = args.supervisor_state;
     let no_supervisor = args.no_supervisor;
-    let cfg = args.config()?;
+    let started_ns = args.started_ns.unwrap_or(started_ns);
+    let mut cfg = args.config()?;
+    cfg.daemon.started_ns = started_ns;
     if let Some(spec) = worker_fds {
         let fds = WorkerFds::take(&spec).map_err(|e| Error::io("take the worker's fds", e))?;
         return incfs::daemon::run_worker(cfg, fds);
@@ -110,6 +120,8 @@ fn run_fs(args: cli::RunArgs) -> Result<()> {
         ready_line: format!("incfsd: serving image {} on {}", cfg.daemon.image, cfg.daemon.socket.display()),
         socket: cfg.daemon.socket.clone(),
         metrics: cfg.daemon.metrics,
+        // A supervisor resumed after an upgrade is no start: its workers count from their own.
+        started_ns: handover.is_none().then_some(started_ns),
         num_queues: u16::try_from(cfg.device.request_queues + 1).unwrap_or(u16::MAX),
         queue_size: cfg.device.server.queue_size,
     };
