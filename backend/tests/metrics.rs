@@ -90,8 +90,16 @@ fn run_reports_its_time_to_ready() {
 
     let t0 = Instant::now();
     let d = RunDaemon::start(&nginx.url, &id.to_string(), &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
+    // The supervisor binds the socket before its worker serves: wait for the worker's ready.
+    let m = loop {
+        let m = scrape(d.metrics);
+        if m.contains_key("incfs_ready_seconds") {
+            break m;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "never ready: {m:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let seen_ready = t0.elapsed().as_secs_f64();
-    let m = scrape(d.metrics);
     assert_eq!(m.get("incfs_startup_bytes"), Some(&(manifest_bytes as f64)), "the manifest as stored: {m:?}");
     assert_eq!(m.get("incfs_startup_requests"), Some(&1.0), "{m:?}");
     let ready = *m.get("incfs_ready_seconds").expect("incfs_ready_seconds");
