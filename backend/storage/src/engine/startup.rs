@@ -45,9 +45,11 @@ impl Startup {
     }
 
     /// The daemon started at `ns` ([`monotonic_ns`]), earlier than the engine: its process
-    /// start, or its supervisor's.
+    /// start, or its supervisor's. 0 (not known) keeps the engine's open.
     pub fn set_started(&self, ns: u64) {
-        self.started_ns.store(ns, Relaxed);
+        if ns != 0 {
+            self.started_ns.store(ns, Relaxed);
+        }
     }
 
     /// The device serves from now on.
@@ -87,6 +89,7 @@ mod tests {
         let s = Startup::new(monotonic_ns(), 0, 0);
         assert!(s.seconds().is_empty(), "nothing reached yet");
         s.set_started(monotonic_ns() - 2_000_000_000);
+        s.set_started(0);
         s.mark_ready();
         let ready = s.seconds();
         assert_eq!(ready.len(), 1);
