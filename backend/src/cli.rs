@@ -141,6 +141,10 @@ pub struct RunArgs {
     /// --socket, which stays its creator's. Read by a starting supervisor only.
     #[arg(long, hide = true, conflicts_with = "no_supervisor")]
     pub listen_fd: Option<i32>,
+    /// Internal: when the supervisor that starts this worker was started (CLOCK_MONOTONIC
+    /// nanoseconds), for the time to ready.
+    #[arg(long, hide = true)]
+    pub started_ns: Option<u64>,
 }
 
 /// `incfsd vhost-user-fs`: what QEMU's backend program conventions
@@ -612,6 +616,8 @@ impl DeviceArgs {
             engine,
             worker_threads,
             metrics: self.metrics,
+            // Set by main, which knows when the process (or its supervisor) started.
+            started_ns: 0,
             record_trace: self.trace.record_trace,
             background,
             sandbox: self.sandbox.config(),

@@ -21,6 +21,8 @@ use incfs::supervisor::{SupervisorConfig, WorkerFds};
 use incfs::{http_store_server, inspect, pack};
 
 fn main() -> ExitCode {
+    // The daemon's start, for its time to ready (`incfs_ready_seconds`, `incfs_first_read_seconds`).
+    let started_ns = incfs::engine::monotonic_ns();
     let argv = vhost_user_fs::with_subcommand(std::env::args_os().collect());
     // QEMU's backend program conventions: with --print-capabilities, other options and
     // arguments are ignored.
@@ -45,7 +47,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(cli, argv) {
+    match run(cli, argv, started_ns) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("incfsd: {}", e.chain());
@@ -54,24 +56,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `cli`, parsed from `argv` (the program's name first).
-fn run(cli: Cli, argv: Vec<OsString>) -> Result<ExitCode> {
+/// Runs `cli`, parsed from `argv` (the program's name first); `started_ns`: when this
+/// process started.
+fn run(cli: Cli, argv: Vec<OsString>, started_ns: u64) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Pack(args) => pack(args)?,
         Cmd::Serve { store, listen } => runtime()?.block_on(http_store_server::run(&store, listen, |a| {
             eprintln!("serving {} on http://{a}", store.display())
         }))?,
         Cmd::Cat { engine, stats, path } => cat(&engine, stats, &path)?,
-        Cmd::Run(args) => run_fs(args, argv.into_iter().skip(1).collect(), None)?,
+        Cmd::Run(args) => run_fs(args, argv.into_iter().skip(1).collect(), None, started_ns)?,
         Cmd::VhostUserFs(args) => match vhost_user_fs::plan(&args)? {
             vhost_user_fs::Plan::PrintCapabilities => println!("{}", vhost_user_fs::CAPABILITIES),
             vhost_user_fs::Plan::Serve { argv, listener } => {
                 let run = vhost_user_fs::run_args(&argv)?;
-                run_fs(run, argv, listener)?
+                run_fs(run, argv, listener, started_ns)?
             }
         },
         Cmd::Upgrade { socket } => return upgrade(&socket),
-        Cmd::Blk(args) => incfs::blk::run(args.config()?)?,
+        Cmd::Blk(args) => {
+            let mut cfg = args.config()?;
+            cfg.daemon.started_ns = started_ns;
+            incfs::blk::run(cfg)?
+        }
         Cmd::Inspect { src, cache } => inspect_image(&src, cache.as_deref())?,
         Cmd::Cache { cmd: CacheCmd::Status { dir } } => {
             let u = BlockCache::open(&dir)?.usage()?;
@@ -115,13 +122,17 @@ fn run(cli: Cli, argv: Vec<OsString>) -> Result<ExitCode> {
 /// `incfsd run`: a supervisor that starts the worker (the default), the worker itself, or
 /// the daemon alone (`--no-supervisor`). `argv`: its command line without the program name
 /// (workers get it too); `listener`: the socket `--listen-fd` names, already taken.
-fn run_fs(args: cli::RunArgs, argv: Vec<OsString>, listener: Option<UnixListener>) -> Result<()> {
+/// The time to ready counts from `started_ns`: this process's start, or for a worker the
+/// start of the supervisor that started it (`--started-ns`).
+fn run_fs(args: cli::RunArgs, argv: Vec<OsString>, listener: Option<UnixListener>, started_ns: u64) -> Result<()> {
     tracing::info!(tag = %args.tag, "starting");
     let worker_fds = args.worker_fds.clone();
     let handover = args.supervisor_state;
     let no_supervisor = args.no_supervisor;
     let listen_fd = args.listen_fd;
-    let cfg = args.config()?;
+    let started_ns = args.started_ns.unwrap_or(started_ns);
+    let mut cfg = args.config()?;
+    cfg.daemon.started_ns = started_ns;
     if let Some(spec) = worker_fds {
         let fds = WorkerFds::take(&spec).map_err(|e| Error::io("take the worker's fds", e))?;
         return incfs::daemon::run_worker(cfg, fds);
@@ -144,6 +155,8 @@ fn run_fs(args: cli::RunArgs, argv: Vec<OsString>, listener: Option<UnixListener
         socket: cfg.daemon.socket.clone(),
         socket_inherited: listen_fd.is_some(),
         metrics: cfg.daemon.metrics,
+        // A supervisor resumed after an upgrade is no start: its workers count from their own.
+        started_ns: handover.is_none().then_some(started_ns),
         num_queues: u16::try_from(cfg.device.request_queues + 1).unwrap_or(u16::MAX),
         queue_size: cfg.device.server.queue_size,
     };

@@ -28,6 +28,10 @@ pub trait Snapshot: Send + Sync + 'static {
     fn counters(&self) -> Vec<(&'static str, u64)>;
     /// Current levels, by name without prefix.
     fn gauges(&self) -> Vec<(&'static str, u64)>;
+    /// Gauges in seconds (or any fraction), by name without prefix.
+    fn fractional_gauges(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
 }
 
 /// Encodes a [`Snapshot`] as const metrics each time the registry is encoded.
@@ -47,6 +51,10 @@ impl<S: Snapshot> Collector for SnapshotCollector<S> {
             counter.encode(encoder.encode_descriptor(name, name, None, counter.metric_type())?)?;
         }
         for (name, value) in self.0.gauges() {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, name, None, gauge.metric_type())?)?;
+        }
+        for (name, value) in self.0.fractional_gauges() {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, name, None, gauge.metric_type())?)?;
         }
@@ -86,7 +94,10 @@ impl Default for Metrics {
     }
 }
 
-/// The engine's counters, blocks being fetched and the image's size.
+/// The engine's counters, blocks being fetched, the image's size and the start-up: what
+/// opening the image fetched (`incfs_startup_bytes`, `incfs_startup_requests`) and the
+/// seconds from the daemon's start until it served (`incfs_ready_seconds`) and until it
+/// answered its first read (`incfs_first_read_seconds`, absent until then).
 pub struct EngineSnapshot(pub Arc<Engine>);
 
 impl Snapshot for EngineSnapshot {
@@ -95,7 +106,17 @@ impl Snapshot for EngineSnapshot {
     }
 
     fn gauges(&self) -> Vec<(&'static str, u64)> {
-        vec![("inflight_blocks", self.0.inflight_count() as u64), ("image_bytes", self.0.image().data_size())]
+        let s = &self.0.startup;
+        vec![
+            ("inflight_blocks", self.0.inflight_count() as u64),
+            ("image_bytes", self.0.image().data_size()),
+            ("startup_bytes", s.fetched_bytes),
+            ("startup_requests", s.fetched_requests),
+        ]
+    }
+
+    fn fractional_gauges(&self) -> Vec<(&'static str, f64)> {
+        self.0.startup.seconds()
     }
 }
 
@@ -158,6 +179,10 @@ mod tests {
         fn gauges(&self) -> Vec<(&'static str, u64)> {
             vec![("image_bytes", 1 << 20)]
         }
+
+        fn fractional_gauges(&self) -> Vec<(&'static str, f64)> {
+            vec![("first_read_seconds", 0.25)]
+        }
     }
 
     /// The names and values scrapers (tests, dashboards) read: `incfs_<counter>_total` and
@@ -168,7 +193,15 @@ mod tests {
         m.register(Fixed);
         let text = m.encode();
         let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(samples, ["incfs_reads_total 7", "incfs_bytes_fetched_total 4096", "incfs_image_bytes 1048576"]);
+        assert_eq!(
+            samples,
+            [
+                "incfs_reads_total 7",
+                "incfs_bytes_fetched_total 4096",
+                "incfs_image_bytes 1048576",
+                "incfs_first_read_seconds 0.25"
+            ]
+        );
         assert!(text.contains("# TYPE incfs_reads counter\n"), "{text}");
         assert!(text.contains("# TYPE incfs_image_bytes gauge\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");

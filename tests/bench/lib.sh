@@ -81,8 +81,9 @@ build_guest_tools() {  # guest-bench (static, for the guest)
     GUEST_BENCH=$target_dir/guest-bench/x86_64-unknown-linux-gnu/release/guest-bench
 }
 
-start_nginx() {  # ROOT: serves ROOT on a free port; sets NGINX_PORT
+start_nginx() {  # ROOT: serves ROOT on a free port; sets NGINX_PORT, NGINX_DIR (access.log there)
     local root=$1 dir=$work/nginx-$RANDOM
+    NGINX_DIR=$dir
     mkdir -p "$dir"
     NGINX_PORT=$(free_port)
     cat > "$dir/nginx.conf" <<EOF
@@ -146,6 +147,19 @@ start_daemon() {
     done
     cat "$logf" >&2
     die "incfsd run did not become ready"
+}
+
+# vm_hwm_kb PID: peak resident memory (VmHWM, kB) of PID plus its children's (a supervisor and
+# its worker), read from /proc while they run; then the largest of them alone.
+vm_hwm_kb() {
+    local p sum=0 max=0 kb
+    for p in "$1" $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        kb=$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$p/status" 2>/dev/null || true)
+        kb=${kb:-0}
+        sum=$((sum + kb))
+        [ "$kb" -gt "$max" ] && max=$kb
+    done
+    echo "$sum $max"
 }
 
 metrics() {  # -> "name value" lines

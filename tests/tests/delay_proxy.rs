@@ -1,5 +1,5 @@
 //! The emulated link of `delay-proxy` (tests/src/bin/delay-proxy.rs): a bulk transfer takes
-//! its serialization time, a small request/response takes one round trip, and two
+//! its serialization time, a small request/response takes one round trip, and any number of
 //! connections share one link's rate.
 
 use std::io::{Read, Write};
@@ -103,23 +103,37 @@ fn bulk_transfer_takes_its_serialization_time() {
     assert!((0.78..0.95).contains(&t), "10 MB took {t:.3} s, want about 0.82");
 }
 
-#[test]
-fn connections_share_one_link() {
-    let p = proxy(server(), 20, 100);
+/// `n` connections each transferring `mb` MB at once; the wall time of all of them.
+fn parallel(port: u16, n: usize, mb: u8) -> f64 {
     let t = Instant::now();
-    let hs: Vec<_> = (0..2)
+    let hs: Vec<_> = (0..n)
         .map(|_| {
-            let port = p.port;
             std::thread::spawn(move || {
                 let mut s = connect(port);
-                exchange(&mut s, 5)
+                exchange(&mut s, mb)
             })
         })
         .collect();
     for h in hs {
         h.join().expect("transfer thread");
     }
-    let t = t.elapsed().as_secs_f64();
+    t.elapsed().as_secs_f64()
+}
+
+#[test]
+fn connections_share_one_link() {
+    let p = proxy(server(), 20, 100);
+    let t = parallel(p.port, 2, 5);
     eprintln!("2 x 5 MB at once over one 100 Mbit/s link: {t:.3} s");
     assert!((0.78..1.0).contains(&t), "2 x 5 MB took {t:.3} s, want about 0.84 (one shared link)");
+}
+
+/// Many connections buy no bandwidth: 8 MB over 8 connections take as long as over one
+/// (0.64 s on the wire at 100 Mbit/s), not an eighth of it.
+#[test]
+fn many_connections_buy_no_bandwidth() {
+    let p = proxy(server(), 20, 100);
+    let t = parallel(p.port, 8, 1);
+    eprintln!("8 x 1 MB at once over one 100 Mbit/s link: {t:.3} s ({:.1} Mbit/s)", 64.0 / t);
+    assert!((0.62..0.85).contains(&t), "8 x 1 MB took {t:.3} s, want about 0.66 (one shared link)");
 }

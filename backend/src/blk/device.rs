@@ -225,14 +225,20 @@ impl Blk {
                 counters.reads.fetch_add(1, Relaxed);
                 counters.read_bytes.fetch_add(len as u64, Relaxed);
                 match self.disk.read_now(offset, len) {
-                    Ok(Some(data)) => answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &data),
+                    Ok(Some(data)) => {
+                        answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &data);
+                        self.disk.engine().startup.read_answered();
+                    }
                     Ok(None) => {
                         counters.reads_parked.fetch_add(1, Relaxed);
                         let disk = self.disk.clone();
                         let c = c.detach();
                         self.rt.spawn(async move {
                             match disk.read(offset, len).await {
-                                Ok(data) => answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &data),
+                                Ok(data) => {
+                                    answer(&c, &chain, rq::VIRTIO_BLK_S_OK, &data);
+                                    disk.engine().startup.read_answered();
+                                }
                                 Err(e) => {
                                     debug!(offset, len, error = %e, "read failed");
                                     disk.counters.errors.fetch_add(1, Relaxed);

@@ -39,6 +39,9 @@ pub struct DaemonConfig {
     /// Runtime worker threads (fetches, the device's async work).
     pub worker_threads: usize,
     pub metrics: Option<SocketAddr>,
+    /// When the daemon was started ([`crate::engine::monotonic_ns`]): this process's start,
+    /// or its supervisor's; the time to ready counts from it.
+    pub started_ns: u64,
     /// Record the order of first reads here.
     pub record_trace: Option<PathBuf>,
     pub background: Background,
@@ -60,6 +63,7 @@ impl std::fmt::Debug for DaemonConfig {
             .field("engine", &self.engine)
             .field("worker_threads", &self.worker_threads)
             .field("metrics", &self.metrics)
+            .field("started_ns", &self.started_ns)
             .field("record_trace", &self.record_trace)
             .field("background", &self.background)
             .field("sandbox", &self.sandbox)
@@ -219,6 +223,7 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
         .build()
         .map_err(|e| Error::io("start runtime", e))?;
     let engine = rt.block_on(Engine::connect(&cfg.store, cfg.image, &cfg.cache, cfg.cache_size, cfg.engine.clone()))?;
+    engine.startup.set_started(cfg.started_ns);
     let device = D::open(device_cfg, engine.clone())?;
 
     record::start_record_and_replay(&rt, &engine, cfg.record_trace.clone(), &cfg.background)?;
@@ -249,6 +254,7 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
     stop_on_signals(server.stopper())?;
     // Everything is open and every thread but the frontend's runs: lock before serving.
     sandbox.lock()?;
+    engine.startup.mark_ready();
     server.announce_ready(&device.ready_line(&cfg));
     let served = loop {
         match server.serve_one() {
@@ -334,6 +340,7 @@ mod tests {
             engine: EngineConfig::default(),
             worker_threads: 1,
             metrics: None,
+            started_ns: 0,
             record_trace: None,
             background: Background { trace: Prefetch::None, fetch_all: None },
             sandbox: SandboxConfig::default(),

@@ -190,7 +190,10 @@ impl ImageTree {
             self.observer.read_started(idx, first, last, uid);
         }
         let miss = match self.engine.read_into(idx, offset, size, out) {
-            Ok(ReadOutcome::Done(n)) => return ReadReply::Done(Ok(n)),
+            Ok(ReadOutcome::Done(n)) => {
+                self.engine.startup.read_answered();
+                return ReadReply::Done(Ok(n));
+            }
             Ok(ReadOutcome::Miss(miss)) => miss,
             Err(e) => {
                 self.observer.read_failed(idx, first, e.errno(), uid);
@@ -198,6 +201,7 @@ impl ImageTree {
             }
         };
         let first_missing = miss.missing_blocks().first().copied().unwrap_or(first);
+        let engine = self.engine.clone();
         let parked = Parked {
             observer: self.observer.clone(),
             records: self.observer.read_parked(idx, miss.missing_blocks(), uid),
@@ -209,6 +213,7 @@ impl ImageTree {
             drop(parked);
             match res {
                 Ok(data) => {
+                    engine.startup.read_answered();
                     Ok(Box::new(move |out: &mut ScatterBuf<'_>| data.write_into(out).map_err(|_| libc::EIO))
                         as ReadFill)
                 }

@@ -76,6 +76,10 @@ pub struct SupervisorConfig {
     pub ready_line: String,
     /// The metrics endpoint's address (`--metrics`): bound here, served by the workers.
     pub metrics: Option<std::net::SocketAddr>,
+    /// When the user started the daemon (CLOCK_MONOTONIC ns), handed to the first worker
+    /// (`--started-ns`) so that its time to ready counts from there; workers started later
+    /// (after a crash, an upgrade) count from their own start.
+    pub started_ns: Option<u64>,
     /// Queues of the device and their largest size (for the inflight area).
     pub num_queues: u16,
     pub queue_size: u16,
@@ -490,6 +494,9 @@ impl Supervisor {
         let fds = [worker_ctrl.as_raw_fd(), state_fd, ready_tx.as_fd().as_raw_fd(), metrics_fd];
         let mut cmd = Command::new(&self.cfg.exe);
         cmd.args(&self.cfg.worker_args).arg("--worker-fds").arg(format!("{},{},{},{}", fds[0], fds[1], fds[2], fds[3]));
+        if let Some(ns) = self.cfg.started_ns.take() {
+            cmd.arg("--started-ns").arg(ns.to_string());
+        }
         // SAFETY: only async-signal-safe calls (fcntl, prctl) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {

@@ -349,13 +349,22 @@ pub(super) fn decode_verified(r: &BlockRef, stored: &[u8]) -> Option<Vec<u8>> {
 
 /// Loads a manifest from the cache, else from the remote (retrying transient failures until
 /// `patience` runs out), verifies it against the id, and saves it in the cache.
-pub(super) async fn load_image(remote: &Remote, id: &ImageId, cache: &BlockCache, patience: Duration) -> Result<Image> {
+/// The image `id`, from the cache's saved manifest or else the remote, with the bytes and
+/// requests fetched from the remote for it (zero from the cache).
+pub(super) async fn load_image(
+    remote: &Remote,
+    id: &ImageId,
+    cache: &BlockCache,
+    patience: Duration,
+) -> Result<(Image, u64, u64)> {
     if let Some(bytes) = cache.load_manifest(id) {
-        return Image::from_manifest_bytes(*id, &bytes);
+        return Ok((Image::from_manifest_bytes(*id, &bytes)?, 0, 0));
     }
     let give_up = Instant::now() + patience;
     let mut backoff = Duration::from_millis(100);
+    let mut requests = 0u64;
     let bytes = loop {
+        requests += 1;
         match remote.manifest(id).await {
             Ok(b) => break b,
             Err(FetchError::Permanent(e)) => return Err(Error::Fetch(e)),
@@ -367,8 +376,9 @@ pub(super) async fn load_image(remote: &Remote, id: &ImageId, cache: &BlockCache
             }
         }
     };
+    let fetched = bytes.len() as u64;
     let bytes = crate::image::manifest_from_stored(bytes)?;
     let image = Image::from_manifest_bytes(*id, &bytes)?;
     cache.save_manifest(id, &bytes)?;
-    Ok(image)
+    Ok((image, fetched, requests))
 }

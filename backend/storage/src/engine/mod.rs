@@ -26,10 +26,12 @@ mod intent;
 mod prefetch;
 mod read;
 mod readahead;
+mod startup;
 
 pub use intent::{IntentCounters, MAX_INTENT_FETCHES};
 
 pub use read::{Miss, MissData, ReadOutcome};
+pub use startup::{monotonic_ns, Startup};
 
 use fetch::{load_image, InFlight};
 
@@ -183,6 +185,8 @@ pub struct Engine {
     cfg: EngineConfig,
     inflight: Mutex<HashMap<Hash, Arc<InFlight>>>,
     pub counters: Counters,
+    /// Time to ready and what opening the image fetched.
+    pub startup: Startup,
     /// Hits and misses already added to the cache-wide totals.
     flushed: Mutex<(u64, u64)>,
     /// Set by `start_recording`: first touches of blocks, for `--record-trace`.
@@ -214,7 +218,10 @@ impl Engine {
         if cfg.verify_cached {
             cache.set_verify_reads(true);
         }
-        let image = Arc::new(load_image(&remote, &id, &cache, cfg.read_timeout.max(Duration::from_secs(30))).await?);
+        let opened_ns = monotonic_ns();
+        let patience = cfg.read_timeout.max(Duration::from_secs(30));
+        let (image, fetched_bytes, fetched_requests) = load_image(&remote, &id, &cache, patience).await?;
+        let image = Arc::new(image);
         let mut block_base = vec![u64::MAX; image.manifest.inodes.len()];
         let mut total = 0u64;
         for (i, f) in image.files() {
@@ -233,6 +240,7 @@ impl Engine {
             cfg,
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            startup: Startup::new(opened_ns, fetched_bytes, fetched_requests),
             flushed: Mutex::new((0, 0)),
             recorder: std::sync::OnceLock::new(),
             parked: Arc::new(tokio::sync::Semaphore::new(parked_blocks as usize)),
