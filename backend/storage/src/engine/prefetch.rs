@@ -66,6 +66,7 @@ impl Engine {
             fetched_before: self.counters.bytes_fetched.load(Relaxed),
             blocks: Vec::with_capacity(PREFETCH_REQUEST_BLOCKS),
             queued: HashSet::new(),
+            requested: 0,
             asked: 0,
         };
         for (file, first, count) in ranges {
@@ -98,9 +99,10 @@ impl Engine {
         }
         let Ok(permit) = p.slots.clone().acquire_owned().await else { return false };
         if let Some(rate) = p.rate {
-            // Within the cap, give or take the requests in flight.
+            // Within the cap: what arrived since the call (demand reads included), or what
+            // this prefetch asked for if more (its requests in flight count before they land).
             loop {
-                let sent = self.counters.bytes_fetched.load(Relaxed).saturating_sub(p.fetched_before);
+                let sent = self.counters.bytes_fetched.load(Relaxed).saturating_sub(p.fetched_before).max(p.requested);
                 let due = Duration::from_secs_f64(sent as f64 / rate as f64);
                 if p.start.elapsed() >= due {
                     break;
@@ -108,6 +110,7 @@ impl Engine {
                 tokio::time::sleep_until(p.start + due).await;
             }
         }
+        p.requested += blocks.iter().map(|r| r.len as u64).sum::<u64>();
         let flights = self.fetch_exact(&blocks, Instant::now() + Duration::from_secs(60));
         p.asked += flights.len() as u64;
         self.counters.prefetch_blocks.fetch_add(flights.len() as u64, Relaxed);
@@ -168,5 +171,7 @@ struct Prefetch {
     blocks: Vec<BlockRef>,
     /// Every block put in a run so far.
     queued: HashSet<Hash>,
+    /// Stored bytes of the blocks it asked for.
+    requested: u64,
     asked: u64,
 }
