@@ -159,8 +159,10 @@ impl Engine {
 /// the work and a demand read never waits behind one long transfer.
 const PREFETCH_REQUEST_BLOCKS: usize = 256;
 
-/// A prefetch's requests in flight at once (each on its own connection).
-const PREFETCH_REQUESTS: usize = 4;
+/// A prefetch's requests in flight at once (each on its own connection): a trace on a
+/// file-order pack is many short requests, where round trips, not bytes, cost the time
+/// (288 requests for a 4,908-block trace: 3.4-4.4 s with 4 in flight, 2.0-2.6 s with 8).
+const PREFETCH_REQUESTS: usize = 8;
 
 /// A prefetch under way: the run it is collecting and what it has started.
 struct Prefetch {
