@@ -68,6 +68,22 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: CacheCmd,
     },
+    /// Work with read traces (from `run --record-trace`).
+    Trace {
+        #[command(subcommand)]
+        cmd: TraceCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TraceCmd {
+    /// Merge traces of several runs (of this image or of other versions: traces name paths)
+    /// into one, written to stdout: every block any of them names, ordered by its median
+    /// first-access rank across them (docs/image-format.md).
+    Merge {
+        #[arg(required = true)]
+        traces: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -84,8 +100,10 @@ pub struct PackArgs {
     /// Close a blob once it reaches this size.
     #[arg(long, default_value_t = 64)]
     pub blob_size_mb: u64,
-    /// Publish this read trace (from `run --record-trace`) with the image, as
-    /// STORE/traces/ID: daemons prefetch it from start-up.
+    /// Lay the image out for this read trace (from `run --record-trace` or `trace merge`):
+    /// its blocks first, end to end in first-access order, then the rest in file order. The
+    /// trace is published with the image, as STORE/traces/ID: daemons prefetch it from
+    /// start-up.
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// How to reach an s3:// or oci:// store (TLS, credentials, S3 settings).

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{CacheCmd, Cli, Cmd, EngineArgs, ImageArgs, PackArgs};
+use cli::{CacheCmd, Cli, Cmd, EngineArgs, ImageArgs, PackArgs, TraceCmd};
 use incfs::cache::BlockCache;
 use incfs::daemon::{Error, Result};
 use incfs::engine::{Engine, EngineConfig};
@@ -80,6 +80,7 @@ fn run(cli: Cli, argv: Vec<OsString>, started_ns: u64) -> Result<ExitCode> {
             incfs::blk::run(cfg)?
         }
         Cmd::Inspect { src, cache } => inspect_image(&src, cache.as_deref())?,
+        Cmd::Trace { cmd: TraceCmd::Merge { traces } } => merge_traces(&traces)?,
         Cmd::Cache { cmd: CacheCmd::Status { dir } } => {
             let u = BlockCache::open(&dir)?.usage()?;
             let lookups = u.hits + u.misses;
@@ -250,7 +251,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn pack(args: PackArgs) -> Result<()> {
     let PackArgs { src, store, level, blob_size_mb, trace, http } = args;
-    let opts = pack::PackOptions { level, blob_size: blob_size_mb.max(1) << 20, progress: true };
+    let trace = trace.map(|t| read_trace(&t)).transpose()?;
+    let opts = pack::PackOptions { level, blob_size: blob_size_mb.max(1) << 20, progress: true, trace: trace.clone() };
     if !http.sources.mirrors.is_empty() {
         return Err(incfs::Error::Invalid("--mirror is for reading; pack writes to --store only".into()).into());
     }
@@ -268,14 +270,17 @@ fn pack(args: PackArgs) -> Result<()> {
     let store =
         Store::new(staging.as_ref().map_or_else(|| std::path::PathBuf::from(&store), |d| d.path().to_path_buf()));
     let (id, s) = pack::pack(&src, &store, &opts)?;
-    if let Some(t) = trace {
-        let text = std::fs::read_to_string(&t).map_err(|e| Error::io(format!("read {}", t.display()), e))?;
+    if let Some(text) = trace {
         let bytes =
             std::fs::read(store.root.join("images").join(id.to_string())).map_err(|e| Error::io("read manifest", e))?;
         let image = incfs::image::Image::from_manifest_bytes(id, &incfs::image::manifest_from_stored(bytes)?)?;
         let (ranges, skipped) = incfs::trace::parse(&image, &text)?;
         store.write_trace(&id, &incfs::trace::format(&image, &ranges))?;
-        eprintln!("published a trace of {} runs ({skipped} lines for paths not in this image skipped)", ranges.len());
+        eprintln!(
+            "laid out {} traced blocks first; published a trace of {} runs ({skipped} lines for paths not in this image skipped)",
+            s.traced_blocks,
+            ranges.len()
+        );
     }
     eprintln!(
         "packed {} inodes, {} files, {} bytes in {:.2}s ({:.1} MB/s): {} blocks ({} zero, {} duplicate), {} bytes stored, manifest {} bytes",
@@ -309,6 +314,45 @@ fn pack(args: PackArgs) -> Result<()> {
         eprintln!("uploaded {} objects ({} bytes) to {spec}; {} already there", u.uploaded, u.bytes, u.present);
     }
     println!("{id}");
+    Ok(())
+}
+
+/// A trace file's text, refused over the size readers take.
+fn read_trace(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let max = incfs::trace::MAX_TRACE_BYTES;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let mut bytes = Vec::new();
+    f.take(max as u64 + 1).read_to_end(&mut bytes).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    if bytes.len() > max {
+        return Err(incfs::Error::Invalid(format!("{}: over the {max} bytes a trace may have", path.display())).into());
+    }
+    // The format is ASCII: a line with other bytes is malformed, and skipped as such.
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `incfsd trace merge`: the merged trace to stdout, what was skipped to stderr.
+fn merge_traces(paths: &[PathBuf]) -> Result<()> {
+    let texts = paths.iter().map(|p| read_trace(p)).collect::<Result<Vec<String>>>()?;
+    let m = incfs::trace::merge(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
+    for (p, &bad) in paths.iter().zip(&m.malformed) {
+        if bad > 0 {
+            eprintln!("incfsd trace merge: {}: skipped {bad} malformed lines", p.display());
+        }
+    }
+    let first = m.images.first().cloned().flatten();
+    for (p, image) in paths.iter().zip(&m.images).skip(1) {
+        if *image != first {
+            eprintln!(
+                "incfsd trace merge: warning: {} is a trace of image {}, not {} (paths carry across versions; merged anyway)",
+                p.display(),
+                image.as_deref().unwrap_or("unknown"),
+                first.as_deref().unwrap_or("unknown")
+            );
+        }
+    }
+    std::io::stdout().lock().write_all(m.text.as_bytes()).map_err(|e| Error::io("write the merged trace", e))?;
+    eprintln!("merged {} traces: {} runs, {} blocks", paths.len(), m.runs, m.blocks);
     Ok(())
 }
 

@@ -704,3 +704,123 @@ async fn verify_cached_never_serves_a_block_changed_on_disk() {
     assert_eq!(e.read(ino, 0, 4 * 4096).await.expect("read"), data, "the changed block is fetched again");
     assert!(e.counters.blocks_fetched.load(Relaxed) > fetched);
 }
+
+/// A tree of small files and one large file, for the trace layout and prefetch tests.
+fn traced_tree(src: &Path) -> Vec<Vec<u8>> {
+    fs::create_dir_all(src.join("lib")).expect("mkdir");
+    let files: Vec<Vec<u8>> = (0..20).map(|i| pseudo_random(300 + i, 8192)).collect();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(src.join(format!("lib/m{i:02}.py")), d).expect("write");
+    }
+    fs::write(src.join("big"), pseudo_random(299, 4 << 20)).expect("write");
+    files
+}
+
+/// Waits until the engine has fetched `blocks` blocks and nothing is in flight.
+async fn settle(e: &Arc<Engine>, blocks: u64) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while (e.counters.blocks_fetched.load(Relaxed) < blocks || e.inflight_count() > 0) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Anything still on its way would show now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_prefetch_fetches_exactly_the_traced_blocks() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    traced_tree(&src);
+    let store = t.path().join("store");
+    let id = pack_dir(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    // The default readahead (512 KiB) would stretch every run below to 128 blocks.
+    let e = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
+    let ino = |p: &str| e.image().resolve(p.as_bytes()).expect("path");
+    let ranges = vec![
+        // Three whole files packed end to end: one request across them.
+        (ino("lib/m03.py"), 0, 2),
+        (ino("lib/m04.py"), 0, 2),
+        (ino("lib/m05.py"), 0, 2),
+        // Blocks apart: a request each.
+        (ino("big"), 100, 3),
+        (ino("lib/m10.py"), 1, 1),
+        (ino("big"), 7, 1),
+    ];
+    let traced = 6 + 3 + 1 + 1;
+    let stored: u64 = ranges
+        .iter()
+        .flat_map(|&(i, first, n)| {
+            let f = e.image().file(i).expect("file");
+            f.blocks[first as usize..(first + n) as usize].iter().map(|b| b.len as u64).collect::<Vec<_>>()
+        })
+        .sum();
+    let asked = e.prefetch(ranges.clone(), None).await;
+    settle(&e, traced).await;
+    assert_eq!(asked, traced);
+    assert_eq!(e.counters.blocks_fetched.load(Relaxed), traced, "only the traced blocks");
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 4, "adjoining runs in one request");
+    assert_eq!(nginx.blob_bytes_sent(), stored, "no byte beyond the traced blocks");
+    // Every traced block is cached and reads back; the blocks around them are not fetched.
+    for &(i, first, n) in &ranges {
+        for b in first..first + n {
+            assert!(e.read_cached(i, b as u64 * 4096, 4096).expect("cached").is_some(), "block {b} of {i}");
+        }
+    }
+    assert_eq!(e.read_cached(ino("lib/m06.py"), 0, 4096).expect("cached"), None);
+    assert_eq!(e.read_cached(ino("big"), 103 * 4096, 4096).expect("cached"), None);
+    // Once cached, a second prefetch asks for nothing.
+    assert_eq!(e.prefetch(ranges, None).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pack_with_a_trace_lays_the_traced_blocks_first_in_trace_order() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    traced_tree(&src);
+    let trace = "# incfs-trace v1 image 00\n\
+                 lib/m07.py\t1\t1\n\
+                 big\t500\t4\n\
+                 lib/m02.py\t0\t2\n\
+                 no/such\t0\t1\n\
+                 big\t501\t1\n\
+                 lib/m07.py\t0\t1\n";
+    let order = [("lib/m07.py", 1), ("big", 500), ("big", 501), ("big", 502), ("big", 503)].into_iter().chain([
+        ("lib/m02.py", 0),
+        ("lib/m02.py", 1),
+        ("lib/m07.py", 0),
+    ]);
+    let opts = PackOptions { trace: Some(trace.into()), ..PackOptions::default() };
+    let (id, stats) = pack(&src, &Store::new(t.path().join("store")), &opts).expect("pack");
+    assert_eq!((stats.traced_blocks, stats.trace_lines_skipped), (8, 1));
+    // Deterministic: the same tree and trace give the same image; without the trace another.
+    let (again, _) = pack(&src, &Store::new(t.path().join("store2")), &opts).expect("pack");
+    assert_eq!(again, id);
+    assert_ne!(pack_dir(&src, &t.path().join("store3")), id);
+
+    let nginx = Nginx::start(&t.path().join("store"), 0);
+    let e = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
+    let img = e.image().clone();
+    // The traced blocks are the first bytes of the first blob, end to end, in trace order.
+    let mut at = 0u64;
+    for (path, b) in order {
+        let r = img.file(img.resolve(path.as_bytes()).expect("path")).expect("file").blocks[b];
+        assert_eq!((r.blob, r.offset), (0, at), "{path} block {b}");
+        at += r.len as u64;
+    }
+    // The rest follow in file order: big's block 0 right after them, then 1.
+    let big = img.file(img.resolve(b"big").expect("big")).expect("file");
+    assert_eq!((big.blocks[0].blob, big.blocks[0].offset), (0, at));
+    assert!(big.blocks[0].adjoins(&big.blocks[1]));
+    assert!(big.blocks[499].adjoins(&big.blocks[504]), "the traced blocks left the file's run");
+    // Every byte reads back as packed.
+    let root = img.resolve(b"").expect("root");
+    compare_tree(&e, &src, root).await;
+    // A trace prefetch of an ordered pack fetches the whole trace in one request.
+    let e = open(&nginx.url, id, &t.path().join("cache2"), EngineConfig::default()).await;
+    let (ranges, _) = incfs::trace::parse(&img, trace).expect("parse");
+    assert_eq!(e.prefetch(ranges, None).await, 8);
+    settle(&e, 8).await;
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 1);
+    assert_eq!(e.counters.blocks_fetched.load(Relaxed), 8);
+}

@@ -90,7 +90,8 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
     assert!(d.metric("incfs_remote_requests_total") <= demand_requests + 1);
     drop(d);
 
-    // 3. Published with the image: used by default, ignored with --no-prefetch.
+    // 3. Published with the image, which it lays out anew (another image id): used by
+    // default, ignored with --no-prefetch.
     let out = Command::new(INCFSD)
         .args([
             "pack",
@@ -103,7 +104,7 @@ fn a_recorded_trace_is_prefetched_by_later_runs() {
         .output()
         .expect("pack");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id, "same tree, same image id");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(store.join("traces").join(&id).exists());
     let d = RunDaemon::start(&nginx.url, &id, &t.path().join("c3"), &sock, &[]);
     wait_prefetched(&d);
@@ -158,8 +159,8 @@ fn fetch_all_brings_the_whole_image_in_the_background_under_its_rate_cap() {
     drop(f);
     drop(d);
 
-    // At 2 MiB/s the 8 MiB take at least 3.5 s: the cap lets two fetches of at most two
-    // 256 KiB windows each go ahead of it.
+    // At 2 MiB/s the 8 MiB take at least 3.5 s: the cap counts the bytes a request asks for
+    // from its start, so at most one request (1 MiB) goes ahead of it.
     let d = RunDaemon::start(
         &nginx.url,
         &id,
@@ -185,4 +186,38 @@ fn fetch_all_brings_the_whole_image_in_the_background_under_its_rate_cap() {
     assert!(read(&mut f, "f31", 0, 256 << 10) == files[31]);
     assert!(t0.elapsed() < Duration::from_secs(5), "demand read took {:?}", t0.elapsed());
     assert!(d.metric("incfs_blocks_fetched_total") < blocks, "the background fetch is crawling");
+}
+
+#[test]
+fn trace_merge_writes_the_merged_trace_and_reports_what_it_skipped() {
+    let t = tempfile::tempdir().expect("tmp");
+    let a = t.path().join("a");
+    let b = t.path().join("b");
+    std::fs::write(&a, "# incfs-trace v1 image aa\nlib/x.py\t0\t2\nbin/sh\t0\t1\n").expect("write");
+    std::fs::write(&b, "# incfs-trace v1 image bb\nbin/sh\t0\t1\nlib/x.py\t0\t1\nno tabs\n").expect("write");
+    let merge = |files: &[&std::path::Path]| {
+        Command::new(INCFSD).args(["trace", "merge"]).args(files).output().expect("incfsd trace merge")
+    };
+    let out = merge(&[&a, &b]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // lib/x.py 0 ranks {0, 1} and bin/sh 0 {2, 0}: both median 0, in two runs, earliest 0:
+    // by path. lib/x.py 1 (median 1) follows and joins its neighbour.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "# incfs-trace v1 image aa\n# merged from 2 traces\nbin/sh\t0\t1\nlib/x.py\t0\t2\n"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("skipped 1 malformed lines"), "{err}");
+    assert!(err.contains("is a trace of image bb, not aa"), "{err}");
+    // Over the readers' limit: refused, nothing written.
+    let big = t.path().join("big");
+    std::fs::write(&big, "f\t0\t1\n".repeat((8 << 20) / 6 + 1)).expect("write");
+    let out = merge(&[&a, &big]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("over the 8388608 bytes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod http_store_server;
 pub mod image;
 pub mod inspect;
+pub mod layout;
 pub mod pack;
 pub mod store;
 pub mod trace;

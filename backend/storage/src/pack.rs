@@ -1,15 +1,16 @@
 //! `incfsd pack`: turns a directory tree into an image in a store.
 //!
 //! The walk is sequential and sorted (so the same tree always gives the same image id); block
-//! hashing and compression run in parallel on batches; blocks are appended to blobs in file
-//! order, so a file's blocks sit next to each other and one Range request fetches a run.
+//! hashing and compression run in parallel on batches; blocks are appended to blobs in the
+//! order `layout` plans (file order, or a trace's blocks first), so blocks read together sit
+//! next to each other and one Range request fetches a run.
 
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{self, File, Metadata};
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -31,11 +32,13 @@ pub struct PackOptions {
     /// A blob is closed once it reaches this many bytes.
     pub blob_size: u64,
     pub progress: bool,
+    /// A read trace (`trace` text format): its blocks are appended first, in its order.
+    pub trace: Option<String>,
 }
 
 impl Default for PackOptions {
     fn default() -> Self {
-        PackOptions { level: 3, blob_size: 64 << 20, progress: false }
+        PackOptions { level: 3, blob_size: 64 << 20, progress: false, trace: None }
     }
 }
 
@@ -47,6 +50,10 @@ pub struct PackStats {
     pub blocks: u64,
     pub zero_blocks: u64,
     pub dedup_blocks: u64,
+    /// Blocks placed first because the trace names them.
+    pub traced_blocks: u64,
+    /// Trace lines not used (malformed, unknown path, past the file's end).
+    pub trace_lines_skipped: usize,
     pub stored_bytes: u64,
     pub manifest_bytes: u64,
     pub seconds: f64,
@@ -63,27 +70,39 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
     let mut walker = Walker::default();
     walker.dir(src, &meta)?;
     let Walker { mut inodes, files, .. } = walker;
+    let file_blocks: Vec<(u32, u64)> = files.iter().map(|f| (f.ino, blocks_of(f.size) as u64)).collect();
+    let layout = crate::layout::plan(&inodes, &file_blocks, opts.trace.as_deref())?;
 
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = progress_bar(opts.progress, total);
-    let mut stats =
-        PackStats { inodes: inodes.len() as u64, files: files.len() as u64, bytes_in: total, ..Default::default() };
+    let mut stats = PackStats {
+        inodes: inodes.len() as u64,
+        files: files.len() as u64,
+        bytes_in: total,
+        traced_blocks: layout.traced_blocks,
+        trace_lines_skipped: layout.skipped_lines,
+        ..Default::default()
+    };
 
     let mut blobs = BlobWriter::new(store, opts.blob_size);
     let mut seen: HashMap<Hash, BlockRef> = HashMap::new();
-    let mut per_file: Vec<Vec<BlockRef>> = files.iter().map(|f| Vec::with_capacity(blocks_of(f.size))).collect();
+    // Blocks arrive in layout order: each lands at its index in its file.
+    let mut per_file: Vec<Vec<Option<BlockRef>>> = files.iter().map(|f| vec![None; blocks_of(f.size)]).collect();
 
     // Reading overlaps hashing and compression: a thread reads batches ahead.
     let (tx, rx) = mpsc::sync_channel::<Result<Vec<Chunk>>>(2);
     let paths: Vec<(PathBuf, u64)> = files.iter().map(|f| (f.path.clone(), f.size)).collect();
-    let reader = std::thread::spawn(move || read_batches(&paths, &tx));
+    let segments = layout.segments;
+    let reader = std::thread::spawn(move || read_batches(&paths, &segments, &tx));
     for batch in rx {
         let batch = batch?;
-        let jobs: Vec<(usize, &[u8])> =
-            batch.iter().flat_map(|c| c.data.chunks(BLOCK_SIZE).map(move |b| (c.file, b))).collect();
+        let jobs: Vec<(usize, usize, &[u8])> = batch
+            .iter()
+            .flat_map(|c| c.data.chunks(BLOCK_SIZE).enumerate().map(move |(i, b)| (c.file, c.block + i, b)))
+            .collect();
         let level = opts.level;
-        let encoded: Vec<Encoded> = jobs.par_iter().map(|(_, b)| encode_block(b, level)).collect();
-        for ((file, raw), enc) in jobs.iter().zip(encoded) {
+        let encoded: Vec<Encoded> = jobs.par_iter().map(|(_, _, b)| encode_block(b, level)).collect();
+        for ((file, block, raw), enc) in jobs.iter().zip(encoded) {
             stats.blocks += 1;
             let r = match enc.stored {
                 None => {
@@ -102,7 +121,9 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
                     r
                 }
             };
-            per_file[*file].push(r);
+            if let Some(slot) = per_file.get_mut(*file).and_then(|f| f.get_mut(*block)) {
+                *slot = Some(r);
+            }
             if let Some(b) = &bar {
                 b.inc(raw.len() as u64);
             }
@@ -112,9 +133,9 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
     let blob_list = blobs.finish()?;
 
     for (f, blocks) in files.iter().zip(per_file) {
-        if blocks.len() != blocks_of(f.size) {
+        let Some(blocks) = blocks.into_iter().collect::<Option<Vec<BlockRef>>>() else {
             return Err(Error::Invalid(format!("{} changed size while packing", f.path.display())));
-        }
+        };
         let leaves: Vec<Hash> = blocks.iter().map(|b| b.hash).collect();
         inodes[f.ino as usize].kind =
             InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), blocks });
@@ -179,40 +200,52 @@ thread_local! {
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// A run of whole blocks of one file (the last block of a file may be short).
+/// A run of whole blocks of one file from block `block` on (the last block of a file may be
+/// short).
 struct Chunk {
     file: usize,
+    block: usize,
     data: Vec<u8>,
 }
 
 const BATCH_BYTES: usize = 16 << 20;
 const CHUNK_BYTES: usize = 1 << 20;
 
-fn read_batches(files: &[(PathBuf, u64)], tx: &mpsc::SyncSender<Result<Vec<Chunk>>>) -> Result<()> {
+/// Reads the blocks of `segments` (in `layout`'s order) and sends them in batches.
+fn read_batches(
+    files: &[(PathBuf, u64)],
+    segments: &[crate::layout::Segment],
+    tx: &mpsc::SyncSender<Result<Vec<Chunk>>>,
+) -> Result<()> {
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
     let send = |batch: Vec<Chunk>| tx.send(Ok(batch)).map_err(|_| Error::Invalid("packer stopped".into()));
-    for (i, (path, size)) in files.iter().enumerate() {
-        let mut f = match File::open(path) {
-            Ok(f) => f,
-            Err(e) => {
-                let err = Error::io(format!("open {}", path.display()), e);
-                let _ = tx.send(Err(Error::Invalid(err.to_string())));
-                return Err(err);
+    let fail = |err: Error| {
+        let _ = tx.send(Err(Error::Invalid(err.to_string())));
+        Err(err)
+    };
+    // The file of the previous segment, kept open: without a trace each file is one segment.
+    let mut open: Option<(usize, File)> = None;
+    for &(i, first, count) in segments {
+        let Some((path, size)) = files.get(i) else { return fail(Error::Invalid("segment of no file".into())) };
+        if open.as_ref().is_none_or(|(j, _)| *j != i) {
+            match File::open(path) {
+                Ok(f) => open = Some((i, f)),
+                Err(e) => return fail(Error::io(format!("open {}", path.display()), e)),
             }
-        };
-        let mut left = *size;
-        while left > 0 {
-            let n = left.min(CHUNK_BYTES as u64) as usize;
+        }
+        let Some((_, f)) = open.as_ref() else { continue };
+        let mut at = first * BLOCK_SIZE as u64;
+        let end = ((first + count) * BLOCK_SIZE as u64).min(*size);
+        while at < end {
+            let n = (end - at).min(CHUNK_BYTES as u64) as usize;
             let mut data = vec![0u8; n];
-            if let Err(e) = f.read_exact(&mut data) {
-                let err = Error::io(format!("read {} (did it shrink while packing?)", path.display()), e);
-                let _ = tx.send(Err(Error::Invalid(err.to_string())));
-                return Err(err);
+            if let Err(e) = f.read_exact_at(&mut data, at) {
+                return fail(Error::io(format!("read {} (did it shrink while packing?)", path.display()), e));
             }
-            left -= n as u64;
+            batch.push(Chunk { file: i, block: (at / BLOCK_SIZE as u64) as usize, data });
+            at += n as u64;
             batch_bytes += n;
-            batch.push(Chunk { file: i, data });
             if batch_bytes >= BATCH_BYTES {
                 send(std::mem::take(&mut batch))?;
                 batch_bytes = 0;

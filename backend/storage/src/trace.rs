@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::{Image, InodeKind};
 
 /// A run of blocks of one file: (image inode, first block, count).
@@ -197,6 +197,24 @@ pub fn parse(image: &Image, text: &str) -> Result<(Vec<Range>, usize)> {
     Ok((out, skipped + malformed))
 }
 
+/// A trace's lines as (path, first block, count), without looking them up, and how many
+/// were malformed. Comments and blank lines are not lines.
+pub fn lines(text: &str) -> (Vec<(Vec<u8>, u32, u32)>, usize) {
+    let mut out = Vec::new();
+    let mut malformed = 0;
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match parse_line(line) {
+            Some(l) => out.push(l),
+            None => malformed += 1,
+        }
+    }
+    (out, malformed)
+}
+
 /// PATH<TAB>FIRST<TAB>COUNT, or None.
 fn parse_line(line: &str) -> Option<(Vec<u8>, u32, u32)> {
     if line.len() > MAX_LINE {
@@ -215,6 +233,112 @@ fn number(s: &str) -> Option<u32> {
         return None;
     }
     s.parse().ok()
+}
+
+/// Most blocks `merge` expands its traces into, all inputs together (a run names up to 2^32
+/// blocks): 2^23 blocks, 32 GiB of traced data, about 100 MiB of memory.
+pub const MAX_MERGE_BLOCKS: u64 = 1 << 23;
+
+/// What `merge` made of its inputs.
+#[derive(Debug)]
+pub struct Merged {
+    /// The merged trace, in the text format.
+    pub text: String,
+    pub runs: usize,
+    pub blocks: u64,
+    /// Malformed lines skipped, per input.
+    pub malformed: Vec<usize>,
+    /// The image id each input's header names (None without one).
+    pub images: Vec<Option<String>>,
+}
+
+/// Merges traces of several runs into one; paths carry across image versions, so traces of
+/// different images merge too. The rule, deterministic and independent of the inputs' order:
+/// - a block's rank in a trace is how many distinct blocks that trace touched before it;
+/// - the merge holds every block any trace names (the union), each once;
+/// - blocks go by their median rank over the traces that name them (the lower median for an
+///   even count), then those named by more traces first, then by earliest rank, then by path
+///   and block number;
+/// - consecutive blocks of one path are written as one run.
+///
+/// Inputs over `MAX_TRACE_BYTES`, or more than `MAX_MERGE_BLOCKS` blocks in all, are refused;
+/// malformed lines are skipped and counted. The header names the first input's image.
+pub fn merge(traces: &[&str]) -> Result<Merged> {
+    let mut path_ids: std::collections::HashMap<Vec<u8>, u32> = std::collections::HashMap::new();
+    let mut paths: Vec<Vec<u8>> = Vec::new();
+    // (path, block, rank in its trace), every trace's blocks.
+    let mut touches: Vec<(u32, u32, u32)> = Vec::new();
+    let (mut malformed, mut images) = (Vec::new(), Vec::new());
+    for (n, text) in traces.iter().enumerate() {
+        if text.len() > MAX_TRACE_BYTES {
+            return Err(Error::Invalid(format!(
+                "trace {} is {} bytes, over the {MAX_TRACE_BYTES} bytes readers take",
+                n + 1,
+                text.len()
+            )));
+        }
+        images.push(header_image(text));
+        let (lines, bad) = lines(text);
+        malformed.push(bad);
+        let mut seen = std::collections::HashSet::new();
+        let mut rank = 0u32;
+        for (path, first, count) in lines {
+            if touches.len() as u64 + count as u64 > MAX_MERGE_BLOCKS {
+                return Err(Error::Invalid(format!(
+                    "traces name more than {MAX_MERGE_BLOCKS} blocks in all (at trace {})",
+                    n + 1
+                )));
+            }
+            let id = match path_ids.get(&path) {
+                Some(&id) => id,
+                None => {
+                    let id = paths.len() as u32;
+                    path_ids.insert(path.clone(), id);
+                    paths.push(path);
+                    id
+                }
+            };
+            for b in first..first.saturating_add(count) {
+                if seen.insert((id, b)) {
+                    touches.push((id, b, rank));
+                    rank += 1;
+                }
+            }
+        }
+    }
+    touches.sort_unstable();
+    // (median rank, traces naming it, earliest rank, path, block) per distinct block.
+    let mut blocks: Vec<(u32, std::cmp::Reverse<usize>, u32, u32, u32)> = Vec::new();
+    for group in touches.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        // Sorted by rank within the group: the tuples sort by (path, block, rank).
+        let median = group[(group.len() - 1) / 2].2;
+        blocks.push((median, std::cmp::Reverse(group.len()), group[0].2, group[0].0, group[0].1));
+    }
+    blocks.sort_unstable_by(|a, b| {
+        (a.0, a.1, a.2)
+            .cmp(&(b.0, b.1, b.2))
+            .then_with(|| paths[a.3 as usize].cmp(&paths[b.3 as usize]))
+            .then(a.4.cmp(&b.4))
+    });
+    let mut runs: Vec<(u32, u32, u32)> = Vec::new();
+    for &(_, _, _, path, block) in &blocks {
+        match runs.last_mut() {
+            Some(r) if r.0 == path && r.1 as u64 + r.2 as u64 == block as u64 => r.2 += 1,
+            _ => runs.push((path, block, 1)),
+        }
+    }
+    let image = images.first().cloned().flatten().unwrap_or_else(|| "unknown".into());
+    let mut text = format!("# incfs-trace v1 image {image}\n# merged from {} traces\n", traces.len());
+    for &(path, first, count) in &runs {
+        text.push_str(&format!("{}\t{first}\t{count}\n", escape(&paths[path as usize])));
+    }
+    Ok(Merged { text, runs: runs.len(), blocks: blocks.len() as u64, malformed, images })
+}
+
+/// The image id in a trace's first line, `# incfs-trace v1 image <id>`.
+fn header_image(text: &str) -> Option<String> {
+    let id = text.lines().next()?.strip_prefix("# incfs-trace v1 image ")?.trim();
+    (!id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric())).then(|| id.to_string())
 }
 
 #[cfg(test)]
@@ -271,6 +395,54 @@ mod tests {
         // A line longer than any escaped path is malformed, whatever it holds.
         let long = format!("{}\t0\t1\n", "%2F".repeat(5000));
         assert_eq!(parse(&img, &long).expect("parse"), (vec![], 1));
+    }
+
+    fn merged(traces: &[&str]) -> Vec<String> {
+        let m = merge(traces).expect("merge");
+        m.text.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn merge_orders_by_median_rank_then_by_how_many_runs_saw_a_block() {
+        let a = "# incfs-trace v1 image aa\nx\t0\t2\ny\t0\t1\n"; // x0 x1 y0
+        let b = "# incfs-trace v1 image aa\ny\t0\t1\nx\t0\t1\nz\t5\t1\n"; // y0 x0 z5
+        let c = "# incfs-trace v1 image bb\nx\t0\t1\nw\t0\t1\nx\t1\t1\ny\t0\t1\n"; // x0 w0 x1 y0
+                                                                                   // Ranks: x0 {0,1,0} median 0; y0 {2,0,3} median 2; x1 {1,2} median 1; z5 {2} median 2;
+                                                                                   // w0 {1} median 1. x1 and w0 tie on 1: x1 was seen by two runs. y0 and z5 tie on 2:
+                                                                                   // y0 by three.
+        assert_eq!(merged(&[a, b, c]), ["x\t0\t2", "w\t0\t1", "y\t0\t1", "z\t5\t1"]);
+        // The inputs' order does not matter.
+        assert_eq!(merge(&[c, a, b]).expect("merge").blocks, 5);
+        assert_eq!(merged(&[c, a, b]), merged(&[a, b, c]));
+        assert_eq!(merged(&[b, c, a]), merged(&[a, b, c]));
+        // The header names the first input's image; each input's is reported.
+        let m = merge(&[a, c]).expect("merge");
+        assert!(m.text.starts_with("# incfs-trace v1 image aa\n"));
+        assert_eq!(m.images, [Some("aa".to_string()), Some("bb".to_string())]);
+    }
+
+    #[test]
+    fn merge_takes_each_block_once_and_rejoins_runs() {
+        // One trace: its own order, repeats dropped, neighbours joined into runs.
+        let t = "f\t0\t3\nf\t1\t1\nf\t3\t2\ng\t0\t1\nf\t5\t1\n";
+        assert_eq!(merged(&[t]), ["f\t0\t5", "g\t0\t1", "f\t5\t1"]);
+        assert_eq!(merged(&[t, t]), merged(&[t]));
+        // Escaped paths survive.
+        assert_eq!(merged(&["a%09b\t0\t1\n"]), ["a%09b\t0\t1"]);
+    }
+
+    #[test]
+    fn merge_skips_malformed_lines_and_refuses_oversized_input() {
+        let m = merge(&["f\t0\t1\nnot a line\nf\t-1\t1\n", "g\t0\t1\n"]).expect("merge");
+        assert_eq!(m.malformed, [2, 0]);
+        assert_eq!(m.blocks, 2);
+        let big = "f\t0\t1\n".repeat(MAX_TRACE_BYTES / 6 + 1);
+        assert!(matches!(merge(&[&big]), Err(Error::Invalid(_))));
+        // A run may name 2^32 blocks: the expansion is bounded too.
+        assert!(matches!(merge(&["f\t0\t4294967295\n"]), Err(Error::Invalid(_))));
+        let half = format!("f\t0\t{}\n", MAX_MERGE_BLOCKS / 2 + 1);
+        assert!(merge(&[&half]).is_ok());
+        assert!(matches!(merge(&[&half, &half]), Err(Error::Invalid(_))));
     }
 
     #[test]

@@ -138,7 +138,7 @@ impl Engine {
         waits
     }
 
-    async fn fetch_run(self: Arc<Self>, run: Vec<(BlockRef, Arc<InFlight>)>) {
+    pub(super) async fn fetch_run(self: Arc<Self>, run: Vec<(BlockRef, Arc<InFlight>)>) {
         let blocks: Vec<BlockRef> = run.iter().map(|(r, _)| *r).collect();
         let flights: Vec<Arc<InFlight>> = run.iter().map(|(_, f)| f.clone()).collect();
         let outcomes = self.fetch_blocks(blocks.clone(), &flights).await;

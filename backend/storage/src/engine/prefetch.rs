@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Engine;
-use crate::image::{BlockKind, Hash, BLOCK_SIZE};
+use super::fetch::InFlight;
+use super::{Engine, FillSource};
+use crate::image::{BlockKind, BlockRef, Hash};
 use crate::trace::{self, Recorder};
 
 impl Engine {
@@ -45,57 +46,134 @@ impl Engine {
         self.prefetch(ranges, rate).await
     }
 
-    /// Fetches the blocks of `ranges` in order, in the background of demand reads: at most
-    /// `PREFETCH_RUNS` fetches of its own in flight, while a demand miss starts its fetch at
-    /// once (or joins the prefetch of its block). With `rate` (bytes per second), it starts
-    /// a fetch only while this daemon's downloads since the call, demand reads included,
-    /// stay under that rate. Returns the blocks it asked for.
+    /// Fetches the blocks of `ranges` in order, in the background of demand reads: exactly
+    /// their missing blocks, no readahead around them. Blocks stored end to end in a blob go
+    /// in one request (in an access-ordered pack, consecutive runs of a trace do, across
+    /// files), up to `PREFETCH_REQUEST_BLOCKS`; `PREFETCH_REQUESTS` requests of its own are in
+    /// flight at once, while a demand miss starts its fetch at once (or joins the prefetch of
+    /// its block). With `rate` (bytes per second), it starts a request only while this
+    /// daemon's downloads since the call, demand reads included, stay under that rate.
+    /// Returns the blocks it asked for.
     pub async fn prefetch(self: &Arc<Self>, ranges: Vec<trace::Range>, rate: Option<u64>) -> u64 {
-        const PREFETCH_RUNS: usize = 2;
-        let window = (self.cfg.readahead as usize / BLOCK_SIZE).max(64);
-        let slots = Arc::new(tokio::sync::Semaphore::new(PREFETCH_RUNS));
-        let mut asked = 0u64;
-        let (start, fetched_before) = (Instant::now(), self.counters.bytes_fetched.load(Relaxed));
-        // Within the cap, give or take the fetches in flight (a window each).
-        let under_cap = |rate: u64| async move {
-            loop {
-                let sent = self.counters.bytes_fetched.load(Relaxed).saturating_sub(fetched_before);
-                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-                if start.elapsed() >= due {
-                    return;
-                }
-                tokio::time::sleep_until(start + due).await;
-            }
+        if self.cfg.fill == FillSource::Supplied {
+            // Only a guest supplies blocks: nothing to fetch.
+            return 0;
+        }
+        let mut run = Prefetch {
+            slots: Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS)),
+            rate: rate.filter(|&r| r > 0),
+            start: Instant::now(),
+            fetched_before: self.counters.bytes_fetched.load(Relaxed),
+            blocks: Vec::with_capacity(PREFETCH_REQUEST_BLOCKS),
+            queued: HashSet::new(),
+            requested: 0,
+            asked: 0,
         };
         for (file, first, count) in ranges {
             let Ok(f) = self.file(file) else { continue };
             let end = (first as usize + count as usize).min(f.blocks.len());
-            let mut at = first as usize;
-            while at < end {
-                let piece_end = (at + window).min(end);
-                let missing: Vec<usize> = (at..piece_end)
-                    .filter(|&b| f.blocks[b].kind != BlockKind::Zero && self.cache.lookup(&f.blocks[b].hash).is_none())
-                    .collect();
-                at = piece_end;
-                if missing.is_empty() {
+            for r in f.blocks.get(first as usize..end).unwrap_or_default() {
+                // A block the trace names again (or a duplicate of one) would break a run.
+                if r.kind == BlockKind::Zero || !run.queued.insert(r.hash) || self.cache.lookup(&r.hash).is_some() {
                     continue;
                 }
-                let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                if let Some(rate) = rate.filter(|&r| r > 0) {
-                    under_cap(rate).await;
+                let full = run.blocks.last().is_some_and(|last| !last.adjoins(r))
+                    || run.blocks.len() >= PREFETCH_REQUEST_BLOCKS;
+                if full && !self.prefetch_run(&mut run).await {
+                    return run.asked;
                 }
-                asked += missing.len() as u64;
-                self.counters.prefetch_blocks.fetch_add(missing.len() as u64, Relaxed);
-                let waits = self.request(file, f, &missing, piece_end, Instant::now() + Duration::from_secs(60));
-                tokio::spawn(async move {
-                    for (_, w) in waits {
-                        let mut rx = w.done.subscribe();
-                        let _ = rx.wait_for(|o| o.is_some()).await;
-                    }
-                    drop(permit);
-                });
+                run.blocks.push(*r);
             }
         }
-        asked
+        self.prefetch_run(&mut run).await;
+        run.asked
     }
+
+    /// Starts the fetch of `p.blocks` (emptied) once a request slot is free and the rate
+    /// allows; blocks someone else fetched or started meanwhile are left to them. False if
+    /// the prefetch must stop.
+    async fn prefetch_run(self: &Arc<Self>, p: &mut Prefetch) -> bool {
+        let blocks = std::mem::take(&mut p.blocks);
+        if blocks.is_empty() {
+            return true;
+        }
+        let Ok(permit) = p.slots.clone().acquire_owned().await else { return false };
+        if let Some(rate) = p.rate {
+            // Within the cap: what arrived since the call (demand reads included), or what
+            // this prefetch asked for if more (its requests in flight count before they land).
+            loop {
+                let sent = self.counters.bytes_fetched.load(Relaxed).saturating_sub(p.fetched_before).max(p.requested);
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                if p.start.elapsed() >= due {
+                    break;
+                }
+                tokio::time::sleep_until(p.start + due).await;
+            }
+        }
+        p.requested += blocks.iter().map(|r| r.len as u64).sum::<u64>();
+        let flights = self.fetch_exact(&blocks, Instant::now() + Duration::from_secs(60));
+        p.asked += flights.len() as u64;
+        self.counters.prefetch_blocks.fetch_add(flights.len() as u64, Relaxed);
+        tokio::spawn(async move {
+            for fl in flights {
+                let mut rx = fl.done.subscribe();
+                let _ = rx.wait_for(|o| o.is_some()).await;
+            }
+            drop(permit);
+        });
+        true
+    }
+
+    /// Starts fetches of exactly `blocks` (adjoining, in order) that nobody has or fetches:
+    /// one request per stretch left adjoining. Returns the fetches it started.
+    fn fetch_exact(self: &Arc<Self>, blocks: &[BlockRef], deadline: Instant) -> Vec<Arc<InFlight>> {
+        let mut runs: Vec<Vec<(BlockRef, Arc<InFlight>)>> = Vec::new();
+        let mut gap = true;
+        {
+            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for r in blocks {
+                if map.contains_key(&r.hash) || self.cache.lookup(&r.hash).is_some() {
+                    gap = true;
+                    continue;
+                }
+                let fl = InFlight::new(deadline);
+                map.insert(r.hash, fl.clone());
+                match runs.last_mut() {
+                    Some(run) if !gap => run.push((*r, fl)),
+                    _ => runs.push(vec![(*r, fl)]),
+                }
+                gap = false;
+            }
+        }
+        let flights = runs.iter().flatten().map(|(_, fl)| fl.clone()).collect();
+        for run in runs {
+            let me = self.clone();
+            tokio::spawn(async move { me.fetch_run(run).await });
+        }
+        flights
+    }
+}
+
+/// Blocks a prefetch asks for in one request at most (1 MiB before compression): many
+/// traced runs per request when the pack laid them end to end, yet several requests share
+/// the work and a demand read never waits behind one long transfer.
+const PREFETCH_REQUEST_BLOCKS: usize = 256;
+
+/// A prefetch's requests in flight at once (each on its own connection): a trace on a
+/// file-order pack is many short requests, where round trips, not bytes, cost the time
+/// (288 requests for a 4,908-block trace: 3.4-4.4 s with 4 in flight, 2.0-2.6 s with 8).
+const PREFETCH_REQUESTS: usize = 8;
+
+/// A prefetch under way: the run it is collecting and what it has started.
+struct Prefetch {
+    slots: Arc<tokio::sync::Semaphore>,
+    rate: Option<u64>,
+    start: Instant,
+    fetched_before: u64,
+    blocks: Vec<BlockRef>,
+    /// Every block put in a run so far.
+    queued: HashSet<Hash>,
+    /// Stored bytes of the blocks it asked for.
+    requested: u64,
+    asked: u64,
 }
