@@ -65,7 +65,15 @@ impl RunDaemon {
     /// One counter from /metrics.
     pub fn metric(&self, name: &str) -> u64 {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
+        // The supervisor makes the socket; its worker serves the metrics a moment later.
+        let t = Instant::now();
+        let mut s = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", self.metrics)) {
+                Ok(s) => break s,
+                Err(_) if t.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("metrics on port {}: {e}", self.metrics),
+            }
+        };
         write!(s, "GET /metrics HTTP/1.0\r\n\r\n").expect("send");
         let mut body = String::new();
         s.read_to_string(&mut body).expect("read");
