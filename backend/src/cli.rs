@@ -80,6 +80,14 @@ pub struct PackArgs {
     /// Close a blob once it reaches this size.
     #[arg(long, default_value_t = 64)]
     pub blob_size_mb: u64,
+    /// Largest zstd dictionary to train on the image's blocks (kept only if it saves more
+    /// than twice its size; at most 1M).
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    pub dict_size: u64,
+    /// Compress every block on its own, without an image dictionary (a version-1 image,
+    /// readable by older incfsd).
+    #[arg(long)]
+    pub no_dict: bool,
     /// Publish this read trace (from `run --record-trace`) with the image, as
     /// STORE/traces/ID: daemons prefetch it from start-up.
     #[arg(long)]

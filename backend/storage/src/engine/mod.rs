@@ -94,6 +94,8 @@ pub struct Counters {
     pub bytes_fetched: AtomicU64,
     pub retries: AtomicU64,
     pub verify_failures: AtomicU64,
+    /// Image dictionaries fetched from the remote (not found in the cache).
+    pub dictionaries_fetched: AtomicU64,
     pub timeouts: AtomicU64,
     pub blocks_supplied: AtomicU64,
     pub waits_on_other_process: AtomicU64,
@@ -119,6 +121,7 @@ impl Counters {
             ("bytes_fetched", c(&self.bytes_fetched)),
             ("retries", c(&self.retries)),
             ("verify_failures", c(&self.verify_failures)),
+            ("dictionaries_fetched", c(&self.dictionaries_fetched)),
             ("timeouts", c(&self.timeouts)),
             ("blocks_supplied", c(&self.blocks_supplied)),
             ("waits_on_other_process", c(&self.waits_on_other_process)),
@@ -158,6 +161,10 @@ pub struct Engine {
     /// Room for parked reads' data, in blocks (see `EngineConfig::max_parked_bytes`).
     parked: Arc<tokio::sync::Semaphore>,
     parked_blocks: u32,
+    /// The image's zstd dictionary, prepared: loaded at the first block that needs it (from
+    /// the cache, else the remote), verified against its hash. Unset after a failure, so the
+    /// next block that needs it tries again.
+    dictionary: tokio::sync::OnceCell<Arc<crate::dict::BlockDictionary>>,
 }
 
 impl Drop for Engine {
@@ -196,6 +203,7 @@ impl Engine {
             recorder: std::sync::OnceLock::new(),
             parked: Arc::new(tokio::sync::Semaphore::new(parked_blocks as usize)),
             parked_blocks,
+            dictionary: tokio::sync::OnceCell::new(),
         }))
     }
 
