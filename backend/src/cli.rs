@@ -82,7 +82,7 @@ pub struct PackArgs {
     pub blob_size_mb: u64,
     /// Largest zstd dictionary to train on the image's blocks (kept only if it saves more
     /// than twice its size; at most 1M).
-    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    #[arg(long, value_parser = parse_size, default_value = "112K")]
     pub dict_size: u64,
     /// Compress every block on its own, without an image dictionary (a version-1 image,
     /// readable by older incfsd).

@@ -805,6 +805,12 @@ async fn dictionary_blocks_read_back_byte_identical_and_the_dictionary_is_fetche
     compare_tree(&engine, &src, 0).await;
     assert_eq!(engine.counters.dictionaries_fetched.load(Relaxed), 0);
     assert_eq!(nginx.log().iter().filter(|r| r.3 == dict_path).count(), 1, "not fetched again");
+    // inspect shows the dictionary and the ratio.
+    let mut out = Vec::new();
+    incfs::inspect::print_tree(&engine, &mut out).expect("inspect");
+    let text = String::from_utf8(out).expect("utf-8");
+    let want = format!("a {}-byte zstd dictionary): compression ", dict.size);
+    assert!(text.lines().last().is_some_and(|l| l.contains(&want)), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

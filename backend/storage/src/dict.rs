@@ -10,7 +10,7 @@ use crate::image::{Hash, BLOCK_SIZE, DICT_MAX};
 
 /// Default dictionary size (`incfsd pack --dict-size`): chosen by measurement on a Debian
 /// root filesystem (docs/benchmarks.md).
-pub const DEFAULT_DICT_SIZE: usize = 64 << 10;
+pub const DEFAULT_DICT_SIZE: usize = 112 << 10;
 /// zstd wants about 100 times the dictionary's size in samples.
 const SAMPLES_PER_DICT_BYTE: usize = 100;
 
