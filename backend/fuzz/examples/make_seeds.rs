@@ -44,7 +44,9 @@ fn manifest() {
     write("manifest", "empty_root", &[[0].as_slice(), &empty].concat());
     // Version 2: the fixture with a dictionary (blob 1) and its zstd blocks marked as
     // compressed with it.
-    let dict = zstd::dict::from_samples(&[b"0123456789abcdef".repeat(64); 32], 4096).unwrap_or_default();
+    let samples: Vec<Vec<u8>> =
+        (0..64u32).map(|i| format!("sample {i} of a text, squared {} ", i * i).repeat(20).into_bytes()).collect();
+    let dict = zstd::dict::from_samples(&samples, 4096).unwrap_or_default();
     let mut v2 = incfs_fuzz::manifest();
     v2.blobs.push(Blob { id: incfs_fuzz::sha256(&dict), size: dict.len().max(1) as u64 });
     v2.dictionary = Some(1);
