@@ -100,6 +100,14 @@ pub struct PackArgs {
     /// Close a blob once it reaches this size.
     #[arg(long, default_value_t = 64)]
     pub blob_size_mb: u64,
+    /// Largest zstd dictionary to train on the image's blocks (kept only if it saves more
+    /// than twice its size; at most 1M).
+    #[arg(long, value_parser = parse_size, default_value = "112K")]
+    pub dict_size: u64,
+    /// Compress every block on its own, without an image dictionary (a version-1 image,
+    /// readable by older incfsd).
+    #[arg(long)]
+    pub no_dict: bool,
     /// Lay the image out for this read trace (from `run --record-trace` or `trace merge`):
     /// its blocks first, end to end in first-access order, then the rest in file order. The
     /// trace is published with the image, as STORE/traces/ID: daemons prefetch it from

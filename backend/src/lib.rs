@@ -13,7 +13,7 @@ pub mod metrics;
 pub mod sandbox;
 pub mod supervisor;
 
-pub use incfs_storage::{cache, engine, error, http_store_server, image, inspect, layout, pack, store, trace};
+pub use incfs_storage::{cache, dict, engine, error, http_store_server, image, inspect, layout, pack, store, trace};
 pub use incfs_storage::{Error, Result};
 
 /// The old name of [`http_store_server`], still used by `backend/tests/support`.

@@ -250,9 +250,19 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn pack(args: PackArgs) -> Result<()> {
-    let PackArgs { src, store, level, blob_size_mb, trace, http } = args;
+    let PackArgs { src, store, level, blob_size_mb, dict_size, no_dict, trace, http } = args;
+    if dict_size > incfs::image::DICT_MAX {
+        return Err(incfs::Error::Invalid(format!("--dict-size is at most {}", incfs::image::DICT_MAX)).into());
+    }
+    let dict_size = if no_dict { 0 } else { dict_size as usize };
     let trace = trace.map(|t| read_trace(&t)).transpose()?;
-    let opts = pack::PackOptions { level, blob_size: blob_size_mb.max(1) << 20, progress: true, trace: trace.clone() };
+    let opts = pack::PackOptions {
+        level,
+        blob_size: blob_size_mb.max(1) << 20,
+        progress: true,
+        trace: trace.clone(),
+        dict_size,
+    };
     if !http.sources.mirrors.is_empty() {
         return Err(incfs::Error::Invalid("--mirror is for reading; pack writes to --store only".into()).into());
     }
@@ -294,6 +304,15 @@ fn pack(args: PackArgs) -> Result<()> {
         s.dedup_blocks,
         s.stored_bytes,
         s.manifest_bytes
+    );
+    let dict = match s.dict_bytes {
+        0 if dict_size == 0 => "no dictionary (--no-dict)".to_string(),
+        0 => format!("no dictionary (it would not pay; {:.2}s to find out)", s.dict_seconds),
+        n => format!("a {n}-byte dictionary (trained in {:.2}s) for {} of the blocks", s.dict_seconds, s.dict_blocks),
+    };
+    eprintln!(
+        "compression {:.3}:1 (file bytes / stored blocks and dictionary), {dict}",
+        s.bytes_in as f64 / (s.stored_bytes + s.dict_bytes).max(1) as f64
     );
     if let Some(reference) = registry {
         let tag = reference.tag.clone().unwrap_or_else(|| "latest".into());

@@ -824,3 +824,187 @@ async fn pack_with_a_trace_lays_the_traced_blocks_first_in_trace_order() {
     assert_eq!(e.counters.remote_requests.load(Relaxed), 1);
     assert_eq!(e.counters.blocks_fetched.load(Relaxed), 8);
 }
+
+/// A tree a dictionary is for: 200 files of 4 to 40 KiB of text drawn from one vocabulary,
+/// plus an incompressible file (its blocks stay raw) and a sparse one (zero blocks).
+fn wordy_tree(root: &Path) {
+    fs::create_dir_all(root.join("text")).expect("mkdir");
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..200 {
+        let len = 4096 + (next() % (36 << 10)) as usize;
+        let mut f = Vec::with_capacity(len + 64);
+        while f.len() < len {
+            let w = next() % 700;
+            f.extend_from_slice(
+                format!("{}_entry{w} = {};\n", ["config", "module", "value"][(w % 3) as usize], w * 31 % 997)
+                    .as_bytes(),
+            );
+        }
+        f.truncate(len);
+        fs::write(root.join("text").join(format!("f{i:03}.conf")), &f).expect("write");
+    }
+    fs::write(root.join("random"), pseudo_random(3, 100_000)).expect("write");
+    let mut sparse = vec![0u8; 64 << 10];
+    sparse[40_000..40_100].copy_from_slice(&[7; 100]);
+    fs::write(root.join("sparse"), sparse).expect("write");
+}
+
+fn dict_opts() -> PackOptions {
+    PackOptions { dict_size: 16 << 10, ..PackOptions::default() }
+}
+
+/// The stored manifest of `id` in a directory store, decoded.
+fn stored_manifest(store: &Path, id: &ImageId) -> (Vec<u8>, incfs::image::Manifest) {
+    let stored = fs::read(store.join("images").join(id.to_string())).expect("manifest");
+    let bytes = incfs::image::manifest_from_stored(stored).expect("stored form");
+    let m = incfs::image::Manifest::decode(&bytes).expect("decode");
+    (bytes, m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dictionary_blocks_read_back_byte_identical_and_the_dictionary_is_fetched_once() {
+    use incfs::image::BlockKind;
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    wordy_tree(&src);
+    let store = t.path().join("store");
+    let (id, stats) = pack(&src, &Store::new(&store), &dict_opts()).expect("pack");
+    let (bytes, m) = stored_manifest(&store, &id);
+    assert_eq!(&bytes[8..12], &2u32.to_le_bytes(), "an image with a dictionary is version 2");
+    let dict = m.blocks_dictionary().expect("a dictionary that pays on this tree").clone();
+    assert!(dict.size > 0 && dict.size <= 16 << 10);
+    let kinds: Vec<BlockKind> = m
+        .inodes
+        .iter()
+        .filter_map(|i| match &i.kind {
+            InodeKind::File(f) => Some(f.blocks.iter().map(|b| b.kind)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let with_dict = kinds.iter().filter(|k| **k == BlockKind::ZstdDict).count();
+    assert!(with_dict * 2 > kinds.len(), "{with_dict} of {} blocks use the dictionary", kinds.len());
+    assert!(kinds.contains(&BlockKind::Raw) && kinds.contains(&BlockKind::Zero));
+    assert_eq!(stats.dict_blocks as usize, with_dict);
+    // Smaller than without the dictionary, dictionary included.
+    let (_, plain) = pack(&src, &Store::new(t.path().join("plain")), &PackOptions { dict_size: 0, ..dict_opts() })
+        .expect("pack without");
+    println!("stored {} + dictionary {} bytes, {} without", stats.stored_bytes, stats.dict_bytes, plain.stored_bytes);
+    assert!(stats.stored_bytes + stats.dict_bytes < plain.stored_bytes);
+    // Deterministic.
+    assert_eq!(pack(&src, &Store::new(t.path().join("again")), &dict_opts()).expect("pack").0, id);
+
+    // Nothing is fetched but the manifest until a block needs the dictionary.
+    let nginx = Nginx::start(&store, 0);
+    let cache = t.path().join("cache");
+    let engine = open(&nginx.url, id, &cache, EngineConfig::default()).await;
+    let dict_path = format!("/blobs/{}", hex::encode(dict.id));
+    assert!(nginx.log().iter().all(|r| r.3 != dict_path), "the dictionary is not fetched at start-up");
+    let checked = compare_tree(&engine, &src, 0).await;
+    assert!(checked > 200);
+    let c = &engine.counters;
+    assert_eq!(c.verify_failures.load(Relaxed), 0);
+    assert_eq!(c.dictionaries_fetched.load(Relaxed), 1);
+    assert_eq!(nginx.log().iter().filter(|r| r.3 == dict_path).count(), 1, "fetched once");
+    let (ok, bad) = incfs::inspect::verify_cache(engine.cache()).expect("verify");
+    assert_eq!(bad, 0);
+    assert!(ok > 0);
+    drop(engine);
+
+    // Another daemon on the same cache, blocks evicted: the dictionary comes from the cache.
+    let fresh = t.path().join("cache2");
+    fs::create_dir_all(fresh.join("dictionaries")).expect("mkdir");
+    let saved = cache.join("dictionaries").join(hex::encode(dict.id));
+    fs::copy(&saved, fresh.join("dictionaries").join(hex::encode(dict.id))).expect("copy dictionary");
+    let engine = open(&nginx.url, id, &fresh, EngineConfig::default()).await;
+    compare_tree(&engine, &src, 0).await;
+    assert_eq!(engine.counters.dictionaries_fetched.load(Relaxed), 0);
+    assert_eq!(nginx.log().iter().filter(|r| r.3 == dict_path).count(), 1, "not fetched again");
+    // inspect shows the dictionary and the ratio.
+    let mut out = Vec::new();
+    incfs::inspect::print_tree(&engine, &mut out).expect("inspect");
+    let text = String::from_utf8(out).expect("utf-8");
+    let want = format!("a {}-byte zstd dictionary): compression ", dict.size);
+    assert!(text.lines().last().is_some_and(|l| l.contains(&want)), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_1_images_still_read() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    wordy_tree(&src);
+    let store = t.path().join("store");
+    // --no-dict writes what version-1 packers wrote.
+    let (id, stats) = pack(&src, &Store::new(&store), &PackOptions { dict_size: 0, ..dict_opts() }).expect("pack");
+    assert_eq!((stats.dict_bytes, stats.dict_blocks), (0, 0));
+    let (bytes, m) = stored_manifest(&store, &id);
+    assert_eq!(&bytes[8..12], &1u32.to_le_bytes());
+    assert_eq!(m.dictionary, None);
+    let nginx = Nginx::start(&store, 0);
+    let engine = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
+    compare_tree(&engine, &src, 0).await;
+    assert_eq!(engine.counters.verify_failures.load(Relaxed), 0);
+    assert_eq!(engine.counters.dictionaries_fetched.load(Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_dictionary_in_the_store_is_refused_and_no_byte_is_served() {
+    use incfs::image::BlockKind;
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    wordy_tree(&src);
+    let store = t.path().join("store");
+    let (id, _) = pack(&src, &Store::new(&store), &dict_opts()).expect("pack");
+    let (_, m) = stored_manifest(&store, &id);
+    let dict = m.blocks_dictionary().expect("dictionary").clone();
+    let path = store.join("blobs").join(hex::encode(dict.id));
+    let good = fs::read(&path).expect("dictionary");
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n / 2] ^= 0x40;
+    fs::write(&path, &bad).expect("corrupt it");
+    let nginx = Nginx::start(&store, 0);
+    let cfg = EngineConfig { read_timeout: Duration::from_secs(5), ..EngineConfig::default() };
+    let engine = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let img = engine.image().clone();
+    // A file whose first block needs the dictionary.
+    let (ino, f) = img.files().find(|(_, f)| f.blocks[0].kind == BlockKind::ZstdDict).expect("a dictionary block");
+    let err = engine.read(ino, 0, 4096).await.expect_err("no byte decoded with a bad dictionary is served");
+    assert!(matches!(err, incfs::Error::Corrupt(_)), "{err}");
+    assert_eq!(err.errno(), libc::EBADMSG);
+    assert!(engine.counters.verify_failures.load(Relaxed) >= 1);
+    assert!(engine.cache().lookup(&f.blocks[0].hash).is_none());
+    let dicts = t.path().join("cache").join("dictionaries");
+    assert_eq!(fs::read_dir(&dicts).expect("ls").count(), 0, "a bad dictionary is not saved");
+    // Blocks that do not need it are still served.
+    let random = img.resolve(b"random").expect("random");
+    let want = pseudo_random(3, 100_000);
+    assert_eq!(engine.read(random, 0, 4096).await.expect("raw block"), &want[..4096]);
+    // Once the store is repaired, the same read works.
+    fs::write(&path, &good).expect("repair");
+    let got = engine.read(ino, 0, 4096).await.expect("read after repair");
+    assert_eq!(got, &fs::read(src.join(path_of(&img, ino))).expect("src")[..got.len()]);
+}
+
+/// The path of inode `ino` from the root (first entry naming it).
+fn path_of(img: &incfs::image::Image, ino: u32) -> std::path::PathBuf {
+    let mut stack = vec![(0u32, std::path::PathBuf::new())];
+    while let Some((d, p)) = stack.pop() {
+        if let Some(InodeKind::Dir(entries)) = img.inode(d).map(|n| &n.kind) {
+            for e in entries {
+                let child = p.join(OsStr::from_bytes(&e.name));
+                if e.ino == ino {
+                    return child;
+                }
+                stack.push((e.ino, child));
+            }
+        }
+    }
+    panic!("inode {ino} not found");
+}

@@ -44,8 +44,9 @@ fn in_child(f: impl FnOnce() -> i32) -> End {
 }
 
 /// What a serving daemon does: file I/O on an open file, a new file by name, a thread,
-/// sockets of its three families, an eventfd. Returns 0, or the step that failed.
-fn daemon_like_calls(dir: &Path) -> i32 {
+/// sockets of its three families, an eventfd, saving an image dictionary in its cache
+/// (opened before the filter, as the daemon's). Returns 0, or the step that failed.
+fn daemon_like_calls(dir: &Path, cache: &incfs::cache::BlockCache) -> i32 {
     let path = dir.join("data");
     let Ok(f) = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) else {
         return 10;
@@ -81,6 +82,12 @@ fn daemon_like_calls(dir: &Path) -> i32 {
     if efd < 0 || unsafe { libc::close(efd) } != 0 {
         return 16;
     }
+    // The first block that needs the image's dictionary saves it (a temporary file renamed:
+    // renameat, which once killed the worker).
+    let id = [3u8; 32];
+    if cache.save_dictionary(&id, b"a dictionary").is_err() || cache.load_dictionary(&id).is_none() {
+        return 17;
+    }
     0
 }
 
@@ -90,9 +97,10 @@ fn filtered(mode: SeccompMode, forbidden: impl FnOnce() -> i32) -> End {
     let dir = tempfile::tempdir().expect("tmp");
     let programs = seccomp::programs(mode).expect("filters compile");
     assert_eq!(programs.len(), 3, "the allow-list and two refusals");
+    let cache = incfs::cache::BlockCache::open(&dir.path().join("cache")).expect("cache");
     in_child(|| {
         seccomp::install(mode).expect("install");
-        match daemon_like_calls(dir.path()) {
+        match daemon_like_calls(dir.path(), &cache) {
             0 => forbidden(),
             step => step,
         }
@@ -177,6 +185,7 @@ fn confined(fs_sandbox: FsSandbox) -> End {
         while_serving: true,
     }];
     let cfg = SandboxConfig { fs: fs_sandbox, seccomp: SeccompMode::Kill, rlimit_nofile: Some(256) };
+    let cache = incfs::cache::BlockCache::open(&kept.path().join("cache")).expect("cache");
     in_child(|| {
         let sandbox = match Sandbox::enter(&cfg, &paths) {
             Ok(s) => s,
@@ -201,7 +210,7 @@ fn confined(fs_sandbox: FsSandbox) -> End {
         if sandbox.lock().is_err() {
             return 33;
         }
-        daemon_like_calls(kept.path())
+        daemon_like_calls(kept.path(), &cache)
     })
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use incfs_fuzz::{SeedWriter, INO_A, INO_B};
 use incfs_storage::cache::BlockCache;
-use incfs_storage::image::{merkle, store_manifest, BlockKind, Inode, InodeKind, Manifest, BLOCK_SIZE};
+use incfs_storage::image::{merkle, store_manifest, Blob, BlockKind, Inode, InodeKind, Manifest, BLOCK_SIZE};
 use incfs_storage::trace;
 use incfs_wire::{FileState, FillHeader, LastReadError, ReadRecord, COMPRESSION_NONE, COMPRESSION_ZSTD};
 
@@ -40,8 +40,26 @@ fn manifest() {
         xattrs: vec![],
         kind: InodeKind::Dir(vec![]),
     };
-    let empty = Manifest { blobs: vec![], inodes: vec![root] }.encode();
+    let empty = Manifest { blobs: vec![], inodes: vec![root], dictionary: None }.encode();
     write("manifest", "empty_root", &[[0].as_slice(), &empty].concat());
+    // Version 2: the fixture with a dictionary (blob 1) and its zstd blocks marked as
+    // compressed with it.
+    let samples: Vec<Vec<u8>> =
+        (0..64u32).map(|i| format!("sample {i} of a text, squared {} ", i * i).repeat(20).into_bytes()).collect();
+    let dict = zstd::dict::from_samples(&samples, 4096).unwrap_or_default();
+    let mut v2 = incfs_fuzz::manifest();
+    v2.blobs.push(Blob { id: incfs_fuzz::sha256(&dict), size: dict.len().max(1) as u64 });
+    v2.dictionary = Some(1);
+    for ino in &mut v2.inodes {
+        if let InodeKind::File(f) = &mut ino.kind {
+            for b in f.blocks.iter_mut().filter(|b| b.kind == BlockKind::Zstd) {
+                b.kind = BlockKind::ZstdDict;
+            }
+        }
+    }
+    write("manifest", "fixture_v2", &[[0].as_slice(), &v2.encode()].concat());
+    // A dictionary on its own (flag bit 1), prepared as if a manifest named it.
+    write("manifest", "dictionary", &[[2].as_slice(), &dict].concat());
 }
 
 fn trace() {

@@ -20,7 +20,7 @@ pub const INO_B: u32 = 3;
 pub const INO_Z: u32 = 5;
 
 /// SHA-256 (the image id of bytes is their SHA-256).
-fn sha256(bytes: &[u8]) -> Hash {
+pub fn sha256(bytes: &[u8]) -> Hash {
     ImageId::of_manifest(bytes).0
 }
 
@@ -101,6 +101,7 @@ pub fn manifest() -> Manifest {
             inode(0o120777, InodeKind::Symlink(b"a".to_vec())),
             inode(0o100644, file(INO_Z, 2 * BLOCK_SIZE as u64)),
         ],
+        dictionary: None,
     }
 }
 

@@ -54,6 +54,17 @@ pub fn print_tree(engine: &Engine, out: &mut impl Write) -> io::Result<()> {
         img.data_size(),
         filled_total.0,
         filled_total.1
+    )?;
+    let stored: u64 = img.manifest.blobs.iter().map(|b| b.size).sum();
+    let dict = match img.dictionary() {
+        Some(d) => format!("a {}-byte zstd dictionary", d.size),
+        None => "no dictionary".to_string(),
+    };
+    writeln!(
+        out,
+        "stored {stored} bytes in {} blobs ({dict}): compression {:.3}:1",
+        img.manifest.blobs.len(),
+        img.data_size() as f64 / stored.max(1) as f64
     )
 }
 

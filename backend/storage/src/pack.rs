@@ -18,6 +18,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::dict::{BlockEncoder, Samples, Stored};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{
     merkle, Blob, BlockKind, BlockRef, DirEntry, FileData, Hash, ImageId, Inode, InodeKind, Manifest, BLOCK_SIZE,
@@ -34,11 +35,19 @@ pub struct PackOptions {
     pub progress: bool,
     /// A read trace (`trace` text format): its blocks are appended first, in its order.
     pub trace: Option<String>,
+    /// Largest zstd dictionary to train for the image (0: none); kept only if it pays.
+    pub dict_size: usize,
 }
 
 impl Default for PackOptions {
     fn default() -> Self {
-        PackOptions { level: 3, blob_size: 64 << 20, progress: false, trace: None }
+        PackOptions {
+            level: 3,
+            blob_size: 64 << 20,
+            progress: false,
+            trace: None,
+            dict_size: crate::dict::DEFAULT_DICT_SIZE,
+        }
     }
 }
 
@@ -55,6 +64,10 @@ pub struct PackStats {
     /// Trace lines not used (malformed, unknown path, past the file's end).
     pub trace_lines_skipped: usize,
     pub stored_bytes: u64,
+    /// Blocks stored compressed with the image's dictionary, and its size (0: none).
+    pub dict_blocks: u64,
+    pub dict_bytes: u64,
+    pub dict_seconds: f64,
     pub manifest_bytes: u64,
     pub seconds: f64,
 }
@@ -85,6 +98,22 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
     };
 
     let mut blobs = BlobWriter::new(store, opts.blob_size);
+    let dict_start = Instant::now();
+    let dict = match opts.dict_size {
+        0 => None,
+        n => train_dictionary(&files, n, opts.level)?,
+    };
+    stats.dict_seconds = dict_start.elapsed().as_secs_f64();
+    // The dictionary is a blob of its own (blob 0): its id, in the manifest, is its SHA-256.
+    let dictionary = match &dict {
+        Some(d) => {
+            blobs.append(d)?;
+            blobs.close()?;
+            stats.dict_bytes = d.len() as u64;
+            Some(0)
+        }
+        None => None,
+    };
     let mut seen: HashMap<Hash, BlockRef> = HashMap::new();
     // Blocks arrive in layout order: each lands at its index in its file.
     let mut per_file: Vec<Vec<Option<BlockRef>>> = files.iter().map(|f| vec![None; blocks_of(f.size)]).collect();
@@ -101,7 +130,10 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
             .flat_map(|c| c.data.chunks(BLOCK_SIZE).enumerate().map(move |(i, b)| (c.file, c.block + i, b)))
             .collect();
         let level = opts.level;
-        let encoded: Vec<Encoded> = jobs.par_iter().map(|(_, _, b)| encode_block(b, level)).collect();
+        let encoded: Vec<Encoded> = jobs
+            .par_iter()
+            .map_init(|| BlockEncoder::new(level, dict.as_deref()).ok(), |enc, (_, _, b)| encode_block(b, enc.as_mut()))
+            .collect();
         for ((file, block, raw), enc) in jobs.iter().zip(encoded) {
             stats.blocks += 1;
             let r = match enc.stored {
@@ -116,6 +148,7 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
                 Some((kind, bytes)) => {
                     let (blob, offset) = blobs.append(&bytes)?;
                     stats.stored_bytes += bytes.len() as u64;
+                    stats.dict_blocks += u64::from(kind == BlockKind::ZstdDict);
                     let r = BlockRef { hash: enc.hash, kind, blob, len: bytes.len() as u32, offset };
                     seen.insert(enc.hash, r);
                     r
@@ -140,7 +173,7 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
         inodes[f.ino as usize].kind =
             InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), blocks });
     }
-    let manifest = Manifest { blobs: blob_list, inodes };
+    let manifest = Manifest { blobs: blob_list, inodes, dictionary };
     let bytes = manifest.encode();
     stats.manifest_bytes = bytes.len() as u64;
     let id = ImageId::of_manifest(&bytes);
@@ -175,29 +208,62 @@ struct Encoded {
     stored: Option<(BlockKind, Vec<u8>)>,
 }
 
-fn encode_block(data: &[u8], level: i32) -> Encoded {
+/// Hashes a block and stores it the smallest way `enc` knows (raw if it has no encoder).
+/// One encoder per rayon job: setting one up costs more than compressing a block.
+fn encode_block(data: &[u8], enc: Option<&mut BlockEncoder<'_>>) -> Encoded {
     if data.iter().all(|&b| b == 0) {
         // Sparse regions of large images: skip hashing a known block.
         return Encoded { hash: merkle::zero_leaf(), stored: None };
     }
     let hash = merkle::leaf_hash(data);
-    let compressed = COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.as_ref().is_none_or(|(l, _)| *l != level) {
-            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
-        }
-        c.as_mut().and_then(|(_, z)| z.compress(data).ok())
-    });
-    let stored = match compressed {
-        Some(c) if c.len() < data.len() => (BlockKind::Zstd, c),
-        _ => (BlockKind::Raw, data.to_vec()),
+    let stored = match enc.map(|e| e.encode(data)) {
+        Some(Stored::Zstd(c)) => (BlockKind::Zstd, c),
+        Some(Stored::ZstdDict(c)) => (BlockKind::ZstdDict, c),
+        Some(Stored::Raw) | None => (BlockKind::Raw, data.to_vec()),
     };
     Encoded { hash, stored: Some(stored) }
 }
 
-thread_local! {
-    /// One zstd context per packing thread: setting one up costs more than compressing a block.
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+/// Trains the image's dictionary on blocks spread evenly over its files (every `stride`th
+/// block in pack order), judged on the blocks halfway between; None if it does not pay.
+fn train_dictionary(files: &[PendingFile], dict_size: usize, level: i32) -> Result<Option<Vec<u8>>> {
+    let total: u64 = files.iter().map(|f| f.size.div_ceil(BLOCK_SIZE as u64)).sum();
+    let want = (crate::dict::sample_bytes(dict_size) / BLOCK_SIZE).max(1) as u64;
+    let stride = (total / want).max(2);
+    let (mut train, mut judge) = (Samples::default(), Samples::default());
+    let mut global = 0u64;
+    let mut block = vec![0u8; BLOCK_SIZE];
+    for f in files {
+        let n = f.size.div_ceil(BLOCK_SIZE as u64);
+        // Indexes in this file of the blocks whose global index is 0 or stride/2 mod stride.
+        let picks: Vec<(u64, bool)> = (0..n)
+            .filter_map(|i| match (global + i) % stride {
+                0 => Some((i, true)),
+                r if r == stride / 2 => Some((i, false)),
+                _ => None,
+            })
+            .collect();
+        global += n;
+        if picks.is_empty() {
+            continue;
+        }
+        let file = File::open(&f.path).ctx(|| format!("open {}", f.path.display()))?;
+        for (i, is_train) in picks {
+            let off = i * BLOCK_SIZE as u64;
+            let len = (f.size - off).min(BLOCK_SIZE as u64) as usize;
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut block[..len], off)
+                .ctx(|| format!("read {} (did it shrink while packing?)", f.path.display()))?;
+            if block[..len].iter().all(|&b| b == 0) {
+                continue;
+            }
+            match is_train {
+                true => train.push(&block[..len]),
+                false => judge.push(&block[..len]),
+            }
+        }
+    }
+    let scale = total as f64 / judge.sizes.len().max(1) as f64;
+    Ok(crate::dict::train(&train, &judge, scale, dict_size, level))
 }
 
 /// A run of whole blocks of one file from block `block` on (the last block of a file may be

@@ -14,6 +14,7 @@
 //!            byte 1 is held shared by writers and exclusively by gc, byte 2 by the one
 //!            evicting process, bytes from 4096 are per-hash-bucket fetch locks
 //! manifests/ verified image manifests, so a restart needs no remote
+//! dictionaries/ verified image zstd dictionaries, named by their SHA-256
 //! ```
 //!
 //! All integers are little-endian.
@@ -27,6 +28,7 @@ pub(super) const LOG_FILE: &str = "log";
 pub(super) const FREE_FILE: &str = "free";
 pub(super) const LOCK_FILE: &str = "lock";
 pub(super) const MANIFESTS_DIR: &str = "manifests";
+pub(super) const DICTIONARIES_DIR: &str = "dictionaries";
 
 pub(super) const MAGIC: &[u8; 8] = b"INCFSCAC";
 /// 3: slot records carry a generation (2 had none; a version-2 cache is refused).

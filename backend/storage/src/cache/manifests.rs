@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use super::layout::MANIFESTS_DIR;
+use super::layout::{DICTIONARIES_DIR, MANIFESTS_DIR};
 use super::{files, BlockCache};
 use crate::error::{IoContext, Result};
-use crate::image::ImageId;
+use crate::image::{Hash, ImageId, DICT_MAX};
 
 impl BlockCache {
     fn manifest_path(&self, id: &ImageId) -> PathBuf {
@@ -29,6 +29,42 @@ impl BlockCache {
     pub fn save_manifest(&self, id: &ImageId, bytes: &[u8]) -> Result<()> {
         let dst = self.manifest_path(id);
         let tmp = self.new_temp_file(&self.dir.join(MANIFESTS_DIR), &format!("{id}.tmp."), bytes)?;
+        tmp.persist(&dst).map_err(|e| e.error).ctx(|| format!("rename {}", dst.display()))?;
+        Ok(())
+    }
+
+    fn dictionary_path(&self, id: &Hash) -> PathBuf {
+        self.dir.join(DICTIONARIES_DIR).join(hex::encode(id))
+    }
+
+    /// A dictionary saved earlier, if present and at most DICT_MAX bytes. Not verified here:
+    /// the caller checks it against `id` before use (`dict::BlockDictionary::prepare`).
+    pub fn load_dictionary(&self, id: &Hash) -> Option<Vec<u8>> {
+        let path = self.dictionary_path(id);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.len() <= DICT_MAX => {}
+            Ok(_) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!("saved dictionary {}: {e}", hex::encode(id));
+                return None;
+            }
+        }
+        match files::read_private_file(&path) {
+            Ok(b) if b.len() as u64 <= DICT_MAX => Some(b),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("saved dictionary {}: {e}", hex::encode(id));
+                None
+            }
+        }
+    }
+
+    /// Saves a verified dictionary under its SHA-256.
+    pub fn save_dictionary(&self, id: &Hash, bytes: &[u8]) -> Result<()> {
+        let dst = self.dictionary_path(id);
+        let dir = self.dir.join(DICTIONARIES_DIR);
+        let tmp = self.new_temp_file(&dir, &format!("{}.tmp.", hex::encode(id)), bytes)?;
         tmp.persist(&dst).map_err(|e| e.error).ctx(|| format!("rename {}", dst.display()))?;
         Ok(())
     }

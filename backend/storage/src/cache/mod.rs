@@ -54,8 +54,8 @@ use crate::error::{IoContext, Result};
 use crate::image::{Hash, BLOCK_SIZE};
 use index::Index;
 use layout::{
-    Header, Record, BLOCKS_FILE, FREE_FILE, HEADER_FILE, HEADER_LEN, H_NEXT_SLOT, LOCK_FILE, LOG_FILE, MANIFESTS_DIR,
-    SLOTS_FILE,
+    Header, Record, BLOCKS_FILE, DICTIONARIES_DIR, FREE_FILE, HEADER_FILE, HEADER_LEN, H_NEXT_SLOT, LOCK_FILE,
+    LOG_FILE, MANIFESTS_DIR, SLOTS_FILE,
 };
 use locks::Locks;
 use records::{Records, RunSnapshot};
@@ -100,6 +100,7 @@ impl BlockCache {
     pub fn open_with(dir: &Path, opts: CacheOptions) -> Result<Self> {
         files::create_private_dir(dir)
             .and_then(|()| files::create_private_dir(&dir.join(MANIFESTS_DIR)))
+            .and_then(|()| files::create_private_dir(&dir.join(DICTIONARIES_DIR)))
             .ctx(|| format!("cache directory {}", dir.display()))?;
         let open =
             |name: &str| files::open_private_file(dir, name).ctx(|| format!("open {}", dir.join(name).display()));

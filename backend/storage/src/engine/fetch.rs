@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{Engine, FillSource};
 use crate::cache::BlockCache;
+use crate::dict::BlockDictionary;
 use crate::error::{Error, Result};
 use crate::image::{merkle, BlockKind, BlockRef, FileData, Hash, Image, ImageId, BLOCK_SIZE};
 use crate::store::{FetchError, FetchFailure, Remote};
@@ -254,6 +255,22 @@ impl Engine {
     /// indexes that failed verification.
     async fn fetch_and_store(&self, blocks: &[BlockRef], idx: &[usize]) -> Result<Fetched, FetchError> {
         let mut bad = Vec::new();
+        let needs_dict = |i: &usize| blocks[*i].kind == BlockKind::ZstdDict;
+        let dict = match idx.iter().any(needs_dict) {
+            true => self.dictionary().await?,
+            false => None,
+        };
+        // Without a good dictionary, its blocks fail as corrupt data does (and are retried).
+        let kept: Vec<usize>;
+        let idx = match &dict {
+            Some(_) => idx,
+            None => {
+                bad.extend(idx.iter().copied().filter(needs_dict));
+                kept = idx.iter().copied().filter(|i| !needs_dict(i)).collect();
+                &kept[..]
+            }
+        };
+        let dict = dict.as_deref();
         let mut fetched = Vec::with_capacity(idx.len());
         let mut s = 0;
         while s < idx.len() {
@@ -278,7 +295,7 @@ impl Engine {
                     .map(|&i| {
                         let r = &blocks[i];
                         let at = (r.offset - a.offset) as usize;
-                        data.get(at..at + r.len as usize).and_then(|stored| decode_verified(r, stored))
+                        data.get(at..at + r.len as usize).and_then(|stored| decode_verified(r, stored, dict))
                     })
                     .collect();
                 let all = plain.iter().all(Option::is_some);
@@ -308,6 +325,56 @@ impl Engine {
         Ok((fetched, bad))
     }
 
+    /// The image's dictionary, loaded once (from the cache, else the remote) and verified
+    /// against the SHA-256 the manifest names. Ok(None) if it has none, or if what the
+    /// remote sent is not it (logged; the blocks that need it then fail verification).
+    async fn dictionary(&self) -> Result<Option<Arc<BlockDictionary>>, FetchError> {
+        let Some(blob) = self.image.dictionary() else { return Ok(None) };
+        let load = async {
+            if let Some(bytes) = self.cache.load_dictionary(&blob.id) {
+                match BlockDictionary::prepare(&bytes, &blob.id) {
+                    Ok(d) => return Ok(Some(Arc::new(d))),
+                    Err(e) => tracing::warn!("saved dictionary refused, fetching it again: {e}"),
+                }
+            }
+            self.counters.remote_requests.fetch_add(1, Relaxed);
+            // With mirrors, a source whose bytes do not hash right is passed over.
+            let check = |data: &bytes::Bytes| ((), <sha2::Sha256 as sha2::Digest>::digest(data)[..] == blob.id[..]);
+            let (data, ()) = self.remote.range_checked(&blob.id, 0, blob.size, check).await?;
+            self.counters.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
+            match BlockDictionary::prepare(&data, &blob.id) {
+                Ok(d) => {
+                    self.counters.dictionaries_fetched.fetch_add(1, Relaxed);
+                    if let Err(e) = self.cache.save_dictionary(&blob.id, &data) {
+                        tracing::warn!("saving the image dictionary in the cache: {e}");
+                    }
+                    Ok(Some(Arc::new(d)))
+                }
+                Err(e) => {
+                    self.counters.verify_failures.fetch_add(1, Relaxed);
+                    tracing::warn!("image dictionary from the remote refused: {e}");
+                    Ok(None)
+                }
+            }
+        };
+        // Only a good dictionary is kept: after a failure the next fetch tries again.
+        let cell = &self.dictionary;
+        let got = cell
+            .get_or_try_init(|| async {
+                match load.await {
+                    Ok(Some(d)) => Ok(d),
+                    Ok(None) => Err(None),
+                    Err(e) => Err(Some(e)),
+                }
+            })
+            .await;
+        match got {
+            Ok(d) => Ok(Some(d.clone())),
+            Err(None) => Ok(None),
+            Err(Some(e)) => Err(e),
+        }
+    }
+
     /// With a guest supplying blocks nobody fetches, so nobody else ends a wait: a reader
     /// that gives up removes the entries of `hashes` whose every waiter's deadline has passed.
     pub(super) fn forget_expired_waits(&self, hashes: impl Iterator<Item = Hash>) {
@@ -327,8 +394,9 @@ impl Engine {
 }
 
 /// Decompresses one stored block into a zero-padded 4096-byte buffer and checks its leaf
-/// hash. None if it does not decode to at most 4096 bytes or does not match.
-pub(super) fn decode_verified(r: &BlockRef, stored: &[u8]) -> Option<Vec<u8>> {
+/// hash. None if it does not decode to at most 4096 bytes or does not match, or needs a
+/// dictionary not given.
+pub(super) fn decode_verified(r: &BlockRef, stored: &[u8], dict: Option<&BlockDictionary>) -> Option<Vec<u8>> {
     let mut plain = vec![0u8; BLOCK_SIZE];
     match r.kind {
         BlockKind::Raw => {
@@ -340,6 +408,10 @@ pub(super) fn decode_verified(r: &BlockRef, stored: &[u8]) -> Option<Vec<u8>> {
         BlockKind::Zstd => {
             // The decoder may scribble past what it returns: pad explicitly.
             let n = zstd::bulk::decompress_to_buffer(stored, &mut plain[..]).ok()?;
+            plain[n..].fill(0);
+        }
+        BlockKind::ZstdDict => {
+            let n = dict?.decompress(stored, &mut plain[..])?;
             plain[n..].fill(0);
         }
         BlockKind::Zero => {}

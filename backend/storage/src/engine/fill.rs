@@ -21,7 +21,7 @@ impl Engine {
             return Ok(false);
         }
         let probe = BlockRef { kind, len: data.len() as u32, ..*r };
-        let Some(plain) = (data.len() <= 2 * BLOCK_SIZE).then(|| decode_verified(&probe, data)).flatten() else {
+        let Some(plain) = (data.len() <= 2 * BLOCK_SIZE).then(|| decode_verified(&probe, data, None)).flatten() else {
             self.counters.verify_failures.fetch_add(1, Relaxed);
             return Err(Error::Corrupt(format!("block {index} does not match its hash")));
         };

@@ -125,6 +125,8 @@ pub struct Counters {
     pub bytes_fetched: AtomicU64,
     pub retries: AtomicU64,
     pub verify_failures: AtomicU64,
+    /// Image dictionaries fetched from the remote (not found in the cache).
+    pub dictionaries_fetched: AtomicU64,
     pub timeouts: AtomicU64,
     pub blocks_supplied: AtomicU64,
     pub waits_on_other_process: AtomicU64,
@@ -154,6 +156,7 @@ impl Counters {
             ("bytes_fetched", c(&self.bytes_fetched)),
             ("retries", c(&self.retries)),
             ("verify_failures", c(&self.verify_failures)),
+            ("dictionaries_fetched", c(&self.dictionaries_fetched)),
             ("timeouts", c(&self.timeouts)),
             ("blocks_supplied", c(&self.blocks_supplied)),
             ("waits_on_other_process", c(&self.waits_on_other_process)),
@@ -203,6 +206,10 @@ pub struct Engine {
     streams: readahead::Streams,
     /// Background fetches of opened files' heads.
     intents: intent::Intents,
+    /// The image's zstd dictionary, prepared: loaded at the first block that needs it (from
+    /// the cache, else the remote), verified against its hash. Unset after a failure, so the
+    /// next block that needs it tries again.
+    dictionary: tokio::sync::OnceCell<Arc<crate::dict::BlockDictionary>>,
 }
 
 impl Drop for Engine {
@@ -247,6 +254,7 @@ impl Engine {
             parked_blocks,
             streams: readahead::Streams::new(),
             intents: intent::Intents::new(),
+            dictionary: tokio::sync::OnceCell::new(),
         }))
     }
 

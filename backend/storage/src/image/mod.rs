@@ -13,7 +13,16 @@ use crate::error::{Error, Result};
 
 pub const BLOCK_SIZE: usize = 4096;
 pub const MAGIC: &[u8; 8] = b"INCFSIMG";
-pub const VERSION: u32 = 1;
+/// The version the packer writes for an image with a dictionary; one without is written as
+/// version 1, byte for byte what older packers wrote (same image id, readable by older
+/// readers).
+pub const VERSION: u32 = 2;
+/// Versions this reader decodes.
+pub const VERSIONS: std::ops::RangeInclusive<u32> = 1..=2;
+/// Largest zstd dictionary a manifest may name: a reader holds it, prepared, per image.
+pub const DICT_MAX: u64 = 1 << 20;
+/// `dict_blob` of a version-2 manifest without a dictionary.
+const NO_DICT: u32 = u32::MAX;
 
 /// Longest name, symlink target and xattr the format accepts; Linux's own limits.
 pub const NAME_MAX: usize = 255;
@@ -140,6 +149,9 @@ pub enum BlockKind {
     Zstd = 2,
     /// All zeroes: not stored, never fetched.
     Zero = 3,
+    /// zstd frame compressed with the image's dictionary (format version 2); decompresses to
+    /// at most 4096 bytes.
+    ZstdDict = 4,
 }
 
 impl BlockKind {
@@ -148,6 +160,7 @@ impl BlockKind {
             0 => Some(BlockKind::Raw),
             2 => Some(BlockKind::Zstd),
             3 => Some(BlockKind::Zero),
+            4 => Some(BlockKind::ZstdDict),
             _ => None,
         }
     }
@@ -223,6 +236,9 @@ pub struct Inode {
 pub struct Manifest {
     pub blobs: Vec<Blob>,
     pub inodes: Vec<Inode>,
+    /// The blob holding the image's zstd dictionary (the whole blob; its id is its SHA-256),
+    /// if any: blocks of kind `ZstdDict` need it. Only version 2 can name one.
+    pub dictionary: Option<u32>,
 }
 
 // Inode kinds on disk.
@@ -236,8 +252,17 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(64 + self.inodes.len() * 64);
         w.extend_from_slice(MAGIC);
-        put32(&mut w, VERSION);
-        put32(&mut w, 0);
+        match self.dictionary {
+            None => {
+                put32(&mut w, 1);
+                put32(&mut w, 0);
+            }
+            Some(d) => {
+                put32(&mut w, VERSION);
+                put32(&mut w, 0);
+                put32(&mut w, d);
+            }
+        }
         put32(&mut w, self.blobs.len() as u32);
         for b in &self.blobs {
             w.extend_from_slice(&b.id);
@@ -296,6 +321,11 @@ impl Manifest {
         w
     }
 
+    /// The blob holding the dictionary, if any.
+    pub fn blocks_dictionary(&self) -> Option<&Blob> {
+        self.blobs.get(self.dictionary? as usize)
+    }
+
     /// Decodes and validates a manifest. Every count and length is checked against the bytes
     /// that remain, so a hostile manifest cannot make us allocate or index out of bounds.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
@@ -304,14 +334,31 @@ impl Manifest {
             return Err(bad("not an incfs image manifest (bad magic)"));
         }
         let version = r.u32()?;
-        if version != VERSION {
-            return Err(bad(&format!("unsupported format version {version}")));
+        if !VERSIONS.contains(&version) {
+            return Err(bad(&format!(
+                "image format version {version}, this incfsd reads versions {} to {}: re-pack the image or use a newer incfsd",
+                VERSIONS.start(),
+                VERSIONS.end()
+            )));
         }
         let _flags = r.u32()?;
+        let dict_blob = if version >= 2 { r.u32()? } else { NO_DICT };
         let nblobs = r.count(40)?;
         let mut blobs = Vec::with_capacity(nblobs);
         for _ in 0..nblobs {
             blobs.push(Blob { id: r.hash()?, size: r.u64()? });
+        }
+        // Version 2 names its dictionary: a whole blob, at most DICT_MAX bytes, holding no block.
+        let dictionary = match dict_blob {
+            NO_DICT => None,
+            d => match blobs.get(d as usize) {
+                Some(b) if b.size > 0 && b.size <= DICT_MAX => Some(d),
+                Some(_) => return Err(bad(&format!("dictionary blob empty or larger than {DICT_MAX} bytes"))),
+                None => return Err(bad("dictionary in an unknown blob")),
+            },
+        };
+        if version >= 2 && dictionary.is_none() {
+            return Err(bad("version 2 manifest without a dictionary (written as version 1)"));
         }
         let ninodes = r.count(29)?;
         let mut inodes = Vec::with_capacity(ninodes);
@@ -369,7 +416,13 @@ impl Manifest {
                         let hash = r.hash()?;
                         let (blob, offset, len) =
                             if k == BlockKind::Zero { (0, 0, 0) } else { (r.u32()?, r.u64()?, r.u32()?) };
+                        if k == BlockKind::ZstdDict && dictionary.is_none() {
+                            return Err(bad("dictionary-compressed block in an image without a dictionary"));
+                        }
                         if k != BlockKind::Zero {
+                            if dictionary == Some(blob) {
+                                return Err(bad("block inside the dictionary blob"));
+                            }
                             let b = blobs.get(blob as usize).ok_or_else(|| bad("block in unknown blob"))?;
                             let end = offset.checked_add(len as u64);
                             if len == 0 || len as usize > 2 * BLOCK_SIZE || end.is_none_or(|e| e > b.size) {
@@ -397,7 +450,7 @@ impl Manifest {
         if r.remaining() != 0 {
             return Err(bad("trailing bytes"));
         }
-        let m = Manifest { blobs, inodes };
+        let m = Manifest { blobs, inodes, dictionary };
         m.check_tree()?;
         Ok(m)
     }
@@ -582,6 +635,11 @@ impl Image {
         Ok(Image { id, manifest, parent, nlink, next_file })
     }
 
+    /// The blob holding the image's zstd dictionary, if it has one.
+    pub fn dictionary(&self) -> Option<&Blob> {
+        self.manifest.blocks_dictionary()
+    }
+
     pub fn inode(&self, ino: u32) -> Option<&Inode> {
         self.manifest.inodes.get(ino as usize)
     }
@@ -684,6 +742,7 @@ pub(crate) mod tests {
                 },
                 Inode { kind: InodeKind::Symlink(b"a".to_vec()), ..meta(0o120777) },
             ],
+            dictionary: None,
         }
     }
 
@@ -723,6 +782,7 @@ pub(crate) mod tests {
                 node(0o40755, InodeKind::Dir(vec![DirEntry { name: b"g".to_vec(), ino: 3 }])),
                 node(0o100644, InodeKind::File(file(()))),
             ],
+            dictionary: None,
         };
         let bytes = m.encode();
         Image::from_manifest_bytes(ImageId::of_manifest(&bytes), &bytes).expect("image")
@@ -809,6 +869,94 @@ pub(crate) mod tests {
             b[i] ^= 0xff;
             let _ = Manifest::decode(&b); // must not panic
         }
+    }
+
+    /// `sample()` with a dictionary (blob 1) and its file's block stored with it.
+    fn sample_v2() -> Manifest {
+        let mut m = sample();
+        m.blobs.push(Blob { id: [9; 32], size: 1000 });
+        m.dictionary = Some(1);
+        if let InodeKind::File(f) = &mut m.inodes[1].kind {
+            f.blocks[0].kind = BlockKind::ZstdDict;
+        }
+        m
+    }
+
+    #[test]
+    fn version_2_names_a_dictionary_and_round_trips() {
+        let m = sample_v2();
+        let bytes = m.encode();
+        assert_eq!(&bytes[8..12], &2u32.to_le_bytes());
+        assert_eq!(&bytes[16..20], &1u32.to_le_bytes(), "dict_blob follows the flags");
+        let back = Manifest::decode(&bytes).expect("decode");
+        assert_eq!(back, m);
+        let img = Image::from_manifest_bytes(ImageId::of_manifest(&bytes), &bytes).expect("image");
+        assert_eq!(img.dictionary(), Some(&Blob { id: [9; 32], size: 1000 }));
+        for n in 0..bytes.len() {
+            assert!(Manifest::decode(&bytes[..n]).is_err(), "truncated at {n}");
+        }
+    }
+
+    #[test]
+    fn version_1_is_still_read_and_still_written_without_a_dictionary() {
+        // A version-1 manifest as version-1 packers wrote it, byte for byte: a root directory
+        // holding one empty file "e".
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(b"INCFSIMG");
+        v1.extend_from_slice(&1u32.to_le_bytes()); // version
+        v1.extend_from_slice(&0u32.to_le_bytes()); // flags
+        v1.extend_from_slice(&0u32.to_le_bytes()); // no blobs
+        v1.extend_from_slice(&2u32.to_le_bytes()); // two inodes
+        let head = |v: &mut Vec<u8>, kind: u8, mode: u32| {
+            v.push(kind);
+            v.extend_from_slice(&mode.to_le_bytes());
+            v.extend_from_slice(&[0; 4 + 4 + 8 + 4]); // uid, gid, mtime
+            v.extend_from_slice(&0u32.to_le_bytes()); // no xattrs
+        };
+        head(&mut v1, 1, 0o40755);
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.push(b'e');
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        head(&mut v1, 2, 0o100644);
+        v1.extend_from_slice(&0u64.to_le_bytes()); // size
+        v1.extend_from_slice(&[0; 32]); // root of an empty file
+        let m = Manifest::decode(&v1).expect("a version-1 manifest decodes");
+        assert_eq!(m.dictionary, None);
+        // Without a dictionary the packer still writes exactly these bytes: same image id.
+        assert_eq!(m.encode(), v1);
+        let bytes = sample().encode();
+        assert_eq!(&bytes[8..12], &1u32.to_le_bytes());
+    }
+
+    #[test]
+    fn unknown_versions_and_misplaced_dictionaries_are_refused() {
+        let mut v3 = sample_v2().encode();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let e = Manifest::decode(&v3).expect_err("version 3").to_string();
+        assert!(e.contains("version 3") && e.contains("re-pack") && e.contains("newer incfsd"), "{e}");
+        // A dictionary block in a version-1 image (which has no dictionary).
+        let mut m = sample();
+        if let InodeKind::File(f) = &mut m.inodes[1].kind {
+            f.blocks[0].kind = BlockKind::ZstdDict;
+        }
+        let e = Manifest::decode(&m.encode()).expect_err("dict block without dict").to_string();
+        assert!(e.contains("without a dictionary"), "{e}");
+        // A dictionary over DICT_MAX, in an unknown blob, or holding a block.
+        let mut m = sample_v2();
+        m.blobs[1].size = DICT_MAX + 1;
+        assert!(Manifest::decode(&m.encode()).is_err());
+        let mut m = sample_v2();
+        m.dictionary = Some(2);
+        assert!(Manifest::decode(&m.encode()).is_err());
+        let mut m = sample_v2();
+        m.dictionary = Some(0);
+        assert!(Manifest::decode(&m.encode()).expect_err("block in dict").to_string().contains("dictionary blob"));
+        // Version 2 that names no dictionary: not canonical (that manifest is version 1).
+        let mut b = sample().encode();
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b.splice(16..16, u32::MAX.to_le_bytes());
+        assert!(Manifest::decode(&b).is_err());
     }
 
     #[test]
