@@ -315,9 +315,10 @@ impl Engine {
                     }
                 }
             }
-            self.counters.blocks_fetched.fetch_add(good.len() as u64, Relaxed);
             let refs: Vec<(Hash, &[u8])> = good.iter().map(|(i, d)| (blocks[*i].hash, &d[..])).collect();
             self.cache.insert_verified(&refs).map_err(|e| FetchError::Transient(format!("cache: {e}").into()))?;
+            // Counted once stored: whoever sees the count finds the blocks in the cache.
+            self.counters.blocks_fetched.fetch_add(good.len() as u64, Relaxed);
             self.flush_stats();
             fetched.extend(good);
             s = e;
