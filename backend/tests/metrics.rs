@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use support::*;
 
 /// `NAME VALUE` samples of an exposition, comments left out.
-fn samples(body: &str) -> HashMap<&str, u64> {
+fn samples<T: std::str::FromStr>(body: &str) -> HashMap<&str, T> {
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -47,7 +47,7 @@ fn blk_exports_engine_and_device_metrics() {
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
-    let m = samples(body);
+    let m: HashMap<&str, u64> = samples(body);
     assert_eq!(m.get("incfs_image_bytes"), Some(&(1 << 20)), "{body}");
     assert_eq!(m.get("incfs_blk_disk_bytes"), Some(&(1 << 20)), "{body}");
     assert_eq!(m.get("incfs_blk_overlay_blocks"), Some(&0), "{body}");
@@ -62,13 +62,7 @@ fn blk_exports_engine_and_device_metrics() {
 fn scrape(port: u16) -> HashMap<String, f64> {
     let response = http_get_local(port, "/metrics");
     let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.split_once(' ')?;
-            Some((name.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
+    samples(body).into_iter().map(|(name, value)| (name.to_string(), value)).collect()
 }
 
 /// `incfsd run` (with its supervisor) against an HTTP store: before any READ it reports the
