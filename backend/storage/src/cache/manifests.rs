@@ -27,8 +27,15 @@ impl BlockCache {
     }
 
     pub fn save_manifest(&self, id: &ImageId, bytes: &[u8]) -> Result<()> {
-        let dst = self.manifest_path(id);
-        let tmp = self.new_temp_file(&self.dir.join(MANIFESTS_DIR), &format!("{id}.tmp."), bytes)?;
+        self.save_file(MANIFESTS_DIR, &id.to_string(), bytes)
+    }
+
+    /// Writes `bytes` to `DIR/NAME` in the cache whole or not at all: a private temporary
+    /// file beside it, renamed over it.
+    fn save_file(&self, dir: &str, name: &str, bytes: &[u8]) -> Result<()> {
+        let dir = self.dir.join(dir);
+        let dst = dir.join(name);
+        let tmp = self.new_temp_file(&dir, &format!("{name}.tmp."), bytes)?;
         tmp.persist(&dst).map_err(|e| e.error).ctx(|| format!("rename {}", dst.display()))?;
         Ok(())
     }
@@ -62,11 +69,7 @@ impl BlockCache {
 
     /// Saves a verified dictionary under its SHA-256.
     pub fn save_dictionary(&self, id: &Hash, bytes: &[u8]) -> Result<()> {
-        let dst = self.dictionary_path(id);
-        let dir = self.dir.join(DICTIONARIES_DIR);
-        let tmp = self.new_temp_file(&dir, &format!("{}.tmp.", hex::encode(id)), bytes)?;
-        tmp.persist(&dst).map_err(|e| e.error).ctx(|| format!("rename {}", dst.display()))?;
-        Ok(())
+        self.save_file(DICTIONARIES_DIR, &hex::encode(id), bytes)
     }
 }
 
