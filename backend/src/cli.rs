@@ -104,10 +104,14 @@ pub struct PackArgs {
     /// than twice its size; at most 1M).
     #[arg(long, value_parser = parse_size, default_value = "112K")]
     pub dict_size: u64,
-    /// Compress every block on its own, without an image dictionary (a version-1 image,
-    /// readable by older incfsd).
+    /// Compress every block on its own, without an image dictionary.
     #[arg(long)]
     pub no_dict: bool,
+    /// Keep every block's hash and location in the manifest (format version 1, or 2 with a
+    /// dictionary: readable by older incfsd) instead of in per-file indexes in the blobs
+    /// (version 3, whose manifest grows with the files, not with the blocks).
+    #[arg(long)]
+    pub inline_hashes: bool,
     /// Lay the image out for this read trace (from `run --record-trace` or `trace merge`):
     /// its blocks first, end to end in first-access order, then the rest in file order. The
     /// trace is published with the image, as STORE/traces/ID: daemons prefetch it from

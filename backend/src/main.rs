@@ -250,7 +250,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn pack(args: PackArgs) -> Result<()> {
-    let PackArgs { src, store, level, blob_size_mb, dict_size, no_dict, trace, http } = args;
+    let PackArgs { src, store, level, blob_size_mb, dict_size, no_dict, inline_hashes, trace, http } = args;
     if dict_size > incfs::image::DICT_MAX {
         return Err(incfs::Error::Invalid(format!("--dict-size is at most {}", incfs::image::DICT_MAX)).into());
     }
@@ -262,6 +262,7 @@ fn pack(args: PackArgs) -> Result<()> {
         progress: true,
         trace: trace.clone(),
         dict_size,
+        inline_hashes,
     };
     if !http.sources.mirrors.is_empty() {
         return Err(incfs::Error::Invalid("--mirror is for reading; pack writes to --store only".into()).into());
@@ -293,7 +294,7 @@ fn pack(args: PackArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "packed {} inodes, {} files, {} bytes in {:.2}s ({:.1} MB/s): {} blocks ({} zero, {} duplicate), {} bytes stored, manifest {} bytes",
+        "packed {} inodes, {} files, {} bytes in {:.2}s ({:.1} MB/s): {} blocks ({} zero, {} duplicate), {} bytes stored, manifest {} bytes, file indexes {} bytes",
         s.inodes,
         s.files,
         s.bytes_in,
@@ -303,7 +304,8 @@ fn pack(args: PackArgs) -> Result<()> {
         s.zero_blocks,
         s.dedup_blocks,
         s.stored_bytes,
-        s.manifest_bytes
+        s.manifest_bytes,
+        s.index_bytes
     );
     let dict = match s.dict_bytes {
         0 if dict_size == 0 => "no dictionary (--no-dict)".to_string(),

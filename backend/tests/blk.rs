@@ -595,7 +595,7 @@ fn guest_ext4_lazy_and_overlay() {
             EngineConfig::default(),
         ))
         .expect("engine");
-    let known = engine.unique_blocks();
+    let known = rt.block_on(engine.unique_blocks()).expect("the image's blocks");
     let overlay = fs::File::open(&ov).expect("overlay");
     let o =
         incfs::blk::overlay::Overlay::open(&ov, 128 << 20, &image.parse().expect("id"), "disk.img").expect("overlay");

@@ -190,16 +190,28 @@ async fn round_trip_of_every_edge_case_through_nginx() {
     let c = &engine.counters;
     assert_eq!(c.verify_failures.load(Relaxed), 0);
     // Dedup: the two identical 3 MiB files and the 100k files with 997 contents fetched once.
-    let unique = engine.unique_blocks().len() as u64;
+    let unique = engine.unique_blocks().await.expect("the image's blocks").len() as u64;
     assert!(
         c.blocks_fetched.load(Relaxed) <= unique,
         "fetched {} of {unique} unique blocks",
         c.blocks_fetched.load(Relaxed)
     );
-    // Only file data crossed the wire for blobs; the store holds no block twice.
+    // The store holds no block twice, and no block crossed the wire twice: only index bytes
+    // may have (a run of blocks across files carries the indexes between them, which may
+    // have come before with their own file's index).
     let blob_total: u64 =
         fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
-    assert!(nginx.blob_bytes_sent() <= blob_total);
+    let index_total: u64 = engine
+        .image()
+        .files()
+        .map(|(_, f)| incfs::image::index::index_len(f.nblocks() as u64))
+        .sum();
+    assert!(
+        nginx.blob_bytes_sent() <= blob_total + index_total,
+        "{} > {blob_total} + {index_total}: {:?}",
+        nginx.blob_bytes_sent(),
+        c.snapshot()
+    );
     // Reading again is served from the cache.
     let before = c.remote_requests.load(Relaxed);
     let sizes = engine.image().resolve(b"sizes").expect("sizes");
@@ -225,13 +237,19 @@ async fn one_small_read_of_a_large_file_fetches_at_most_the_readahead_window() {
     let off = 50 << 20;
     let got = engine.read(ino, off + 100, 4096).await.expect("read");
     assert_eq!(got, &data[(off + 100) as usize..(off + 100 + 4096) as usize]);
-    let fetched = engine.counters.bytes_fetched.load(Relaxed);
-    let sent = nginx.blob_bytes_sent();
-    println!("fetched {fetched} bytes, nginx sent {sent} bytes for one 4 KiB read of a 100 MiB file");
+    let c = &engine.counters;
+    let index = c.index_bytes.load(Relaxed);
+    let fetched = c.bytes_fetched.load(Relaxed) - index;
+    let sent = nginx.blob_bytes_sent() - index;
+    println!("fetched {fetched} bytes of data and {index} of index for one 4 KiB read of a 100 MiB file");
     assert!(fetched <= readahead, "engine fetched {fetched}");
     assert!(sent <= readahead, "server sent {sent}");
     assert!(sent >= 8192, "the read spans two blocks");
-    assert_eq!(engine.counters.remote_requests.load(Relaxed), 1);
+    // The index: the tree's upper levels (3 blocks), then the read's segment and the next
+    // (its readahead), then the data.
+    assert!(index <= 3 * 4096 + 2 * 128 * 49, "index {index}");
+    assert_eq!(c.index_requests.load(Relaxed), 2);
+    assert_eq!(c.remote_requests.load(Relaxed), 3);
 }
 
 async fn fault_setup(t: &Path, cfg: EngineConfig) -> (FaultServer, Arc<Engine>, u32, Vec<u8>) {
@@ -290,7 +308,9 @@ async fn corrupt_data_is_never_served() {
     let got = engine.read(ino, 0, 4096).await.expect("read after one corrupt answer");
     assert_eq!(got, &data[..4096]);
     assert!(c.verify_failures.load(Relaxed) >= 1);
-    // Always corrupt: the read fails with EBADMSG and nothing is stored.
+    // Always corrupt: the read fails with EBADMSG and nothing is stored. (The file's index
+    // is loaded first: a corrupt index fails the same way, see tests/index.rs.)
+    let blocks = engine.file_blocks(ino).await.expect("blocks");
     server.set_always(Some(Fault::Corrupt));
     let off = 1 << 20;
     let err = match engine.read(ino, off, 4096).await {
@@ -299,11 +319,12 @@ async fn corrupt_data_is_never_served() {
     };
     assert_eq!(err.errno(), libc::EBADMSG, "{err}");
     let (filled, _) = engine.fill_state(ino).expect("fill");
-    let f = engine.image().file(ino).expect("file");
-    assert!(engine.cache().lookup(&f.blocks[(off / 4096) as usize].hash).is_none());
+    assert!(engine.cache().lookup(&blocks[(off / 4096) as usize].hash).is_none());
     let (ok, bad) = incfs::inspect::verify_cache(engine.cache()).expect("verify");
     assert_eq!(bad, 0);
-    assert_eq!(ok, filled);
+    // The filled blocks, and the file's tree blocks (its 512 blocks: four level-0 blocks and
+    // the one above them).
+    assert_eq!(ok, filled + 5);
     // Healthy again: the same read works.
     server.set_always(None);
     assert_eq!(engine.read(ino, off, 4096).await.expect("read"), &data[off as usize..off as usize + 4096]);
@@ -373,14 +394,26 @@ fn two_processes_share_one_cache_without_downloading_a_block_twice() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(out.stdout == data, "output differs");
     }
-    // No byte range of any blob was sent twice.
+    // No byte of data was sent twice: only the file's index (each process keeps its blocks'
+    // locations in memory), which the second process fetches alone after the first.
+    let (_, m) = stored_manifest(&store, &id);
+    let Some(InodeKind::File(f)) = m.inodes.get(1).map(|i| &i.kind) else { panic!("inode 1 is f") };
+    let incfs::image::BlockTable::Index { blob, offset } = f.table else { panic!("version 3") };
+    let index_path = format!("/blobs/{}", hex::encode(m.blobs[blob as usize].id));
+    let index_len = incfs::image::index::index_len(f.nblocks() as u64);
+    let index_end = offset + index_len - 1;
     let mut ranges = nginx.blob_ranges();
     ranges.sort();
-    for w in ranges.windows(2) {
-        assert!(w[0].0 != w[1].0 || w[0].2 < w[1].1, "overlapping fetches {:?} {:?}", w[0], w[1]);
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[i + 1..] {
+            let (lo, hi) = (a.1.max(b.1), a.2.min(b.2));
+            let overlap = a.0 == b.0 && lo <= hi;
+            let in_index = a.0 == index_path && lo >= offset && hi <= index_end;
+            assert!(!overlap || in_index, "overlapping fetches {a:?} {b:?}");
+        }
     }
     let sent = nginx.blob_bytes_sent();
-    assert!(sent <= data.len() as u64, "sent {sent} for {} bytes of data", data.len());
+    assert!(sent <= data.len() as u64 + 2 * index_len, "sent {sent} for {} bytes of data", data.len());
     let out = Command::new(INCFSD).args(["cache", "verify"]).arg(&cache).output().expect("verify");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
@@ -502,7 +535,7 @@ async fn cached_reads_go_straight_into_guest_buffers_and_stale_slots_fall_back()
     // Another process evicts block 1 (its record says so) after we learnt its slot: the
     // direct read sees it after copying and leaves the read to the ordinary path, which
     // fetches it again.
-    let h = e.image().file(ino).expect("file").blocks[1].hash;
+    let h = e.file_blocks(ino).await.expect("blocks")[1].hash;
     let slot = e.cache().lookup(&h).expect("cached");
     let slots = fs::OpenOptions::new().write(true).open(cache.join("slots")).expect("slots");
     std::os::unix::fs::FileExt::write_all_at(&slots, &2u32.to_le_bytes(), slot * 48 + 32).expect("evict");
@@ -527,6 +560,9 @@ async fn a_read_miss_looks_up_each_block_once_before_it_fetches() {
     let e = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let ino = e.image().resolve(b"f").expect("f");
     let lookups = || e.counters.cache_lookups.load(Relaxed);
+    // The file's index first (one request): the block engine's part is what is measured.
+    e.file_blocks(ino).await.expect("index");
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 1);
 
     // The READ maps its 16 blocks once: one index lookup each, all missing, nothing fetched.
     let mut buf = vec![0u8; data.len()];
@@ -534,12 +570,12 @@ async fn a_read_miss_looks_up_each_block_once_before_it_fetches() {
     let ReadOutcome::Miss(miss) = outcome else { panic!("nothing is cached yet") };
     assert_eq!(miss.missing_blocks(), (0..16).collect::<Vec<u32>>());
     assert_eq!(lookups(), 16, "one cache lookup per block");
-    assert_eq!(e.counters.remote_requests.load(Relaxed), 0, "nothing fetched while mapping");
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 1, "nothing fetched while mapping");
 
     // Awaiting the miss fetches the run in one request; the fetch hands over the blocks'
     // plaintext, so the cache is not looked at again, and only those bytes come back.
     let fetched = miss.wait().await.expect("fetch");
-    assert_eq!(e.counters.remote_requests.load(Relaxed), 1);
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 2);
     assert_eq!(lookups(), 16, "no lookup between the miss and the fetch, nor after it");
     assert_eq!(fetched.write_into(&mut ScatterBuf::from_slice(&mut buf)).expect("write"), data.len() as u32);
     assert_eq!(buf, data);
@@ -657,7 +693,7 @@ async fn a_slot_reused_under_a_read_leaves_no_foreign_bytes_in_the_buffer() {
     assert_eq!(e.read(ino, 0, 8 * 4096).await.expect("fetch"), data);
     // Another process evicts block 1 and reuses its slot for another image's block: other
     // bytes in `blocks`, the record no longer valid.
-    let h = e.image().file(ino).expect("file").blocks[1].hash;
+    let h = e.file_blocks(ino).await.expect("blocks")[1].hash;
     let slot = e.cache().lookup(&h).expect("cached");
     let blocks = fs::OpenOptions::new().write(true).open(cache.join("blocks")).expect("blocks");
     std::os::unix::fs::FileExt::write_all_at(&blocks, &[0xab; 4096], slot * 4096).expect("reuse");
@@ -696,7 +732,7 @@ async fn verify_cached_never_serves_a_block_changed_on_disk() {
     assert_eq!(e.read(ino, 0, 4 * 4096).await.expect("fetch"), data);
     // Someone with write access to the cache's storage changes a block's bytes; its record
     // still says valid, with the right hash.
-    let h = e.image().file(ino).expect("file").blocks[2].hash;
+    let h = e.file_blocks(ino).await.expect("blocks")[2].hash;
     let slot = e.cache().lookup(&h).expect("cached");
     let blocks = fs::OpenOptions::new().write(true).open(cache.join("blocks")).expect("blocks");
     std::os::unix::fs::FileExt::write_all_at(&blocks, &[0x5a; 4096], slot * 4096).expect("poison");
@@ -748,19 +784,22 @@ async fn a_trace_prefetch_fetches_exactly_the_traced_blocks() {
         (ino("big"), 7, 1),
     ];
     let traced = 6 + 3 + 1 + 1;
-    let stored: u64 = ranges
-        .iter()
-        .flat_map(|&(i, first, n)| {
-            let f = e.image().file(i).expect("file");
-            f.blocks[first as usize..(first + n) as usize].iter().map(|b| b.len as u64).collect::<Vec<_>>()
-        })
-        .sum();
+    // The files' indexes first (the prefetch's own index ranges would bring data with them:
+    // what is measured here is the block runs).
+    let mut stored = 0u64;
+    for &(i, first, n) in &ranges {
+        let blocks = e.file_blocks(i).await.expect("blocks");
+        stored += blocks[first as usize..(first + n) as usize].iter().map(|b| b.len as u64).sum::<u64>();
+    }
+    let (requests, sent) = (e.counters.remote_requests.load(Relaxed), nginx.blob_bytes_sent());
     let asked = e.prefetch(ranges.clone(), None).await;
     settle(&e, traced).await;
     assert_eq!(asked, traced);
     assert_eq!(e.counters.blocks_fetched.load(Relaxed), traced, "only the traced blocks");
-    assert_eq!(e.counters.remote_requests.load(Relaxed), 4, "adjoining runs in one request");
-    assert_eq!(nginx.blob_bytes_sent(), stored, "no byte beyond the traced blocks");
+    assert_eq!(e.counters.remote_requests.load(Relaxed) - requests, 4, "adjoining runs in one request");
+    // No byte beyond the traced blocks but the indexes of m04 and m05 (98 bytes each) between
+    // them, which the run across the three files carries.
+    assert_eq!(nginx.blob_bytes_sent() - sent, stored + 2 * 98, "no byte beyond the traced blocks");
     // Every traced block is cached and reads back; the blocks around them are not fetched.
     for &(i, first, n) in &ranges {
         for b in first..first + n {
@@ -801,28 +840,44 @@ async fn pack_with_a_trace_lays_the_traced_blocks_first_in_trace_order() {
     let nginx = Nginx::start(&t.path().join("store"), 0);
     let e = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
     let img = e.image().clone();
-    // The traced blocks are the first bytes of the first blob, end to end, in trace order.
-    let mut at = 0u64;
+    // The traced blocks lead the first blob, in trace order, each right after the one before
+    // (or after its file's index, which comes before the file's first block).
+    let mut prev: Option<incfs::image::BlockRef> = None;
+    let mut seen = std::collections::HashSet::new();
     for (path, b) in order {
-        let r = img.file(img.resolve(path.as_bytes()).expect("path")).expect("file").blocks[b];
-        assert_eq!((r.blob, r.offset), (0, at), "{path} block {b}");
-        at += r.len as u64;
+        let ino = img.resolve(path.as_bytes()).expect("path");
+        let r = e.file_blocks(ino).await.expect("blocks")[b];
+        // Nothing between two traced blocks but, before a file's first, the file's index.
+        let gap = match seen.insert(ino) {
+            true => incfs::image::index::index_len(img.file(ino).expect("file").nblocks() as u64),
+            false => 0,
+        };
+        match prev {
+            None => assert_eq!((r.blob, r.offset), (0, gap), "{path} block {b}"),
+            Some(p) => assert_eq!((r.blob, r.offset), (p.blob, p.offset + p.len as u64 + gap), "{path} block {b}"),
+        }
+        prev = Some(r);
     }
     // The rest follow in file order: big's block 0 right after them, then 1.
-    let big = img.file(img.resolve(b"big").expect("big")).expect("file");
-    assert_eq!((big.blocks[0].blob, big.blocks[0].offset), (0, at));
-    assert!(big.blocks[0].adjoins(&big.blocks[1]));
-    assert!(big.blocks[499].adjoins(&big.blocks[504]), "the traced blocks left the file's run");
+    let big = e.file_blocks(img.resolve(b"big").expect("big")).await.expect("blocks");
+    let last = prev.expect("traced");
+    assert_eq!(last.offset + last.len as u64, big[0].offset);
+    assert_eq!(big[0].offset + big[0].len as u64, big[1].offset);
+    assert!(big[499].adjoins(&big[504]), "the traced blocks left the file's run");
     // Every byte reads back as packed.
     let root = img.resolve(b"").expect("root");
     compare_tree(&e, &src, root).await;
     // A trace prefetch of an ordered pack fetches the whole trace in one request.
     let e = open(&nginx.url, id, &t.path().join("cache2"), EngineConfig::default()).await;
     let (ranges, _) = incfs::trace::parse(&img, trace).expect("parse");
-    assert_eq!(e.prefetch(ranges, None).await, 8);
+    // The range from the first traced file's index on brings the others' indexes and every
+    // traced block; it ends at a guess of their stored size (plus room for the indexes), so
+    // a block after them may come along.
+    let asked = e.prefetch(ranges, None).await;
     settle(&e, 8).await;
     assert_eq!(e.counters.remote_requests.load(Relaxed), 1);
-    assert_eq!(e.counters.blocks_fetched.load(Relaxed), 8);
+    assert!((8..=9).contains(&asked), "{asked}");
+    assert_eq!(e.counters.blocks_fetched.load(Relaxed), asked);
 }
 
 /// A tree a dictionary is for: 200 files of 4 to 40 KiB of text drawn from one vocabulary,
@@ -876,18 +931,17 @@ async fn dictionary_blocks_read_back_byte_identical_and_the_dictionary_is_fetche
     let store = t.path().join("store");
     let (id, stats) = pack(&src, &Store::new(&store), &dict_opts()).expect("pack");
     let (bytes, m) = stored_manifest(&store, &id);
-    assert_eq!(&bytes[8..12], &2u32.to_le_bytes(), "an image with a dictionary is version 2");
+    assert_eq!(&bytes[8..12], &3u32.to_le_bytes(), "version 3, with a dictionary");
     let dict = m.blocks_dictionary().expect("a dictionary that pays on this tree").clone();
     assert!(dict.size > 0 && dict.size <= 16 << 10);
-    let kinds: Vec<BlockKind> = m
-        .inodes
-        .iter()
-        .filter_map(|i| match &i.kind {
-            InodeKind::File(f) => Some(f.blocks.iter().map(|b| b.kind)),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let nginx = Nginx::start(&store, 0);
+    // The blocks' kinds, from the file indexes (through a throwaway cache).
+    let look = open(&nginx.url, id, &t.path().join("look"), EngineConfig::default()).await;
+    let mut kinds: Vec<BlockKind> = Vec::new();
+    for (ino, _) in m.inodes.iter().enumerate().filter(|(_, i)| matches!(i.kind, InodeKind::File(_))) {
+        kinds.extend(look.file_blocks(ino as u32).await.expect("blocks").iter().map(|b| b.kind));
+    }
+    drop(look);
     let with_dict = kinds.iter().filter(|k| **k == BlockKind::ZstdDict).count();
     assert!(with_dict * 2 > kinds.len(), "{with_dict} of {} blocks use the dictionary", kinds.len());
     assert!(kinds.contains(&BlockKind::Raw) && kinds.contains(&BlockKind::Zero));
@@ -901,7 +955,6 @@ async fn dictionary_blocks_read_back_byte_identical_and_the_dictionary_is_fetche
     assert_eq!(pack(&src, &Store::new(t.path().join("again")), &dict_opts()).expect("pack").0, id);
 
     // Nothing is fetched but the manifest until a block needs the dictionary.
-    let nginx = Nginx::start(&store, 0);
     let cache = t.path().join("cache");
     let engine = open(&nginx.url, id, &cache, EngineConfig::default()).await;
     let dict_path = format!("/blobs/{}", hex::encode(dict.id));
@@ -940,17 +993,26 @@ async fn version_1_images_still_read() {
     let src = t.path().join("src");
     wordy_tree(&src);
     let store = t.path().join("store");
-    // --no-dict writes what version-1 packers wrote.
-    let (id, stats) = pack(&src, &Store::new(&store), &PackOptions { dict_size: 0, ..dict_opts() }).expect("pack");
-    assert_eq!((stats.dict_bytes, stats.dict_blocks), (0, 0));
+    // --inline-hashes --no-dict writes what version-1 packers wrote; with a dictionary, what
+    // version-2 packers wrote.
+    let v1 = PackOptions { dict_size: 0, inline_hashes: true, ..dict_opts() };
+    let (id, stats) = pack(&src, &Store::new(&store), &v1).expect("pack");
+    assert_eq!((stats.dict_bytes, stats.dict_blocks, stats.index_bytes), (0, 0, 0));
     let (bytes, m) = stored_manifest(&store, &id);
     assert_eq!(&bytes[8..12], &1u32.to_le_bytes());
     assert_eq!(m.dictionary, None);
+    let (id2, _) = pack(&src, &Store::new(&store), &PackOptions { inline_hashes: true, ..dict_opts() }).expect("pack");
+    let (bytes, m) = stored_manifest(&store, &id2);
+    assert_eq!(&bytes[8..12], &2u32.to_le_bytes());
+    assert!(m.dictionary.is_some());
     let nginx = Nginx::start(&store, 0);
-    let engine = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
-    compare_tree(&engine, &src, 0).await;
-    assert_eq!(engine.counters.verify_failures.load(Relaxed), 0);
-    assert_eq!(engine.counters.dictionaries_fetched.load(Relaxed), 0);
+    for (id, dicts) in [(id, 0), (id2, 1)] {
+        let engine = open(&nginx.url, id, &t.path().join(format!("cache-{id}")), EngineConfig::default()).await;
+        compare_tree(&engine, &src, 0).await;
+        assert_eq!(engine.counters.verify_failures.load(Relaxed), 0);
+        assert_eq!(engine.counters.dictionaries_fetched.load(Relaxed), dicts);
+        assert_eq!(engine.counters.index_requests.load(Relaxed), 0, "no index: the manifest has every block");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -974,12 +1036,20 @@ async fn a_corrupted_dictionary_in_the_store_is_refused_and_no_byte_is_served() 
     let engine = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let img = engine.image().clone();
     // A file whose first block needs the dictionary.
-    let (ino, f) = img.files().find(|(_, f)| f.blocks[0].kind == BlockKind::ZstdDict).expect("a dictionary block");
+    let mut first_dict = None;
+    for (ino, _) in img.files() {
+        let blocks = engine.file_blocks(ino).await.expect("blocks");
+        if blocks.first().is_some_and(|b| b.kind == BlockKind::ZstdDict) {
+            first_dict = Some((ino, blocks[0]));
+            break;
+        }
+    }
+    let (ino, first) = first_dict.expect("a dictionary block");
     let err = engine.read(ino, 0, 4096).await.expect_err("no byte decoded with a bad dictionary is served");
     assert!(matches!(err, incfs::Error::Corrupt(_)), "{err}");
     assert_eq!(err.errno(), libc::EBADMSG);
     assert!(engine.counters.verify_failures.load(Relaxed) >= 1);
-    assert!(engine.cache().lookup(&f.blocks[0].hash).is_none());
+    assert!(engine.cache().lookup(&first.hash).is_none());
     let dicts = t.path().join("cache").join("dictionaries");
     assert_eq!(fs::read_dir(&dicts).expect("ls").count(), 0, "a bad dictionary is not saved");
     // Blocks that do not need it are still served.

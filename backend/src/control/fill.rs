@@ -43,7 +43,7 @@ impl Control {
             _ => return Err(libc::EINVAL),
         };
         let idx = self.file_by_id(&id).ok_or(libc::ENOENT)?;
-        let blocks = self.engine.image().file(idx).map(|f| f.blocks.len()).unwrap_or(0);
+        let blocks = self.engine.image().file(idx).map(|f| f.nblocks()).unwrap_or(0);
         if flags & FILL_FLAG_HASH != 0 {
             // The host holds the whole hash tree already: hash blocks are accepted and ignored.
             return Ok(FILL_HEADER_SIZE + len);

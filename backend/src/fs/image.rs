@@ -14,7 +14,7 @@ use incfs_buf::ScatterBuf;
 use incfs_fuse::{abi, Attr, Context, DirEntry, DirSink, Entry, Errno, ReadFill, ReadReply, StatFs};
 
 use crate::engine::{Engine, ReadOutcome};
-use crate::image::{BlockKind, Image, Inode, InodeKind, BLOCK_SIZE};
+use crate::image::{Image, Inode, InodeKind, BLOCK_SIZE};
 
 /// Immutable data: a day is as good as forever, and stays well inside every guest's limits.
 const TTL: Duration = Duration::from_secs(86400);
@@ -293,22 +293,23 @@ impl ImageTree {
         Ok(names)
     }
 
-    /// Holes are the all-zero blocks the image does not store.
+    /// Holes are the all-zero blocks the image does not store (of the blocks whose hashes are
+    /// loaded: the others count as data, which lseek allows).
     pub fn lseek(&self, ino: u64, _fh: u64, offset: u64, whence: u32) -> Result<u64, Errno> {
-        let (_, node) = self.node(ino)?;
+        let (idx, node) = self.node(ino)?;
         let InodeKind::File(f) = &node.kind else { return Err(libc::EINVAL) };
         if offset >= f.size {
             return Err(libc::ENXIO);
         }
         let first = (offset / BLOCK_SIZE as u64) as usize;
-        let is_hole = |r: &crate::image::BlockRef| r.kind == BlockKind::Zero;
         let found = match whence as i32 {
-            libc::SEEK_DATA => f.blocks[first..].iter().position(|r| !is_hole(r)),
-            libc::SEEK_HOLE => f.blocks[first..].iter().position(is_hole),
+            libc::SEEK_DATA => self.engine.seek_block(idx, first, false),
+            libc::SEEK_HOLE => self.engine.seek_block(idx, first, true),
             _ => return Err(libc::EINVAL),
-        };
+        }
+        .map_err(|e| e.errno())?;
         match (found, whence as i32) {
-            (Some(k), _) => Ok((((first + k) * BLOCK_SIZE) as u64).max(offset).min(f.size)),
+            (Some(b), _) => Ok(((b * BLOCK_SIZE) as u64).max(offset).min(f.size)),
             (None, libc::SEEK_DATA) => Err(libc::ENXIO),
             (None, _) => Ok(f.size),
         }

@@ -33,6 +33,9 @@ pub enum Error {
     /// The read's deadline passed before its blocks arrived (ETIME, as incfs).
     #[error("read timed out waiting for blocks")]
     Timeout,
+    /// Not possible yet, but soon: a block's hash is still being fetched (EAGAIN).
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// Data failed verification against the Merkle tree (EBADMSG, as incfs).
     #[error("block failed verification: {0}")]
     Corrupt(String),
@@ -50,6 +53,7 @@ impl Error {
             Error::Corrupt(_) => libc::EBADMSG,
             Error::NotFound(_) => libc::ENOENT,
             Error::Invalid(_) => libc::EINVAL,
+            Error::NotReady(_) => libc::EAGAIN,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             _ => libc::EIO,
         }

@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 use crate::dict::{BlockEncoder, Samples, Stored};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{
-    merkle, Blob, BlockKind, BlockRef, DirEntry, FileData, Hash, ImageId, Inode, InodeKind, Manifest, BLOCK_SIZE,
+    index, merkle, Blob, BlockKind, BlockRef, BlockTable, DirEntry, FileData, Hash, ImageId, Inode, InodeKind,
+    Manifest, BLOCK_SIZE,
     NAME_MAX, XATTR_NAME_MAX, XATTR_VALUE_MAX,
 };
 use crate::store::Store;
@@ -37,6 +38,9 @@ pub struct PackOptions {
     pub trace: Option<String>,
     /// Largest zstd dictionary to train for the image (0: none); kept only if it pays.
     pub dict_size: usize,
+    /// Every block's hash and location in the manifest (format version 1 or 2, as older
+    /// packers wrote) instead of in per-file indexes in the blobs (version 3).
+    pub inline_hashes: bool,
 }
 
 impl Default for PackOptions {
@@ -47,6 +51,7 @@ impl Default for PackOptions {
             progress: false,
             trace: None,
             dict_size: crate::dict::DEFAULT_DICT_SIZE,
+            inline_hashes: false,
         }
     }
 }
@@ -69,6 +74,8 @@ pub struct PackStats {
     pub dict_bytes: u64,
     pub dict_seconds: f64,
     pub manifest_bytes: u64,
+    /// Bytes of the per-file indexes in the blobs (version 3).
+    pub index_bytes: u64,
     pub seconds: f64,
 }
 
@@ -114,9 +121,13 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
         }
         None => None,
     };
-    let mut seen: HashMap<Hash, BlockRef> = HashMap::new();
+    // Pass 1 compresses the blocks in layout order into a staging file; pass 2 (`place`)
+    // writes them into blobs with each file's index right before its first block, once
+    // every block's place is known.
+    let mut staging = Staging::new(store)?;
+    let mut seen: HashMap<Hash, u32> = HashMap::new();
     // Blocks arrive in layout order: each lands at its index in its file.
-    let mut per_file: Vec<Vec<Option<BlockRef>>> = files.iter().map(|f| vec![None; blocks_of(f.size)]).collect();
+    let mut per_file: Vec<Vec<Option<Pending>>> = files.iter().map(|f| vec![None; blocks_of(f.size)]).collect();
 
     // Reading overlaps hashing and compression: a thread reads batches ahead.
     let (tx, rx) = mpsc::sync_channel::<Result<Vec<Chunk>>>(2);
@@ -139,19 +150,18 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
             let r = match enc.stored {
                 None => {
                     stats.zero_blocks += 1;
-                    BlockRef { hash: enc.hash, kind: BlockKind::Zero, blob: 0, len: 0, offset: 0 }
+                    Pending { hash: enc.hash, staged: None }
                 }
                 Some(_) if seen.contains_key(&enc.hash) => {
                     stats.dedup_blocks += 1;
-                    seen[&enc.hash]
+                    Pending { hash: enc.hash, staged: Some(seen[&enc.hash]) }
                 }
                 Some((kind, bytes)) => {
-                    let (blob, offset) = blobs.append(&bytes)?;
+                    let i = staging.push(*file, kind, &bytes)?;
                     stats.stored_bytes += bytes.len() as u64;
                     stats.dict_blocks += u64::from(kind == BlockKind::ZstdDict);
-                    let r = BlockRef { hash: enc.hash, kind, blob, len: bytes.len() as u32, offset };
-                    seen.insert(enc.hash, r);
-                    r
+                    seen.insert(enc.hash, i);
+                    Pending { hash: enc.hash, staged: Some(i) }
                 }
             };
             if let Some(slot) = per_file.get_mut(*file).and_then(|f| f.get_mut(*block)) {
@@ -163,15 +173,23 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
         }
     }
     reader.join().map_err(|_| Error::Invalid("reader thread panicked".into()))??;
-    let blob_list = blobs.finish()?;
-
+    let mut pending = Vec::with_capacity(files.len());
     for (f, blocks) in files.iter().zip(per_file) {
-        let Some(blocks) = blocks.into_iter().collect::<Option<Vec<BlockRef>>>() else {
+        let Some(blocks) = blocks.into_iter().collect::<Option<Vec<Pending>>>() else {
             return Err(Error::Invalid(format!("{} changed size while packing", f.path.display())));
         };
+        pending.push(blocks);
+    }
+    let placed = place(&mut blobs, staging, &pending, !opts.inline_hashes)?;
+    stats.index_bytes = placed.index_bytes;
+    let blob_list = blobs.finish()?;
+    for ((f, blocks), index) in files.iter().zip(placed.blocks).zip(placed.indexes) {
         let leaves: Vec<Hash> = blocks.iter().map(|b| b.hash).collect();
-        inodes[f.ino as usize].kind =
-            InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), blocks });
+        let table = match index {
+            Some((blob, offset)) => BlockTable::Index { blob, offset },
+            None => BlockTable::Inline(blocks),
+        };
+        inodes[f.ino as usize].kind = InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), table });
     }
     let manifest = Manifest { blobs: blob_list, inodes, dictionary };
     let bytes = manifest.encode();
@@ -183,6 +201,155 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
     }
     stats.seconds = start.elapsed().as_secs_f64();
     Ok((id, stats))
+}
+
+/// A block of a file after pass 1: its leaf, and the staged block holding it (None: zero).
+#[derive(Clone, Copy)]
+struct Pending {
+    hash: Hash,
+    staged: Option<u32>,
+}
+
+/// Stored blocks in layout order, in a temporary file of the store, until their places in
+/// the blobs are planned.
+struct Staging {
+    file: std::io::BufWriter<File>,
+    path: PathBuf,
+    size: u64,
+    /// Per staged block: the file that stored it first, its kind, its stored length.
+    blocks: Vec<(usize, BlockKind, u32)>,
+}
+
+impl Staging {
+    fn new(store: &Store) -> Result<Staging> {
+        let (file, path) = store.temp_file("staging")?;
+        Ok(Staging { file: std::io::BufWriter::with_capacity(1 << 20, file), path, size: 0, blocks: Vec::new() })
+    }
+
+    fn push(&mut self, file: usize, kind: BlockKind, bytes: &[u8]) -> Result<u32> {
+        let i = u32::try_from(self.blocks.len()).map_err(|_| Error::Invalid("too many blocks".into()))?;
+        self.file.write_all(bytes).ctx(|| format!("write {}", self.path.display()))?;
+        self.size += bytes.len() as u64;
+        self.blocks.push((file, kind, bytes.len() as u32));
+        Ok(i)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Where `BlobWriter::append` will put each piece: the same rule, without the bytes.
+struct Planner {
+    target: u64,
+    next: u32,
+    open: Option<u64>,
+}
+
+impl Planner {
+    fn place(&mut self, len: u64) -> (u32, u64) {
+        if self.open.is_some_and(|size| size + len > self.target) {
+            self.next += 1;
+            self.open = None;
+        }
+        let at = self.open.unwrap_or(0);
+        self.open = Some(at + len);
+        (self.next, at)
+    }
+}
+
+/// What `place` wrote: every file's blocks with their places, and where its index is (None
+/// for an inline table).
+struct Placed {
+    blocks: Vec<Vec<BlockRef>>,
+    indexes: Vec<Option<(u32, u64)>>,
+    index_bytes: u64,
+}
+
+/// Pass 2: plans where every staged block and (with `indexed`) every file's index goes, each
+/// index right before the first block its file stored (so one range fetches both, and the
+/// next files' after them), the indexes of files that stored no block at the end; then
+/// writes them in that order.
+fn place(blobs: &mut BlobWriter<'_>, mut staging: Staging, pending: &[Vec<Pending>], indexed: bool) -> Result<Placed> {
+    staging.file.flush().ctx(|| format!("write {}", staging.path.display()))?;
+    // Staged block -> the file whose index goes right before it.
+    let mut index_before: HashMap<u32, usize> = HashMap::new();
+    let mut trailing = Vec::new();
+    let mut first_of: HashMap<usize, u32> = HashMap::new();
+    for (i, &(f, _, _)) in staging.blocks.iter().enumerate() {
+        first_of.entry(f).or_insert(i as u32);
+    }
+    for (file, blocks) in pending.iter().enumerate() {
+        if !indexed || blocks.is_empty() {
+            continue;
+        }
+        match first_of.get(&file) {
+            Some(&i) => {
+                index_before.insert(i, file);
+            }
+            None => trailing.push(file),
+        }
+    }
+    let index_len = |file: usize| index::index_len(pending[file].len() as u64);
+    let mut plan = Planner { target: blobs.target, next: blobs.done.len() as u32, open: None };
+    let mut locs: Vec<(u32, u64)> = Vec::with_capacity(staging.blocks.len());
+    let mut indexes: Vec<Option<(u32, u64)>> = vec![None; pending.len()];
+    for (i, &(_, _, len)) in staging.blocks.iter().enumerate() {
+        if let Some(&file) = index_before.get(&(i as u32)) {
+            indexes[file] = Some(plan.place(index_len(file)));
+        }
+        locs.push(plan.place(len as u64));
+    }
+    for &file in &trailing {
+        indexes[file] = Some(plan.place(index_len(file)));
+    }
+    let blocks: Vec<Vec<BlockRef>> = pending
+        .iter()
+        .map(|file| {
+            file.iter()
+                .map(|p| match p.staged {
+                    None => BlockRef { hash: p.hash, kind: BlockKind::Zero, blob: 0, len: 0, offset: 0 },
+                    Some(i) => {
+                        let (_, kind, len) = staging.blocks[i as usize];
+                        let (blob, offset) = locs[i as usize];
+                        BlockRef { hash: p.hash, kind, blob, len, offset }
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    // Write in the planned order; every piece must land where it was planned.
+    let (path, staged) = (&staging.path, &staging.blocks);
+    let mut index_bytes = 0;
+    let put = |blobs: &mut BlobWriter<'_>, bytes: &[u8], want: (u32, u64)| -> Result<()> {
+        let got = blobs.append(bytes)?;
+        if got != want {
+            return Err(Error::Invalid(format!("pack: planned {want:?}, written at {got:?}")));
+        }
+        Ok(())
+    };
+    let mut reader =
+        std::io::BufReader::with_capacity(1 << 20, File::open(path).ctx(|| format!("open {}", path.display()))?);
+    let mut buf = vec![0u8; 2 * BLOCK_SIZE];
+    for (i, &(_, _, len)) in staged.iter().enumerate() {
+        if let Some(&f) = index_before.get(&(i as u32)) {
+            let bytes = index::encode(&blocks[f]);
+            index_bytes += bytes.len() as u64;
+            put(blobs, &bytes, indexes[f].unwrap_or_default())?;
+        }
+        let data = &mut buf[..len as usize];
+        std::io::Read::read_exact(&mut reader, data).ctx(|| format!("read {}", path.display()))?;
+        put(blobs, data, locs[i])?;
+    }
+    for &f in &trailing {
+        let bytes = index::encode(&blocks[f]);
+        index_bytes += bytes.len() as u64;
+        put(blobs, &bytes, indexes[f].unwrap_or_default())?;
+    }
+    drop(staging);
+    Ok(Placed { blocks, indexes, index_bytes })
 }
 
 fn blocks_of(size: u64) -> usize {
@@ -379,7 +546,7 @@ impl Walker {
                         let i = self.push(
                             &child,
                             &m,
-                            InodeKind::File(FileData { size: 0, root: [0; 32], blocks: vec![] }),
+                            InodeKind::File(FileData { size: 0, root: [0; 32], table: BlockTable::Inline(vec![]) }),
                         )?;
                         if m.nlink() > 1 {
                             self.links.insert(key, i);

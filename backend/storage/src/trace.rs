@@ -184,7 +184,7 @@ pub fn parse(image: &Image, text: &str) -> Result<(Vec<Range>, usize)> {
             continue;
         };
         let (ino, f) = f;
-        let end = (first as u64 + count as u64).min(f.blocks.len() as u64) as u32;
+        let end = (first as u64 + count as u64).min(f.nblocks() as u64) as u32;
         if first >= end {
             skipped += 1;
             continue;

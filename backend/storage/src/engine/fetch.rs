@@ -61,7 +61,8 @@ const MIN_SPLIT_BLOCKS: usize = 16;
 type Fetched = (Vec<(usize, Arc<[u8]>)>, Vec<usize>);
 
 impl Engine {
-    /// Joins or starts fetches for the missing blocks; returns what to wait on.
+    /// Joins or starts fetches for the missing blocks (located: see `locate`); returns what
+    /// to wait on.
     pub(super) fn request(
         self: &Arc<Self>,
         file: u32,
@@ -75,7 +76,8 @@ impl Engine {
         {
             let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             for &b in missing {
-                let h = f.blocks[b].hash;
+                let Some(first) = self.block_ref(file, b) else { continue };
+                let h = first.hash;
                 if let Some(fl) = map.get(&h) {
                     fl.extend(deadline);
                     waits.push((h, fl.clone()));
@@ -97,11 +99,11 @@ impl Engine {
                 // A run: this block, then neighbours stored right after it that nobody has,
                 // past the end of the file into the files packed after it (small files of a
                 // directory are read together: one round trip instead of one per file).
-                let mut run = vec![(f.blocks[b], fl)];
+                let mut run = vec![(first, fl)];
                 let limit = self.readahead_window(file, b, read_end);
                 let (mut cur_file, mut cur, mut next) = (file, f, b + 1);
                 while run.len() < limit {
-                    if next >= cur.blocks.len() {
+                    if next >= cur.nblocks() {
                         let n = self.image.next_file.get(cur_file as usize).copied().unwrap_or(u32::MAX);
                         match (self.cfg.cross_file_readahead, self.image.file(n)) {
                             (true, Some(nf)) => (cur_file, cur, next) = (n, nf, 0),
@@ -109,7 +111,8 @@ impl Engine {
                         }
                         continue;
                     }
-                    let r = cur.blocks[next];
+                    // A block whose location is not loaded ends the run.
+                    let Some(r) = self.block_ref(cur_file, next) else { break };
                     if !run[run.len() - 1].0.adjoins(&r)
                         || map.contains_key(&r.hash)
                         || self.cache.lookup(&r.hash).is_some()
@@ -121,7 +124,7 @@ impl Engine {
                     run.push((r, nf));
                     next += 1;
                 }
-                let in_file = run.len().min(f.blocks.len() - b);
+                let in_file = run.len().min(f.nblocks() - b);
                 self.note_fetch(file, b, in_file, limit);
                 // The blocks the read waits for in a request of their own, so it does not
                 // wait for the readahead behind them too.
@@ -329,7 +332,7 @@ impl Engine {
     /// The image's dictionary, loaded once (from the cache, else the remote) and verified
     /// against the SHA-256 the manifest names. Ok(None) if it has none, or if what the
     /// remote sent is not it (logged; the blocks that need it then fail verification).
-    async fn dictionary(&self) -> Result<Option<Arc<BlockDictionary>>, FetchError> {
+    pub(super) async fn dictionary(&self) -> Result<Option<Arc<BlockDictionary>>, FetchError> {
         let Some(blob) = self.image.dictionary() else { return Ok(None) };
         let load = async {
             if let Some(bytes) = self.cache.load_dictionary(&blob.id) {

@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 
 use super::{Engine, FillSource};
-use crate::image::{BlockKind, BLOCK_SIZE};
+use crate::image::{merkle, BLOCK_SIZE};
 
 /// Intent fetches in flight at once; hints past it are dropped.
 pub const MAX_INTENT_FETCHES: usize = 8;
@@ -49,6 +49,11 @@ impl Intents {
     pub(super) fn new() -> Self {
         Intents { rt: Handle::try_current().ok(), in_flight: Arc::new(AtomicUsize::new(0)) }
     }
+
+    /// The runtime background work runs on.
+    pub(super) fn runtime(&self) -> Option<&Handle> {
+        self.rt.as_ref()
+    }
 }
 
 /// Gives an intent slot back however its task ends.
@@ -72,16 +77,17 @@ impl Engine {
         let Ok(f) = self.file(file) else { return false };
         let head = usize::try_from(f.size.min(self.cfg.readahead).div_ceil(BLOCK_SIZE as u64))
             .unwrap_or(usize::MAX)
-            .min(f.blocks.len());
-        // One look: a file whose first data block is cached or on its way was read before.
-        let Some(first) = f.blocks[..head].iter().position(|r| r.kind != BlockKind::Zero) else {
-            return false;
-        };
-        if self.hint(file, first).is_some_and(|h| h.load(Relaxed) != 0)
-            || self.cache.lookup(&f.blocks[first].hash).is_some()
-            || self.inflight.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&f.blocks[first].hash)
-        {
-            return false;
+            .min(f.nblocks());
+        // One look: a file whose first data block is cached or on its way was read before. A
+        // file whose index is not loaded was not (or not since the cache lost its tree block).
+        if let Some(hashes) = self.block_hashes(file, f, 0, head) {
+            let Some(first) = hashes.iter().position(|h| *h != merkle::zero_leaf()) else { return false };
+            if self.hint(file, first).is_some_and(|h| h.load(Relaxed) != 0)
+                || self.cache.lookup(&hashes[first]).is_some()
+                || self.inflight.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&hashes[first])
+            {
+                return false;
+            }
         }
         let slots = &self.intents.in_flight;
         if slots.fetch_update(Relaxed, Relaxed, |n| (n < MAX_INTENT_FETCHES).then_some(n + 1)).is_err() {
@@ -94,11 +100,18 @@ impl Engine {
         rt.spawn(async move {
             let _slot = slot;
             let Ok(f) = me.file(file) else { return };
-            let missing: Vec<usize> = (first..head)
-                .filter(|&b| f.blocks[b].kind != BlockKind::Zero && me.cache.lookup(&f.blocks[b].hash).is_none())
+            let deadline = Instant::now() + me.cfg.read_timeout;
+            let extra = (head * BLOCK_SIZE) as u64;
+            if let Err(e) = me.locate(file, 0, head, extra, deadline).await {
+                tracing::debug!(inode = file, "intent: loading the file's index: {e}");
+                return;
+            }
+            let Some(hashes) = me.block_hashes(file, f, 0, head) else { return };
+            let missing: Vec<usize> = (0..head)
+                .filter(|&b| hashes[b] != merkle::zero_leaf() && me.cache.lookup(&hashes[b]).is_none())
                 .collect();
             me.counters.intents.intent_blocks.fetch_add(missing.len() as u64, Relaxed);
-            let waits = me.request(file, f, &missing, head, Instant::now() + me.cfg.read_timeout);
+            let waits = me.request(file, f, &missing, head, deadline);
             for (_, w) in waits {
                 let mut rx = w.done.subscribe();
                 let _ = rx.wait_for(|o| o.is_some()).await;

@@ -27,6 +27,7 @@ mod prefetch;
 mod read;
 mod readahead;
 mod startup;
+mod table;
 
 pub use intent::{IntentCounters, MAX_INTENT_FETCHES};
 
@@ -140,6 +141,14 @@ pub struct Counters {
     pub read_wait_us: AtomicU64,
     /// Fetches started by a guest's OPEN or LOOKUP (`intent.rs`).
     pub intents: IntentCounters,
+    /// Requests for file indexes (version 3; `table.rs`), and the files whose index (or part
+    /// of it) they brought.
+    pub index_requests: AtomicU64,
+    pub indexes_loaded: AtomicU64,
+    /// Bytes of file indexes those requests asked for (the rest of `bytes_fetched` is data).
+    pub index_bytes: AtomicU64,
+    /// Blocks that came with an index request, not asked for by a fetch of their own.
+    pub blocks_harvested: AtomicU64,
 }
 
 impl Counters {
@@ -164,6 +173,10 @@ impl Counters {
             ("cache_lookups", c(&self.cache_lookups)),
             ("parked_waits", c(&self.parked_waits)),
             ("read_wait_us", c(&self.read_wait_us)),
+            ("index_requests", c(&self.index_requests)),
+            ("indexes_loaded", c(&self.indexes_loaded)),
+            ("index_bytes", c(&self.index_bytes)),
+            ("blocks_harvested", c(&self.blocks_harvested)),
         ]
         .into_iter()
         .chain(self.intents.snapshot())
@@ -206,6 +219,8 @@ pub struct Engine {
     streams: readahead::Streams,
     /// Background fetches of opened files' heads.
     intents: intent::Intents,
+    /// Each file's block hashes and locations, loaded on demand (version 3).
+    tables: table::Tables,
     /// The image's zstd dictionary, prepared: loaded at the first block that needs it (from
     /// the cache, else the remote), verified against its hash. Unset after a failure, so the
     /// next block that needs it tries again.
@@ -233,12 +248,15 @@ impl Engine {
         let mut total = 0u64;
         for (i, f) in image.files() {
             block_base[i as usize] = total;
-            total += f.blocks.len() as u64;
+            total += f.nblocks() as u64;
         }
         let slot_hints = (0..total).map(|_| AtomicU64::new(0)).collect();
         let parked_blocks =
             u32::try_from(cfg.max_parked_bytes / BLOCK_SIZE as u64).unwrap_or(u32::MAX).clamp(1, 1 << 28);
-        Ok(Arc::new(Engine {
+        let tables = table::Tables::new(&image);
+        let supplied = cfg.fill == FillSource::Supplied;
+        let engine = Arc::new(Engine {
+            tables,
             slot_hints,
             block_base,
             image,
@@ -255,7 +273,14 @@ impl Engine {
             streams: readahead::Streams::new(),
             intents: intent::Intents::new(),
             dictionary: tokio::sync::OnceCell::new(),
-        }))
+        });
+        // A guest data loader may supply any block at any time, and each is checked against
+        // its hash at once: every file's index is loaded up front (as the manifest of
+        // versions 1 and 2 held them).
+        if supplied {
+            engine.locate_all(tokio::time::Instant::now() + patience).await?;
+        }
+        Ok(engine)
     }
 
     /// Adds this engine's hits and misses since the last call to the cache-wide totals
@@ -314,7 +339,7 @@ impl Engine {
         self.image.file(file).ok_or_else(|| Error::Invalid(format!("inode {file} is not a regular file")))
     }
 
-    /// Block range [first, end) covering a read, clamped to the file.
+    /// Bytes of a read and the block range [first, last) covering it, clamped to the file.
     fn span(f: &FileData, offset: u64, len: u32) -> (u64, usize, usize) {
         if offset >= f.size || len == 0 {
             return (0, 0, 0);

@@ -9,19 +9,26 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::fetch::InFlight;
+use super::table::Speculation;
 use super::{Engine, FillSource};
-use crate::image::{BlockKind, BlockRef, Hash};
+use crate::image::index::SEGMENT_BLOCKS;
+use crate::image::{BlockKind, BlockRef, Hash, BLOCK_SIZE};
 use crate::trace::{self, Recorder};
 
 impl Engine {
     /// The distinct blocks of the image that must come from a remote (zero blocks excluded).
-    pub fn unique_blocks(&self) -> HashSet<Hash> {
-        self.image
-            .files()
-            .flat_map(|(_, f)| f.blocks.iter())
-            .filter(|r| r.kind != BlockKind::Zero)
-            .map(|r| r.hash)
-            .collect()
+    /// Every file index not loaded yet is fetched.
+    pub async fn unique_blocks(self: &Arc<Self>) -> crate::error::Result<HashSet<Hash>> {
+        self.locate_all(Instant::now() + Duration::from_secs(60)).await?;
+        let zero = crate::image::merkle::zero_leaf();
+        let mut out = HashSet::new();
+        for (ino, f) in self.image.files() {
+            let hashes = self
+                .block_hashes(ino, f, 0, f.nblocks())
+                .ok_or_else(|| crate::error::Error::NotFound(format!("the index of inode {ino}")))?;
+            out.extend(hashes.into_iter().filter(|h| *h != zero));
+        }
+        Ok(out)
     }
 
     /// From now on, note the first read of every block (see `recorded`).
@@ -40,7 +47,7 @@ impl Engine {
     /// `rate` as `prefetch`. Returns the blocks it asked for.
     pub async fn fetch_all(self: &Arc<Self>, rate: Option<u64>) -> u64 {
         let ranges = (0..self.image.manifest.inodes.len() as u32)
-            .filter_map(|file| Some((file, 0, u32::try_from(self.image.file(file)?.blocks.len()).ok()?)))
+            .filter_map(|file| Some((file, 0, u32::try_from(self.image.file(file)?.nblocks()).ok()?)))
             .filter(|r| r.2 > 0)
             .collect();
         self.prefetch(ranges, rate).await
@@ -69,35 +76,109 @@ impl Engine {
             requested: 0,
             asked: 0,
         };
+        // Blocks an index range brings come with it: counted as asked for.
+        let harvested = self.counters.blocks_harvested.load(Relaxed);
+        let located = self.locate_ranges(&ranges, &mut run).await;
+        run.asked += self.counters.blocks_harvested.load(Relaxed) - harvested;
+        if !located {
+            return run.asked;
+        }
         for (file, first, count) in ranges {
             let Ok(f) = self.file(file) else { continue };
-            let end = (first as usize + count as usize).min(f.blocks.len());
-            for r in f.blocks.get(first as usize..end).unwrap_or_default() {
+            let end = (first as usize + count as usize).min(f.nblocks());
+            for b in first as usize..end {
+                // Not located: its index could not be fetched (logged); demand reads try again.
+                let Some(r) = self.block_ref(file, b) else { continue };
                 // A block the trace names again (or a duplicate of one) would break a run.
                 if r.kind == BlockKind::Zero || !run.queued.insert(r.hash) || self.cache.lookup(&r.hash).is_some() {
                     continue;
                 }
-                let full = run.blocks.last().is_some_and(|last| !last.adjoins(r))
+                let full = run.blocks.last().is_some_and(|last| !last.adjoins(&r))
                     || run.blocks.len() >= PREFETCH_REQUEST_BLOCKS;
                 if full && !self.prefetch_run(&mut run).await {
                     return run.asked;
                 }
-                run.blocks.push(*r);
+                run.blocks.push(r);
             }
         }
         self.prefetch_run(&mut run).await;
         run.asked
     }
 
-    /// Starts the fetch of `p.blocks` (emptied) once a request slot is free and the rate
-    /// allows; blocks someone else fetched or started meanwhile are left to them. False if
-    /// the prefetch must stop.
-    async fn prefetch_run(self: &Arc<Self>, p: &mut Prefetch) -> bool {
-        let blocks = std::mem::take(&mut p.blocks);
-        if blocks.is_empty() {
-            return true;
+    /// Loads the indexes of the files of `ranges` (version 3), `PREFETCH_REQUESTS` at once
+    /// under the prefetch's rate, in the ranges' order. Each index range goes on past the
+    /// index for the bytes of the blocks asked for (up to `PREFETCH_REQUEST_BLOCKS`): as
+    /// `pack` lays blobs out, that is the file's data, and everything it holds is kept. False
+    /// if the prefetch must stop.
+    async fn locate_ranges(self: &Arc<Self>, ranges: &[trace::Range], p: &mut Prefetch) -> bool {
+        let files: Arc<HashSet<u32>> = Arc::new(ranges.iter().map(|r| r.0).collect());
+        // Bytes from each range to the end of the trace (its blocks at most 8 KiB stored, and
+        // each file's index once): in an access-ordered pack, what lies after the range.
+        let mut after = vec![0u64; ranges.len() + 1];
+        let mut indexed: HashSet<u32> = HashSet::new();
+        for (i, &(file, _, count)) in ranges.iter().enumerate().rev() {
+            let index = match (indexed.insert(file), self.file(file)) {
+                (true, Ok(f)) if f.inline().is_none() => crate::image::index::index_len(f.nblocks() as u64),
+                _ => 0,
+            };
+            after[i] = after[i + 1] + count as u64 * BLOCK_SIZE as u64 + index;
         }
-        let Ok(permit) = p.slots.clone().acquire_owned().await else { return false };
+        let mut asked: HashSet<(u32, usize)> = HashSet::new();
+        // Where the ranges under way will reach (blob, from, to): a file whose index lies in
+        // one waits for it (in an access-ordered pack, one range brings many files).
+        let mut reach: Vec<(u32, u64, u64)> = Vec::new();
+        let mut later: Vec<usize> = Vec::new();
+        for round in 0..2 {
+            let todo: Vec<usize> = match round {
+                0 => (0..ranges.len()).collect(),
+                _ => std::mem::take(&mut later),
+            };
+            for i in todo {
+                let (file, first, count) = ranges[i];
+                let Ok(f) = self.file(file) else { continue };
+                let (first, last) = (first as usize, (first as usize + count as usize).min(f.nblocks()));
+                if first >= last || self.located(file, first, last) {
+                    continue;
+                }
+                let place = match f.table {
+                    crate::image::BlockTable::Index { blob, offset } => Some((blob, offset)),
+                    crate::image::BlockTable::Inline(_) => None,
+                };
+                if round == 0 && place.is_some_and(|(b, o)| reach.iter().any(|&(rb, lo, hi)| rb == b && lo < o && o < hi)) {
+                    later.push(i);
+                    continue;
+                }
+                if !asked.insert((file, first / SEGMENT_BLOCKS)) {
+                    continue;
+                }
+                let bytes = after[i].min((PREFETCH_REQUEST_BLOCKS * BLOCK_SIZE) as u64);
+                if let Some((b, o)) = place {
+                    reach.push((b, o, o + crate::image::index::index_len(f.nblocks() as u64) + bytes + bytes / 32));
+                }
+                let Some(permit) = self.prefetch_slot(p, bytes).await else { return false };
+                let me = self.clone();
+                let spec = Speculation { bytes, files: Some(files.clone()) };
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    if let Err(e) = me.locate(file, first, last, spec, deadline).await {
+                        tracing::warn!(inode = file, "prefetch: loading the file's index: {e}");
+                    }
+                    drop(permit);
+                });
+            }
+            // Every index loaded (or given up) before the next round, and before the runs.
+            match p.slots.acquire_many(PREFETCH_REQUESTS as u32).await {
+                Ok(all) => drop(all),
+                Err(_) => return false,
+            }
+            reach.clear();
+        }
+        true
+    }
+
+    /// A request slot, once one is free and the rate allows `bytes` more.
+    async fn prefetch_slot(&self, p: &mut Prefetch, bytes: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = p.slots.clone().acquire_owned().await.ok()?;
         if let Some(rate) = p.rate {
             // Within the cap: what arrived since the call (demand reads included), or what
             // this prefetch asked for if more (its requests in flight count before they land).
@@ -110,7 +191,20 @@ impl Engine {
                 tokio::time::sleep_until(p.start + due).await;
             }
         }
-        p.requested += blocks.iter().map(|r| r.len as u64).sum::<u64>();
+        p.requested += bytes;
+        Some(permit)
+    }
+
+    /// Starts the fetch of `p.blocks` (emptied) once a request slot is free and the rate
+    /// allows; blocks someone else fetched or started meanwhile are left to them. False if
+    /// the prefetch must stop.
+    async fn prefetch_run(self: &Arc<Self>, p: &mut Prefetch) -> bool {
+        let blocks = std::mem::take(&mut p.blocks);
+        if blocks.is_empty() {
+            return true;
+        }
+        let bytes = blocks.iter().map(|r| r.len as u64).sum::<u64>();
+        let Some(permit) = self.prefetch_slot(p, bytes).await else { return false };
         let flights = self.fetch_exact(&blocks, Instant::now() + Duration::from_secs(60));
         p.asked += flights.len() as u64;
         self.counters.prefetch_blocks.fetch_add(flights.len() as u64, Relaxed);

@@ -16,7 +16,11 @@ use tokio::time::Instant;
 use super::fetch::Outcome;
 use super::{Engine, FillSource, ParkedBytes};
 use crate::error::{Error, Result};
-use crate::image::{BlockKind, BlockRef, FileData, Hash, BLOCK_SIZE};
+use crate::image::{merkle, FileData, Hash, BLOCK_SIZE};
+
+fn is_zero(h: &Hash) -> bool {
+    *h == merkle::zero_leaf()
+}
 
 const BS: u64 = BLOCK_SIZE as u64;
 
@@ -113,8 +117,10 @@ impl Miss {
         c.read_wait_us.fetch_add(t.elapsed().as_micros() as u64, Relaxed);
         if matches!(res, Err(Error::Timeout)) && self.engine.cfg.fill == FillSource::Supplied {
             if let Ok(f) = self.engine.file(self.file) {
-                let hashes = self.missing.iter().filter_map(|&b| f.blocks.get(b as usize)).map(|r| r.hash);
-                self.engine.forget_expired_waits(hashes);
+                let e = &self.engine;
+                let hashes =
+                    self.missing.iter().filter_map(|&b| e.block_hashes(self.file, f, b as usize, b as usize + 1)?.pop());
+                e.forget_expired_waits(hashes);
             }
         }
         c.reads.fetch_add(1, Relaxed);
@@ -136,10 +142,29 @@ impl Miss {
         let f = e.file(self.file)?;
         let mut blocks = Vec::with_capacity(self.missing.len());
         let mut missing: Vec<usize> = self.missing.iter().map(|&b| b as usize).collect();
+        let Some(&first) = missing.first() else {
+            return Ok(MissData { offset: self.offset, len: self.len, blocks, _room: None });
+        };
+        // The blocks' hashes and locations first, with those of the readahead after them; a
+        // range that brings a file's index also brings the data stored after it.
+        let window = e.readahead_window(self.file, first, self.read_end);
+        let extra = (window as u64).saturating_mul(BS);
+        e.locate(self.file, first, self.read_end.saturating_add(window), extra, deadline).await?;
+        let mut hashes: HashMap<usize, Hash> = HashMap::with_capacity(missing.len());
+        for &b in &missing {
+            let h = e.block_hashes(self.file, f, b, b + 1).and_then(|mut h| h.pop());
+            hashes.insert(b, h.ok_or_else(|| Error::Corrupt(format!("no hash for block {b}")))?);
+        }
         loop {
             // What this process's fetches handed over: no need for the cache to still have it.
             let mut fetched: HashMap<Hash, Arc<[u8]>> = HashMap::new();
-            for (hash, w) in e.request(self.file, f, &missing, self.read_end, deadline) {
+            // Zero blocks are never fetched; blocks an index range brought are cached.
+            let to_fetch: Vec<usize> = missing
+                .iter()
+                .copied()
+                .filter(|b| hashes.get(b).is_some_and(|h| !is_zero(h) && e.cache.lookup(h).is_none()))
+                .collect();
+            for (hash, w) in e.request(self.file, f, &to_fetch, self.read_end, deadline) {
                 let mut rx = w.done.subscribe();
                 let outcome = loop {
                     // Blocks supplied by a guest may come through another daemon on this
@@ -171,7 +196,7 @@ impl Miss {
             // Only what was missing: handed over, else stored by someone else.
             let mut still = Vec::new();
             for b in missing {
-                if let Some(data) = fetched.get(&f.blocks[b].hash) {
+                if let Some(data) = hashes.get(&b).and_then(|h| fetched.get(h)) {
                     blocks.push((b as u32, data.clone()));
                     continue;
                 }
@@ -215,7 +240,19 @@ impl Engine {
         if let Some(r) = self.recorder.get() {
             r.note(file, first, last);
         }
-        let missing = self.copy_cached(file, f, offset, offset + n, first, last, out)?;
+        let Some(hashes) = self.block_hashes(file, f, first, last) else {
+            // The file's index is not loaded: the whole read waits for it.
+            return Ok(ReadOutcome::Miss(Miss {
+                engine: self.clone(),
+                file,
+                offset,
+                len: n as u32,
+                read_end: last,
+                cached: 0,
+                missing: (first as u32..last as u32).collect(),
+            }));
+        };
+        let missing = self.copy_cached(file, &hashes, offset, offset + n, first, last, out)?;
         if missing.is_empty() {
             self.count_hit(last - first);
             return Ok(ReadOutcome::Done(n as u32));
@@ -300,19 +337,17 @@ impl Engine {
         self.counters.cache_hits.fetch_add(blocks as u64, Relaxed);
     }
 
-    /// Where the cache holds blocks [first, last) of `f` (None: missing, or a zero block).
-    /// Hinted slots first; the index only for blocks without a hint.
-    fn cached_slots(&self, file: u32, f: &FileData, first: usize, last: usize) -> Vec<Option<u64>> {
-        let blocks = &f.blocks[first..last];
-        let mut slots: Vec<Option<u64>> = (first..last)
+    /// Where the cache holds the blocks with `hashes` from block `first` of `file` on (None:
+    /// missing, or a zero block). Hinted slots first; the index only for blocks without a hint.
+    fn cached_slots(&self, file: u32, hashes: &[Hash], first: usize) -> Vec<Option<u64>> {
+        let mut slots: Vec<Option<u64>> = (first..first + hashes.len())
             .map(|b| self.hint(file, b).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1))
             .collect();
-        let unhinted: Vec<usize> =
-            (0..blocks.len()).filter(|&i| slots[i].is_none() && blocks[i].kind != BlockKind::Zero).collect();
+        let unhinted: Vec<usize> = (0..hashes.len()).filter(|&i| slots[i].is_none() && !is_zero(&hashes[i])).collect();
         if !unhinted.is_empty() {
             self.counters.cache_lookups.fetch_add(unhinted.len() as u64, Relaxed);
             let mut found = Vec::with_capacity(unhinted.len());
-            self.cache.lookup_many(unhinted.iter().map(|&i| &blocks[i].hash), &mut found);
+            self.cache.lookup_many(unhinted.iter().map(|&i| &hashes[i]), &mut found);
             for (&i, s) in unhinted.iter().zip(found) {
                 slots[i] = s;
                 if let (Some(h), Some(s)) = (self.hint(file, first + i), s) {
@@ -324,22 +359,22 @@ impl Engine {
     }
 
     /// How many blocks from `i` on are stored in consecutive slots (one copy for them all).
-    fn slot_run(blocks: &[BlockRef], slots: &[Option<u64>], i: usize, slot: u64) -> usize {
+    fn slot_run(hashes: &[Hash], slots: &[Option<u64>], i: usize, slot: u64) -> usize {
         let mut n = 1;
-        while i + n < blocks.len() && blocks[i + n].kind != BlockKind::Zero && slots[i + n] == Some(slot + n as u64) {
+        while i + n < hashes.len() && !is_zero(&hashes[i + n]) && slots[i + n] == Some(slot + n as u64) {
             n += 1;
         }
         n
     }
 
-    /// Copies the bytes [offset, end) of blocks [first, last) of `f` that the cache has into
-    /// `out` (file byte `offset` at the buffer's start), zeroes zero blocks, and returns the
-    /// blocks that are missing.
+    /// Copies the bytes [offset, end) of blocks [first, last) of `file` (with leaf `hashes`)
+    /// that the cache has into `out` (file byte `offset` at the buffer's start), zeroes zero
+    /// blocks, and returns the blocks that are missing.
     #[allow(clippy::too_many_arguments)]
     fn copy_cached(
         &self,
         file: u32,
-        f: &FileData,
+        hashes: &[Hash],
         offset: u64,
         end: u64,
         first: usize,
@@ -348,15 +383,15 @@ impl Engine {
     ) -> Result<Vec<u32>> {
         let io = |e| Error::io("copy cached blocks", e);
         let mut missing = Vec::new();
-        let blocks = &f.blocks[first..last];
-        let slots = self.cached_slots(file, f, first, last);
+        let blocks = &hashes[..last - first];
+        let slots = self.cached_slots(file, blocks, first);
         let mut i = 0;
         while i < blocks.len() {
             let b = first + i;
             let start = b as u64 * BS;
             let s = start.max(offset);
             let at = (s - offset) as usize;
-            if blocks[i].kind == BlockKind::Zero {
+            if is_zero(&blocks[i]) {
                 out.zero(at, ((start + BS).min(end) - s) as usize).map_err(io)?;
                 i += 1;
                 continue;
@@ -371,8 +406,7 @@ impl Engine {
             let k = if s == start { Self::slot_run(blocks, &slots, i, slot) } else { 1 };
             let e = ((b + k) as u64 * BS).min(end);
             let copied = if s == start {
-                let hashes = blocks[i..i + k].iter().map(|r| &r.hash);
-                self.cache.read_run_into(slot, hashes, out, at, (e - s) as usize)?
+                self.cache.read_run_into(slot, blocks[i..i + k].iter(), out, at, (e - s) as usize)?
             } else {
                 self.copy_bounced(slot, &blocks[i], (s - start) as usize, out, at, (e - s) as usize)?
             };
@@ -382,7 +416,7 @@ impl Engine {
                 out.zero(at, (e - s) as usize).map_err(io)?;
                 self.forget_hints(file, b..b + k);
                 for j in b..b + k {
-                    if !self.copy_one(file, f, j, offset, end, out)? {
+                    if !self.copy_one(file, &blocks[j - first], j, offset, end, out)? {
                         missing.push(j as u32);
                     }
                 }
@@ -396,37 +430,36 @@ impl Engine {
     fn copy_bounced(
         &self,
         slot: u64,
-        r: &BlockRef,
+        hash: &Hash,
         skip: usize,
         out: &mut ScatterBuf<'_>,
         at: usize,
         len: usize,
     ) -> Result<bool> {
         let mut tmp = [0u8; BLOCK_SIZE];
-        if !self.cache.read_run(slot, &[r.hash], &mut tmp)? {
+        if !self.cache.read_run(slot, std::slice::from_ref(hash), &mut tmp)? {
             return Ok(false);
         }
         out.write(at, &tmp[skip..skip + len]).map_err(|e| Error::io("copy cached block", e))?;
         Ok(true)
     }
 
-    /// Copies block `b` of the read [offset, end) from wherever the cache index now says it
-    /// is (after a stale slot); false if it is not cached.
+    /// Copies block `b` (leaf `hash`) of the read [offset, end) from wherever the cache index
+    /// now says it is (after a stale slot); false if it is not cached.
     fn copy_one(
         &self,
         file: u32,
-        f: &FileData,
+        hash: &Hash,
         b: usize,
         offset: u64,
         end: u64,
         out: &mut ScatterBuf<'_>,
     ) -> Result<bool> {
         self.counters.cache_lookups.fetch_add(1, Relaxed);
-        let Some(slot) = self.cache.lookup(&f.blocks[b].hash) else { return Ok(false) };
+        let Some(slot) = self.cache.lookup(hash) else { return Ok(false) };
         let start = b as u64 * BS;
         let (s, e) = (start.max(offset), (start + BS).min(end));
-        let ok =
-            self.copy_bounced(slot, &f.blocks[b], (s - start) as usize, out, (s - offset) as usize, (e - s) as usize)?;
+        let ok = self.copy_bounced(slot, hash, (s - start) as usize, out, (s - offset) as usize, (e - s) as usize)?;
         if ok {
             if let Some(h) = self.hint(file, b) {
                 h.store(slot + 1, Relaxed);
@@ -436,15 +469,15 @@ impl Engine {
     }
 
     /// The plaintext of block `b` of `f` from the cache into `out` (a whole block); false if
-    /// it is not cached.
+    /// it is not cached (or its hash is not known).
     fn read_block(&self, file: u32, f: &FileData, b: usize, out: &mut [u8]) -> Result<bool> {
-        let r = &f.blocks[b];
-        if r.kind == BlockKind::Zero {
+        let Some(hash) = self.block_hashes(file, f, b, b + 1).and_then(|mut h| h.pop()) else { return Ok(false) };
+        if is_zero(&hash) {
             out.fill(0);
             return Ok(true);
         }
-        let Some(slot) = self.cached_slots(file, f, b, b + 1)[0] else { return Ok(false) };
-        if self.cache.read_run(slot, &[r.hash], out)? {
+        let Some(slot) = self.cached_slots(file, &[hash], b)[0] else { return Ok(false) };
+        if self.cache.read_run(slot, &[hash], out)? {
             return Ok(true);
         }
         self.forget_hints(file, b..b + 1);

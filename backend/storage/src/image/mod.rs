@@ -1,6 +1,8 @@
-//! The incremental image format: a manifest (the tree and every block's hash and location)
-//! and content-addressed blobs of compressed blocks. Specified in docs/image-format.md.
+//! The incremental image format: a manifest (the tree, and each file's root hash and where its
+//! block index is) and content-addressed blobs of compressed blocks and file indexes.
+//! Specified in docs/image-format.md.
 
+pub mod index;
 pub mod merkle;
 
 use std::fmt;
@@ -13,12 +15,12 @@ use crate::error::{Error, Result};
 
 pub const BLOCK_SIZE: usize = 4096;
 pub const MAGIC: &[u8; 8] = b"INCFSIMG";
-/// The version the packer writes for an image with a dictionary; one without is written as
-/// version 1, byte for byte what older packers wrote (same image id, readable by older
-/// readers).
-pub const VERSION: u32 = 2;
+/// The version the packer writes: each file's block index in the blobs (`index.rs`).
+/// Versions 1 (every block's hash and location in the manifest) and 2 (the same with a
+/// dictionary) are still read, and written by `pack --inline-hashes`.
+pub const VERSION: u32 = 3;
 /// Versions this reader decodes.
-pub const VERSIONS: std::ops::RangeInclusive<u32> = 1..=2;
+pub const VERSIONS: std::ops::RangeInclusive<u32> = 1..=3;
 /// Largest zstd dictionary a manifest may name: a reader holds it, prepared, per image.
 pub const DICT_MAX: u64 = 1 << 20;
 /// `dict_blob` of a version-2 manifest without a dictionary.
@@ -155,7 +157,7 @@ pub enum BlockKind {
 }
 
 impl BlockKind {
-    fn from_u8(v: u8) -> Option<Self> {
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
         match v {
             0 => Some(BlockKind::Raw),
             2 => Some(BlockKind::Zstd),
@@ -176,13 +178,20 @@ pub struct BlockRef {
     pub offset: u64,
 }
 
+/// Bytes a range request may carry between two blocks it fetches together: a one-segment
+/// file's index (6,272 bytes at most) between two files' data costs less than a round trip.
+pub const MAX_GAP: u64 = 8 << 10;
+
 impl BlockRef {
-    /// True when `next` is stored right after `self` in the same blob: one range covers both.
+    /// True when `next` is stored after `self` in the same blob, at most `MAX_GAP` bytes on:
+    /// one range covers both.
     pub fn adjoins(&self, next: &BlockRef) -> bool {
+        let end = self.offset + self.len as u64;
         self.kind != BlockKind::Zero
             && next.kind != BlockKind::Zero
             && self.blob == next.blob
-            && self.offset + self.len as u64 == next.offset
+            && next.offset >= end
+            && next.offset - end <= MAX_GAP
     }
 }
 
@@ -203,7 +212,30 @@ pub struct FileData {
     pub size: u64,
     /// Merkle root (the file's digest), fs-verity layout.
     pub root: Hash,
-    pub blocks: Vec<BlockRef>,
+    pub table: BlockTable,
+}
+
+/// Where a file's block hashes and locations are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockTable {
+    /// In the manifest (versions 1 and 2; and every empty file).
+    Inline(Vec<BlockRef>),
+    /// In the file's index, stored in a blob (version 3): fetched on demand.
+    Index { blob: u32, offset: u64 },
+}
+
+impl FileData {
+    pub fn nblocks(&self) -> usize {
+        usize::try_from(index::blocks_of(self.size)).unwrap_or(usize::MAX)
+    }
+
+    /// The blocks, when the manifest holds them.
+    pub fn inline(&self) -> Option<&[BlockRef]> {
+        match &self.table {
+            BlockTable::Inline(b) => Some(b),
+            BlockTable::Index { .. } => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -249,18 +281,25 @@ const K_SPECIAL: u8 = 4;
 
 impl Manifest {
     /// The canonical encoding; its SHA-256 is the image id.
+    /// Version 3 when any file's blocks are in an index, else 1 or 2 (with a dictionary).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(64 + self.inodes.len() * 64);
         w.extend_from_slice(MAGIC);
-        match self.dictionary {
-            None => {
+        let indexed = self.is_indexed();
+        match (indexed, self.dictionary) {
+            (false, None) => {
                 put32(&mut w, 1);
                 put32(&mut w, 0);
             }
-            Some(d) => {
-                put32(&mut w, VERSION);
+            (false, Some(d)) => {
+                put32(&mut w, 2);
                 put32(&mut w, 0);
                 put32(&mut w, d);
+            }
+            (true, d) => {
+                put32(&mut w, 3);
+                put32(&mut w, 0);
+                put32(&mut w, d.unwrap_or(NO_DICT));
             }
         }
         put32(&mut w, self.blobs.len() as u32);
@@ -301,13 +340,28 @@ impl Manifest {
                 InodeKind::File(f) => {
                     put64(&mut w, f.size);
                     w.extend_from_slice(&f.root);
-                    for b in &f.blocks {
-                        w.push(b.kind as u8);
-                        w.extend_from_slice(&b.hash);
-                        if b.kind != BlockKind::Zero {
-                            put32(&mut w, b.blob);
-                            put64(&mut w, b.offset);
-                            put32(&mut w, b.len);
+                    match (&f.table, indexed) {
+                        (BlockTable::Inline(blocks), false) => {
+                            for b in blocks {
+                                w.push(b.kind as u8);
+                                w.extend_from_slice(&b.hash);
+                                if b.kind != BlockKind::Zero {
+                                    put32(&mut w, b.blob);
+                                    put64(&mut w, b.offset);
+                                    put32(&mut w, b.len);
+                                }
+                            }
+                        }
+                        _ if f.size == 0 => {}
+                        (BlockTable::Index { blob, offset }, _) => {
+                            put32(&mut w, *blob);
+                            put64(&mut w, *offset);
+                        }
+                        // Never written by the packer (it does not mix the two); decoding
+                        // refuses it.
+                        (BlockTable::Inline(_), true) => {
+                            put32(&mut w, u32::MAX);
+                            put64(&mut w, 0);
                         }
                     }
                 }
@@ -319,6 +373,11 @@ impl Manifest {
             }
         }
         w
+    }
+
+    /// Whether files keep their blocks in indexes (version 3).
+    pub fn is_indexed(&self) -> bool {
+        self.inodes.iter().any(|i| matches!(&i.kind, InodeKind::File(FileData { table: BlockTable::Index { .. }, .. })))
     }
 
     /// The blob holding the dictionary, if any.
@@ -357,7 +416,7 @@ impl Manifest {
                 None => return Err(bad("dictionary in an unknown blob")),
             },
         };
-        if version >= 2 && dictionary.is_none() {
+        if version == 2 && dictionary.is_none() {
             return Err(bad("version 2 manifest without a dictionary (written as version 1)"));
         }
         let ninodes = r.count(29)?;
@@ -403,6 +462,31 @@ impl Manifest {
                     }
                     InodeKind::Dir(entries)
                 }
+                K_FILE if version >= 3 => {
+                    let size = r.u64()?;
+                    let root = r.hash()?;
+                    if size == 0 {
+                        if root != [0; 32] {
+                            return Err(bad("empty file with a non-zero root"));
+                        }
+                        InodeKind::File(FileData { size, root, table: BlockTable::Inline(Vec::new()) })
+                    } else {
+                        let (blob, offset) = (r.u32()?, r.u64()?);
+                        let nblocks = index::blocks_of(size);
+                        if nblocks > u32::MAX as u64 {
+                            return Err(bad("file too large"));
+                        }
+                        if dictionary == Some(blob) {
+                            return Err(bad("file index inside the dictionary blob"));
+                        }
+                        let b = blobs.get(blob as usize).ok_or_else(|| bad("file index in unknown blob"))?;
+                        let end = offset.checked_add(index::index_len(nblocks));
+                        if end.is_none_or(|e| e > b.size) {
+                            return Err(bad("file index outside its blob"));
+                        }
+                        InodeKind::File(FileData { size, root, table: BlockTable::Index { blob, offset } })
+                    }
+                }
                 K_FILE => {
                     let size = r.u64()?;
                     let root = r.hash()?;
@@ -433,7 +517,7 @@ impl Manifest {
                         }
                         blocks.push(BlockRef { hash, kind: k, blob, len, offset });
                     }
-                    InodeKind::File(FileData { size, root, blocks })
+                    InodeKind::File(FileData { size, root, table: BlockTable::Inline(blocks) })
                 }
                 K_SYMLINK => {
                     let n = r.u32()? as usize;
@@ -498,9 +582,10 @@ impl Manifest {
         for (i, ino) in self.inodes.iter().enumerate() {
             match &ino.kind {
                 InodeKind::Dir(_) if !seen[i] => return Err(bad("unreachable directory")),
-                InodeKind::File(f) => {
-                    let leaves: Vec<Hash> = f.blocks.iter().map(|b| b.hash).collect();
-                    if merkle::root_hash(&leaves) != f.root {
+                // An index is checked against the root when it is fetched.
+                InodeKind::File(FileData { table: BlockTable::Inline(blocks), root, .. }) => {
+                    let leaves: Vec<Hash> = blocks.iter().map(|b| b.hash).collect();
+                    if merkle::root_hash(&leaves) != *root {
                         return Err(bad("file root hash does not match its blocks"));
                     }
                 }
@@ -714,7 +799,7 @@ pub(crate) mod tests {
         let file = FileData {
             size: 5,
             root: h,
-            blocks: vec![BlockRef { hash: h, kind: BlockKind::Raw, blob: 0, len: 5, offset: 0 }],
+            table: BlockTable::Inline(vec![BlockRef { hash: h, kind: BlockKind::Raw, blob: 0, len: 5, offset: 0 }]),
         };
         let meta = |mode| Inode {
             mode,
@@ -765,7 +850,7 @@ pub(crate) mod tests {
         let file = |_: ()| FileData {
             size: 1,
             root: h,
-            blocks: vec![BlockRef { hash: h, kind: BlockKind::Raw, blob: 0, len: 1, offset: 0 }],
+            table: BlockTable::Inline(vec![BlockRef { hash: h, kind: BlockKind::Raw, blob: 0, len: 1, offset: 0 }]),
         };
         let node = |mode, kind| Inode { mode, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, xattrs: vec![], kind };
         let m = Manifest {
@@ -876,8 +961,8 @@ pub(crate) mod tests {
         let mut m = sample();
         m.blobs.push(Blob { id: [9; 32], size: 1000 });
         m.dictionary = Some(1);
-        if let InodeKind::File(f) = &mut m.inodes[1].kind {
-            f.blocks[0].kind = BlockKind::ZstdDict;
+        if let InodeKind::File(FileData { table: BlockTable::Inline(b), .. }) = &mut m.inodes[1].kind {
+            b[0].kind = BlockKind::ZstdDict;
         }
         m
     }
@@ -931,14 +1016,14 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_versions_and_misplaced_dictionaries_are_refused() {
-        let mut v3 = sample_v2().encode();
-        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
-        let e = Manifest::decode(&v3).expect_err("version 3").to_string();
-        assert!(e.contains("version 3") && e.contains("re-pack") && e.contains("newer incfsd"), "{e}");
+        let mut v4 = sample_v2().encode();
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        let e = Manifest::decode(&v4).expect_err("version 4").to_string();
+        assert!(e.contains("version 4") && e.contains("re-pack") && e.contains("newer incfsd"), "{e}");
         // A dictionary block in a version-1 image (which has no dictionary).
         let mut m = sample();
-        if let InodeKind::File(f) = &mut m.inodes[1].kind {
-            f.blocks[0].kind = BlockKind::ZstdDict;
+        if let InodeKind::File(FileData { table: BlockTable::Inline(b), .. }) = &mut m.inodes[1].kind {
+            b[0].kind = BlockKind::ZstdDict;
         }
         let e = Manifest::decode(&m.encode()).expect_err("dict block without dict").to_string();
         assert!(e.contains("without a dictionary"), "{e}");
@@ -957,6 +1042,55 @@ pub(crate) mod tests {
         b[8..12].copy_from_slice(&2u32.to_le_bytes());
         b.splice(16..16, u32::MAX.to_le_bytes());
         assert!(Manifest::decode(&b).is_err());
+    }
+
+    /// `sample()` in version 3: the file's 5 bytes in blob 0, its index (49 bytes) after them.
+    fn sample_v3() -> Manifest {
+        let mut m = sample();
+        m.blobs[0].size = 5 + index::index_len(1);
+        if let InodeKind::File(f) = &mut m.inodes[1].kind {
+            f.table = BlockTable::Index { blob: 0, offset: 5 };
+        }
+        m
+    }
+
+    #[test]
+    fn version_3_keeps_where_each_file_index_is_and_bounds_it() {
+        let m = sample_v3();
+        let bytes = m.encode();
+        assert_eq!(&bytes[8..12], &3u32.to_le_bytes());
+        assert_eq!(&bytes[16..20], &u32::MAX.to_le_bytes(), "no dictionary");
+        assert_eq!(Manifest::decode(&bytes).expect("decode"), m);
+        for n in 0..bytes.len() {
+            assert!(Manifest::decode(&bytes[..n]).is_err(), "truncated at {n}");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0xff;
+            let _ = Manifest::decode(&b); // must not panic
+        }
+        // The index must lie inside its blob, and not in the dictionary.
+        let mut m = sample_v3();
+        m.blobs[0].size -= 1;
+        assert!(Manifest::decode(&m.encode()).expect_err("outside").to_string().contains("outside its blob"));
+        let mut m = sample_v3();
+        m.blobs.push(Blob { id: [9; 32], size: 100 });
+        m.dictionary = Some(1);
+        assert_eq!(Manifest::decode(&m.encode()).expect("with a dictionary"), m);
+        if let InodeKind::File(f) = &mut m.inodes[1].kind {
+            f.table = BlockTable::Index { blob: 1, offset: 0 };
+        }
+        assert!(Manifest::decode(&m.encode()).is_err());
+        // A file with an inline table in a version-3 manifest is refused.
+        let mut m = sample_v3();
+        m.inodes.push(m.inodes[1].clone());
+        if let InodeKind::File(f) = &mut m.inodes[3].kind {
+            f.table = BlockTable::Inline(vec![]);
+        }
+        if let InodeKind::Dir(e) = &mut m.inodes[0].kind {
+            e.push(DirEntry { name: b"z".to_vec(), ino: 3 });
+        }
+        assert!(Manifest::decode(&m.encode()).is_err());
     }
 
     #[test]

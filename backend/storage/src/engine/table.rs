@@ -1,0 +1,644 @@
+//! Block tables on demand. A version-3 image's manifest holds only each file's root; a file's
+//! leaf hashes and block locations come from its index (`image::index`), one segment of 128
+//! blocks at a time, when a read first needs them:
+//! - hashes from memory, else from the cache, which keeps every verified tree block like a
+//!   data block (content-addressed by the hash in the level above): a warm start needs no
+//!   network to serve cached data;
+//! - locations only from the remote, when a block must be fetched: one range from the
+//!   segment's record on, which (as `pack` lays blobs out: each file's index right before its
+//!   data) also carries the data after it. Every index and every block that range holds is
+//!   verified and kept, so a miss on a small file costs one round trip, as before.
+//!
+//! Versions 1 and 2 hold every block in the manifest: their tables are filled at open.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::fetch::decode_verified;
+use super::{Engine, FillSource};
+use crate::error::{Error, Result};
+use crate::image::index::{self, Bounds, Loc, SEGMENT_BLOCKS};
+use crate::image::{merkle, BlockKind, BlockRef, BlockTable, FileData, Hash, Image, BLOCK_SIZE};
+use crate::store::FetchError;
+
+#[derive(Default)]
+struct Segment {
+    /// Leaf hashes, verified.
+    hashes: OnceLock<Box<[Hash]>>,
+    /// Where each block is stored (bounded, not verified: see `image::index`).
+    locs: OnceLock<Box<[Loc]>>,
+}
+
+#[derive(Default)]
+struct FileTable {
+    /// For a file of more than one segment: the hash of each segment's level-0 tree block
+    /// (level 1 of its tree), verified against the root.
+    level1: OnceLock<Box<[Hash]>>,
+    segments: Box<[Segment]>,
+}
+
+pub(super) struct Tables {
+    /// Per inode (empty for anything but a regular file).
+    files: Box<[FileTable]>,
+    /// Version-3 file indexes by place, (blob, offset, inode), sorted: the indexes a fetched
+    /// range holds.
+    by_place: Box<[(u32, u64, u32)]>,
+    /// Segments being fetched, (inode, segment): one fetch each in this process.
+    loading: Mutex<HashMap<(u32, u32), watch::Sender<bool>>>,
+}
+
+impl Tables {
+    pub(super) fn new(image: &Image) -> Tables {
+        let mut by_place = Vec::new();
+        let files = image
+            .manifest
+            .inodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let crate::image::InodeKind::File(f) = &node.kind else { return FileTable::default() };
+                let n = index::segments(f.nblocks() as u64) as usize;
+                let t = FileTable { level1: OnceLock::new(), segments: (0..n).map(|_| Segment::default()).collect() };
+                match &f.table {
+                    BlockTable::Inline(blocks) => {
+                        for (seg, chunk) in t.segments.iter().zip(blocks.chunks(SEGMENT_BLOCKS)) {
+                            let _ = seg.hashes.set(chunk.iter().map(|b| b.hash).collect());
+                            let _ = seg.locs.set(chunk.iter().map(Loc::of).collect());
+                        }
+                    }
+                    BlockTable::Index { blob, offset } => by_place.push((*blob, *offset, i as u32)),
+                }
+                t
+            })
+            .collect();
+        by_place.sort_unstable();
+        Tables { files, by_place: by_place.into_boxed_slice(), loading: Mutex::new(HashMap::new()) }
+    }
+}
+
+fn is_zero(h: &Hash) -> bool {
+    *h == merkle::zero_leaf()
+}
+
+/// Fetches of a segment that keep failing verification give up after this many.
+const INDEX_ATTEMPTS: u32 = 3;
+
+impl Engine {
+    fn table(&self, file: u32) -> Option<&FileTable> {
+        self.tables.files.get(file as usize)
+    }
+
+    /// The level-1 hashes of a file of more than one segment: from memory, else assembled from
+    /// the tree blocks in the cache (None if one is missing).
+    fn level1(&self, file: u32, f: &FileData) -> Option<&[Hash]> {
+        let t = self.table(file)?;
+        if let Some(l) = t.level1.get() {
+            return Some(l);
+        }
+        let n = f.nblocks() as u64;
+        let mut expected = vec![f.root];
+        let mut block = vec![0u8; BLOCK_SIZE];
+        for count in index::upper_levels(n) {
+            let mut next = Vec::with_capacity(count as usize * SEGMENT_BLOCKS);
+            for want in expected.iter().take(count as usize) {
+                let slot = self.cache.lookup(want)?;
+                if !self.cache.read_run(slot, std::slice::from_ref(want), &mut block).ok()? {
+                    return None;
+                }
+                next.extend_from_slice(&index::hashes_of_level0(&block, SEGMENT_BLOCKS));
+            }
+            expected = next;
+        }
+        expected.truncate(index::segments(n) as usize);
+        let _ = t.level1.set(expected.into_boxed_slice());
+        t.level1.get().map(|l| &l[..])
+    }
+
+    /// What segment `s`'s level-0 block must hash to (for a one-block file: its leaf).
+    fn segment_expected(&self, file: u32, f: &FileData, s: usize) -> Option<Hash> {
+        if f.nblocks() <= SEGMENT_BLOCKS {
+            return Some(f.root);
+        }
+        self.level1(file, f)?.get(s).copied()
+    }
+
+    /// The leaf hashes of segment `s`: from memory, else from its tree block in the cache.
+    fn segment_hashes(&self, file: u32, f: &FileData, s: usize) -> Option<&[Hash]> {
+        let seg = self.table(file)?.segments.get(s)?;
+        if let Some(h) = seg.hashes.get() {
+            return Some(h);
+        }
+        let n = f.nblocks() as u64;
+        let count = index::segment_len(n, s as u64);
+        let hashes = if n == 1 {
+            Box::new([f.root]) as Box<[Hash]>
+        } else {
+            let want = self.segment_expected(file, f, s)?;
+            let slot = self.cache.lookup(&want)?;
+            let mut block = vec![0u8; BLOCK_SIZE];
+            if !self.cache.read_run(slot, &[want], &mut block).ok()? {
+                return None;
+            }
+            index::hashes_of_level0(&block, count)
+        };
+        let _ = seg.hashes.set(hashes);
+        seg.hashes.get().map(|h| &h[..])
+    }
+
+    /// Leaf hashes of blocks [first, last) of `file`, from memory or the cache; None when some
+    /// must be fetched first (`locate`).
+    pub(super) fn block_hashes(&self, file: u32, f: &FileData, first: usize, last: usize) -> Option<Vec<Hash>> {
+        let mut out = Vec::with_capacity(last.saturating_sub(first));
+        let mut b = first;
+        while b < last {
+            let s = b / SEGMENT_BLOCKS;
+            let hashes = self.segment_hashes(file, f, s)?;
+            let base = s * SEGMENT_BLOCKS;
+            let end = last.min(base + hashes.len());
+            out.extend_from_slice(hashes.get(b - base..end - base)?);
+            b = end.max(b + 1);
+        }
+        Some(out)
+    }
+
+    /// Block `b` of `file` with its location, if its segment's are loaded.
+    pub(super) fn block_ref(&self, file: u32, b: usize) -> Option<BlockRef> {
+        let seg = self.table(file)?.segments.get(b / SEGMENT_BLOCKS)?;
+        let i = b % SEGMENT_BLOCKS;
+        let loc = seg.locs.get()?.get(i)?;
+        let hash = *seg.hashes.get()?.get(i)?;
+        Some(if is_zero(&hash) { Loc::ZERO.with_hash(hash) } else { loc.with_hash(hash) })
+    }
+
+    /// Whether every segment covering blocks [first, last) has its locations.
+    pub(super) fn located(&self, file: u32, first: usize, last: usize) -> bool {
+        let Some(t) = self.table(file) else { return true };
+        let (s0, s1) = (first / SEGMENT_BLOCKS, last.div_ceil(SEGMENT_BLOCKS).min(t.segments.len()));
+        t.segments.get(s0..s1).is_none_or(|s| s.iter().all(|s| s.locs.get().is_some()))
+    }
+
+    /// Makes sure the hashes and locations of blocks [first, last) of `file` are loaded,
+    /// fetching what is not (one range per run of segments); when that range reaches the end
+    /// of the file's index it goes on for `extra` bytes, and every index and block those
+    /// bytes hold is verified and kept (`harvest`).
+    pub(super) async fn locate(
+        self: &Arc<Self>,
+        file: u32,
+        first: usize,
+        last: usize,
+        extra: impl Into<Speculation>,
+        deadline: Instant,
+    ) -> Result<()> {
+        let extra = extra.into();
+        let f = self.file(file)?;
+        let last = last.min(f.nblocks());
+        if first >= last {
+            return Ok(());
+        }
+        let (s0, s1) = (first / SEGMENT_BLOCKS, last.div_ceil(SEGMENT_BLOCKS));
+        loop {
+            if self.located(file, first, last) {
+                return Ok(());
+            }
+            // Claim the segments nobody fetches; wait for the others.
+            let mut claimed = Vec::new();
+            let mut others = Vec::new();
+            {
+                let mut loading = self.tables.loading.lock().unwrap_or_else(|e| e.into_inner());
+                let segments = self.table(file).map(|t| &t.segments[..]).unwrap_or_default();
+                for (s, seg) in segments.iter().enumerate().take(s1).skip(s0) {
+                    if seg.locs.get().is_some() {
+                        continue;
+                    }
+                    match loading.get(&(file, s as u32)) {
+                        Some(tx) => others.push(tx.subscribe()),
+                        None => {
+                            loading.insert((file, s as u32), watch::channel(false).0);
+                            claimed.push(s);
+                        }
+                    }
+                }
+            }
+            let res = match (claimed.first(), claimed.last()) {
+                (Some(&a), Some(&b)) => self.load_segments(file, f, a, b + 1, &extra, deadline).await,
+                _ => Ok(()),
+            };
+            {
+                let mut loading = self.tables.loading.lock().unwrap_or_else(|e| e.into_inner());
+                for s in &claimed {
+                    if let Some(tx) = loading.remove(&(file, *s as u32)) {
+                        tx.send_replace(true);
+                    }
+                }
+            }
+            res?;
+            for mut rx in others {
+                if tokio::time::timeout_at(deadline, rx.wait_for(|&done| done)).await.is_err() {
+                    return Err(Error::Timeout);
+                }
+            }
+            if Instant::now() >= deadline && !self.located(file, first, last) {
+                return Err(Error::Timeout);
+            }
+        }
+    }
+
+    /// Fetches segments [a, b) of `file`'s index (and its upper tree levels if need be),
+    /// retrying until `deadline`.
+    async fn load_segments(
+        self: &Arc<Self>,
+        file: u32,
+        f: &FileData,
+        a: usize,
+        b: usize,
+        spec: &Speculation,
+        deadline: Instant,
+    ) -> Result<()> {
+        let BlockTable::Index { blob, offset } = f.table else { return Ok(()) };
+        let n = f.nblocks() as u64;
+        let nseg = index::segments(n) as usize;
+        let b = b.min(nseg);
+        let blob_size = self.image.manifest.blobs.get(blob as usize).map_or(0, |b| b.size);
+        // A guest supplies the data: fetch only the index.
+        let mut extra = if self.cfg.fill == FillSource::Supplied { 0 } else { spec.bytes };
+        // Another process on this cache loading the same index brings the data after it:
+        // wait for it, then fetch only the index (locations are not kept in the cache).
+        let lock = match self.lock_index(&f.root, deadline).await {
+            Some(waited) => {
+                if waited {
+                    extra = 0;
+                }
+                Some(f.root)
+            }
+            None => None,
+        };
+        let _unlock = lock.map(|h| IndexLock { cache: &self.cache, hash: h });
+        let mut backoff = Duration::from_millis(50);
+        let mut corrupt = 0;
+        loop {
+            // The upper levels come with the records when they are next to them (segment 0)
+            // and not known yet; otherwise in a range of their own first.
+            let need_upper = n > SEGMENT_BLOCKS as u64 && self.level1(file, f).is_none();
+            let res = if need_upper && a > 0 {
+                self.fetch_index_range(file, blob, offset, index::upper_len(n), 0).await
+            } else {
+                let start = if need_upper { offset } else { offset + index::segment_offset(n, a as u64) };
+                let end = offset + index::segment_offset(n, b as u64).min(index::index_len(n));
+                // Only a whole index read at once (a file's first touch) goes on into its
+                // data: a later segment's range would race other readers' fetches of blocks.
+                let more = match a == 0 && b == nseg {
+                    true => self.speculation(blob, offset + index::index_len(n), end, extra, blob_size, &spec.files),
+                    false => 0,
+                };
+                self.fetch_index_range(file, blob, start, end - start, more).await
+            };
+            match res {
+                Ok(()) if self.located(file, a * SEGMENT_BLOCKS, b * SEGMENT_BLOCKS) => return Ok(()),
+                // The upper levels came first.
+                Ok(()) if need_upper && a > 0 && self.level1(file, f).is_some() => continue,
+                Ok(()) => {
+                    corrupt += 1;
+                    if corrupt >= INDEX_ATTEMPTS {
+                        return Err(Error::Corrupt("the remote keeps sending a file index that does not verify".into()));
+                    }
+                }
+                Err(FetchError::Permanent(e)) => return Err(Error::Fetch(e)),
+                Err(FetchError::Transient(e)) => tracing::debug!("transient index fetch failure, retrying: {e}"),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout);
+            }
+            self.counters.retries.fetch_add(1, Relaxed);
+            tokio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// How many bytes past `end` (where a range for the index ending at `index_end` ends) to
+    /// fetch: up to `extra`, cut where a later file's index starts so no index is fetched in
+    /// part (the data before it is the files' before it, whole, as `pack` lays blobs out);
+    /// only up to the next file's index without cross-file readahead.
+    fn speculation(
+        &self,
+        blob: u32,
+        index_end: u64,
+        end: u64,
+        extra: u64,
+        blob_size: u64,
+        only: &Option<Arc<HashSet<u32>>>,
+    ) -> u64 {
+        if extra == 0 {
+            return 0;
+        }
+        // The indexes of the files in between come on top (49 bytes a block, and some).
+        let limit = end.saturating_add(extra + extra / 32).min(blob_size);
+        let by_place = &self.tables.by_place;
+        let from = by_place.partition_point(|&(b, o, _)| (b, o) < (blob, index_end));
+        // Up to the limit, unless the index of a file not to be fetched starts before it.
+        let mut cut = limit;
+        for &(b, o, ino) in &by_place[from..] {
+            if b != blob || o > limit {
+                break;
+            }
+            // A file read before (its index is loaded): what follows was fetched then. A
+            // prefetch goes on only over the files it is after.
+            let loaded = self.table(ino).and_then(|t| t.segments.first()).is_some_and(|s| s.locs.get().is_some());
+            let unwanted = only.as_ref().is_some_and(|set| !set.contains(&ino));
+            if loaded || unwanted || !self.cfg.cross_file_readahead {
+                cut = o;
+                break;
+            }
+        }
+        cut.max(end) - end
+    }
+
+    /// Takes the cross-process lock on loading the index of the file with `root` (Some(true)
+    /// if another process held it first), waiting until `deadline`; None if it cannot.
+    async fn lock_index(&self, root: &Hash, deadline: Instant) -> Option<bool> {
+        let mut waited = false;
+        loop {
+            match self.cache.try_lock_fetch(root) {
+                Ok(true) => return Some(waited),
+                Ok(false) if Instant::now() < deadline => {
+                    waited = true;
+                    self.counters.waits_on_other_process.fetch_add(1, Relaxed);
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Fetches `len` bytes of `blob` at `start` (plus `more` speculative bytes) and keeps
+    /// every index part and block in them that verifies. A mirror whose bytes hold no good
+    /// part of `file`'s index is passed over for the next.
+    async fn fetch_index_range(
+        self: &Arc<Self>,
+        file: u32,
+        blob: u32,
+        start: u64,
+        len: u64,
+        more: u64,
+    ) -> Result<(), FetchError> {
+        let id = self
+            .image
+            .manifest
+            .blobs
+            .get(blob as usize)
+            .map(|b| b.id)
+            .ok_or_else(|| FetchError::Permanent("file index in an unknown blob".into()))?;
+        self.counters.remote_requests.fetch_add(1, Relaxed);
+        self.counters.index_requests.fetch_add(1, Relaxed);
+        let check = |data: &bytes::Bytes| ((), self.install_indexes(file, blob, start, data));
+        let (data, ()) = self.remote.range_checked(&id, start, len + more, check).await?;
+        self.counters.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
+        self.counters.index_bytes.fetch_add(len.min(data.len() as u64), Relaxed);
+        if self.cfg.fill == FillSource::Remote {
+            self.harvest_blocks(file, blob, start, &data).await;
+        }
+        Ok(())
+    }
+
+    /// The version-3 files whose index may have parts in [start, end) of `blob`: `file`, and
+    /// those whose index starts there or one segment record before.
+    fn files_near(&self, file: u32, blob: u32, start: u64, end: u64) -> Vec<u32> {
+        let by_place = &self.tables.by_place;
+        let from = by_place.partition_point(|&(b, o, _)| (b, o) < (blob, start.saturating_sub(index_span_max())));
+        let mut out = vec![file];
+        out.extend(
+            by_place[from..].iter().take_while(|&&(b, o, _)| b == blob && o < end).map(|&(_, _, i)| i).filter(|&i| i != file),
+        );
+        out
+    }
+
+    /// Verifies and installs every part of a file index that `data` (bytes of `blob` from
+    /// `start` on) holds whole: upper levels, then segment records, and stores their tree
+    /// blocks in the cache. True if `file`'s parts in it verified (or were there already).
+    fn install_indexes(&self, file: u32, blob: u32, start: u64, data: &[u8]) -> bool {
+        let end = start + data.len() as u64;
+        let mut tree_blocks: Vec<(Hash, Vec<u8>)> = Vec::new();
+        let mut file_ok = false;
+        for ino in self.files_near(file, blob, start, end) {
+            let (new, ok, bad) = self.install_file(ino, blob, start, data, &mut tree_blocks);
+            if bad {
+                self.counters.verify_failures.fetch_add(1, Relaxed);
+            }
+            if new {
+                self.counters.indexes_loaded.fetch_add(1, Relaxed);
+            }
+            if ino == file {
+                file_ok = ok && !bad;
+            }
+        }
+        if !tree_blocks.is_empty() {
+            let refs: Vec<(Hash, &[u8])> = tree_blocks.iter().map(|(h, b)| (*h, &b[..])).collect();
+            if let Err(e) = self.cache.insert_verified(&refs) {
+                tracing::warn!("storing tree blocks in the cache: {e}");
+            }
+        }
+        file_ok
+    }
+
+    /// Installs the parts of `ino`'s index that `data` holds whole: (any new, any there, any
+    /// refused).
+    fn install_file(
+        &self,
+        ino: u32,
+        blob: u32,
+        start: u64,
+        data: &[u8],
+        tree_blocks: &mut Vec<(Hash, Vec<u8>)>,
+    ) -> (bool, bool, bool) {
+        let (Ok(f), Some(t)) = (self.file(ino), self.table(ino)) else { return (false, false, false) };
+        let BlockTable::Index { blob: b, offset } = f.table else { return (false, false, false) };
+        if b != blob {
+            return (false, false, false);
+        }
+        let bounds = Bounds { blobs: &self.image.manifest.blobs, dictionary: self.image.manifest.dictionary };
+        let part = |at: u64, len: u64| -> Option<&[u8]> {
+            let s = usize::try_from(at.checked_sub(start)?).ok()?;
+            data.get(s..s.checked_add(usize::try_from(len).ok()?)?)
+        };
+        let n = f.nblocks() as u64;
+        let (mut new, mut ok, mut bad) = (false, false, false);
+        if n > SEGMENT_BLOCKS as u64 {
+            match (t.level1.get(), part(offset, index::upper_len(n))) {
+                (Some(_), Some(_)) => ok = true,
+                (None, Some(upper)) => match index::verify_upper(upper, &f.root, n) {
+                    Ok(l1) => {
+                        let _ = t.level1.set(l1);
+                        tree_blocks.extend(upper.chunks_exact(BLOCK_SIZE).map(|b| (sha256(b), b.to_vec())));
+                        (new, ok) = (true, true);
+                    }
+                    Err(e) => {
+                        bad = true;
+                        tracing::warn!(inode = ino, "file index from remote refused: {e}");
+                    }
+                },
+                _ => {}
+            }
+        }
+        for s in 0..index::segments(n) {
+            let count = index::segment_len(n, s);
+            let Some(rec) = part(offset + index::segment_offset(n, s), (count * index::RECORD_BYTES) as u64) else {
+                continue;
+            };
+            let Some(seg) = t.segments.get(s as usize) else { break };
+            if seg.locs.get().is_some() {
+                ok = true;
+                continue;
+            }
+            let expected = match n > SEGMENT_BLOCKS as u64 {
+                true => match t.level1.get().and_then(|l| l.get(s as usize)) {
+                    Some(h) => *h,
+                    None => continue,
+                },
+                false => f.root,
+            };
+            match index::decode_segment(rec, count, &expected, n, &bounds) {
+                Ok((hashes, locs)) => {
+                    if n > 1 {
+                        tree_blocks.push((expected, index::level0_block(&hashes).to_vec()));
+                    }
+                    let _ = seg.hashes.set(hashes);
+                    let _ = seg.locs.set(locs);
+                    (new, ok) = (true, true);
+                }
+                Err(e) => {
+                    bad = true;
+                    tracing::warn!(inode = ino, segment = s, "file index from remote refused: {e}");
+                }
+            }
+        }
+        (new, ok, bad)
+    }
+
+    /// Verifies and stores every block of a located segment that lies whole in `data` (bytes
+    /// of `blob` from `start` on) and is not cached: the data a speculative index range
+    /// carried.
+    async fn harvest_blocks(&self, file: u32, blob: u32, start: u64, data: &[u8]) {
+        let end = start + data.len() as u64;
+        let mut found: Vec<BlockRef> = Vec::new();
+        for ino in self.files_near(file, blob, start, end) {
+            let Some(t) = self.table(ino) else { continue };
+            for seg in t.segments.iter() {
+                let (Some(hashes), Some(locs)) = (seg.hashes.get(), seg.locs.get()) else { continue };
+                for (h, l) in hashes.iter().zip(locs.iter()) {
+                    if l.kind != BlockKind::Zero
+                        && !is_zero(h)
+                        && l.blob == blob
+                        && l.offset >= start
+                        && l.offset + l.len as u64 <= end
+                    {
+                        found.push(l.with_hash(*h));
+                    }
+                }
+            }
+        }
+        found.retain(|r| self.cache.lookup(&r.hash).is_none());
+        if found.is_empty() {
+            return;
+        }
+        let dict = match found.iter().any(|r| r.kind == BlockKind::ZstdDict) {
+            true => self.dictionary().await.ok().flatten(),
+            false => None,
+        };
+        let mut good: Vec<(Hash, Vec<u8>)> = Vec::new();
+        for r in &found {
+            let at = (r.offset - start) as usize;
+            let Some(stored) = data.get(at..at + r.len as usize) else { continue };
+            match decode_verified(r, stored, dict.as_deref()) {
+                Some(plain) => good.push((r.hash, plain)),
+                None if r.kind == BlockKind::ZstdDict && dict.is_none() => {}
+                None => {
+                    self.counters.verify_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(hash = %hex::encode(r.hash), "block from remote failed verification");
+                }
+            }
+        }
+        good.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        good.dedup_by(|a, b| a.0 == b.0);
+        let refs: Vec<(Hash, &[u8])> = good.iter().map(|(h, d)| (*h, &d[..])).collect();
+        match self.cache.insert_verified(&refs) {
+            Ok(()) => {
+                self.counters.blocks_fetched.fetch_add(refs.len() as u64, Relaxed);
+                self.counters.blocks_harvested.fetch_add(refs.len() as u64, Relaxed);
+            }
+            Err(e) => tracing::warn!("storing fetched blocks in the cache: {e}"),
+        }
+    }
+
+    /// Starts loading block `b`'s segment of `file` in the background (for a caller that
+    /// cannot wait: a guest supplying blocks).
+    pub(super) fn locate_in_background(self: &Arc<Self>, file: u32, b: usize) {
+        let Some(rt) = self.intents.runtime() else { return };
+        let me = self.clone();
+        rt.spawn(async move {
+            let deadline = Instant::now() + me.cfg.read_timeout.max(Duration::from_secs(1));
+            if let Err(e) = me.locate(file, b, b + 1, 0, deadline).await {
+                tracing::debug!(inode = file, "loading the file's index: {e}");
+            }
+        });
+    }
+
+    /// Every block of `file` with its place, fetching the file's index if need be (for tools
+    /// and tests: reads never need all of it).
+    pub async fn file_blocks(self: &Arc<Self>, file: u32) -> Result<Vec<BlockRef>> {
+        let n = self.file(file)?.nblocks();
+        self.locate(file, 0, n, 0, Instant::now() + self.cfg.read_timeout.max(Duration::from_secs(10))).await?;
+        (0..n).map(|b| self.block_ref(file, b).ok_or_else(|| Error::NotFound(format!("block {b} of inode {file}")))).collect()
+    }
+
+    /// Loads the hashes of every block of the image (for `unique_blocks` and whole-image
+    /// work): what is not cached is fetched.
+    pub(super) async fn locate_all(self: &Arc<Self>, deadline: Instant) -> Result<()> {
+        for (ino, f) in self.image.files() {
+            if f.inline().is_none() {
+                self.locate(ino, 0, f.nblocks(), 0, deadline).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How far a range that brings a file's whole index goes on past it (see `locate`).
+#[derive(Clone, Default)]
+pub(super) struct Speculation {
+    pub(super) bytes: u64,
+    /// Only over these files' indexes and data (a prefetch's), if given.
+    pub(super) files: Option<Arc<HashSet<u32>>>,
+}
+
+impl From<u64> for Speculation {
+    fn from(bytes: u64) -> Self {
+        Speculation { bytes, files: None }
+    }
+}
+
+/// Releases a cross-process index lock however loading ends.
+struct IndexLock<'a> {
+    cache: &'a crate::cache::BlockCache,
+    hash: Hash,
+}
+
+impl Drop for IndexLock<'_> {
+    fn drop(&mut self) {
+        self.cache.unlock_fetch(&self.hash);
+    }
+}
+
+/// How far before a range a file index whose data lies in it may start: a one-segment
+/// index is at most this long.
+fn index_span_max() -> u64 {
+    (SEGMENT_BLOCKS * index::RECORD_BYTES) as u64
+}
+
+fn sha256(data: &[u8]) -> Hash {
+    <sha2::Sha256 as sha2::Digest>::digest(data).into()
+}
