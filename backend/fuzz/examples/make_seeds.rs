@@ -7,7 +7,9 @@ use std::path::Path;
 
 use incfs_fuzz::{SeedWriter, INO_A, INO_B};
 use incfs_storage::cache::BlockCache;
-use incfs_storage::image::{merkle, store_manifest, Blob, BlockKind, Inode, InodeKind, Manifest, BLOCK_SIZE};
+use incfs_storage::image::{
+    merkle, store_manifest, Blob, BlockKind, BlockTable, FileData, Inode, InodeKind, Manifest, BLOCK_SIZE,
+};
 use incfs_storage::trace;
 use incfs_wire::{FileState, FillHeader, LastReadError, ReadRecord, COMPRESSION_NONE, COMPRESSION_ZSTD};
 
@@ -51,8 +53,8 @@ fn manifest() {
     v2.blobs.push(Blob { id: incfs_fuzz::sha256(&dict), size: dict.len().max(1) as u64 });
     v2.dictionary = Some(1);
     for ino in &mut v2.inodes {
-        if let InodeKind::File(f) = &mut ino.kind {
-            for b in f.blocks.iter_mut().filter(|b| b.kind == BlockKind::Zstd) {
+        if let InodeKind::File(FileData { table: BlockTable::Inline(blocks), .. }) = &mut ino.kind {
+            for b in blocks.iter_mut().filter(|b| b.kind == BlockKind::Zstd) {
                 b.kind = BlockKind::ZstdDict;
             }
         }

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(ranges.len() + skipped <= text.lines().count());
     for &(ino, first, count) in &ranges {
         let f = image.file(ino).expect("a range names a regular file");
-        assert!(count > 0 && first as u64 + count as u64 <= f.blocks.len() as u64, "range inside the file");
+        assert!(count > 0 && first as u64 + count as u64 <= f.nblocks() as u64, "range inside the file");
     }
     let again = trace::parse(image, &trace::format(image, &ranges)).expect("a formatted trace parses");
     assert_eq!(again, (ranges, 0));

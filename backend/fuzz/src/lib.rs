@@ -10,7 +10,8 @@ use incfs::control::Control;
 use incfs_storage::cache::BlockCache;
 use incfs_storage::engine::{Engine, EngineConfig, FillSource};
 use incfs_storage::image::{
-    merkle, Blob, BlockKind, BlockRef, DirEntry, FileData, Hash, Image, ImageId, Inode, InodeKind, Manifest, BLOCK_SIZE,
+    merkle, Blob, BlockKind, BlockRef, BlockTable, DirEntry, FileData, Hash, Image, ImageId, Inode, InodeKind, Manifest,
+    BLOCK_SIZE,
 };
 use incfs_storage::store::{Remote, Store};
 
@@ -76,7 +77,7 @@ pub fn manifest() -> Manifest {
     let file = |ino: u32, size: u64| {
         let blocks = blocks[ino as usize].clone();
         let leaves: Vec<Hash> = blocks.iter().map(|b| b.hash).collect();
-        InodeKind::File(FileData { size, root: merkle::root_hash(&leaves), blocks })
+        InodeKind::File(FileData { size, root: merkle::root_hash(&leaves), table: BlockTable::Inline(blocks) })
     };
     let inode = |mode: u32, kind: InodeKind| Inode {
         mode,

@@ -412,3 +412,22 @@ pub fn http_get_local(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).expect("read");
     out
 }
+
+/// Packs `src` into a directory store with the default options (format version 3).
+#[allow(dead_code)]
+pub fn pack_default(src: &std::path::Path, store: &std::path::Path) -> incfs::image::ImageId {
+    incfs::pack::pack(src, &incfs::store::Store::new(store), &incfs::pack::PackOptions::default()).expect("pack").0
+}
+
+/// An engine on image `id` from `url`, with its cache in `cache`.
+#[allow(dead_code)]
+pub async fn open_engine(
+    url: &str,
+    id: incfs::image::ImageId,
+    cache: &std::path::Path,
+    cfg: incfs::engine::EngineConfig,
+) -> std::sync::Arc<incfs::engine::Engine> {
+    let remote = incfs::store::Remote::open(url, cfg.attempt_timeout).expect("remote");
+    let cache = std::sync::Arc::new(incfs::cache::BlockCache::open(cache).expect("cache"));
+    incfs::engine::Engine::open(remote, id, cache, cfg).await.expect("engine")
+}

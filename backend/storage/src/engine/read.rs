@@ -187,7 +187,9 @@ impl Miss {
                     }
                     Outcome::Retry => {}
                     Outcome::Corrupt => {
-                        return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into()))
+                        // Perhaps through a wrong location: the index is fetched again next time.
+                        e.forget_locations(self.file, &to_fetch);
+                        return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into()));
                     }
                     Outcome::TimedOut => return Err(Error::Timeout),
                     Outcome::Failed(e) => return Err(Error::Fetch(e)),

@@ -30,8 +30,24 @@ use crate::store::FetchError;
 struct Segment {
     /// Leaf hashes, verified.
     hashes: OnceLock<Box<[Hash]>>,
-    /// Where each block is stored (bounded, not verified: see `image::index`).
-    locs: OnceLock<Box<[Loc]>>,
+    /// Where each block is stored (bounded, not verified: see `image::index`). Forgotten
+    /// when what they point at keeps failing verification, so a bad answer from a store (or
+    /// a mirror) is not kept for the engine's life.
+    locs: Mutex<Option<Arc<[Loc]>>>,
+}
+
+impl Segment {
+    fn locs(&self) -> Option<Arc<[Loc]>> {
+        self.locs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn has_locs(&self) -> bool {
+        self.locs.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    fn set_locs(&self, locs: Arc<[Loc]>) {
+        *self.locs.lock().unwrap_or_else(|e| e.into_inner()) = Some(locs);
+    }
 }
 
 #[derive(Default)]
@@ -68,7 +84,7 @@ impl Tables {
                     BlockTable::Inline(blocks) => {
                         for (seg, chunk) in t.segments.iter().zip(blocks.chunks(SEGMENT_BLOCKS)) {
                             let _ = seg.hashes.set(chunk.iter().map(|b| b.hash).collect());
-                            let _ = seg.locs.set(chunk.iter().map(Loc::of).collect());
+                            seg.set_locs(chunk.iter().map(Loc::of).collect());
                         }
                     }
                     BlockTable::Index { blob, offset } => by_place.push((*blob, *offset, i as u32)),
@@ -170,16 +186,31 @@ impl Engine {
     pub(super) fn block_ref(&self, file: u32, b: usize) -> Option<BlockRef> {
         let seg = self.table(file)?.segments.get(b / SEGMENT_BLOCKS)?;
         let i = b % SEGMENT_BLOCKS;
-        let loc = seg.locs.get()?.get(i)?;
+        let loc = *seg.locs()?.get(i)?;
         let hash = *seg.hashes.get()?.get(i)?;
         Some(if is_zero(&hash) { Loc::ZERO.with_hash(hash) } else { loc.with_hash(hash) })
+    }
+
+    /// Forgets the locations of the segments holding `blocks` of `file` (fetches through them
+    /// keep failing verification): the next read fetches the index again. A manifest's
+    /// (versions 1 and 2) are verified with it and kept.
+    pub(super) fn forget_locations(&self, file: u32, blocks: &[usize]) {
+        let (Ok(f), Some(t)) = (self.file(file), self.table(file)) else { return };
+        if f.inline().is_some() {
+            return;
+        }
+        for &b in blocks {
+            if let Some(seg) = t.segments.get(b / SEGMENT_BLOCKS) {
+                *seg.locs.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
     }
 
     /// Whether every segment covering blocks [first, last) has its locations.
     pub(super) fn located(&self, file: u32, first: usize, last: usize) -> bool {
         let Some(t) = self.table(file) else { return true };
         let (s0, s1) = (first / SEGMENT_BLOCKS, last.div_ceil(SEGMENT_BLOCKS).min(t.segments.len()));
-        t.segments.get(s0..s1).is_none_or(|s| s.iter().all(|s| s.locs.get().is_some()))
+        t.segments.get(s0..s1).is_none_or(|s| s.iter().all(Segment::has_locs))
     }
 
     /// Makes sure the hashes and locations of blocks [first, last) of `file` are loaded,
@@ -212,7 +243,7 @@ impl Engine {
                 let mut loading = self.tables.loading.lock().unwrap_or_else(|e| e.into_inner());
                 let segments = self.table(file).map(|t| &t.segments[..]).unwrap_or_default();
                 for (s, seg) in segments.iter().enumerate().take(s1).skip(s0) {
-                    if seg.locs.get().is_some() {
+                    if seg.has_locs() {
                         continue;
                     }
                     match loading.get(&(file, s as u32)) {
@@ -348,7 +379,7 @@ impl Engine {
             }
             // A file read before (its index is loaded): what follows was fetched then. A
             // prefetch goes on only over the files it is after.
-            let loaded = self.table(ino).and_then(|t| t.segments.first()).is_some_and(|s| s.locs.get().is_some());
+            let loaded = self.table(ino).and_then(|t| t.segments.first()).is_some_and(Segment::has_locs);
             let unwanted = only.as_ref().is_some_and(|set| !set.contains(&ino));
             if loaded || unwanted || !self.cfg.cross_file_readahead {
                 cut = o;
@@ -490,7 +521,7 @@ impl Engine {
                 continue;
             };
             let Some(seg) = t.segments.get(s as usize) else { break };
-            if seg.locs.get().is_some() {
+            if seg.has_locs() {
                 ok = true;
                 continue;
             }
@@ -507,7 +538,7 @@ impl Engine {
                         tree_blocks.push((expected, index::level0_block(&hashes).to_vec()));
                     }
                     let _ = seg.hashes.set(hashes);
-                    let _ = seg.locs.set(locs);
+                    seg.set_locs(locs.into());
                     (new, ok) = (true, true);
                 }
                 Err(e) => {
@@ -528,7 +559,7 @@ impl Engine {
         for ino in self.files_near(file, blob, start, end) {
             let Some(t) = self.table(ino) else { continue };
             for seg in t.segments.iter() {
-                let (Some(hashes), Some(locs)) = (seg.hashes.get(), seg.locs.get()) else { continue };
+                let (Some(hashes), Some(locs)) = (seg.hashes.get(), seg.locs()) else { continue };
                 for (h, l) in hashes.iter().zip(locs.iter()) {
                     if l.kind != BlockKind::Zero
                         && !is_zero(h)

@@ -1,0 +1,169 @@
+//! Format version 3: each file's block index lives in the blobs and is fetched on demand
+//! (`engine/table.rs`). The manifest grows with the files, not the blocks; an index from the
+//! store is trusted only up to the file's root; a warm start needs no network.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use incfs::engine::EngineConfig;
+use incfs::image::{index, BlockTable, ImageId, InodeKind, Manifest};
+use incfs::pack::{pack, PackOptions};
+use incfs::store::Store;
+use support::*;
+
+/// 300 small files, a 6 MiB compressible file and a 3 MiB random one.
+fn tree(src: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for i in 0..300u64 {
+        files.push((format!("small/f{i:03}"), compressible(100 + i, 1000 + (i as usize * 37) % 9000)));
+    }
+    files.push(("big/text".into(), compressible(7, 6 << 20)));
+    files.push(("big/random".into(), pseudo_random(8, 3 << 20)));
+    for (path, data) in &files {
+        let p = src.join(path);
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        fs::write(p, data).expect("write");
+    }
+    files
+}
+
+fn manifest(store: &Path, id: &ImageId) -> (u64, Manifest) {
+    let stored = fs::read(store.join("images").join(id.to_string())).expect("manifest");
+    let len = stored.len() as u64;
+    let bytes = incfs::image::manifest_from_stored(stored).expect("stored form");
+    (len, Manifest::decode(&bytes).expect("decode"))
+}
+
+/// Where file `path`'s index is: (blob path in the store, offset, length).
+fn index_of(store: &Path, id: &ImageId, img: &incfs::image::Image, path: &str) -> (std::path::PathBuf, u64, u64) {
+    let (_, m) = manifest(store, id);
+    let f = img.file(img.resolve(path.as_bytes()).expect("path")).expect("file");
+    let BlockTable::Index { blob, offset } = f.table else { panic!("version 3") };
+    let blob = store.join("blobs").join(hex::encode(m.blobs[blob as usize].id));
+    (blob, offset, index::index_len(f.nblocks() as u64))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifest_grows_with_the_files_and_start_up_fetches_only_it() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    let files = tree(&src);
+    let v3 = t.path().join("v3");
+    let id = pack_default(&src, &v3);
+    let (stored, m) = manifest(&v3, &id);
+    let entries = m.inodes.len() as u64;
+    let budget = (64 << 10) + 100 * entries;
+    let (inline_id, _) =
+        pack(&src, &Store::new(t.path().join("v2")), &PackOptions { inline_hashes: true, ..PackOptions::default() })
+            .expect("pack");
+    let (inline, _) = manifest(&t.path().join("v2"), &inline_id);
+    println!("manifest: {stored} bytes in version 3, {inline} with every block's hash; budget {budget}");
+    assert!(stored <= budget, "{stored} > {budget}");
+    assert!(stored * 3 < inline, "{stored} against {inline}");
+
+    // Opening the image fetches the manifest and nothing else; a read fetches the file's
+    // index with its data, in one request.
+    let nginx = Nginx::start(&v3, 0);
+    let e = open_engine(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
+    let (bytes, requests) = (e.startup.fetched_bytes, e.startup.fetched_requests);
+    assert_eq!((bytes, requests), (stored, 1));
+    assert!(nginx.blob_ranges().is_empty(), "no blob fetched at start-up");
+    let (path, data) = &files[10];
+    let ino = e.image().resolve(path.as_bytes()).expect("path");
+    assert_eq!(&e.read(ino, 0, 1 << 20).await.expect("read"), data);
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 1, "the index and the data together");
+    assert_eq!(e.counters.index_requests.load(Relaxed), 1);
+    // Every byte reads back.
+    for (path, data) in &files {
+        let ino = e.image().resolve(path.as_bytes()).expect("path");
+        assert_eq!(&e.read(ino, 0, data.len() as u32 + 10).await.expect("read"), data, "{path}");
+    }
+    assert_eq!(e.counters.verify_failures.load(Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_start_reads_the_cache_without_the_network() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    let files = tree(&src);
+    let store = t.path().join("store");
+    let id = pack_default(&src, &store);
+    let cache = t.path().join("cache");
+    let nginx = Nginx::start(&store, 0);
+    let e = open_engine(&nginx.url, id, &cache, EngineConfig::default()).await;
+    for (path, data) in &files {
+        let ino = e.image().resolve(path.as_bytes()).expect("path");
+        assert_eq!(&e.read(ino, 0, data.len() as u32).await.expect("read"), data);
+    }
+    drop(e);
+    drop(nginx);
+    // The store is gone: the saved manifest, the tree blocks and the data blocks in the cache
+    // serve every read, big files' upper tree levels included.
+    let cfg = EngineConfig { read_timeout: Duration::from_secs(2), ..EngineConfig::default() };
+    let e = open_engine("http://127.0.0.1:9/", id, &cache, cfg).await;
+    for (path, data) in &files {
+        let ino = e.image().resolve(path.as_bytes()).expect("path");
+        assert_eq!(&e.read(ino, 0, data.len() as u32).await.expect("warm read"), data, "{path}");
+    }
+    assert_eq!(e.counters.remote_requests.load(Relaxed), 0);
+    assert_eq!(e.counters.cache_misses.load(Relaxed), 0);
+}
+
+/// Rewrites `len` bytes at `at` of a store's blob through `f`.
+fn tamper(blob: &Path, at: u64, len: usize, f: impl Fn(&mut [u8])) -> Vec<u8> {
+    let good = fs::read(blob).expect("blob");
+    let mut bad = good.clone();
+    f(&mut bad[at as usize..at as usize + len]);
+    fs::write(blob, &bad).expect("write");
+    good
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_index_is_refused_and_no_byte_it_points_at_is_served() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    let files = tree(&src);
+    let store = t.path().join("store");
+    let id = pack_default(&src, &store);
+    let nginx = Nginx::start(&store, 0);
+    let cfg = EngineConfig { read_timeout: Duration::from_secs(3), ..EngineConfig::default() };
+    let look = open_engine(&nginx.url, id, &t.path().join("look"), cfg.clone()).await;
+    let img = look.image().clone();
+    let cases: [(&str, &str); 4] = [
+        ("small/f010", "a leaf hash"),
+        ("small/f020", "a block's offset"),
+        ("small/f030", "a block's length past its blob"),
+        ("big/text", "an upper tree level"),
+    ];
+    for (n, (path, what)) in cases.into_iter().enumerate() {
+        let (blob, at, len) = index_of(&store, &id, &img, path);
+        let ino = img.resolve(path.as_bytes()).expect("path");
+        let nblocks = img.file(ino).expect("file").nblocks() as u64;
+        let hashes = index::segment_offset(nblocks, 0);
+        let locs = hashes + 32 * index::segment_len(nblocks, 0) as u64;
+        let good = match n {
+            0 => tamper(&blob, at + hashes + 5, 1, |b| b[0] ^= 1),
+            // Block 0's offset (after kind and blob): one byte on.
+            1 => tamper(&blob, at + locs + 5, 8, |b| b[0] = b[0].wrapping_add(1)),
+            2 => tamper(&blob, at + locs + 13, 4, |b| b.copy_from_slice(&u32::MAX.to_le_bytes())),
+            _ => tamper(&blob, at + 100, 1, |b| b[0] ^= 0x80),
+        };
+        assert!(len > 0);
+        let e = open_engine(&nginx.url, id, &t.path().join(format!("cache{n}")), cfg.clone()).await;
+        let err = e.read(ino, 0, 4096).await.expect_err(what);
+        assert_eq!(err.errno(), libc::EBADMSG, "{what}: {err}");
+        assert!(e.counters.verify_failures.load(Relaxed) >= 1, "{what}");
+        let (ok, bad) = incfs::inspect::verify_cache(e.cache()).expect("verify");
+        assert_eq!(bad, 0, "{what}");
+        // Whatever was stored is verified: the file's data blocks are not there.
+        assert_eq!(e.fill_state(ino).expect("fill").0, 0, "{what}: {ok} blocks cached");
+        // Repaired, the same engine reads the file.
+        fs::write(&blob, good).expect("repair");
+        let data = &files.iter().find(|(p, _)| p == path).expect("file").1;
+        assert_eq!(&e.read(ino, 0, 4096).await.expect("repaired"), &data[..4096.min(data.len())], "{what}");
+    }
+}
