@@ -201,11 +201,8 @@ async fn round_trip_of_every_edge_case_through_nginx() {
     // have come before with their own file's index).
     let blob_total: u64 =
         fs::read_dir(store.join("blobs")).expect("blobs").map(|e| e.expect("e").metadata().expect("m").len()).sum();
-    let index_total: u64 = engine
-        .image()
-        .files()
-        .map(|(_, f)| incfs::image::index::index_len(f.nblocks() as u64))
-        .sum();
+    let index_total: u64 =
+        engine.image().files().map(|(_, f)| incfs::image::index::index_len(f.nblocks() as u64)).sum();
     assert!(
         nginx.blob_bytes_sent() <= blob_total + index_total,
         "{} > {blob_total} + {index_total}: {:?}",

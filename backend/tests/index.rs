@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use incfs::engine::EngineConfig;
-use incfs::image::{index, BlockTable, ImageId, InodeKind, Manifest};
+use incfs::image::{index, BlockTable, ImageId, Manifest};
 use incfs::pack::{pack, PackOptions};
 use incfs::store::Store;
 use support::*;

@@ -43,7 +43,11 @@ fuzz_target!(|data: &[u8]| {
     // that need it.
     match image.dictionary() {
         Some(d) => assert!(d.size > 0 && d.size <= DICT_MAX),
-        None => assert!(image.files().all(|(_, f)| f.inline().unwrap_or_default().iter().all(|b| b.kind != BlockKind::ZstdDict))),
+        None => assert!(image.files().all(|(_, f)| f
+            .inline()
+            .unwrap_or_default()
+            .iter()
+            .all(|b| b.kind != BlockKind::ZstdDict))),
     }
     let n = image.manifest.inodes.len();
     assert_eq!((image.parent.len(), image.nlink.len(), image.next_file.len()), (n, n, n));

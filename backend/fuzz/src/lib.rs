@@ -10,8 +10,8 @@ use incfs::control::Control;
 use incfs_storage::cache::BlockCache;
 use incfs_storage::engine::{Engine, EngineConfig, FillSource};
 use incfs_storage::image::{
-    merkle, Blob, BlockKind, BlockRef, BlockTable, DirEntry, FileData, Hash, Image, ImageId, Inode, InodeKind, Manifest,
-    BLOCK_SIZE,
+    merkle, Blob, BlockKind, BlockRef, BlockTable, DirEntry, FileData, Hash, Image, ImageId, Inode, InodeKind,
+    Manifest, BLOCK_SIZE,
 };
 use incfs_storage::store::{Remote, Store};
 

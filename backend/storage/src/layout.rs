@@ -117,7 +117,11 @@ mod tests {
     }
 
     fn file() -> Inode {
-        inode(InodeKind::File(crate::image::FileData { size: 0, root: [0; 32], table: crate::image::BlockTable::Inline(vec![]) }))
+        inode(InodeKind::File(crate::image::FileData {
+            size: 0,
+            root: [0; 32],
+            table: crate::image::BlockTable::Inline(vec![]),
+        }))
     }
 
     /// / { a (3 blocks), d/ { b (4 blocks) }, e (0 blocks) }

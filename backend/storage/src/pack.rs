@@ -22,8 +22,7 @@ use crate::dict::{BlockEncoder, Samples, Stored};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{
     index, merkle, Blob, BlockKind, BlockRef, BlockTable, DirEntry, FileData, Hash, ImageId, Inode, InodeKind,
-    Manifest, BLOCK_SIZE,
-    NAME_MAX, XATTR_NAME_MAX, XATTR_VALUE_MAX,
+    Manifest, BLOCK_SIZE, NAME_MAX, XATTR_NAME_MAX, XATTR_VALUE_MAX,
 };
 use crate::store::Store;
 
@@ -189,7 +188,8 @@ pub fn pack(src: &Path, store: &Store, opts: &PackOptions) -> Result<(ImageId, P
             Some((blob, offset)) => BlockTable::Index { blob, offset },
             None => BlockTable::Inline(blocks),
         };
-        inodes[f.ino as usize].kind = InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), table });
+        inodes[f.ino as usize].kind =
+            InodeKind::File(FileData { size: f.size, root: merkle::root_hash(&leaves), table });
     }
     let manifest = Manifest { blobs: blob_list, inodes, dictionary };
     let bytes = manifest.encode();

@@ -102,7 +102,12 @@ impl Engine {
             let Ok(f) = me.file(file) else { return };
             let deadline = Instant::now() + me.cfg.read_timeout;
             let extra = (head * BLOCK_SIZE) as u64;
-            if let Err(e) = me.locate(file, 0, head, extra, deadline).await {
+            // The head may come with the file's index: counted as what the hint asked for.
+            let harvested = me.counters.blocks_harvested.load(Relaxed);
+            let located = me.locate(file, 0, head, extra, deadline).await;
+            let came = me.counters.blocks_harvested.load(Relaxed) - harvested;
+            me.counters.intents.intent_blocks.fetch_add(came, Relaxed);
+            if let Err(e) = located {
                 tracing::debug!(inode = file, "intent: loading the file's index: {e}");
                 return;
             }

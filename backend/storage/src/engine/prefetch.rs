@@ -144,7 +144,9 @@ impl Engine {
                     crate::image::BlockTable::Index { blob, offset } => Some((blob, offset)),
                     crate::image::BlockTable::Inline(_) => None,
                 };
-                if round == 0 && place.is_some_and(|(b, o)| reach.iter().any(|&(rb, lo, hi)| rb == b && lo < o && o < hi)) {
+                if round == 0
+                    && place.is_some_and(|(b, o)| reach.iter().any(|&(rb, lo, hi)| rb == b && lo < o && o < hi))
+                {
                     later.push(i);
                     continue;
                 }

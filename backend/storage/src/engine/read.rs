@@ -118,8 +118,10 @@ impl Miss {
         if matches!(res, Err(Error::Timeout)) && self.engine.cfg.fill == FillSource::Supplied {
             if let Ok(f) = self.engine.file(self.file) {
                 let e = &self.engine;
-                let hashes =
-                    self.missing.iter().filter_map(|&b| e.block_hashes(self.file, f, b as usize, b as usize + 1)?.pop());
+                let hashes = self
+                    .missing
+                    .iter()
+                    .filter_map(|&b| e.block_hashes(self.file, f, b as usize, b as usize + 1)?.pop());
                 e.forget_expired_waits(hashes);
             }
         }
@@ -189,7 +191,9 @@ impl Miss {
                     Outcome::Corrupt => {
                         // Perhaps through a wrong location: the index is fetched again next time.
                         e.forget_locations(self.file, &to_fetch);
-                        return Err(Error::Corrupt("the remote keeps sending data that does not match its hash".into()));
+                        return Err(Error::Corrupt(
+                            "the remote keeps sending data that does not match its hash".into(),
+                        ));
                     }
                     Outcome::TimedOut => return Err(Error::Timeout),
                     Outcome::Failed(e) => return Err(Error::Fetch(e)),

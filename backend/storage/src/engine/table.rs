@@ -335,7 +335,9 @@ impl Engine {
                 Ok(()) => {
                     corrupt += 1;
                     if corrupt >= INDEX_ATTEMPTS {
-                        return Err(Error::Corrupt("the remote keeps sending a file index that does not verify".into()));
+                        return Err(Error::Corrupt(
+                            "the remote keeps sending a file index that does not verify".into(),
+                        ));
                     }
                 }
                 Err(FetchError::Permanent(e)) => return Err(Error::Fetch(e)),
@@ -443,7 +445,11 @@ impl Engine {
         let from = by_place.partition_point(|&(b, o, _)| (b, o) < (blob, start.saturating_sub(index_span_max())));
         let mut out = vec![file];
         out.extend(
-            by_place[from..].iter().take_while(|&&(b, o, _)| b == blob && o < end).map(|&(_, _, i)| i).filter(|&i| i != file),
+            by_place[from..]
+                .iter()
+                .take_while(|&&(b, o, _)| b == blob && o < end)
+                .map(|&(_, _, i)| i)
+                .filter(|&i| i != file),
         );
         out
     }
@@ -593,7 +599,7 @@ impl Engine {
                 }
             }
         }
-        good.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        good.sort_unstable_by_key(|g| g.0);
         good.dedup_by(|a, b| a.0 == b.0);
         let refs: Vec<(Hash, &[u8])> = good.iter().map(|(h, d)| (*h, &d[..])).collect();
         match self.cache.insert_verified(&refs) {
@@ -623,7 +629,9 @@ impl Engine {
     pub async fn file_blocks(self: &Arc<Self>, file: u32) -> Result<Vec<BlockRef>> {
         let n = self.file(file)?.nblocks();
         self.locate(file, 0, n, 0, Instant::now() + self.cfg.read_timeout.max(Duration::from_secs(10))).await?;
-        (0..n).map(|b| self.block_ref(file, b).ok_or_else(|| Error::NotFound(format!("block {b} of inode {file}")))).collect()
+        (0..n)
+            .map(|b| self.block_ref(file, b).ok_or_else(|| Error::NotFound(format!("block {b} of inode {file}"))))
+            .collect()
     }
 
     /// Loads the hashes of every block of the image (for `unique_blocks` and whole-image

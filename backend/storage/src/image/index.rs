@@ -157,6 +157,9 @@ pub fn hashes_match(hashes: &[Hash], expected: &Hash, nblocks: u64) -> bool {
     <Hash>::from(Sha256::digest(level0_block(hashes))) == *expected
 }
 
+/// A segment's leaf hashes (verified) and block locations (bounded).
+pub type SegmentTable = (Box<[Hash]>, Box<[Loc]>);
+
 /// What a reader needs of the image to bound a location.
 pub struct Bounds<'a> {
     pub blobs: &'a [Blob],
@@ -172,7 +175,7 @@ pub fn decode_segment(
     expected: &Hash,
     nblocks: u64,
     bounds: &Bounds<'_>,
-) -> Result<(Box<[Hash]>, Box<[Loc]>)> {
+) -> Result<SegmentTable> {
     if bytes.len() != count * RECORD_BYTES || count == 0 || count > SEGMENT_BLOCKS {
         return Err(bad("segment record of the wrong length"));
     }
