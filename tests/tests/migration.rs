@@ -441,7 +441,16 @@ fn live_migration(name: &str, fs: Option<FsServer>) -> Figures {
     // metadata of a new allocation; seen: one), never the thousands the source fetched.
     let src_blocks = src.metric("incfs_blocks_fetched_total");
     assert!(dst_blocks <= 4, "the destination fetched {dst_blocks} blocks (the source {src_blocks})");
-    assert_eq!(fs_dst_blocks, 0, "the virtio-fs destination fetched what the shared cache held");
+    let fs_dst_why = fs_daemons.as_ref().map(|(_, d)| {
+        [
+            "incfs_index_requests_total",
+            "incfs_blocks_harvested_total",
+            "incfs_intent_fetches_total",
+            "incfs_reads_delayed_total",
+        ]
+        .map(|m| (m, d.metrics().get(m).copied()))
+    });
+    assert_eq!(fs_dst_blocks, 0, "the virtio-fs destination fetched what the shared cache held: {fs_dst_why:?}");
     drop(src);
     Figures { total_ms: took.as_millis() as u64, downtime_ms: downtime.unwrap_or(0), stall_ms: stall }
 }

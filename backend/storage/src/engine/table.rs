@@ -380,9 +380,13 @@ impl Engine {
                 break;
             }
             // A file read before (its index is loaded): what follows was fetched then. A
-            // prefetch goes on only over the files it is after.
+            // prefetch goes on only over the files it is after; a read, over small files (a
+            // large one is read on its own, its index in parts).
             let loaded = self.table(ino).and_then(|t| t.segments.first()).is_some_and(Segment::has_locs);
-            let unwanted = only.as_ref().is_some_and(|set| !set.contains(&ino));
+            let unwanted = match only {
+                Some(set) => !set.contains(&ino),
+                None => self.file(ino).is_ok_and(|f| f.nblocks() > SEGMENT_BLOCKS),
+            };
             if loaded || unwanted || !self.cfg.cross_file_readahead {
                 cut = o;
                 break;
