@@ -101,7 +101,8 @@ impl Engine {
             let _slot = slot;
             let Ok(f) = me.file(file) else { return };
             let deadline = Instant::now() + me.cfg.read_timeout;
-            let extra = (head * BLOCK_SIZE) as u64;
+            // As a read's fetch: the readahead window past the head (the next small files).
+            let extra = ((head * BLOCK_SIZE) as u64).max(me.cfg.readahead);
             // The head may come with the file's index: counted as what the hint asked for.
             let harvested = me.counters.blocks_harvested.load(Relaxed);
             let located = me.locate(file, 0, head, extra, deadline).await;

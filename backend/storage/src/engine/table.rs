@@ -66,6 +66,9 @@ pub(super) struct Tables {
     by_place: Box<[(u32, u64, u32)]>,
     /// Segments being fetched, (inode, segment): one fetch each in this process.
     loading: Mutex<HashMap<(u32, u32), watch::Sender<bool>>>,
+    /// Stored bytes per byte of file data over the whole image: what a readahead window of
+    /// plaintext takes in a blob.
+    stored_ratio: f64,
 }
 
 impl Tables {
@@ -93,13 +96,19 @@ impl Tables {
             })
             .collect();
         by_place.sort_unstable();
-        Tables { files, by_place: by_place.into_boxed_slice(), loading: Mutex::new(HashMap::new()) }
+        let stored: u64 = image.manifest.blobs.iter().map(|b| b.size).sum();
+        let stored_ratio = (stored as f64 / image.data_size().max(1) as f64).clamp(0.05, 1.1);
+        Tables { files, by_place: by_place.into_boxed_slice(), loading: Mutex::new(HashMap::new()), stored_ratio }
     }
 }
 
 fn is_zero(h: &Hash) -> bool {
     *h == merkle::zero_leaf()
 }
+
+/// A file index up to this long is loaded whole at the first read (files up to about 5 MiB):
+/// one range brings it and the data after it.
+const WHOLE_INDEX_MAX: u64 = 64 << 10;
 
 /// Fetches of a segment that keep failing verification give up after this many.
 const INDEX_ATTEMPTS: u32 = 3;
@@ -231,7 +240,16 @@ impl Engine {
         if first >= last {
             return Ok(());
         }
-        let (s0, s1) = (first / SEGMENT_BLOCKS, last.div_ceil(SEGMENT_BLOCKS));
+        // A small index is loaded whole: one range, which then goes on into the file's data.
+        let small = index::index_len(f.nblocks() as u64) <= WHOLE_INDEX_MAX;
+        let (s0, s1) = match small {
+            true => (0, index::segments(f.nblocks() as u64) as usize),
+            false => (first / SEGMENT_BLOCKS, last.div_ceil(SEGMENT_BLOCKS)),
+        };
+        let (first, last) = match small {
+            true => (0, f.nblocks()),
+            false => (first, last),
+        };
         loop {
             if self.located(file, first, last) {
                 return Ok(());
@@ -369,6 +387,8 @@ impl Engine {
         if extra == 0 {
             return 0;
         }
+        // `extra` counts file data; the blob holds it compressed.
+        let extra = (extra as f64 * self.tables.stored_ratio) as u64;
         // The indexes of the files in between come on top (49 bytes a block, and some).
         let limit = end.saturating_add(extra + extra / 32).min(blob_size);
         let by_place = &self.tables.by_place;
@@ -380,12 +400,12 @@ impl Engine {
                 break;
             }
             // A file read before (its index is loaded): what follows was fetched then. A
-            // prefetch goes on only over the files it is after; a read, over small files (a
-            // large one is read on its own, its index in parts).
+            // prefetch goes on only over the files it is after; a read, over files whose
+            // index is loaded whole (a large one is read on its own, its index in parts).
             let loaded = self.table(ino).and_then(|t| t.segments.first()).is_some_and(Segment::has_locs);
             let unwanted = match only {
                 Some(set) => !set.contains(&ino),
-                None => self.file(ino).is_ok_and(|f| f.nblocks() > SEGMENT_BLOCKS),
+                None => self.file(ino).is_ok_and(|f| index::index_len(f.nblocks() as u64) > WHOLE_INDEX_MAX),
             };
             if loaded || unwanted || !self.cfg.cross_file_readahead {
                 cut = o;
