@@ -128,11 +128,17 @@ impl Engine {
         // one waits for it (in an access-ordered pack, one range brings many files).
         let mut reach: Vec<(u32, u64, u64)> = Vec::new();
         let mut later: Vec<usize> = Vec::new();
-        for round in 0..2 {
+        // Rounds: each starts the ranges no earlier range of the round reaches; the ones it
+        // reaches wait for the next round (by which most came along). The last defers none.
+        const ROUNDS: usize = 8;
+        for round in 0..ROUNDS {
             let todo: Vec<usize> = match round {
                 0 => (0..ranges.len()).collect(),
                 _ => std::mem::take(&mut later),
             };
+            if todo.is_empty() {
+                break;
+            }
             for i in todo {
                 let (file, first, count) = ranges[i];
                 let Ok(f) = self.file(file) else { continue };
@@ -144,7 +150,7 @@ impl Engine {
                     crate::image::BlockTable::Index { blob, offset } => Some((blob, offset)),
                     crate::image::BlockTable::Inline(_) => None,
                 };
-                if round == 0
+                if round + 1 < ROUNDS
                     && place.is_some_and(|(b, o)| reach.iter().any(|&(rb, lo, hi)| rb == b && lo < o && o < hi))
                 {
                     later.push(i);
@@ -155,7 +161,8 @@ impl Engine {
                 }
                 let bytes = after[i].min((PREFETCH_REQUEST_BLOCKS * BLOCK_SIZE) as u64);
                 if let Some((b, o)) = place {
-                    reach.push((b, o, o + crate::image::index::index_len(f.nblocks() as u64) + bytes + bytes / 32));
+                    let index = crate::image::index::index_len(f.nblocks() as u64);
+                    reach.push((b, o, o + index + self.stored_estimate(bytes)));
                 }
                 let Some(permit) = self.prefetch_slot(p, bytes).await else { return false };
                 let me = self.clone();

@@ -387,10 +387,7 @@ impl Engine {
         if extra == 0 {
             return 0;
         }
-        // `extra` counts file data; the blob holds it compressed.
-        let extra = (extra as f64 * self.tables.stored_ratio) as u64;
-        // The indexes of the files in between come on top (49 bytes a block, and some).
-        let limit = end.saturating_add(extra + extra / 32).min(blob_size);
+        let limit = end.saturating_add(self.stored_estimate(extra)).min(blob_size);
         let by_place = &self.tables.by_place;
         let from = by_place.partition_point(|&(b, o, _)| (b, o) < (blob, index_end));
         // Up to the limit, unless the index of a file not to be fetched starts before it.
@@ -413,6 +410,13 @@ impl Engine {
             }
         }
         cut.max(end) - end
+    }
+
+    /// Bytes of blob that `plain` bytes of file data take, as the image stores them on
+    /// average, with the indexes of the files in between (49 bytes a block, and some).
+    pub(super) fn stored_estimate(&self, plain: u64) -> u64 {
+        let stored = (plain as f64 * self.tables.stored_ratio) as u64;
+        stored + stored / 32
     }
 
     /// Takes the cross-process lock on loading the index of the file with `root` (Some(true)
