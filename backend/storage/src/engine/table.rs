@@ -340,9 +340,9 @@ impl Engine {
                 let end = offset + index::segment_offset(n, b as u64).min(index::index_len(n));
                 // Only a whole index read at once (a file's first touch) goes on into its
                 // data: a later segment's range would race other readers' fetches of blocks.
-                let (more, _covered) = match a == 0 && b == nseg {
+                let more = match a == 0 && b == nseg {
                     true => self.speculation(blob, offset + index::index_len(n), end, extra, blob_size, &spec.files),
-                    false => (0, Vec::new()),
+                    false => 0,
                 };
                 self.fetch_index_range(file, blob, start, end - start, more).await
             };
@@ -372,7 +372,7 @@ impl Engine {
     }
 
     /// How many bytes past `end` (where a range for the index ending at `index_end` ends) to
-    /// fetch, with the index locks of the files it covers: up to `extra`, cut where a later file's index starts so no index is fetched in
+    /// fetch: up to `extra`, cut where a later file's index starts so no index is fetched in
     /// part (the data before it is the files' before it, whole, as `pack` lays blobs out);
     /// only up to the next file's index without cross-file readahead.
     fn speculation(
@@ -383,10 +383,9 @@ impl Engine {
         extra: u64,
         blob_size: u64,
         only: &Option<Arc<HashSet<u32>>>,
-    ) -> (u64, Vec<IndexLock<'_>>) {
-        let mut covered = Vec::new();
+    ) -> u64 {
         if extra == 0 {
-            return (0, covered);
+            return 0;
         }
         let limit = end.saturating_add(self.stored_estimate(extra)).min(blob_size);
         let by_place = &self.tables.by_place;
@@ -417,19 +416,8 @@ impl Engine {
                 cut = o;
                 break;
             }
-            // The range covers this file's index and data: it takes the file's cross-process
-            // index lock (another daemon on the cache then waits for it, and fetches only the
-            // index), and stops before a file another daemon is loading.
-            let Ok(f) = self.file(ino) else { break };
-            match self.cache.try_lock_fetch(&f.root) {
-                Ok(true) => covered.push(IndexLock { cache: &self.cache, hash: f.root }),
-                _ => {
-                    cut = o;
-                    break;
-                }
-            }
         }
-        (cut.max(end) - end, covered)
+        cut.max(end) - end
     }
 
     /// Bytes of blob that `plain` bytes of file data take, as the image stores them on
