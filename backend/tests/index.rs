@@ -31,6 +31,24 @@ fn tree(src: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// `tree` written to a temporary directory and packed into a store there.
+struct Packed {
+    t: tempfile::TempDir,
+    src: std::path::PathBuf,
+    files: Vec<(String, Vec<u8>)>,
+    store: std::path::PathBuf,
+    id: ImageId,
+}
+
+fn packed() -> Packed {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    let files = tree(&src);
+    let store = t.path().join("store");
+    let id = pack_default(&src, &store);
+    Packed { t, src, files, store, id }
+}
+
 fn manifest(store: &Path, id: &ImageId) -> (u64, Manifest) {
     let stored = fs::read(store.join("images").join(id.to_string())).expect("manifest");
     let len = stored.len() as u64;
@@ -49,11 +67,7 @@ fn index_of(store: &Path, id: &ImageId, img: &incfs::image::Image, path: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manifest_grows_with_the_files_and_start_up_fetches_only_it() {
-    let t = tempfile::tempdir().expect("tmp");
-    let src = t.path().join("src");
-    let files = tree(&src);
-    let v3 = t.path().join("v3");
-    let id = pack_default(&src, &v3);
+    let Packed { t, src, files, store: v3, id } = packed();
     let (stored, m) = manifest(&v3, &id);
     let entries = m.inodes.len() as u64;
     let budget = (64 << 10) + 100 * entries;
@@ -87,11 +101,7 @@ async fn the_manifest_grows_with_the_files_and_start_up_fetches_only_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_start_reads_the_cache_without_the_network() {
-    let t = tempfile::tempdir().expect("tmp");
-    let src = t.path().join("src");
-    let files = tree(&src);
-    let store = t.path().join("store");
-    let id = pack_default(&src, &store);
+    let Packed { t, files, store, id, .. } = packed();
     let cache = t.path().join("cache");
     let nginx = Nginx::start(&store, 0);
     let e = open_engine(&nginx.url, id, &cache, EngineConfig::default()).await;
@@ -124,11 +134,7 @@ fn tamper(blob: &Path, at: u64, len: usize, f: impl Fn(&mut [u8])) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_index_is_refused_and_no_byte_it_points_at_is_served() {
-    let t = tempfile::tempdir().expect("tmp");
-    let src = t.path().join("src");
-    let files = tree(&src);
-    let store = t.path().join("store");
-    let id = pack_default(&src, &store);
+    let Packed { t, files, store, id, .. } = packed();
     let nginx = Nginx::start(&store, 0);
     let cfg = EngineConfig { read_timeout: Duration::from_secs(3), ..EngineConfig::default() };
     let look = open_engine(&nginx.url, id, &t.path().join("look"), cfg.clone()).await;

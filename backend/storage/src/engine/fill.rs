@@ -24,7 +24,7 @@ impl Engine {
             self.locate_in_background(file, b);
             return Err(Error::NotReady(format!("the hash of block {index} is being fetched")));
         };
-        if hash == merkle::zero_leaf() || self.cache.lookup(&hash).is_some() {
+        if merkle::is_zero_leaf(&hash) || self.cache.lookup(&hash).is_some() {
             return Ok(false);
         }
         let probe = BlockRef { hash, kind, len: data.len() as u32, blob: 0, offset: 0 };
@@ -45,12 +45,11 @@ impl Engine {
     fn presence(&self, file: u32) -> Result<Vec<bool>> {
         let f = self.file(file)?;
         let n = f.nblocks();
-        let zero = merkle::zero_leaf();
         let mut out = Vec::with_capacity(n);
         for first in (0..n).step_by(SEGMENT_BLOCKS) {
             let last = (first + SEGMENT_BLOCKS).min(n);
             match self.block_hashes(file, f, first, last) {
-                Some(h) => out.extend(h.iter().map(|h| *h == zero || self.cache.lookup(h).is_some())),
+                Some(h) => out.extend(h.iter().map(|h| merkle::is_zero_leaf(h) || self.cache.lookup(h).is_some())),
                 None => out.extend(std::iter::repeat_n(false, last - first)),
             }
         }
@@ -86,10 +85,9 @@ impl Engine {
         let Some(hashes) = self.block_hashes(file, f, first, last) else {
             return Ok((first as u32..last as u32).collect());
         };
-        let zero = merkle::zero_leaf();
         Ok((first..last)
             .zip(hashes)
-            .filter(|(_, h)| *h != zero && self.cache.lookup(h).is_none())
+            .filter(|(_, h)| !merkle::is_zero_leaf(h) && self.cache.lookup(h).is_none())
             .map(|(b, _)| b as u32)
             .collect())
     }
@@ -106,12 +104,11 @@ impl Engine {
     pub fn seek_block(&self, file: u32, from: usize, hole: bool) -> Result<Option<usize>> {
         let f = self.file(file)?;
         let n = f.nblocks();
-        let zero = merkle::zero_leaf();
         let mut b = from;
         while b < n {
             let last = ((b / SEGMENT_BLOCKS + 1) * SEGMENT_BLOCKS).min(n);
             let found = match self.block_hashes(file, f, b, last) {
-                Some(h) => h.iter().position(|h| (*h == zero) == hole),
+                Some(h) => h.iter().position(|h| merkle::is_zero_leaf(h) == hole),
                 None => (!hole).then_some(0),
             };
             if let Some(k) = found {

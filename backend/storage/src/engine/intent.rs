@@ -81,7 +81,7 @@ impl Engine {
         // One look: a file whose first data block is cached or on its way was read before. A
         // file whose index is not loaded was not (or not since the cache lost its tree block).
         if let Some(hashes) = self.block_hashes(file, f, 0, head) {
-            let Some(first) = hashes.iter().position(|h| *h != merkle::zero_leaf()) else { return false };
+            let Some(first) = hashes.iter().position(|h| !merkle::is_zero_leaf(h)) else { return false };
             if self.hint(file, first).is_some_and(|h| h.load(Relaxed) != 0)
                 || self.cache.lookup(&hashes[first]).is_some()
                 || self.inflight.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&hashes[first])
@@ -114,7 +114,7 @@ impl Engine {
             }
             let Some(hashes) = me.block_hashes(file, f, 0, head) else { return };
             let missing: Vec<usize> = (0..head)
-                .filter(|&b| hashes[b] != merkle::zero_leaf() && me.cache.lookup(&hashes[b]).is_none())
+                .filter(|&b| !merkle::is_zero_leaf(&hashes[b]) && me.cache.lookup(&hashes[b]).is_none())
                 .collect();
             me.counters.intents.intent_blocks.fetch_add(missing.len() as u64, Relaxed);
             let waits = me.request(file, f, &missing, head, deadline);

@@ -20,13 +20,12 @@ impl Engine {
     /// Every file index not loaded yet is fetched.
     pub async fn unique_blocks(self: &Arc<Self>) -> crate::error::Result<HashSet<Hash>> {
         self.locate_all(Instant::now() + Duration::from_secs(60)).await?;
-        let zero = crate::image::merkle::zero_leaf();
         let mut out = HashSet::new();
         for (ino, f) in self.image.files() {
             let hashes = self
                 .block_hashes(ino, f, 0, f.nblocks())
                 .ok_or_else(|| crate::error::Error::NotFound(format!("the index of inode {ino}")))?;
-            out.extend(hashes.into_iter().filter(|h| *h != zero));
+            out.extend(hashes.into_iter().filter(|h| !crate::image::merkle::is_zero_leaf(h)));
         }
         Ok(out)
     }

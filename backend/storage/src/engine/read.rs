@@ -18,10 +18,6 @@ use super::{Engine, FillSource, ParkedBytes};
 use crate::error::{Error, Result};
 use crate::image::{merkle, FileData, Hash, BLOCK_SIZE};
 
-fn is_zero(h: &Hash) -> bool {
-    *h == merkle::zero_leaf()
-}
-
 const BS: u64 = BLOCK_SIZE as u64;
 
 /// How [`Engine::read_into`] ended.
@@ -152,11 +148,12 @@ impl Miss {
         let window = e.readahead_window(self.file, first, self.read_end);
         let extra = (window as u64).saturating_mul(BS);
         e.locate(self.file, first, self.read_end.saturating_add(window), extra, deadline).await?;
-        let mut hashes: HashMap<usize, Hash> = HashMap::with_capacity(missing.len());
-        for &b in &missing {
-            let h = e.block_hashes(self.file, f, b, b + 1).and_then(|mut h| h.pop());
-            hashes.insert(b, h.ok_or_else(|| Error::Corrupt(format!("no hash for block {b}")))?);
-        }
+        // The hashes of blocks [first, last missing] (missing is ascending), looked up once.
+        let last = missing.last().copied().unwrap_or(first);
+        let span = e
+            .block_hashes(self.file, f, first, last + 1)
+            .ok_or_else(|| Error::Corrupt(format!("no hashes for blocks {first} to {last}")))?;
+        let hash_of = |b: usize| span.get(b - first);
         loop {
             // What this process's fetches handed over: no need for the cache to still have it.
             let mut fetched: HashMap<Hash, Arc<[u8]>> = HashMap::new();
@@ -164,7 +161,7 @@ impl Miss {
             let to_fetch: Vec<usize> = missing
                 .iter()
                 .copied()
-                .filter(|b| hashes.get(b).is_some_and(|h| !is_zero(h) && e.cache.lookup(h).is_none()))
+                .filter(|&b| hash_of(b).is_some_and(|h| !merkle::is_zero_leaf(h) && e.cache.lookup(h).is_none()))
                 .collect();
             for (hash, w) in e.request(self.file, f, &to_fetch, self.read_end, deadline) {
                 let mut rx = w.done.subscribe();
@@ -202,7 +199,7 @@ impl Miss {
             // Only what was missing: handed over, else stored by someone else.
             let mut still = Vec::new();
             for b in missing {
-                if let Some(data) = hashes.get(&b).and_then(|h| fetched.get(h)) {
+                if let Some(data) = hash_of(b).and_then(|h| fetched.get(h)) {
                     blocks.push((b as u32, data.clone()));
                     continue;
                 }
@@ -349,7 +346,8 @@ impl Engine {
         let mut slots: Vec<Option<u64>> = (first..first + hashes.len())
             .map(|b| self.hint(file, b).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1))
             .collect();
-        let unhinted: Vec<usize> = (0..hashes.len()).filter(|&i| slots[i].is_none() && !is_zero(&hashes[i])).collect();
+        let unhinted: Vec<usize> =
+            (0..hashes.len()).filter(|&i| slots[i].is_none() && !merkle::is_zero_leaf(&hashes[i])).collect();
         if !unhinted.is_empty() {
             self.counters.cache_lookups.fetch_add(unhinted.len() as u64, Relaxed);
             let mut found = Vec::with_capacity(unhinted.len());
@@ -367,7 +365,7 @@ impl Engine {
     /// How many blocks from `i` on are stored in consecutive slots (one copy for them all).
     fn slot_run(hashes: &[Hash], slots: &[Option<u64>], i: usize, slot: u64) -> usize {
         let mut n = 1;
-        while i + n < hashes.len() && !is_zero(&hashes[i + n]) && slots[i + n] == Some(slot + n as u64) {
+        while i + n < hashes.len() && !merkle::is_zero_leaf(&hashes[i + n]) && slots[i + n] == Some(slot + n as u64) {
             n += 1;
         }
         n
@@ -397,7 +395,7 @@ impl Engine {
             let start = b as u64 * BS;
             let s = start.max(offset);
             let at = (s - offset) as usize;
-            if is_zero(&blocks[i]) {
+            if merkle::is_zero_leaf(&blocks[i]) {
                 out.zero(at, ((start + BS).min(end) - s) as usize).map_err(io)?;
                 i += 1;
                 continue;
@@ -478,7 +476,7 @@ impl Engine {
     /// it is not cached (or its hash is not known).
     fn read_block(&self, file: u32, f: &FileData, b: usize, out: &mut [u8]) -> Result<bool> {
         let Some(hash) = self.block_hashes(file, f, b, b + 1).and_then(|mut h| h.pop()) else { return Ok(false) };
-        if is_zero(&hash) {
+        if merkle::is_zero_leaf(&hash) {
             out.fill(0);
             return Ok(true);
         }

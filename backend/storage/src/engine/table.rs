@@ -102,10 +102,6 @@ impl Tables {
     }
 }
 
-fn is_zero(h: &Hash) -> bool {
-    *h == merkle::zero_leaf()
-}
-
 /// A file index up to this long is loaded whole at the first read (files up to about 5 MiB):
 /// one range brings it and the data after it.
 const WHOLE_INDEX_MAX: u64 = 64 << 10;
@@ -197,7 +193,7 @@ impl Engine {
         let i = b % SEGMENT_BLOCKS;
         let loc = *seg.locs()?.get(i)?;
         let hash = *seg.hashes.get()?.get(i)?;
-        Some(if is_zero(&hash) { Loc::ZERO.with_hash(hash) } else { loc.with_hash(hash) })
+        Some(if merkle::is_zero_leaf(&hash) { Loc::ZERO.with_hash(hash) } else { loc.with_hash(hash) })
     }
 
     /// Forgets the locations of the segments holding `blocks` of `file` (fetches through them
@@ -410,7 +406,7 @@ impl Engine {
                 let Ok(f) = self.file(ino) else { return true };
                 self.block_hashes(ino, f, 0, 1)
                     .and_then(|h| h.first().copied())
-                    .is_some_and(|h| is_zero(&h) || self.cache.lookup(&h).is_some())
+                    .is_some_and(|h| merkle::is_zero_leaf(&h) || self.cache.lookup(&h).is_some())
             };
             if loaded || unwanted || !self.cfg.cross_file_readahead || cached() {
                 cut = o;
@@ -604,7 +600,7 @@ impl Engine {
                 let (Some(hashes), Some(locs)) = (seg.hashes.get(), seg.locs()) else { continue };
                 for (h, l) in hashes.iter().zip(locs.iter()) {
                     if l.kind != BlockKind::Zero
-                        && !is_zero(h)
+                        && !merkle::is_zero_leaf(h)
                         && l.blob == blob
                         && l.offset >= start
                         && l.offset + l.len as u64 <= end

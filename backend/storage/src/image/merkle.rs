@@ -31,6 +31,11 @@ pub fn zero_leaf() -> Hash {
     *Z.get_or_init(|| leaf_hash(&ZERO_BLOCK))
 }
 
+/// Whether `h` is the leaf of an all-zero block: such a block is never stored or fetched.
+pub fn is_zero_leaf(h: &Hash) -> bool {
+    *h == zero_leaf()
+}
+
 /// Builds the tree levels above the leaves, bottom-up; each level is a byte vector of whole
 /// 4096-byte blocks.
 fn levels(leaves: &[Hash]) -> Vec<Vec<u8>> {
