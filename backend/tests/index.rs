@@ -173,3 +173,67 @@ async fn a_hostile_index_is_refused_and_no_byte_it_points_at_is_served() {
         assert_eq!(&e.read(ino, 0, 4096).await.expect("repaired"), &data[..4096.min(data.len())], "{what}");
     }
 }
+
+/// Small files in the order their indexes lie in the blobs: (path, blob, index offset).
+fn small_files_in_blob_order(store: &Path, id: &ImageId, img: &incfs::image::Image) -> Vec<(String, u64)> {
+    let mut order: Vec<(String, u64)> = (0..300)
+        .map(|i| format!("small/f{i:03}"))
+        .map(|p| {
+            let (_, at, _) = index_of(store, id, img, &p);
+            (p, at)
+        })
+        .collect();
+    order.sort_by_key(|&(_, at)| at);
+    order
+}
+
+/// Two daemons on one cache: what the first one's range brought (or is bringing) past the
+/// file it read, the second one does not fetch again: only the next file's index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_fetches_only_the_index_of_what_another_brought_or_is_bringing() {
+    let Packed { t, files, store, id, .. } = packed();
+    let nginx = Nginx::start(&store, 0);
+    let cache = t.path().join("cache");
+    let first = open_engine(&nginx.url, id, &cache, EngineConfig::default()).await;
+    let img = first.image().clone();
+    let order = small_files_in_blob_order(&store, &id, &img);
+    let ino = |p: &str| img.resolve(p.as_bytes()).expect("path");
+    let data = |p: &str| files.iter().find(|(q, _)| q == p).expect("file").1.clone();
+    let index_len = |p: &str| index::index_len(img.file(ino(p)).expect("file").nblocks() as u64);
+
+    // Pairs of neighbours, the second of more than one block.
+    let pairs: Vec<(String, String)> =
+        order.windows(2).filter(|w| data(&w[1].0).len() > 4096).map(|w| (w[0].0.clone(), w[1].0.clone())).collect();
+
+    // Brought: the first daemon's read of one file brought the next one's data, and the
+    // tree block that holds its hashes: the second daemon, running since before, fetches
+    // nothing.
+    let second = open_engine(&nginx.url, id, &cache, EngineConfig::default()).await;
+    let (x, y) = (&pairs[5].0, &pairs[5].1);
+    assert_eq!(first.read(ino(x), 0, 1 << 20).await.expect("read"), data(x));
+    assert!(first.fill_state(ino(y)).expect("fill").0 > 0, "the range went on over {y}");
+    assert_eq!(second.read(ino(y), 0, 1 << 20).await.expect("read"), data(y));
+    let fetched = second.counters.bytes_fetched.load(Relaxed);
+    println!("{y}: {fetched} bytes fetched by the second daemon, its index {} bytes", index_len(y));
+    assert_eq!(fetched, 0, "the second daemon fetched {y} again");
+
+    // Bringing: a third daemon, on a slow store (a second or so for its range), reads a file;
+    // the second daemon, reading the next one meanwhile, waits for that range and again
+    // fetches only the index.
+    let untouched = |p: &str| first.fill_state(ino(p)).expect("fill").0 == 0;
+    let (x, y) = pairs.iter().rev().find(|(x, y)| untouched(x) && untouched(y)).expect("files not read yet").clone();
+    let slow = Nginx::start(&store, 512);
+    let third = open_engine(&slow.url, id, &cache, EngineConfig::default()).await;
+    let before = second.counters.bytes_fetched.load(Relaxed);
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        second.read(ino(&y), 0, 1 << 20).await
+    };
+    let (brought, got) = tokio::join!(third.read(ino(&x), 0, 1 << 20), late);
+    assert_eq!(brought.expect("read"), data(&x));
+    assert_eq!(got.expect("read"), data(&y));
+    assert!(third.fill_state(ino(&y)).expect("fill").0 > 0, "the slow range went on over {y}");
+    let fetched = second.counters.bytes_fetched.load(Relaxed) - before;
+    println!("{y}: {fetched} bytes fetched by the second daemon, its index {} bytes", index_len(&y));
+    assert!(fetched <= index_len(&y), "the second daemon fetched {y}'s data while another brought it");
+}

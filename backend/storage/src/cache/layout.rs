@@ -12,7 +12,9 @@
 //! free       a stack of u64 slot numbers freed by eviction, reused by inserts
 //! lock       open-file-description locks only: byte 0 guards allocation and the header,
 //!            byte 1 is held shared by writers and exclusively by gc, byte 2 by the one
-//!            evicting process, bytes from 4096 are per-hash-bucket fetch locks
+//!            evicting process, bytes from 4096 are per-hash-bucket fetch locks, bytes
+//!            from 2^61 announce blob ranges being fetched (shared locks, one 2^40-byte
+//!            span per blob-id bucket; a hint, which older daemons ignore)
 //! manifests/ verified image manifests, so a restart needs no remote
 //! dictionaries/ verified image zstd dictionaries, named by their SHA-256
 //! ```
@@ -75,6 +77,10 @@ pub(super) const LOCK_WRITERS: i64 = 1;
 pub(super) const LOCK_EVICT: i64 = 2;
 pub(super) const LOCK_BUCKETS_BASE: i64 = 4096;
 pub(super) const LOCK_BUCKETS: u32 = 1 << 20;
+pub(super) const LOCK_RANGES_BASE: i64 = 1 << 61;
+pub(super) const LOCK_RANGE_BLOBS: u32 = 1 << 20;
+/// Bytes of blob per blob-id bucket (a blob's offsets past it share its last byte).
+pub(super) const LOCK_RANGE_SPAN: u64 = 1 << 40;
 
 pub(super) fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])

@@ -9,7 +9,10 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::layout::{le32, LOCK_ALLOC, LOCK_BUCKETS, LOCK_BUCKETS_BASE, LOCK_EVICT, LOCK_WRITERS};
+use super::layout::{
+    le32, LOCK_ALLOC, LOCK_BUCKETS, LOCK_BUCKETS_BASE, LOCK_EVICT, LOCK_RANGES_BASE, LOCK_RANGE_BLOBS, LOCK_RANGE_SPAN,
+    LOCK_WRITERS,
+};
 use super::BlockCache;
 use crate::error::{Error, Result};
 use crate::image::Hash;
@@ -174,6 +177,52 @@ impl BlockCache {
     pub fn unlock_fetch(&self, hash: &Hash) {
         self.locks.unlock_bucket(hash)
     }
+
+    /// Tells the other processes on this cache that this one is fetching `len` bytes of blob
+    /// `blob` at `offset`, until the announcement is dropped. A hint, never an exclusion: a
+    /// daemon about to fetch what another is bringing waits a little for it instead
+    /// ([`BlockCache::range_in_flight`]). None if the lock cannot be taken.
+    pub fn announce_range(&self, blob: &Hash, offset: u64, len: u64) -> Option<RangeAnnouncement<'_>> {
+        let (start, len) = range_bytes(blob, offset, len);
+        match ofd_fcntl(&self.locks.file, libc::F_OFD_SETLK, libc::F_RDLCK, start, len) {
+            Ok(_) => Some(RangeAnnouncement { file: &self.locks.file, start, len }),
+            Err(e) => {
+                tracing::debug!("announcing a fetch: {e}");
+                None
+            }
+        }
+    }
+
+    /// Whether another process announced a fetch of bytes of blob `blob` that overlap
+    /// [offset, offset + len).
+    pub fn range_in_flight(&self, blob: &Hash, offset: u64, len: u64) -> bool {
+        let (start, len) = range_bytes(blob, offset, len);
+        ofd_fcntl(&self.locks.file, libc::F_OFD_GETLK, libc::F_WRLCK, start, len)
+            .is_ok_and(|t| t != libc::F_UNLCK as libc::c_short)
+    }
+}
+
+/// A fetch announced to the other processes on the cache; withdrawn when dropped (or when the
+/// process dies). Announcements of one process that overlap merge: withdrawing one withdraws
+/// the overlap, which costs at most a fetch made twice.
+pub struct RangeAnnouncement<'a> {
+    file: &'a File,
+    start: i64,
+    len: i64,
+}
+
+impl Drop for RangeAnnouncement<'_> {
+    fn drop(&mut self) {
+        let _ = ofd_fcntl(self.file, libc::F_OFD_SETLK, libc::F_UNLCK, self.start, self.len);
+    }
+}
+
+/// The bytes of `lock` that stand for [offset, offset + len) of blob `blob`.
+fn range_bytes(blob: &Hash, offset: u64, len: u64) -> (i64, i64) {
+    let bucket = (le32(&blob[..4]) % LOCK_RANGE_BLOBS) as i64;
+    let first = offset.min(LOCK_RANGE_SPAN - 1);
+    let end = offset.saturating_add(len.max(1)).clamp(first + 1, LOCK_RANGE_SPAN);
+    (LOCK_RANGES_BASE + (bucket << 40) + first as i64, (end - first) as i64)
 }
 
 /// Whether a non-blocking lock failed because someone else holds it.
@@ -202,6 +251,24 @@ fn ofd_lock(f: &File, byte: i64, exclusive: bool, wait: bool) -> io::Result<()> 
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+/// One OFD lock command on [start, start + len) of `f`, not waiting; the lock type that
+/// `F_OFD_GETLK` found (F_UNLCK if none conflicts).
+fn ofd_fcntl(f: &File, cmd: libc::c_int, l_type: libc::c_int, start: i64, len: i64) -> io::Result<libc::c_short> {
+    // SAFETY: as above.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: as above.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+    if r == 0 {
+        Ok(fl.l_type)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -238,6 +305,27 @@ mod tests {
         assert!(!b.try_lock_fetch(&h).expect("still held once"));
         a.unlock_fetch(&h);
         assert!(b.try_lock_fetch(&h).expect("free now"));
+    }
+
+    #[test]
+    fn fetches_announced_are_seen_by_other_processes_only_while_announced() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = BlockCache::open(dir.path()).expect("open");
+        let b = BlockCache::open(dir.path()).expect("open");
+        let (blob, other) = ([5u8; 32], [6u8; 32]);
+        let ann = a.announce_range(&blob, 1000, 500).expect("announce");
+        assert!(b.range_in_flight(&blob, 1400, 1000), "overlap");
+        assert!(!b.range_in_flight(&blob, 1500, 10), "after it");
+        assert!(!b.range_in_flight(&blob, 0, 1000), "before it");
+        assert!(!b.range_in_flight(&other, 1000, 500), "another blob");
+        assert!(!a.range_in_flight(&blob, 1000, 500), "its own");
+        let far = a.announce_range(&blob, u64::MAX - 10, 100).expect("offsets past the span");
+        assert!(b.range_in_flight(&blob, u64::MAX - 1, 1));
+        drop((ann, far));
+        assert!(!b.range_in_flight(&blob, 1000, 500), "withdrawn");
+        std::mem::forget(a.announce_range(&blob, 0, 10).expect("announce"));
+        drop(a);
+        assert!(!b.range_in_flight(&blob, 0, 10), "a closed cache announces nothing");
     }
 }
 

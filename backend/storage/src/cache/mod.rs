@@ -37,6 +37,7 @@ mod tests;
 pub use evict::GcReport;
 pub use files::{create_private_dir, UnsafeCacheFile};
 pub use layout::BadHeader;
+pub use locks::RangeAnnouncement;
 pub use stats::CacheUsage;
 pub use verify::VerifyReport;
 

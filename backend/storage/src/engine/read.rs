@@ -145,11 +145,21 @@ impl Miss {
         };
         // The blocks' hashes and locations first, with those of the readahead after them; a
         // range that brings a file's index also brings the data stored after it.
-        let window = e.readahead_window(self.file, first, self.read_end);
-        let extra = (window as u64).saturating_mul(BS);
-        e.locate(self.file, first, self.read_end.saturating_add(window), extra, deadline).await?;
-        // The hashes of blocks [first, last missing] (missing is ascending), looked up once.
+        // Unless another daemon on this cache stored them since this read looked (and the
+        // tree block with their hashes): then nothing is fetched.
         let last = missing.last().copied().unwrap_or(first);
+        let _ = e.cache.refresh();
+        let stored_meanwhile = e.block_hashes(self.file, f, first, last + 1).is_some_and(|span| {
+            missing
+                .iter()
+                .all(|&b| span.get(b - first).is_some_and(|h| merkle::is_zero_leaf(h) || e.cache.lookup(h).is_some()))
+        });
+        if !stored_meanwhile {
+            let window = e.readahead_window(self.file, first, self.read_end);
+            let extra = (window as u64).saturating_mul(BS);
+            e.locate(self.file, first, self.read_end.saturating_add(window), extra, deadline).await?;
+        }
+        // The hashes of blocks [first, last missing] (missing is ascending), looked up once.
         let span = e
             .block_hashes(self.file, f, first, last + 1)
             .ok_or_else(|| Error::Corrupt(format!("no hashes for blocks {first} to {last}")))?;
@@ -163,6 +173,12 @@ impl Miss {
                 .copied()
                 .filter(|&b| hash_of(b).is_some_and(|h| !merkle::is_zero_leaf(h) && e.cache.lookup(h).is_none()))
                 .collect();
+            // Found stored meanwhile, then evicted before it was read: fetched after all.
+            if let (Some(&a), Some(&b)) = (to_fetch.first(), to_fetch.last()) {
+                if !e.located(self.file, a, b + 1) {
+                    e.locate(self.file, a, b + 1, 0, deadline).await?;
+                }
+            }
             for (hash, w) in e.request(self.file, f, &to_fetch, self.read_end, deadline) {
                 let mut rx = w.done.subscribe();
                 let outcome = loop {

@@ -106,6 +106,10 @@ impl Tables {
 /// one range brings it and the data after it.
 const WHOLE_INDEX_MAX: u64 = 64 << 10;
 
+/// Longest wait for another process's fetch of a range holding a file's index before
+/// fetching it (and the data after it) here.
+const RANGE_WAIT: Duration = Duration::from_secs(2);
+
 /// Fetches of a segment that keep failing verification give up after this many.
 const INDEX_ATTEMPTS: u32 = 3;
 
@@ -308,7 +312,8 @@ impl Engine {
         let n = f.nblocks() as u64;
         let nseg = index::segments(n) as usize;
         let b = b.min(nseg);
-        let blob_size = self.image.manifest.blobs.get(blob as usize).map_or(0, |b| b.size);
+        let (blob_id, blob_size) =
+            self.image.manifest.blobs.get(blob as usize).map_or((None, 0), |b| (Some(b.id), b.size));
         // A guest supplies the data: fetch only the index.
         let mut extra = if self.cfg.fill == FillSource::Supplied { 0 } else { spec.bytes };
         // Another process on this cache loading the same index brings the data after it:
@@ -323,6 +328,19 @@ impl Engine {
             None => None,
         };
         let _unlock = lock.map(|h| IndexLock { cache: &self.cache, hash: h });
+        // Nor what another process is bringing in a range of its own (its speculation covers
+        // this file) or has brought: wait a little for it, then fetch only the index.
+        if let Some(id) = blob_id {
+            let until = deadline.min(Instant::now() + RANGE_WAIT);
+            while self.cache.range_in_flight(&id, offset, index::index_len(n)) && Instant::now() < until {
+                self.counters.waits_on_other_process.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }
+        let _ = self.cache.refresh();
+        if self.first_block_cached(file) {
+            extra = 0;
+        }
         let mut backoff = Duration::from_millis(50);
         let mut corrupt = 0;
         loop {
@@ -337,7 +355,10 @@ impl Engine {
                 // Only a whole index read at once (a file's first touch) goes on into its
                 // data: a later segment's range would race other readers' fetches of blocks.
                 let more = match a == 0 && b == nseg {
-                    true => self.speculation(blob, offset + index::index_len(n), end, extra, blob_size, &spec.files),
+                    true => {
+                        let index_end = offset + index::index_len(n);
+                        self.speculation(blob, index_end, end, extra, blob_size, &spec.files)
+                    }
                     false => 0,
                 };
                 self.fetch_index_range(file, blob, start, end - start, more).await
@@ -401,19 +422,32 @@ impl Engine {
                 None => self.file(ino).is_ok_and(|f| index::index_len(f.nblocks() as u64) > WHOLE_INDEX_MAX),
             };
             // A file whose first block is cached (another daemon on the cache read it, or
-            // is reading it): what follows is, or is on its way.
-            let cached = || {
-                let Ok(f) = self.file(ino) else { return true };
-                self.block_hashes(ino, f, 0, 1)
-                    .and_then(|h| h.first().copied())
-                    .is_some_and(|h| merkle::is_zero_leaf(&h) || self.cache.lookup(&h).is_some())
+            // is reading it), or that another daemon's range is bringing: what follows is,
+            // or is on its way.
+            let elsewhere = || {
+                self.first_block_cached(ino)
+                    || self
+                        .image
+                        .manifest
+                        .blobs
+                        .get(blob as usize)
+                        .is_some_and(|b| self.cache.range_in_flight(&b.id, o, 1))
             };
-            if loaded || unwanted || !self.cfg.cross_file_readahead || cached() {
+            if loaded || unwanted || !self.cfg.cross_file_readahead || elsewhere() {
                 cut = o;
                 break;
             }
         }
         cut.max(end) - end
+    }
+
+    /// Whether the first block of `ino` is cached (or all zeros), as far as the hashes in
+    /// memory and the cache tell.
+    fn first_block_cached(&self, ino: u32) -> bool {
+        let Ok(f) = self.file(ino) else { return false };
+        self.block_hashes(ino, f, 0, 1)
+            .and_then(|h| h.first().copied())
+            .is_some_and(|h| merkle::is_zero_leaf(&h) || self.cache.lookup(&h).is_some())
     }
 
     /// Bytes of blob that `plain` bytes of file data take, as the image stores them on
@@ -458,6 +492,7 @@ impl Engine {
             .get(blob as usize)
             .map(|b| b.id)
             .ok_or_else(|| FetchError::Permanent("file index in an unknown blob".into()))?;
+        let _announced = self.cache.announce_range(&id, start, len + more);
         self.counters.remote_requests.fetch_add(1, Relaxed);
         self.counters.index_requests.fetch_add(1, Relaxed);
         let check = |data: &bytes::Bytes| ((), self.install_indexes(file, blob, start, data));
