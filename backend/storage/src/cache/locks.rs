@@ -116,9 +116,11 @@ impl Locks {
         Ok(GcLock { _ofd: self.ofd(LOCK_WRITERS, true, true)?, _threads: threads })
     }
 
-    /// The eviction lock if no thread or process holds it; None if one does.
+    /// The eviction lock if no other process holds it (None if one does), once this
+    /// process's other threads are done evicting: an insert waits for the eviction its
+    /// neighbours started, so that one process's inserts cannot outrun it.
     pub(super) fn try_evict(&self) -> io::Result<Option<ProcessLock<'_>>> {
-        let Ok(threads) = self.evicting.try_lock() else { return Ok(None) };
+        let threads = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
         match self.ofd(LOCK_EVICT, true, false) {
             Ok(ofd) => Ok(Some(ProcessLock { _ofd: ofd, _threads: threads })),
             Err(e) if is_contended(&e) => Ok(None),
