@@ -106,8 +106,9 @@ fn two_guests_at_once_fetch_each_block_about_once() {
     let together = nginx.blob_bytes_sent();
     let per_daemon: Vec<u64> = daemons.iter().map(|d| d.metric("incfs_bytes_fetched_total")).collect();
     println!("one guest alone: {alone} bytes; two guests at once: {together} bytes ({per_daemon:?} by daemon)");
-    // One guest alone fetches 22.7 to 26.4 MB from run to run (how far a first read's range
-    // reads ahead depends on what is in flight): within that spread, never twice.
-    assert!(together as f64 <= 1.25 * alone as f64, "two guests fetched {together} bytes, one alone {alone}");
+    // One guest alone fetches 20.6 to 26.4 MB from run to run (how far a first read's range
+    // reads ahead depends on what is in flight); two at once measured 0.90x to 1.01x of it,
+    // once ranges were announced across daemons (1.30x before).
+    assert!(together as f64 <= 1.1 * alone as f64, "two guests fetched {together} bytes, one alone {alone}");
     assert_eq!(per_daemon.iter().sum::<u64>(), together);
 }
