@@ -23,15 +23,6 @@ use support::*;
 
 const GIB: u64 = 1 << 30;
 
-fn pack_dir(src: &Path, store: &Path) -> ImageId {
-    pack(src, &Store::new(store), &PackOptions::default()).expect("pack").0
-}
-
-async fn open(url: &str, id: ImageId, cache: &Path, cfg: EngineConfig) -> Arc<Engine> {
-    let remote = Remote::open(url, cfg.attempt_timeout).expect("remote");
-    Engine::open(remote, id, Arc::new(BlockCache::open(cache).expect("cache")), cfg).await.expect("engine")
-}
-
 fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     let p = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
     let n = std::ffi::CString::new(name).expect("name");
@@ -180,11 +171,11 @@ async fn round_trip_of_every_edge_case_through_nginx() {
     let src = t.path().join("src");
     edge_tree(&src, 100_000);
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     // Deterministic: packing again (into another store) gives the same id.
-    assert_eq!(pack_dir(&src, &t.path().join("store2")), id);
+    assert_eq!(pack_default(&src, &t.path().join("store2")), id);
     let nginx = Nginx::start(&store, 0);
-    let engine = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
+    let engine = open_engine(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
     let checked = compare_tree(&engine, &src, 0).await;
     assert!(checked > 100_000);
     let c = &engine.counters;
@@ -224,12 +215,12 @@ async fn one_small_read_of_a_large_file_fetches_at_most_the_readahead_window() {
     let data = pseudo_random(42, 100 << 20);
     fs::write(src.join("big"), &data).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     let readahead = 256 << 10;
     // One request: the read's blocks and their readahead together (not split in two).
     let cfg = EngineConfig { readahead, split_fetch: false, ..EngineConfig::default() };
-    let engine = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let engine = open_engine(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let ino = engine.image().resolve(b"big").expect("big");
     let off = 50 << 20;
     let got = engine.read(ino, off + 100, 4096).await.expect("read");
@@ -255,9 +246,9 @@ async fn fault_setup(t: &Path, cfg: EngineConfig) -> (FaultServer, Arc<Engine>, 
     let data = compressible(7, 2 << 20);
     fs::write(src.join("f"), &data).expect("write");
     let store = t.join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let server = FaultServer::start(&store).await;
-    let engine = open(&server.url(), id, &t.join("cache"), cfg).await;
+    let engine = open_engine(&server.url(), id, &t.join("cache"), cfg).await;
     let ino = engine.image().resolve(b"f").expect("f");
     (server, engine, ino, data)
 }
@@ -380,7 +371,7 @@ fn two_processes_share_one_cache_without_downloading_a_block_twice() {
     let data = pseudo_random(5, 24 << 20);
     fs::write(src.join("f"), &data).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     // Slow enough that both readers are fetching at the same time.
     let nginx = Nginx::start(&store, 24 << 20);
     let cache = t.path().join("cache");
@@ -423,7 +414,7 @@ fn kill_9_during_fills_leaves_only_verified_blocks() {
     let data = pseudo_random(6, 32 << 20);
     fs::write(src.join("f"), &data).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 16 << 20);
     let cache = t.path().join("cache");
     for delay_ms in [150u64, 400, 700, 1000] {
@@ -452,11 +443,11 @@ async fn readahead_continues_into_the_files_packed_next() {
         fs::write(src.join(format!("m{i:02}.py")), d).expect("write");
     }
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     for (cross, cache) in [(true, "c1"), (false, "c2")] {
         let cfg = EngineConfig { readahead: 64 << 10, cross_file_readahead: cross, ..EngineConfig::default() };
-        let e = open(&nginx.url, id, &t.path().join(cache), cfg).await;
+        let e = open_engine(&nginx.url, id, &t.path().join(cache), cfg).await;
         let ino = |i: usize| e.image().resolve(format!("m{i:02}.py").as_bytes()).expect("file");
         assert_eq!(e.read(ino(0), 0, 8192).await.expect("read"), files[0]);
         assert_eq!(e.counters.remote_requests.load(Relaxed), 1);
@@ -502,10 +493,10 @@ async fn cached_reads_go_straight_into_guest_buffers_and_stale_slots_fall_back()
     sparse.extend(pseudo_random(11, 10 << 10));
     fs::write(src.join("sparse"), &sparse).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     let cache = t.path().join("cache");
-    let e = open(&nginx.url, id, &cache, EngineConfig::default()).await;
+    let e = open_engine(&nginx.url, id, &cache, EngineConfig::default()).await;
     let ino = e.image().resolve(b"data").expect("data");
     let sp = e.image().resolve(b"sparse").expect("sparse");
 
@@ -551,10 +542,10 @@ async fn a_read_miss_looks_up_each_block_once_before_it_fetches() {
     let data = pseudo_random(21, 16 * 4096);
     fs::write(src.join("f"), &data).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     let cfg = EngineConfig { readahead: 16 * 4096, cross_file_readahead: false, ..EngineConfig::default() };
-    let e = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let e = open_engine(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let ino = e.image().resolve(b"f").expect("f");
     let lookups = || e.counters.cache_lookups.load(Relaxed);
     // The file's index first (one request): the block engine's part is what is measured.
@@ -596,7 +587,7 @@ async fn a_cache_smaller_than_one_read_still_serves_it() {
     let data = pseudo_random(22, 1 << 20);
     fs::write(src.join("f"), &data).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     // 16 blocks of cache under a 256-block read with 128 blocks of readahead: every fetched
     // run is evicted before the reader could read it back from the cache.
@@ -620,7 +611,7 @@ async fn waiting_reads_hold_at_most_the_parked_bytes_budget() {
         fs::write(src.join(format!("f{i}")), d).expect("write");
     }
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     // A slow link, so the reads overlap.
     let nginx = Nginx::start(&store, 256 << 10);
     let cfg = EngineConfig {
@@ -629,7 +620,7 @@ async fn waiting_reads_hold_at_most_the_parked_bytes_budget() {
         read_timeout: Duration::from_secs(20),
         ..EngineConfig::default()
     };
-    let e = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let e = open_engine(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let reads: Vec<_> = (0..files.len())
         .map(|i| {
             let e = e.clone();
@@ -658,14 +649,14 @@ async fn reads_a_guest_never_supplies_leave_nothing_behind() {
     fs::create_dir_all(&src).expect("mkdir");
     fs::write(src.join("f"), pseudo_random(23, 8 * 4096)).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     let cfg = EngineConfig {
         fill: incfs::engine::FillSource::Supplied,
         read_timeout: Duration::from_millis(100),
         ..EngineConfig::default()
     };
-    let e = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let e = open_engine(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let ino = e.image().resolve(b"f").expect("f");
     for off in [0u64, 4096, 5 * 4096] {
         let err = e.read(ino, off, 4096).await.expect_err("nobody supplies the block");
@@ -682,10 +673,10 @@ async fn a_slot_reused_under_a_read_leaves_no_foreign_bytes_in_the_buffer() {
     let data = pseudo_random(24, 8 * 4096);
     fs::write(src.join("f"), &data).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     let cache = t.path().join("cache");
-    let e = open(&nginx.url, id, &cache, EngineConfig::default()).await;
+    let e = open_engine(&nginx.url, id, &cache, EngineConfig::default()).await;
     let ino = e.image().resolve(b"f").expect("f");
     assert_eq!(e.read(ino, 0, 8 * 4096).await.expect("fetch"), data);
     // Another process evicts block 1 and reuses its slot for another image's block: other
@@ -720,11 +711,11 @@ async fn verify_cached_never_serves_a_block_changed_on_disk() {
     let data = pseudo_random(25, 4 * 4096);
     fs::write(src.join("f"), &data).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     let cache = t.path().join("cache");
     let cfg = EngineConfig { verify_cached: true, ..EngineConfig::default() };
-    let e = open(&nginx.url, id, &cache, cfg).await;
+    let e = open_engine(&nginx.url, id, &cache, cfg).await;
     let ino = e.image().resolve(b"f").expect("f");
     assert_eq!(e.read(ino, 0, 4 * 4096).await.expect("fetch"), data);
     // Someone with write access to the cache's storage changes a block's bytes; its record
@@ -765,10 +756,10 @@ async fn a_trace_prefetch_fetches_exactly_the_traced_blocks() {
     let src = t.path().join("src");
     traced_tree(&src);
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     // The default readahead (512 KiB) would stretch every run below to 128 blocks.
-    let e = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
+    let e = open_engine(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
     let ino = |p: &str| e.image().resolve(p.as_bytes()).expect("path");
     let ranges = vec![
         // Three whole files packed end to end: one request across them.
@@ -832,10 +823,10 @@ async fn pack_with_a_trace_lays_the_traced_blocks_first_in_trace_order() {
     // Deterministic: the same tree and trace give the same image; without the trace another.
     let (again, _) = pack(&src, &Store::new(t.path().join("store2")), &opts).expect("pack");
     assert_eq!(again, id);
-    assert_ne!(pack_dir(&src, &t.path().join("store3")), id);
+    assert_ne!(pack_default(&src, &t.path().join("store3")), id);
 
     let nginx = Nginx::start(&t.path().join("store"), 0);
-    let e = open(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
+    let e = open_engine(&nginx.url, id, &t.path().join("cache"), EngineConfig::default()).await;
     let img = e.image().clone();
     // The traced blocks lead the first blob, in trace order, each right after the one before
     // (or after its file's index, which comes before the file's first block).
@@ -865,7 +856,7 @@ async fn pack_with_a_trace_lays_the_traced_blocks_first_in_trace_order() {
     let root = img.resolve(b"").expect("root");
     compare_tree(&e, &src, root).await;
     // A trace prefetch of an ordered pack fetches the whole trace in one request.
-    let e = open(&nginx.url, id, &t.path().join("cache2"), EngineConfig::default()).await;
+    let e = open_engine(&nginx.url, id, &t.path().join("cache2"), EngineConfig::default()).await;
     let (ranges, _) = incfs::trace::parse(&img, trace).expect("parse");
     // The range from the first traced file's index on brings the others' indexes and every
     // traced block; it ends at a guess of their stored size (plus room for the indexes), so
@@ -933,7 +924,7 @@ async fn dictionary_blocks_read_back_byte_identical_and_the_dictionary_is_fetche
     assert!(dict.size > 0 && dict.size <= 16 << 10);
     let nginx = Nginx::start(&store, 0);
     // The blocks' kinds, from the file indexes (through a throwaway cache).
-    let look = open(&nginx.url, id, &t.path().join("look"), EngineConfig::default()).await;
+    let look = open_engine(&nginx.url, id, &t.path().join("look"), EngineConfig::default()).await;
     let mut kinds: Vec<BlockKind> = Vec::new();
     for (ino, _) in m.inodes.iter().enumerate().filter(|(_, i)| matches!(i.kind, InodeKind::File(_))) {
         kinds.extend(look.file_blocks(ino as u32).await.expect("blocks").iter().map(|b| b.kind));
@@ -953,7 +944,7 @@ async fn dictionary_blocks_read_back_byte_identical_and_the_dictionary_is_fetche
 
     // Nothing is fetched but the manifest until a block needs the dictionary.
     let cache = t.path().join("cache");
-    let engine = open(&nginx.url, id, &cache, EngineConfig::default()).await;
+    let engine = open_engine(&nginx.url, id, &cache, EngineConfig::default()).await;
     let dict_path = format!("/blobs/{}", hex::encode(dict.id));
     assert!(nginx.log().iter().all(|r| r.3 != dict_path), "the dictionary is not fetched at start-up");
     let checked = compare_tree(&engine, &src, 0).await;
@@ -972,7 +963,7 @@ async fn dictionary_blocks_read_back_byte_identical_and_the_dictionary_is_fetche
     fs::create_dir_all(fresh.join("dictionaries")).expect("mkdir");
     let saved = cache.join("dictionaries").join(hex::encode(dict.id));
     fs::copy(&saved, fresh.join("dictionaries").join(hex::encode(dict.id))).expect("copy dictionary");
-    let engine = open(&nginx.url, id, &fresh, EngineConfig::default()).await;
+    let engine = open_engine(&nginx.url, id, &fresh, EngineConfig::default()).await;
     compare_tree(&engine, &src, 0).await;
     assert_eq!(engine.counters.dictionaries_fetched.load(Relaxed), 0);
     assert_eq!(nginx.log().iter().filter(|r| r.3 == dict_path).count(), 1, "not fetched again");
@@ -1004,7 +995,7 @@ async fn version_1_images_still_read() {
     assert!(m.dictionary.is_some());
     let nginx = Nginx::start(&store, 0);
     for (id, dicts) in [(id, 0), (id2, 1)] {
-        let engine = open(&nginx.url, id, &t.path().join(format!("cache-{id}")), EngineConfig::default()).await;
+        let engine = open_engine(&nginx.url, id, &t.path().join(format!("cache-{id}")), EngineConfig::default()).await;
         compare_tree(&engine, &src, 0).await;
         assert_eq!(engine.counters.verify_failures.load(Relaxed), 0);
         assert_eq!(engine.counters.dictionaries_fetched.load(Relaxed), dicts);
@@ -1030,7 +1021,7 @@ async fn a_corrupted_dictionary_in_the_store_is_refused_and_no_byte_is_served() 
     fs::write(&path, &bad).expect("corrupt it");
     let nginx = Nginx::start(&store, 0);
     let cfg = EngineConfig { read_timeout: Duration::from_secs(5), ..EngineConfig::default() };
-    let engine = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let engine = open_engine(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let img = engine.image().clone();
     // A file whose first block needs the dictionary.
     let mut first_dict = None;

@@ -8,28 +8,15 @@ mod support;
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use incfs::cache::BlockCache;
 use incfs::engine::{Engine, EngineConfig, MAX_INTENT_FETCHES};
 use incfs::fs::MountFs;
 use incfs::image::ImageId;
-use incfs::pack::{pack, PackOptions};
-use incfs::store::{Remote, Store};
 use incfs_fuse::{abi, FileSystem};
 use support::*;
 
 const BS: u64 = 4096;
-
-fn pack_dir(src: &Path, store: &Path) -> ImageId {
-    pack(src, &Store::new(store), &PackOptions::default()).expect("pack").0
-}
-
-async fn open(url: &str, id: ImageId, cache: &Path, cfg: EngineConfig) -> Arc<Engine> {
-    let remote = Remote::open(url, cfg.attempt_timeout).expect("remote");
-    Engine::open(remote, id, Arc::new(BlockCache::open(cache).expect("cache")), cfg).await.expect("engine")
-}
 
 /// Plaintext blocks of each blob range nginx served, in order (random data is stored raw, so
 /// a block is 4096 bytes on the wire).
@@ -56,7 +43,7 @@ fn files_store(t: &Path, n: usize, size: usize, rate: u64) -> (ImageId, Nginx, V
         fs::write(src.join(format!("f{i:05}")), d).expect("write");
     }
     let store = t.join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     (id, Nginx::start(&store, rate), files)
 }
 
@@ -71,7 +58,7 @@ async fn an_open_of_an_uncached_file_fetches_its_head_before_any_read() {
     let (id, nginx, files) = files_store(t.path(), 4, 40_000, 0);
     for (open_prefetch, cache) in [(true, "c1"), (false, "c2")] {
         let cfg = EngineConfig { open_prefetch, cross_file_readahead: false, ..EngineConfig::default() };
-        let e = open(&nginx.url, id, &t.path().join(cache), cfg).await;
+        let e = open_engine(&nginx.url, id, &t.path().join(cache), cfg).await;
         let fs = MountFs::new(e.clone());
         let f1 = ino(&e, "f00001");
         let (_, flags) = fs.open(f1, libc::O_RDONLY as u32).expect("open");
@@ -110,7 +97,7 @@ async fn a_lookup_flood_keeps_intent_fetches_bounded() {
     let (id, mut nginx, _) = files_store(t.path(), 2000, 5000, 0);
     nginx.reconfigure("location /blobs/ { limit_rate 1024; }");
     let cfg = EngineConfig { lookup_prefetch: true, cross_file_readahead: false, ..EngineConfig::default() };
-    let e = open(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let e = open_engine(&nginx.url, id, &t.path().join("cache"), cfg).await;
     let fs = MountFs::new(e.clone());
     let start = Instant::now();
     for i in 0..2000 {
@@ -140,7 +127,7 @@ async fn a_sequential_reader_s_fetches_grow() {
             split_fetch: false,
             ..EngineConfig::default()
         };
-        let e = open(&nginx.url, id, &t.path().join(cache), cfg).await;
+        let e = open_engine(&nginx.url, id, &t.path().join(cache), cfg).await;
         let f = e.image().resolve(b"f00000").expect("file");
         // The file's index first: the data requests are what is measured.
         e.file_blocks(f).await.expect("index");
@@ -180,7 +167,7 @@ async fn a_random_reader_does_not_fetch_the_readahead_window() {
             split_fetch: false,
             ..EngineConfig::default()
         };
-        let e = open(&nginx.url, id, &t.path().join(cache), cfg).await;
+        let e = open_engine(&nginx.url, id, &t.path().join(cache), cfg).await;
         let f = e.image().resolve(b"f00000").expect("file");
         // The first read of the file gets the base window; 20 reads of 4 KiB all over it then.
         e.read(f, 0, 4096).await.expect("read");
@@ -207,7 +194,7 @@ async fn a_read_s_blocks_come_in_a_request_of_their_own_beside_its_readahead() {
     for (split_fetch, cache) in [(true, "c1"), (false, "c2")] {
         let before = request_blocks(&nginx).len();
         let cfg = EngineConfig { readahead: 512 << 10, split_fetch, ..EngineConfig::default() };
-        let e = open(&nginx.url, id, &t.path().join(cache), cfg).await;
+        let e = open_engine(&nginx.url, id, &t.path().join(cache), cfg).await;
         let f = e.image().resolve(b"f00000").expect("file");
         // The file's index first: the data requests are what is measured.
         e.file_blocks(f).await.expect("index");

@@ -12,13 +12,8 @@ use std::time::Duration;
 use incfs::cache::{BlockCache, CacheOptions};
 use incfs::engine::{Engine, EngineConfig};
 use incfs::image::ImageId;
-use incfs::pack::{pack, PackOptions};
-use incfs::store::{Remote, Store};
+use incfs::store::Remote;
 use support::*;
-
-fn pack_dir(src: &Path, store: &Path) -> ImageId {
-    pack(src, &Store::new(store), &PackOptions::default()).expect("pack").0
-}
 
 async fn open(url: &str, id: ImageId, cache: &Path, limit: Option<u64>) -> Arc<Engine> {
     let cfg = EngineConfig::default();
@@ -54,7 +49,7 @@ async fn two_versions_of_an_image_share_cached_blocks() {
     fs::write(v2.join("etc/system.img"), &patched).expect("write");
     fs::write(v2.join("build.prop"), b"ro.build.id=2\n").expect("write");
     let store = t.path().join("store");
-    let (id1, id2) = (pack_dir(&v1, &store), pack_dir(&v2, &store));
+    let (id1, id2) = (pack_default(&v1, &store), pack_default(&v2, &store));
     assert_ne!(id1, id2);
     let nginx = Nginx::start(&store, 0);
     let cache = t.path().join("cache");
@@ -80,7 +75,7 @@ async fn a_cache_limit_below_the_working_set_keeps_reads_correct_and_the_cache_b
     let data = pseudo_random(3, 8 << 20);
     fs::write(src.join("f"), &data).expect("write");
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store);
+    let id = pack_default(&src, &store);
     let nginx = Nginx::start(&store, 0);
     let cache = t.path().join("cache");
     let limit = 1u64 << 20;
@@ -122,7 +117,7 @@ fn killing_any_reader_leaves_the_others_correct_and_the_cache_consistent() {
         fs::write(src.join(format!("f{i}")), d).expect("write");
     }
     let store = t.path().join("store");
-    let id = pack_dir(&src, &store).to_string();
+    let id = pack_default(&src, &store).to_string();
     let nginx = Nginx::start(&store, 20 << 20);
     let cache = t.path().join("cache");
     let c = cache.to_str().expect("utf8");
