@@ -250,6 +250,7 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
         rt.spawn(metrics::run_http_endpoint(listener, Arc::new(metrics)));
     }
 
+    rt.spawn(give_back_freed_memory());
     let mut server = device.bind(&cfg.socket, rt.handle().clone())?;
     stop_on_signals(server.stopper())?;
     // Everything is open and every thread but the frontend's runs: lock before serving.
@@ -271,6 +272,23 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
         tracing::info!("{k} {v}");
     }
     served
+}
+
+/// Hands the pages of freed heap memory back to the kernel now and then. A miss allocates
+/// and frees a plaintext buffer per block between the engine's long-lived tables, and glibc
+/// returns only the top of its heaps by itself: the freed pages in between would stay
+/// resident for the daemon's life.
+async fn give_back_freed_memory() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory; it takes the allocator's own locks.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
 
 /// Longest wait of a draining worker for the requests it took.
