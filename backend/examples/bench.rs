@@ -395,6 +395,23 @@ fn main() {
     make_tree(&src);
     let store = a.work.join("store");
     let id = incfsd(&a, &["pack", src.to_str().expect("utf8"), "--store", store.to_str().expect("utf8")]);
+    // A baseline incfsd serves the tree as it packs it itself: an older one may not read this
+    // one's image format (and a newer format is part of what is compared).
+    let (base_store, base_id) = match &a.baseline_incfsd {
+        Some(bin) => {
+            let s = a.work.join("store-baseline");
+            let _ = std::fs::remove_dir_all(&s);
+            let out = Command::new(bin)
+                .args(["pack", src.to_str().expect("utf8"), "--store", s.to_str().expect("utf8")])
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run the baseline incfsd");
+            assert!(out.status.success(), "{} pack failed", bin.display());
+            let id = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+            (s, id)
+        }
+        None => (store.clone(), id.clone()),
+    };
     if a.baseline_incfsd.is_none() {
         pack_figures(&a, &src);
     }
@@ -412,7 +429,7 @@ fn main() {
     }
     warm_cache(&a.incfsd, &a.work, &store, &id, &cache);
     if let Some(bin) = &a.baseline_incfsd {
-        warm_cache(bin, &a.work, &store, &id, &baseline_cache);
+        warm_cache(bin, &a.work, &base_store, &base_id, &baseline_cache);
     }
     let secs = a.seconds;
     let rounds = a.rounds.max(1);
@@ -443,7 +460,7 @@ fn main() {
         };
         let base = |(bin, is_incfsd): (&PathBuf, bool), seed| {
             let d = if is_incfsd {
-                start_incfsd_bin(bin, &a.work, &store, &id, &baseline_cache, "baseline", &a.baseline_args)
+                start_incfsd_bin(bin, &a.work, &base_store, &base_id, &baseline_cache, "baseline", &a.baseline_args)
             } else {
                 start_virtiofsd(bin, &src, &a.work)
             };
