@@ -127,8 +127,13 @@ fn make_tree(src: &Path) {
 }
 
 fn incfsd(a: &Args, args: &[&str]) -> String {
-    let out = Command::new(&a.incfsd).args(args).stderr(Stdio::inherit()).output().expect("run incfsd");
-    assert!(out.status.success(), "incfsd {args:?} failed");
+    incfsd_bin(&a.incfsd, args)
+}
+
+/// Runs `bin` with `args`; the last line it printed.
+fn incfsd_bin(bin: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).stderr(Stdio::inherit()).output().expect("run incfsd");
+    assert!(out.status.success(), "{} {args:?} failed", bin.display());
     String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string()
 }
 
@@ -401,13 +406,7 @@ fn main() {
         Some(bin) => {
             let s = a.work.join("store-baseline");
             let _ = std::fs::remove_dir_all(&s);
-            let out = Command::new(bin)
-                .args(["pack", src.to_str().expect("utf8"), "--store", s.to_str().expect("utf8")])
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run the baseline incfsd");
-            assert!(out.status.success(), "{} pack failed", bin.display());
-            let id = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+            let id = incfsd_bin(bin, &["pack", src.to_str().expect("utf8"), "--store", s.to_str().expect("utf8")]);
             (s, id)
         }
         None => (store.clone(), id.clone()),

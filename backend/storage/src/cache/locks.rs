@@ -233,39 +233,29 @@ fn is_contended(e: &io::Error) -> bool {
 }
 
 /// An open-file-description lock on one byte (released when this process's file is closed,
-/// including when the process dies). By hand: rustix's `fcntl_lock` locks only whole files,
-/// and nix would build libc with `extra_traits` everywhere for these two calls.
+/// including when the process dies), waiting for it if `wait`.
 fn ofd_lock(f: &File, byte: i64, exclusive: bool, wait: bool) -> io::Result<()> {
-    // SAFETY: flock is plain old data; all-zero is a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = if exclusive { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte;
-    fl.l_len = 1;
+    let l_type = if exclusive { libc::F_WRLCK } else { libc::F_RDLCK };
     let cmd = if wait { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK };
     loop {
-        // SAFETY: fcntl with a valid fd and a pointer to an initialised flock.
-        let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match ofd_fcntl(f, cmd, l_type, byte, 1) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r.map(|_| ()),
         }
     }
 }
 
-/// One OFD lock command on [start, start + len) of `f`, not waiting; the lock type that
-/// `F_OFD_GETLK` found (F_UNLCK if none conflicts).
+/// One OFD lock command on [start, start + len) of `f`; the lock type that `F_OFD_GETLK`
+/// found (F_UNLCK if none conflicts). By hand: rustix's `fcntl_lock` locks only whole files,
+/// and nix would build libc with `extra_traits` everywhere for this one call.
 fn ofd_fcntl(f: &File, cmd: libc::c_int, l_type: libc::c_int, start: i64, len: i64) -> io::Result<libc::c_short> {
-    // SAFETY: as above.
+    // SAFETY: flock is plain old data; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = l_type as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = start;
     fl.l_len = len;
-    // SAFETY: as above.
+    // SAFETY: fcntl with a valid fd and a pointer to an initialised flock.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
     if r == 0 {
         Ok(fl.l_type)
@@ -275,19 +265,7 @@ fn ofd_fcntl(f: &File, cmd: libc::c_int, l_type: libc::c_int, start: i64, len: i
 }
 
 fn ofd_unlock(f: &File, byte: i64) -> io::Result<()> {
-    // SAFETY: as above.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_UNLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    // SAFETY: as above.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    ofd_fcntl(f, libc::F_OFD_SETLK, libc::F_UNLCK, byte, 1).map(|_| ())
 }
 
 #[cfg(test)]

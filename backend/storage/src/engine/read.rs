@@ -147,32 +147,31 @@ impl Miss {
         // range that brings a file's index also brings the data stored after it.
         // Unless another daemon on this cache stored them since this read looked (and the
         // tree block with their hashes): then nothing is fetched.
+        // The hashes of blocks [first, last missing] (missing is ascending), looked up once.
         let last = missing.last().copied().unwrap_or(first);
+        let absent = |h: &Hash| !merkle::is_zero_leaf(h) && e.cache.lookup(h).is_none();
         let _ = e.cache.refresh();
-        let stored_meanwhile = e.block_hashes(self.file, f, first, last + 1).is_some_and(|span| {
-            missing
-                .iter()
-                .all(|&b| span.get(b - first).is_some_and(|h| merkle::is_zero_leaf(h) || e.cache.lookup(h).is_some()))
-        });
+        let known = e.block_hashes(self.file, f, first, last + 1);
+        let stored_meanwhile =
+            known.as_ref().is_some_and(|span| missing.iter().all(|&b| span.get(b - first).is_some_and(|h| !absent(h))));
         if !stored_meanwhile {
             let window = e.readahead_window(self.file, first, self.read_end);
             let extra = (window as u64).saturating_mul(BS);
             e.locate(self.file, first, self.read_end.saturating_add(window), extra, deadline).await?;
         }
-        // The hashes of blocks [first, last missing] (missing is ascending), looked up once.
-        let span = e
-            .block_hashes(self.file, f, first, last + 1)
-            .ok_or_else(|| Error::Corrupt(format!("no hashes for blocks {first} to {last}")))?;
+        // Verified hashes never change: only those not known before are looked up again.
+        let span = match known {
+            Some(span) => span,
+            None => e
+                .block_hashes(self.file, f, first, last + 1)
+                .ok_or_else(|| Error::Corrupt(format!("no hashes for blocks {first} to {last}")))?,
+        };
         let hash_of = |b: usize| span.get(b - first);
         loop {
             // What this process's fetches handed over: no need for the cache to still have it.
             let mut fetched: HashMap<Hash, Arc<[u8]>> = HashMap::new();
             // Zero blocks are never fetched; blocks an index range brought are cached.
-            let to_fetch: Vec<usize> = missing
-                .iter()
-                .copied()
-                .filter(|&b| hash_of(b).is_some_and(|h| !merkle::is_zero_leaf(h) && e.cache.lookup(h).is_none()))
-                .collect();
+            let to_fetch: Vec<usize> = missing.iter().copied().filter(|&b| hash_of(b).is_some_and(&absent)).collect();
             // Found stored meanwhile, then evicted before it was read: fetched after all.
             if let (Some(&a), Some(&b)) = (to_fetch.first(), to_fetch.last()) {
                 if !e.located(self.file, a, b + 1) {

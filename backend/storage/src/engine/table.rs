@@ -405,6 +405,7 @@ impl Engine {
             return 0;
         }
         let limit = end.saturating_add(self.stored_estimate(extra)).min(blob_size);
+        let blob_id = self.image.manifest.blobs.get(blob as usize).map(|b| b.id);
         let by_place = &self.tables.by_place;
         let from = by_place.partition_point(|&(b, o, _)| (b, o) < (blob, index_end));
         // Up to the limit, unless the index of a file not to be fetched starts before it.
@@ -424,15 +425,8 @@ impl Engine {
             // A file whose first block is cached (another daemon on the cache read it, or
             // is reading it), or that another daemon's range is bringing: what follows is,
             // or is on its way.
-            let elsewhere = || {
-                self.first_block_cached(ino)
-                    || self
-                        .image
-                        .manifest
-                        .blobs
-                        .get(blob as usize)
-                        .is_some_and(|b| self.cache.range_in_flight(&b.id, o, 1))
-            };
+            let elsewhere =
+                || self.first_block_cached(ino) || blob_id.is_some_and(|id| self.cache.range_in_flight(&id, o, 1));
             if loaded || unwanted || !self.cfg.cross_file_readahead || elsewhere() {
                 cut = o;
                 break;
