@@ -228,6 +228,7 @@ async fn one_small_read_of_a_large_file_fetches_at_most_the_readahead_window() {
     let c = &engine.counters;
     let index = c.index_bytes.load(Relaxed);
     let fetched = c.bytes_fetched.load(Relaxed) - index;
+    nginx.wait_blob_requests(c.remote_requests.load(Relaxed));
     let sent = nginx.blob_bytes_sent() - index;
     println!("fetched {fetched} bytes of data and {index} of index for one 4 KiB read of a 100 MiB file");
     assert!(fetched <= readahead, "engine fetched {fetched}");

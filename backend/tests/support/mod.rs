@@ -188,6 +188,18 @@ http {{
             .collect()
     }
 
+    /// Waits (up to 5 s) until at least `n` blob requests are logged: nginx writes a
+    /// request's log line after its last byte, which the client may have read before.
+    #[allow(dead_code)]
+    pub fn wait_blob_requests(&self, n: u64) {
+        let t = Instant::now();
+        while (self.log().iter().filter(|r| r.3.starts_with("/blobs/")).count() as u64) < n
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Body bytes sent for blobs (file data), all requests together.
     pub fn blob_bytes_sent(&self) -> u64 {
         self.log().iter().filter(|r| r.3.starts_with("/blobs/")).map(|r| r.1).sum()
