@@ -1,6 +1,12 @@
 //! What this process knows of the cache: hash -> slot, learnt from this process's inserts
 //! and by tailing the log the others append to. Optimistic: a slot's record is checked on
 //! every read, so an entry that went stale costs a miss, never wrong bytes.
+//!
+//! Compact, because every daemon on a cache holds one for all the cache's blocks (every
+//! image's): an entry is the first 96 bits of the hash and a 32-bit slot, 16 bytes where the
+//! whole hash and a u64 took 40. Two blocks sharing a prefix (2^48 work to make on purpose,
+//! with blocks the maker's own images hold) cost a miss: the full hash is in the slot's
+//! record, which every read and `BlockCache::lookup` check.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,9 +19,19 @@ use crate::image::Hash;
 /// Log records not yet written that an index keeps looking for, at most.
 const MAX_PENDING: usize = 1 << 16;
 
+/// The part of a hash an entry keeps.
+type Key = [u8; 12];
+
+fn key(hash: &Hash) -> Key {
+    let mut k = [0u8; 12];
+    k.copy_from_slice(&hash[..12]);
+    k
+}
+
 #[derive(Default)]
 pub(super) struct Index {
-    slots: HashMap<Hash, u64>,
+    /// Slots are below MAX_SLOTS (< 2^32).
+    slots: HashMap<Key, u32>,
     /// The log epoch `log_pos` refers to (gc rewrites the log under a new one).
     epoch: u64,
     /// Bytes of the log read so far.
@@ -26,16 +42,21 @@ pub(super) struct Index {
 
 impl Index {
     pub(super) fn slot(&self, hash: &Hash) -> Option<u64> {
-        self.slots.get(hash).copied()
+        self.slots.get(&key(hash)).map(|&s| u64::from(s))
     }
 
-    pub(super) fn insert(&mut self, hash: Hash, slot: u64) {
-        self.slots.insert(hash, slot);
+    /// Notes where `hash` is; a slot past MAX_SLOTS is not kept (never served anyway).
+    pub(super) fn insert(&mut self, hash: &Hash, slot: u64) {
+        if slot < MAX_SLOTS {
+            if let Ok(s) = u32::try_from(slot) {
+                self.slots.insert(key(hash), s);
+            }
+        }
     }
 
     /// Drops the entries of these slots (sorted).
     pub(super) fn forget_slots(&mut self, sorted: &[u64]) {
-        self.slots.retain(|_, slot| sorted.binary_search(slot).is_err());
+        self.slots.retain(|_, slot| sorted.binary_search(&u64::from(*slot)).is_err());
     }
 
     /// Drops the entries that point into a run of slots found stale.
@@ -43,18 +64,16 @@ impl Index {
     fn forget<'a>(&mut self, gone: impl IntoIterator<Item = (u64, &'a Hash)>) {
         for (slot, h) in gone {
             if self.slot(h) == Some(slot) {
-                self.slots.remove(h);
+                self.slots.remove(&key(h));
             }
         }
     }
 
     fn add_log_record(&mut self, rec: &[u8]) {
         let (hash, slot) = decode_log_record(rec);
-        // Checked again on every read; bounded here so that no offset computed from it
-        // can overflow.
-        if slot < MAX_SLOTS {
-            self.insert(hash, slot);
-        }
+        // Checked again on every read; bounded (by insert) so that no offset computed from
+        // it can overflow.
+        self.insert(&hash, slot);
     }
 
     /// Notes a log record not written yet, to read again later (a bounded number: forgetting
@@ -127,12 +146,16 @@ impl BlockCache {
         self.index_mut().catch_up(&log, log_epoch, end)
     }
 
-    /// The slot holding `hash`, as far as this process knows.
+    /// The slot holding `hash`, as far as this process knows, checked against the slot's
+    /// record: a block another process evicted, or an entry of another block sharing its
+    /// index key, is None.
     pub fn lookup(&self, hash: &Hash) -> Option<u64> {
-        self.index().slot(hash)
+        let slot = self.index().slot(hash)?;
+        matches!(self.records.snapshot_run(slot, std::iter::once(hash)), Ok(Some(_))).then_some(slot)
     }
 
-    /// Slots of several blocks under one lock (the warm read path).
+    /// Slots of several blocks under one lock (the warm read path), unchecked: the read
+    /// that follows checks each slot's record.
     pub fn lookup_many<'a>(&self, hashes: impl Iterator<Item = &'a Hash>, out: &mut Vec<Option<u64>>) {
         let idx = self.index();
         out.extend(hashes.map(|h| idx.slot(h)));

@@ -88,7 +88,7 @@ impl BlockCache {
         log.write_all_at(&log_records, log_pos).ctx(|| "write cache log".into())?;
         let mut idx = self.index_mut();
         for (s, (h, _)) in slots.iter().zip(blocks) {
-            idx.insert(*h, *s);
+            idx.insert(h, *s);
         }
         Ok(())
     }

@@ -165,13 +165,14 @@ fn a_truncated_slots_file_is_a_miss_not_a_sigbus() {
     let c = BlockCache::open(dir.path()).expect("open");
     let hs = insert(&c, 1..3);
     assert_eq!(read(&c, &hs[0]), Some(block(1).1), "read once: the daemon knows the file's size");
+    let s = c.lookup(&hs[0]).expect("slot");
     std::fs::OpenOptions::new()
         .write(true)
         .open(dir.path().join(super::layout::SLOTS_FILE))
         .expect("open slots")
         .set_len(0)
         .expect("truncate");
-    let s = c.lookup(&hs[0]).expect("slot");
+    assert_eq!(c.lookup(&hs[0]), None, "a lookup checks the record");
     let mut out = vec![0u8; BLOCK_SIZE];
     assert!(!c.read_run(s, &hs[..1], &mut out).expect("read"), "a record cut off the file is a miss");
 }
@@ -339,4 +340,30 @@ fn verify_repair_drops_blocks_whose_data_went_bad_and_verified_reads_miss_them()
     let u = c.usage().expect("usage");
     assert_eq!((u.valid, u.free_listed), (2, 1), "the slot was reused, then dropped again: {u:?}");
     assert_eq!(read(&BlockCache::open(dir.path()).expect("open"), &hs[1]), None, "no daemon serves it");
+}
+
+#[test]
+fn blocks_sharing_an_index_key_are_a_miss_never_each_others_bytes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let (h1, d1) = block(1);
+    // Another block whose hash shares the index's 96-bit key (made here; 2^48 work to find).
+    let mut h2 = h1;
+    h2[31] ^= 0xff;
+    let d2 = vec![7u8; BLOCK_SIZE];
+    c.insert_verified(&[(h1, &d1[..])]).expect("insert");
+    c.insert_verified(&[(h2, &d2[..])]).expect("insert");
+    assert_eq!(read(&c, &h2), Some(d2.clone()), "the later entry is found");
+    assert_eq!(c.lookup(&h1), None, "the earlier one is a miss, not the other's slot");
+    assert_eq!(read(&c, &h1), None);
+    // Stored again, it is found again, and the other is the miss.
+    c.insert_verified(&[(h1, &d1[..])]).expect("insert");
+    assert_eq!(read(&c, &h1), Some(d1));
+    assert_eq!(read(&c, &h2), None);
+    let other = BlockCache::open(dir.path()).expect("reopen");
+    assert_ne!(
+        read(&other, &h1),
+        Some(d2),
+        "a process learning both from the log serves neither's bytes for the other"
+    );
 }
