@@ -544,6 +544,12 @@ pub struct FetchArgs {
     /// reads wait for room before allocating anything.
     #[arg(long, default_value_t = DEFAULT_MAX_PARKED_MB, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_parked_mb: u64,
+    /// Memory for the file index segments loaded so far (format version 3), in KiB; past it
+    /// the least recently used are dropped: their hashes come back from the cache, their
+    /// block locations from the store when a block must be fetched again.
+    #[arg(long, default_value_t = (incfs::engine::DEFAULT_INDEX_MEMORY >> 10) as u64,
+          value_parser = clap::value_parser!(u64).range((incfs::engine::MIN_INDEX_MEMORY >> 10) as u64..=(1 << 30)))]
+    pub index_memory_kb: u64,
     /// Re-hash every cached block on read, for a cache on storage that other hosts or users
     /// can write: a block that does not match is fetched again, never served.
     #[arg(long)]
@@ -603,6 +609,7 @@ impl FetchArgs {
             attempt_timeout: Duration::from_millis(self.fetch_timeout_ms),
             max_parked_bytes: self.max_parked_mb.saturating_mul(1 << 20),
             verify_cached: self.verify_cached,
+            index_memory: usize::try_from(self.index_memory_kb << 10).unwrap_or(usize::MAX),
             ..EngineConfig::default()
         }
     }

@@ -107,8 +107,11 @@ impl Snapshot for EngineSnapshot {
 
     fn gauges(&self) -> Vec<(&'static str, u64)> {
         let s = &self.0.startup;
+        let (index_bytes, index_segments) = self.0.loaded_index_usage();
         vec![
             ("inflight_blocks", self.0.inflight_count() as u64),
+            ("loaded_index_bytes", index_bytes as u64),
+            ("loaded_index_segments", index_segments as u64),
             ("image_bytes", self.0.image().data_size()),
             ("startup_bytes", s.fetched_bytes),
             ("startup_requests", s.fetched_requests),

@@ -123,6 +123,62 @@ async fn a_warm_start_reads_the_cache_without_the_network() {
     assert_eq!(e.counters.cache_misses.load(Relaxed), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loaded_indexes_stay_within_their_budget_and_come_back_from_the_cache() {
+    let Packed { t, files, store, id, .. } = packed();
+    let nginx = Nginx::start(&store, 0);
+    // The least a user may set (`--index-memory-kb 64`): room for the tables of about 200
+    // small files, or 8 segments of a large one (the 6 MiB file has 12).
+    let budget = 64 << 10;
+    let cfg = EngineConfig { index_memory: budget, ..EngineConfig::default() };
+    let e = open_engine(&nginx.url, id, &t.path().join("cache"), cfg).await;
+    let mut most = 0;
+    for (path, data) in &files {
+        let ino = e.image().resolve(path.as_bytes()).expect("path");
+        let mut off = 0;
+        while off < data.len() {
+            let got = e.read(ino, off as u64, 256 << 10).await.expect("read");
+            assert_eq!(got, data[off..(off + got.len())], "{path} at {off}");
+            off += got.len();
+            most = most.max(e.loaded_index_usage().0);
+        }
+    }
+    println!("loaded index tables: at most {most} bytes (budget {budget}), {:?} at the end", e.loaded_index_usage());
+    assert!(most <= budget, "{most} > {budget}");
+    assert!(e.counters.indexes_loaded.load(Relaxed) >= files.len() as u64);
+    // Everything is cached: the dropped tables' hashes come back from the cache's tree
+    // blocks, so a second pass reads every byte without a request.
+    let requests = e.counters.remote_requests.load(Relaxed);
+    for (path, data) in files.iter().rev() {
+        let ino = e.image().resolve(path.as_bytes()).expect("path");
+        assert_eq!(&e.read(ino, 0, data.len() as u32).await.expect("read"), data, "{path}");
+        assert!(e.loaded_index_usage().0 <= budget);
+    }
+    assert_eq!(e.counters.remote_requests.load(Relaxed), requests, "served from the cache");
+    assert_eq!(e.counters.verify_failures.load(Relaxed), 0);
+
+    // Cold again, 8 readers at once at the same budget: their segments push each other's
+    // out, and every read still completes with the right bytes.
+    let cfg = EngineConfig { index_memory: budget, ..EngineConfig::default() };
+    let e = open_engine(&nginx.url, id, &t.path().join("cache2"), cfg).await;
+    let files = std::sync::Arc::new(files);
+    let readers: Vec<_> = (0..8)
+        .map(|r| {
+            let (e, files) = (e.clone(), files.clone());
+            tokio::spawn(async move {
+                for (path, data) in files.iter().skip(r).step_by(8).chain(files.iter().rev().take(2)) {
+                    let ino = e.image().resolve(path.as_bytes()).expect("path");
+                    assert_eq!(&e.read(ino, 0, data.len() as u32).await.expect("read"), data, "{path}");
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.await.expect("reader");
+    }
+    assert!(e.loaded_index_usage().0 <= budget);
+}
+
 /// Rewrites `len` bytes at `at` of a store's blob through `f`.
 fn tamper(blob: &Path, at: u64, len: usize, f: impl Fn(&mut [u8])) -> Vec<u8> {
     let good = fs::read(blob).expect("blob");

@@ -16,7 +16,7 @@
 //! deadline fails with ETIME; data that fails verification is never stored or returned.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ pub use intent::{IntentCounters, MAX_INTENT_FETCHES};
 
 pub use read::{Miss, MissData, ReadOutcome};
 pub use startup::{monotonic_ns, Startup};
+pub use table::{DEFAULT_INDEX_MEMORY, MIN_INDEX_MEMORY};
 
 use fetch::{load_image, InFlight};
 
@@ -87,6 +88,10 @@ pub struct EngineConfig {
     /// Re-hash every cached block on read (for a cache on storage others can write); a
     /// block that no longer matches is a miss and is dropped.
     pub verify_cached: bool,
+    /// Bytes the loaded segments of file indexes may hold (version 3), at most; past it the
+    /// least recently used are dropped (their hashes come back from the cache). At least
+    /// `MIN_INDEX_MEMORY`.
+    pub index_memory: usize,
     /// How requests to an HTTP(S) store are made (roots, client certificate, headers).
     pub http: crate::store::HttpOptions,
 }
@@ -108,6 +113,7 @@ impl Default for EngineConfig {
             cross_file_readahead: true,
             max_parked_bytes: DEFAULT_MAX_PARKED_BYTES,
             verify_cached: false,
+            index_memory: table::DEFAULT_INDEX_MEMORY,
             http: crate::store::HttpOptions::default(),
         }
     }
@@ -208,9 +214,9 @@ pub struct Engine {
     /// Set by `start_recording`: first touches of blocks, for `--record-trace`.
     recorder: std::sync::OnceLock<Recorder>,
     /// Per block of the image (indexed from `block_base`), the cache slot it was last found
-    /// in, plus one (0: unknown). Spares the warm path a hash lookup per block; only a hint,
-    /// since the cache checks every slot's record on read.
-    slot_hints: Box<[AtomicU64]>,
+    /// in, plus one (0: unknown; slots are below 2^32). Spares the warm path a hash lookup
+    /// per block; only a hint, since the cache checks every slot's record on read.
+    slot_hints: Box<[AtomicU32]>,
     block_base: Vec<u64>,
     /// Room for parked reads' data, in blocks (see `EngineConfig::max_parked_bytes`).
     parked: Arc<tokio::sync::Semaphore>,
@@ -250,10 +256,10 @@ impl Engine {
             block_base[i as usize] = total;
             total += f.nblocks() as u64;
         }
-        let slot_hints = (0..total).map(|_| AtomicU64::new(0)).collect();
+        let slot_hints = (0..total).map(|_| AtomicU32::new(0)).collect();
         let parked_blocks =
             u32::try_from(cfg.max_parked_bytes / BLOCK_SIZE as u64).unwrap_or(u32::MAX).clamp(1, 1 << 28);
-        let tables = table::Tables::new(&image);
+        let tables = table::Tables::new(&image, cfg.index_memory);
         let supplied = cfg.fill == FillSource::Supplied;
         let engine = Arc::new(Engine {
             tables,
@@ -339,6 +345,12 @@ impl Engine {
         self.image.file(file).ok_or_else(|| Error::Invalid(format!("inode {file} is not a regular file")))
     }
 
+    /// Bytes the loaded segments of file indexes hold (estimated; at most
+    /// `EngineConfig::index_memory`), and how many segments that is.
+    pub fn loaded_index_usage(&self) -> (usize, usize) {
+        self.tables.loaded_usage()
+    }
+
     /// Bytes of a read and the block range [first, last) covering it, clamped to the file.
     fn span(f: &FileData, offset: u64, len: u32) -> (u64, usize, usize) {
         if offset >= f.size || len == 0 {
@@ -351,9 +363,16 @@ impl Engine {
     }
 
     /// The slot hint of block `block` of file `file`, if the image has one.
-    fn hint(&self, file: u32, block: usize) -> Option<&AtomicU64> {
+    fn hint(&self, file: u32, block: usize) -> Option<&AtomicU32> {
         let base = *self.block_base.get(file as usize)?;
         self.slot_hints.get(usize::try_from(base).ok()?.checked_add(block)?)
+    }
+
+    /// Notes that block `block` of `file` was found in `slot`.
+    fn set_hint(&self, file: u32, block: usize, slot: u64) {
+        if let (Some(h), Ok(v)) = (self.hint(file, block), u32::try_from(slot + 1)) {
+            h.store(v, Relaxed);
+        }
     }
 
     /// Clears the slot hints of blocks `blocks` of file `file` (found stale).

@@ -19,12 +19,10 @@ impl Engine {
     /// The distinct blocks of the image that must come from a remote (zero blocks excluded).
     /// Every file index not loaded yet is fetched.
     pub async fn unique_blocks(self: &Arc<Self>) -> crate::error::Result<HashSet<Hash>> {
-        self.locate_all(Instant::now() + Duration::from_secs(60)).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut out = HashSet::new();
-        for (ino, f) in self.image.files() {
-            let hashes = self
-                .block_hashes(ino, f, 0, f.nblocks())
-                .ok_or_else(|| crate::error::Error::NotFound(format!("the index of inode {ino}")))?;
+        for (ino, _) in self.image.files() {
+            let hashes = self.file_hashes(ino, deadline).await?;
             out.extend(hashes.into_iter().filter(|h| !crate::image::merkle::is_zero_leaf(h)));
         }
         Ok(out)

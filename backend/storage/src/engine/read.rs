@@ -359,7 +359,7 @@ impl Engine {
     /// missing, or a zero block). Hinted slots first; the index only for blocks without a hint.
     fn cached_slots(&self, file: u32, hashes: &[Hash], first: usize) -> Vec<Option<u64>> {
         let mut slots: Vec<Option<u64>> = (first..first + hashes.len())
-            .map(|b| self.hint(file, b).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| v - 1))
+            .map(|b| self.hint(file, b).map(|h| h.load(Relaxed)).filter(|&v| v != 0).map(|v| u64::from(v) - 1))
             .collect();
         let unhinted: Vec<usize> =
             (0..hashes.len()).filter(|&i| slots[i].is_none() && !merkle::is_zero_leaf(&hashes[i])).collect();
@@ -369,8 +369,8 @@ impl Engine {
             self.cache.lookup_many(unhinted.iter().map(|&i| &hashes[i]), &mut found);
             for (&i, s) in unhinted.iter().zip(found) {
                 slots[i] = s;
-                if let (Some(h), Some(s)) = (self.hint(file, first + i), s) {
-                    h.store(s + 1, Relaxed);
+                if let Some(s) = s {
+                    self.set_hint(file, first + i, s);
                 }
             }
         }
@@ -480,9 +480,7 @@ impl Engine {
         let (s, e) = (start.max(offset), (start + BS).min(end));
         let ok = self.copy_bounced(slot, hash, (s - start) as usize, out, (s - offset) as usize, (e - s) as usize)?;
         if ok {
-            if let Some(h) = self.hint(file, b) {
-                h.store(slot + 1, Relaxed);
-            }
+            self.set_hint(file, b, slot);
         }
         Ok(ok)
     }

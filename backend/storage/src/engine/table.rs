@@ -11,9 +11,10 @@
 //!
 //! Versions 1 and 2 hold every block in the manifest: their tables are filled at open.
 
+use std::collections::VecDeque;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -26,41 +27,103 @@ use crate::image::index::{self, Bounds, Loc, SEGMENT_BLOCKS};
 use crate::image::{merkle, BlockKind, BlockRef, BlockTable, FileData, Hash, Image, BLOCK_SIZE};
 use crate::store::FetchError;
 
-#[derive(Default)]
-struct Segment {
-    /// Leaf hashes, verified.
-    hashes: OnceLock<Box<[Hash]>>,
-    /// Where each block is stored (bounded, not verified: see `image::index`). Forgotten
-    /// when what they point at keeps failing verification, so a bad answer from a store (or
-    /// a mirror) is not kept for the engine's life.
-    locs: Mutex<Option<Arc<[Loc]>>>,
+/// Default of `EngineConfig::index_memory`: what the engine keeps of its loaded segments'
+/// tables, at most (estimated as below); past it the least recently used are dropped. Their hashes come back from the cache, which
+/// keeps every verified tree block, without the network; their locations are needed only to
+/// fetch a block again, and come back with the segment's index when one is. 4 MiB holds
+/// the tables of about 300 MB of large files' data or 15,000 small files.
+pub const DEFAULT_INDEX_MEMORY: usize = 4 << 20;
+
+/// The least `EngineConfig::index_memory` is taken to be: the tables of a read and its
+/// readahead (up to 10 segments) must fit.
+pub const MIN_INDEX_MEMORY: usize = 64 << 10;
+
+/// A loaded segment: its leaf hashes, verified, and where its blocks are stored if known
+/// (bounded, not verified: see `image::index`; forgotten when what they point at keeps
+/// failing verification, so a bad answer from a store or a mirror is not kept).
+struct Loaded {
+    hashes: Arc<[Hash]>,
+    locs: Option<Arc<[Loc]>>,
+    /// Used since the sweep last passed it (a second chance before it is dropped).
+    used: AtomicBool,
 }
 
-impl Segment {
-    fn locs(&self) -> Option<Arc<[Loc]>> {
-        self.locs.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn has_locs(&self) -> bool {
-        self.locs.lock().unwrap_or_else(|e| e.into_inner()).is_some()
-    }
-
-    fn set_locs(&self, locs: Arc<[Loc]>) {
-        *self.locs.lock().unwrap_or_else(|e| e.into_inner()) = Some(locs);
+impl Loaded {
+    /// Bytes it holds: the two tables, their allocations and its place in the map and queue.
+    fn cost(&self) -> usize {
+        96 + self.hashes.len() * std::mem::size_of::<Hash>()
+            + self.locs.as_ref().map_or(0, |l| 32 + l.len() * std::mem::size_of::<Loc>())
     }
 }
 
+/// A segment's leaf hashes and block locations.
+type SegmentTable = (Arc<[Hash]>, Arc<[Loc]>);
+
+/// The loaded segments of version-3 files, (inode, segment) -> table, bounded by
+/// `max_bytes` (a version-1 or 2 manifest holds every table itself).
 #[derive(Default)]
-struct FileTable {
-    /// For a file of more than one segment: the hash of each segment's level-0 tree block
-    /// (level 1 of its tree), verified against the root.
-    level1: OnceLock<Box<[Hash]>>,
-    segments: Box<[Segment]>,
+struct LoadedSegments {
+    max_bytes: usize,
+    map: HashMap<(u32, u32), Loaded>,
+    /// Every key of `map` once, oldest first: the sweep's clock.
+    order: VecDeque<(u32, u32)>,
+    bytes: usize,
+}
+
+impl LoadedSegments {
+    /// Sets a segment's hashes and, if given, locations (kept if already known).
+    fn set(&mut self, key: (u32, u32), hashes: Arc<[Hash]>, locs: Option<Arc<[Loc]>>) {
+        match self.map.get_mut(&key) {
+            Some(l) => {
+                self.bytes -= l.cost();
+                if locs.is_some() {
+                    l.locs = locs;
+                }
+                l.used.store(true, Relaxed);
+                self.bytes += l.cost();
+            }
+            None => {
+                // Counted as used: it is about to be, and must not be the sweep's first victim.
+                let l = Loaded { hashes, locs, used: AtomicBool::new(true) };
+                self.bytes += l.cost();
+                self.map.insert(key, l);
+                self.order.push_back(key);
+            }
+        }
+        self.shrink();
+    }
+
+    /// Drops segments, oldest first, passing over (once) those used since, until within
+    /// budget.
+    fn shrink(&mut self) {
+        let mut passes = self.order.len();
+        while self.bytes > self.max_bytes && passes > 0 {
+            passes -= 1;
+            let Some(key) = self.order.pop_front() else { break };
+            let Some(l) = self.map.get(&key) else { continue };
+            if l.used.swap(false, Relaxed) {
+                self.order.push_back(key);
+                continue;
+            }
+            if let Some(l) = self.map.remove(&key) {
+                self.bytes -= l.cost();
+            }
+        }
+        // Everything was used since the last pass: drop the oldest anyway.
+        while self.bytes > self.max_bytes {
+            let Some(key) = self.order.pop_front() else { break };
+            if let Some(l) = self.map.remove(&key) {
+                self.bytes -= l.cost();
+            }
+        }
+    }
 }
 
 pub(super) struct Tables {
-    /// Per inode (empty for anything but a regular file).
-    files: Box<[FileTable]>,
+    /// Per version-3 file of more than one segment: the hash of each segment's level-0 tree
+    /// block (level 1 of its tree), verified against the root. 32 bytes per 128 blocks.
+    level1: RwLock<HashMap<u32, Arc<[Hash]>>>,
+    loaded: RwLock<LoadedSegments>,
     /// Version-3 file indexes by place, (blob, offset, inode), sorted: the indexes a fetched
     /// range holds.
     by_place: Box<[(u32, u64, u32)]>,
@@ -69,42 +132,86 @@ pub(super) struct Tables {
     /// Stored bytes per byte of file data over the whole image: what a readahead window of
     /// plaintext takes in a blob.
     stored_ratio: f64,
+    /// Segments `locate` loads at once (see LOCATE_PART_MAX).
+    locate_part: usize,
 }
 
 impl Tables {
-    pub(super) fn new(image: &Image) -> Tables {
-        let mut by_place = Vec::new();
-        let files = image
-            .manifest
-            .inodes
-            .iter()
-            .enumerate()
-            .map(|(i, node)| {
-                let crate::image::InodeKind::File(f) = &node.kind else { return FileTable::default() };
-                let n = index::segments(f.nblocks() as u64) as usize;
-                let t = FileTable { level1: OnceLock::new(), segments: (0..n).map(|_| Segment::default()).collect() };
-                match &f.table {
-                    BlockTable::Inline(blocks) => {
-                        for (seg, chunk) in t.segments.iter().zip(blocks.chunks(SEGMENT_BLOCKS)) {
-                            let _ = seg.hashes.set(chunk.iter().map(|b| b.hash).collect());
-                            seg.set_locs(chunk.iter().map(Loc::of).collect());
-                        }
-                    }
-                    BlockTable::Index { blob, offset } => by_place.push((*blob, *offset, i as u32)),
-                }
-                t
+    pub(super) fn new(image: &Image, index_memory: usize) -> Tables {
+        let index_memory = index_memory.max(MIN_INDEX_MEMORY);
+        let mut by_place: Vec<(u32, u64, u32)> = image
+            .files()
+            .filter_map(|(ino, f)| match f.table {
+                BlockTable::Index { blob, offset } => Some((blob, offset, ino)),
+                BlockTable::Inline(_) => None,
             })
             .collect();
         by_place.sort_unstable();
         let stored: u64 = image.manifest.blobs.iter().map(|b| b.size).sum();
         let stored_ratio = (stored as f64 / image.data_size().max(1) as f64).clamp(0.05, 1.1);
-        Tables { files, by_place: by_place.into_boxed_slice(), loading: Mutex::new(HashMap::new()), stored_ratio }
+        Tables {
+            level1: RwLock::default(),
+            loaded: RwLock::new(LoadedSegments { max_bytes: index_memory, ..LoadedSegments::default() }),
+            locate_part: (index_memory / (4 * SEGMENT_COST)).clamp(1, LOCATE_PART_MAX),
+            by_place: by_place.into_boxed_slice(),
+            loading: Mutex::new(HashMap::new()),
+            stored_ratio,
+        }
+    }
+
+    fn loaded(&self) -> std::sync::RwLockReadGuard<'_, LoadedSegments> {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn loaded_mut(&self) -> std::sync::RwLockWriteGuard<'_, LoadedSegments> {
+        self.loaded.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Segment `s` of `file`'s hashes, if loaded (noted as used).
+    fn hashes(&self, file: u32, s: usize) -> Option<Arc<[Hash]>> {
+        let loaded = self.loaded();
+        let l = loaded.map.get(&(file, s as u32))?;
+        l.used.store(true, Relaxed);
+        Some(l.hashes.clone())
+    }
+
+    /// Segment `s` of `file`'s hashes and locations, if both are loaded.
+    fn table(&self, file: u32, s: usize) -> Option<SegmentTable> {
+        let loaded = self.loaded();
+        let l = loaded.map.get(&(file, s as u32))?;
+        l.used.store(true, Relaxed);
+        Some((l.hashes.clone(), l.locs.clone()?))
+    }
+
+    fn has_locs(&self, file: u32, s: usize) -> bool {
+        self.loaded().map.get(&(file, s as u32)).is_some_and(|l| l.locs.is_some())
+    }
+
+    fn level1(&self, file: u32) -> Option<Arc<[Hash]>> {
+        self.level1.read().unwrap_or_else(|e| e.into_inner()).get(&file).cloned()
+    }
+
+    fn set_level1(&self, file: u32, l1: Arc<[Hash]>) {
+        self.level1.write().unwrap_or_else(|e| e.into_inner()).entry(file).or_insert(l1);
+    }
+
+    /// Bytes the loaded segments hold now (estimated), and how many there are.
+    pub(super) fn loaded_usage(&self) -> (usize, usize) {
+        let loaded = self.loaded();
+        (loaded.bytes, loaded.map.len())
     }
 }
 
 /// A file index up to this long is loaded whole at the first read (files up to about 5 MiB):
 /// one range brings it and the data after it.
 const WHOLE_INDEX_MAX: u64 = 64 << 10;
+
+/// Segments `locate` loads at once, at most (about 460 KB of tables), and never more than a
+/// quarter of the loaded segments' budget holds: what it loads must stay loaded until used.
+const LOCATE_PART_MAX: usize = 64;
+
+/// What a whole segment's tables cost in the budget (`Loaded::cost`).
+const SEGMENT_COST: usize = 96 + SEGMENT_BLOCKS * (32 + 24) + 32;
 
 /// Longest wait for another process's fetch of a range holding a file's index before
 /// fetching it (and the data after it) here.
@@ -114,15 +221,10 @@ const RANGE_WAIT: Duration = Duration::from_secs(2);
 const INDEX_ATTEMPTS: u32 = 3;
 
 impl Engine {
-    fn table(&self, file: u32) -> Option<&FileTable> {
-        self.tables.files.get(file as usize)
-    }
-
     /// The level-1 hashes of a file of more than one segment: from memory, else assembled from
     /// the tree blocks in the cache (None if one is missing).
-    fn level1(&self, file: u32, f: &FileData) -> Option<&[Hash]> {
-        let t = self.table(file)?;
-        if let Some(l) = t.level1.get() {
+    fn level1(&self, file: u32, f: &FileData) -> Option<Arc<[Hash]>> {
+        if let Some(l) = self.tables.level1(file) {
             return Some(l);
         }
         let n = f.nblocks() as u64;
@@ -140,8 +242,9 @@ impl Engine {
             expected = next;
         }
         expected.truncate(index::segments(n) as usize);
-        let _ = t.level1.set(expected.into_boxed_slice());
-        t.level1.get().map(|l| &l[..])
+        let l1: Arc<[Hash]> = expected.into();
+        self.tables.set_level1(file, l1.clone());
+        Some(l1)
     }
 
     /// What segment `s`'s level-0 block must hash to (for a one-block file: its leaf).
@@ -152,16 +255,19 @@ impl Engine {
         self.level1(file, f)?.get(s).copied()
     }
 
-    /// The leaf hashes of segment `s`: from memory, else from its tree block in the cache.
-    fn segment_hashes(&self, file: u32, f: &FileData, s: usize) -> Option<&[Hash]> {
-        let seg = self.table(file)?.segments.get(s)?;
-        if let Some(h) = seg.hashes.get() {
+    /// The leaf hashes of segment `s` of a version-3 file: from memory, else from its tree
+    /// block in the cache.
+    fn segment_hashes(&self, file: u32, f: &FileData, s: usize) -> Option<Arc<[Hash]>> {
+        if let Some(h) = self.tables.hashes(file, s) {
             return Some(h);
         }
         let n = f.nblocks() as u64;
+        if s as u64 >= index::segments(n) {
+            return None;
+        }
         let count = index::segment_len(n, s as u64);
-        let hashes = if n == 1 {
-            Box::new([f.root]) as Box<[Hash]>
+        let hashes: Arc<[Hash]> = if n == 1 {
+            Arc::new([f.root])
         } else {
             let want = self.segment_expected(file, f, s)?;
             let slot = self.cache.lookup(&want)?;
@@ -169,15 +275,18 @@ impl Engine {
             if !self.cache.read_run(slot, &[want], &mut block).ok()? {
                 return None;
             }
-            index::hashes_of_level0(&block, count)
+            index::hashes_of_level0(&block, count).into()
         };
-        let _ = seg.hashes.set(hashes);
-        seg.hashes.get().map(|h| &h[..])
+        self.tables.loaded_mut().set((file, s as u32), hashes.clone(), None);
+        Some(hashes)
     }
 
     /// Leaf hashes of blocks [first, last) of `file`, from memory or the cache; None when some
     /// must be fetched first (`locate`).
     pub(super) fn block_hashes(&self, file: u32, f: &FileData, first: usize, last: usize) -> Option<Vec<Hash>> {
+        if let Some(blocks) = f.inline() {
+            return blocks.get(first..last.max(first)).map(|b| b.iter().map(|r| r.hash).collect());
+        }
         let mut out = Vec::with_capacity(last.saturating_sub(first));
         let mut b = first;
         while b < last {
@@ -193,10 +302,15 @@ impl Engine {
 
     /// Block `b` of `file` with its location, if its segment's are loaded.
     pub(super) fn block_ref(&self, file: u32, b: usize) -> Option<BlockRef> {
-        let seg = self.table(file)?.segments.get(b / SEGMENT_BLOCKS)?;
+        let f = self.file(file).ok()?;
+        if let Some(blocks) = f.inline() {
+            let r = blocks.get(b)?;
+            return Some(if merkle::is_zero_leaf(&r.hash) { Loc::ZERO.with_hash(r.hash) } else { *r });
+        }
+        let (hashes, locs) = self.tables.table(file, b / SEGMENT_BLOCKS)?;
         let i = b % SEGMENT_BLOCKS;
-        let loc = *seg.locs()?.get(i)?;
-        let hash = *seg.hashes.get()?.get(i)?;
+        let loc = *locs.get(i)?;
+        let hash = *hashes.get(i)?;
         Some(if merkle::is_zero_leaf(&hash) { Loc::ZERO.with_hash(hash) } else { loc.with_hash(hash) })
     }
 
@@ -204,22 +318,25 @@ impl Engine {
     /// keep failing verification): the next read fetches the index again. A manifest's
     /// (versions 1 and 2) are verified with it and kept.
     pub(super) fn forget_locations(&self, file: u32, blocks: &[usize]) {
-        let (Ok(f), Some(t)) = (self.file(file), self.table(file)) else { return };
-        if f.inline().is_some() {
+        if self.file(file).map_or(true, |f| f.inline().is_some()) {
             return;
         }
+        let mut loaded = self.tables.loaded_mut();
         for &b in blocks {
-            if let Some(seg) = t.segments.get(b / SEGMENT_BLOCKS) {
-                *seg.locs.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if let Some(l) = loaded.map.get_mut(&(file, (b / SEGMENT_BLOCKS) as u32)) {
+                l.locs = None;
             }
         }
     }
 
     /// Whether every segment covering blocks [first, last) has its locations.
     pub(super) fn located(&self, file: u32, first: usize, last: usize) -> bool {
-        let Some(t) = self.table(file) else { return true };
-        let (s0, s1) = (first / SEGMENT_BLOCKS, last.div_ceil(SEGMENT_BLOCKS).min(t.segments.len()));
-        t.segments.get(s0..s1).is_none_or(|s| s.iter().all(Segment::has_locs))
+        let Ok(f) = self.file(file) else { return true };
+        if f.inline().is_some() {
+            return true;
+        }
+        let nseg = index::segments(f.nblocks() as u64) as usize;
+        (first / SEGMENT_BLOCKS..last.div_ceil(SEGMENT_BLOCKS).min(nseg)).all(|s| self.tables.has_locs(file, s))
     }
 
     /// Makes sure the hashes and locations of blocks [first, last) of `file` are loaded,
@@ -250,6 +367,27 @@ impl Engine {
             true => (0, f.nblocks()),
             false => (first, last),
         };
+        // A whole large file (tools, a guest data loader) in parts that fit the loaded
+        // segments' budget many times over: a read's range is one part.
+        let step = self.tables.locate_part;
+        for c0 in (s0..s1).step_by(step) {
+            let c1 = (c0 + step).min(s1);
+            let part = ((c0 * SEGMENT_BLOCKS).max(first), (c1 * SEGMENT_BLOCKS).min(last));
+            self.locate_segments(file, f, (c0, c1), part, &extra, deadline).await?;
+        }
+        Ok(())
+    }
+
+    /// `locate` of segments [s0, s1), covering blocks [first, last).
+    async fn locate_segments(
+        self: &Arc<Self>,
+        file: u32,
+        f: &FileData,
+        (s0, s1): (usize, usize),
+        (first, last): (usize, usize),
+        extra: &Speculation,
+        deadline: Instant,
+    ) -> Result<()> {
         loop {
             if self.located(file, first, last) {
                 return Ok(());
@@ -259,9 +397,9 @@ impl Engine {
             let mut others = Vec::new();
             {
                 let mut loading = self.tables.loading.lock().unwrap_or_else(|e| e.into_inner());
-                let segments = self.table(file).map(|t| &t.segments[..]).unwrap_or_default();
-                for (s, seg) in segments.iter().enumerate().take(s1).skip(s0) {
-                    if seg.has_locs() {
+                let nseg = index::segments(f.nblocks() as u64) as usize;
+                for s in s0..s1.min(nseg) {
+                    if self.tables.has_locs(file, s) {
                         continue;
                     }
                     match loading.get(&(file, s as u32)) {
@@ -274,7 +412,7 @@ impl Engine {
                 }
             }
             let res = match (claimed.first(), claimed.last()) {
-                (Some(&a), Some(&b)) => self.load_segments(file, f, a, b + 1, &extra, deadline).await,
+                (Some(&a), Some(&b)) => self.load_segments(file, f, a, b + 1, extra, deadline).await,
                 _ => Ok(()),
             };
             {
@@ -286,10 +424,16 @@ impl Engine {
                 }
             }
             res?;
+            let waited = !others.is_empty();
             for mut rx in others {
                 if tokio::time::timeout_at(deadline, rx.wait_for(|&done| done)).await.is_err() {
                     return Err(Error::Timeout);
                 }
+            }
+            // Loaded here, and by no one else: done, even if the budget of loaded segments
+            // (smaller than this part) let some go again.
+            if !claimed.is_empty() && !waited {
+                return Ok(());
             }
             if Instant::now() >= deadline && !self.located(file, first, last) {
                 return Err(Error::Timeout);
@@ -363,11 +507,15 @@ impl Engine {
                 };
                 self.fetch_index_range(file, blob, start, end - start, more).await
             };
+            let upper_only = need_upper && a > 0;
             match res {
-                Ok(()) if self.located(file, a * SEGMENT_BLOCKS, b * SEGMENT_BLOCKS) => return Ok(()),
+                // Every segment asked for verified (and was kept, until the budget of loaded
+                // segments lets it go).
+                Ok(true) if !upper_only => return Ok(()),
+                Ok(_) if self.located(file, a * SEGMENT_BLOCKS, b * SEGMENT_BLOCKS) => return Ok(()),
                 // The upper levels came first.
-                Ok(()) if need_upper && a > 0 && self.level1(file, f).is_some() => continue,
-                Ok(()) => {
+                Ok(_) if upper_only && self.level1(file, f).is_some() => continue,
+                Ok(_) => {
                     corrupt += 1;
                     if corrupt >= INDEX_ATTEMPTS {
                         return Err(Error::Corrupt(
@@ -417,7 +565,7 @@ impl Engine {
             // A file read before (its index is loaded): what follows was fetched then. A
             // prefetch goes on only over the files it is after; a read, over files whose
             // index is loaded whole (a large one is read on its own, its index in parts).
-            let loaded = self.table(ino).and_then(|t| t.segments.first()).is_some_and(Segment::has_locs);
+            let loaded = self.tables.has_locs(ino, 0);
             let unwanted = match only {
                 Some(set) => !set.contains(&ino),
                 None => self.file(ino).is_ok_and(|f| index::index_len(f.nblocks() as u64) > WHOLE_INDEX_MAX),
@@ -469,8 +617,9 @@ impl Engine {
     }
 
     /// Fetches `len` bytes of `blob` at `start` (plus `more` speculative bytes) and keeps
-    /// every index part and block in them that verifies. A mirror whose bytes hold no good
-    /// part of `file`'s index is passed over for the next.
+    /// every index part and block in them that verifies: whether `file`'s parts in them
+    /// did. A mirror whose bytes hold no good part of `file`'s index is passed over for the
+    /// next.
     async fn fetch_index_range(
         self: &Arc<Self>,
         file: u32,
@@ -478,7 +627,7 @@ impl Engine {
         start: u64,
         len: u64,
         more: u64,
-    ) -> Result<(), FetchError> {
+    ) -> Result<bool, FetchError> {
         let id = self
             .image
             .manifest
@@ -489,14 +638,17 @@ impl Engine {
         let _announced = self.cache.announce_range(&id, start, len + more);
         self.counters.remote_requests.fetch_add(1, Relaxed);
         self.counters.index_requests.fetch_add(1, Relaxed);
-        let check = |data: &bytes::Bytes| ((), self.install_indexes(file, blob, start, data));
-        let (data, ()) = self.remote.range_checked(&id, start, len + more, check).await?;
+        let check = |data: &bytes::Bytes| {
+            let ok = self.install_indexes(file, blob, start, data);
+            (ok, ok)
+        };
+        let (data, file_ok) = self.remote.range_checked(&id, start, len + more, check).await?;
         self.counters.bytes_fetched.fetch_add(data.len() as u64, Relaxed);
         self.counters.index_bytes.fetch_add(len.min(data.len() as u64), Relaxed);
         if self.cfg.fill == FillSource::Remote {
             self.harvest_blocks(file, blob, start, &data).await;
         }
-        Ok(())
+        Ok(file_ok)
     }
 
     /// The version-3 files whose index may have parts in [start, end) of `blob`: `file`, and
@@ -553,7 +705,7 @@ impl Engine {
         data: &[u8],
         tree_blocks: &mut Vec<(Hash, Vec<u8>)>,
     ) -> (bool, bool, bool) {
-        let (Ok(f), Some(t)) = (self.file(ino), self.table(ino)) else { return (false, false, false) };
+        let Ok(f) = self.file(ino) else { return (false, false, false) };
         let BlockTable::Index { blob: b, offset } = f.table else { return (false, false, false) };
         if b != blob {
             return (false, false, false);
@@ -566,11 +718,11 @@ impl Engine {
         let n = f.nblocks() as u64;
         let (mut new, mut ok, mut bad) = (false, false, false);
         if n > SEGMENT_BLOCKS as u64 {
-            match (t.level1.get(), part(offset, index::upper_len(n))) {
+            match (self.tables.level1(ino), part(offset, index::upper_len(n))) {
                 (Some(_), Some(_)) => ok = true,
                 (None, Some(upper)) => match index::verify_upper(upper, &f.root, n) {
                     Ok(l1) => {
-                        let _ = t.level1.set(l1);
+                        self.tables.set_level1(ino, l1.into());
                         tree_blocks.extend(upper.chunks_exact(BLOCK_SIZE).map(|b| (sha256(b), b.to_vec())));
                         (new, ok) = (true, true);
                     }
@@ -587,14 +739,13 @@ impl Engine {
             let Some(rec) = part(offset + index::segment_offset(n, s), (count * index::RECORD_BYTES) as u64) else {
                 continue;
             };
-            let Some(seg) = t.segments.get(s as usize) else { break };
-            if seg.has_locs() {
+            if self.tables.has_locs(ino, s as usize) {
                 ok = true;
                 continue;
             }
             let expected = match n > SEGMENT_BLOCKS as u64 {
-                true => match t.level1.get().and_then(|l| l.get(s as usize)) {
-                    Some(h) => *h,
+                true => match self.tables.level1(ino).and_then(|l| l.get(s as usize).copied()) {
+                    Some(h) => h,
                     None => continue,
                 },
                 false => f.root,
@@ -604,8 +755,7 @@ impl Engine {
                     if n > 1 {
                         tree_blocks.push((expected, index::level0_block(&hashes).to_vec()));
                     }
-                    let _ = seg.hashes.set(hashes);
-                    seg.set_locs(locs.into());
+                    self.tables.loaded_mut().set((ino, s as u32), hashes.into(), Some(locs.into()));
                     (new, ok) = (true, true);
                 }
                 Err(e) => {
@@ -624,9 +774,9 @@ impl Engine {
         let end = start + data.len() as u64;
         let mut found: Vec<BlockRef> = Vec::new();
         for ino in self.files_near(file, blob, start, end) {
-            let Some(t) = self.table(ino) else { continue };
-            for seg in t.segments.iter() {
-                let (Some(hashes), Some(locs)) = (seg.hashes.get(), seg.locs()) else { continue };
+            let Ok(f) = self.file(ino) else { continue };
+            for s in 0..index::segments(f.nblocks() as u64) as usize {
+                let Some((hashes, locs)) = self.tables.table(ino, s) else { continue };
                 for (h, l) in hashes.iter().zip(locs.iter()) {
                     if l.kind != BlockKind::Zero
                         && !merkle::is_zero_leaf(h)
@@ -689,10 +839,38 @@ impl Engine {
     /// and tests: reads never need all of it).
     pub async fn file_blocks(self: &Arc<Self>, file: u32) -> Result<Vec<BlockRef>> {
         let n = self.file(file)?.nblocks();
-        self.locate(file, 0, n, 0, Instant::now() + self.cfg.read_timeout.max(Duration::from_secs(10))).await?;
-        (0..n)
-            .map(|b| self.block_ref(file, b).ok_or_else(|| Error::NotFound(format!("block {b} of inode {file}"))))
-            .collect()
+        let deadline = Instant::now() + self.cfg.read_timeout.max(Duration::from_secs(10));
+        let mut out = Vec::with_capacity(n);
+        // Part by part: the whole of a large file's tables may not stay loaded at once.
+        while out.len() < n {
+            let (a, b) = (out.len(), (out.len() + self.tables.locate_part * SEGMENT_BLOCKS).min(n));
+            self.locate(file, a, b, 0, deadline).await?;
+            let part: Option<Vec<BlockRef>> = (a..b).map(|i| self.block_ref(file, i)).collect();
+            match part {
+                Some(p) => out.extend(p),
+                // Dropped meanwhile for other segments: located again.
+                None if Instant::now() < deadline => continue,
+                None => return Err(Error::NotFound(format!("blocks {a} to {b} of inode {file}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The leaf hashes of every block of `file`, fetching what neither memory nor the cache
+    /// holds, part by part as `file_blocks`.
+    pub(super) async fn file_hashes(self: &Arc<Self>, file: u32, deadline: Instant) -> Result<Vec<Hash>> {
+        let f = self.file(file)?;
+        let n = f.nblocks();
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let (a, b) = (out.len(), (out.len() + self.tables.locate_part * SEGMENT_BLOCKS).min(n));
+            match self.block_hashes(file, f, a, b) {
+                Some(h) => out.extend(h),
+                None if Instant::now() < deadline => self.locate(file, a, b, 0, deadline).await?,
+                None => return Err(Error::NotFound(format!("the index of inode {file}"))),
+            }
+        }
+        Ok(out)
     }
 
     /// Loads the hashes of every block of the image (for `unique_blocks` and whole-image
