@@ -266,9 +266,11 @@ impl Engine {
             return None;
         }
         let count = index::segment_len(n, s as u64);
-        let hashes: Arc<[Hash]> = if n == 1 {
-            Arc::new([f.root])
-        } else {
+        // A one-block file's leaf is its root: nothing to keep.
+        if n == 1 {
+            return Some(Arc::new([f.root]));
+        }
+        let hashes: Arc<[Hash]> = {
             let want = self.segment_expected(file, f, s)?;
             let slot = self.cache.lookup(&want)?;
             let mut block = vec![0u8; BLOCK_SIZE];
