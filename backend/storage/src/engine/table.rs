@@ -93,6 +93,15 @@ impl LoadedSegments {
         self.shrink();
     }
 
+    /// Forgets a segment's locations, keeping its hashes.
+    fn forget_locs(&mut self, key: (u32, u32)) {
+        if let Some(l) = self.map.get_mut(&key) {
+            self.bytes -= l.cost();
+            l.locs = None;
+            self.bytes += l.cost();
+        }
+    }
+
     /// Drops segments, oldest first, passing over (once) those used since, until within
     /// budget.
     fn shrink(&mut self) {
@@ -325,9 +334,7 @@ impl Engine {
         }
         let mut loaded = self.tables.loaded_mut();
         for &b in blocks {
-            if let Some(l) = loaded.map.get_mut(&(file, (b / SEGMENT_BLOCKS) as u32)) {
-                l.locs = None;
-            }
+            loaded.forget_locs((file, (b / SEGMENT_BLOCKS) as u32));
         }
     }
 
@@ -921,4 +928,40 @@ fn index_span_max() -> u64 {
 
 fn sha256(data: &[u8]) -> Hash {
     <sha2::Sha256 as sha2::Digest>::digest(data).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(n: usize, with_locs: bool) -> (Arc<[Hash]>, Option<Arc<[Loc]>>) {
+        (vec![[1u8; 32]; n].into(), with_locs.then(|| vec![Loc::ZERO; n].into()))
+    }
+
+    /// The running count is what the kept segments cost, through sets, updates, forgotten
+    /// locations and sweeps, and never above the budget after a set.
+    #[test]
+    fn loaded_segments_count_what_they_keep_and_stay_within_budget() {
+        let mut l = LoadedSegments { max_bytes: 6 * SEGMENT_COST, ..LoadedSegments::default() };
+        let check = |l: &LoadedSegments| {
+            assert_eq!(l.bytes, l.map.values().map(Loaded::cost).sum::<usize>());
+            assert_eq!(l.order.len(), l.map.len());
+            assert!(l.bytes <= l.max_bytes);
+        };
+        for i in 0..40u32 {
+            let (h, locs) = seg(1 + (i as usize * 37) % SEGMENT_BLOCKS, i % 3 != 0);
+            l.set((i, 0), h, locs);
+            check(&l);
+            if i % 5 == 0 {
+                let (h, locs) = seg(SEGMENT_BLOCKS, true);
+                l.set((i / 2, 0), h, locs);
+                check(&l);
+            }
+            l.forget_locs((i.saturating_sub(1), 0));
+            check(&l);
+        }
+        // The newest is kept; the oldest went first.
+        assert!(l.map.contains_key(&(39, 0)));
+        assert!(!l.map.contains_key(&(1, 0)));
+    }
 }
