@@ -28,10 +28,11 @@ use crate::image::{merkle, BlockKind, BlockRef, BlockTable, FileData, Hash, Imag
 use crate::store::FetchError;
 
 /// Default of `EngineConfig::index_memory`: what the engine keeps of its loaded segments'
-/// tables, at most (estimated as below); past it the least recently used are dropped. Their hashes come back from the cache, which
-/// keeps every verified tree block, without the network; their locations are needed only to
-/// fetch a block again, and come back with the segment's index when one is. 4 MiB holds
-/// the tables of about 300 MB of large files' data or 15,000 small files.
+/// tables, at most (as `table_cost` counts them); past it the least recently used are
+/// dropped. Their hashes come back from the cache, which keeps every verified tree block,
+/// without the network; their locations are needed only to fetch a block again, and come
+/// back with the segment's index when one is. 4 MiB holds the tables of about 300 MB of
+/// large files' data or 15,000 small files.
 pub const DEFAULT_INDEX_MEMORY: usize = 4 << 20;
 
 /// The least `EngineConfig::index_memory` is taken to be: the tables of a read and its
@@ -48,11 +49,19 @@ struct Loaded {
     used: AtomicBool,
 }
 
+/// Bytes a segment's tables hold, `hashes` of them and `locs` locations (if known): the
+/// tables, their allocations and the segment's place in the map and queue.
+const fn table_cost(hashes: usize, locs: Option<usize>) -> usize {
+    let locs = match locs {
+        Some(n) => 32 + n * std::mem::size_of::<Loc>(),
+        None => 0,
+    };
+    96 + hashes * std::mem::size_of::<Hash>() + locs
+}
+
 impl Loaded {
-    /// Bytes it holds: the two tables, their allocations and its place in the map and queue.
     fn cost(&self) -> usize {
-        96 + self.hashes.len() * std::mem::size_of::<Hash>()
-            + self.locs.as_ref().map_or(0, |l| 32 + l.len() * std::mem::size_of::<Loc>())
+        table_cost(self.hashes.len(), self.locs.as_ref().map(|l| l.len()))
     }
 }
 
@@ -219,8 +228,8 @@ const WHOLE_INDEX_MAX: u64 = 64 << 10;
 /// quarter of the loaded segments' budget holds: what it loads must stay loaded until used.
 const LOCATE_PART_MAX: usize = 64;
 
-/// What a whole segment's tables cost in the budget (`Loaded::cost`).
-const SEGMENT_COST: usize = 96 + SEGMENT_BLOCKS * (32 + 24) + 32;
+/// What a whole segment's tables cost in the budget.
+const SEGMENT_COST: usize = table_cost(SEGMENT_BLOCKS, Some(SEGMENT_BLOCKS));
 
 /// Longest wait for another process's fetch of a range holding a file's index before
 /// fetching it (and the data after it) here.
@@ -313,15 +322,14 @@ impl Engine {
 
     /// Block `b` of `file` with its location, if its segment's are loaded.
     pub(super) fn block_ref(&self, file: u32, b: usize) -> Option<BlockRef> {
-        let f = self.file(file).ok()?;
-        if let Some(blocks) = f.inline() {
-            let r = blocks.get(b)?;
-            return Some(if merkle::is_zero_leaf(&r.hash) { Loc::ZERO.with_hash(r.hash) } else { *r });
-        }
-        let (hashes, locs) = self.tables.table(file, b / SEGMENT_BLOCKS)?;
-        let i = b % SEGMENT_BLOCKS;
-        let loc = *locs.get(i)?;
-        let hash = *hashes.get(i)?;
+        let (hash, loc) = match self.file(file).ok()?.inline() {
+            Some(blocks) => blocks.get(b).map(|r| (r.hash, Loc::of(r)))?,
+            None => {
+                let (hashes, locs) = self.tables.table(file, b / SEGMENT_BLOCKS)?;
+                let i = b % SEGMENT_BLOCKS;
+                (*hashes.get(i)?, *locs.get(i)?)
+            }
+        };
         Some(if merkle::is_zero_leaf(&hash) { Loc::ZERO.with_hash(hash) } else { loc.with_hash(hash) })
     }
 
@@ -852,7 +860,7 @@ impl Engine {
         let mut out = Vec::with_capacity(n);
         // Part by part: the whole of a large file's tables may not stay loaded at once.
         while out.len() < n {
-            let (a, b) = (out.len(), (out.len() + self.tables.locate_part * SEGMENT_BLOCKS).min(n));
+            let (a, b) = (out.len(), self.part_end(out.len(), n));
             self.locate(file, a, b, 0, deadline).await?;
             let part: Option<Vec<BlockRef>> = (a..b).map(|i| self.block_ref(file, i)).collect();
             match part {
@@ -865,6 +873,11 @@ impl Engine {
         Ok(out)
     }
 
+    /// Where the part of a whole-file load that starts at block `a` of `n` ends.
+    fn part_end(&self, a: usize, n: usize) -> usize {
+        a.saturating_add(self.tables.locate_part * SEGMENT_BLOCKS).min(n)
+    }
+
     /// The leaf hashes of every block of `file`, fetching what neither memory nor the cache
     /// holds, part by part as `file_blocks`.
     pub(super) async fn file_hashes(self: &Arc<Self>, file: u32, deadline: Instant) -> Result<Vec<Hash>> {
@@ -872,7 +885,7 @@ impl Engine {
         let n = f.nblocks();
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            let (a, b) = (out.len(), (out.len() + self.tables.locate_part * SEGMENT_BLOCKS).min(n));
+            let (a, b) = (out.len(), self.part_end(out.len(), n));
             match self.block_hashes(file, f, a, b) {
                 Some(h) => out.extend(h),
                 None if Instant::now() < deadline => self.locate(file, a, b, 0, deadline).await?,
