@@ -192,3 +192,26 @@ impl BlockCache {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::layout::encode_log_record;
+    use super::*;
+
+    /// A log record is another process's word (or a corrupt file's): a slot the cache cannot
+    /// have, or one that does not fit the index's 32 bits, is not kept.
+    #[test]
+    fn log_records_naming_impossible_slots_are_dropped() {
+        let mut idx = Index::default();
+        for (i, slot) in [u64::MAX, MAX_SLOTS, 1 << 32, (1 << 32) + 7, MAX_SLOTS - 1, 5].into_iter().enumerate() {
+            let mut rec = Vec::new();
+            encode_log_record(&[i as u8 + 1; 32], slot, &mut rec);
+            idx.add_log_record(&rec);
+        }
+        for i in 0..4u8 {
+            assert_eq!(idx.slot(&[i + 1; 32]), None, "record {i}");
+        }
+        assert_eq!(idx.slot(&[5; 32]), Some(MAX_SLOTS - 1));
+        assert_eq!(idx.slot(&[6; 32]), Some(5));
+    }
+}
