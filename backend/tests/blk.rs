@@ -436,6 +436,69 @@ fn overlay_survives_kill_9() {
     assert_eq!((st, got == want), (S_OK, true), "flushed partial write lost");
 }
 
+/// A daemon killed after publishing a completion but before signalling it (CI once hit
+/// this: the guest waited forever for the interrupt). The guest, with EVENT_IDX as Linux
+/// negotiates it, asked to be signalled past what it collected; QEMU reconnects to the
+/// restarted daemon, which resumes from the inflight area with nothing to resubmit and must
+/// still signal, since it cannot know whether its predecessor did. By EVENT_IDX's rule
+/// alone, which counts only the entries it added itself, it would not.
+#[test]
+fn a_completion_a_killed_daemon_never_signalled_is_signalled_after_the_restart() {
+    let s = Served::new();
+    let sock = s.dir.path().join("d.sock");
+    let (cache, url, image) = (s.cache_dir(), s.url(), s.image.to_string());
+    let args = [
+        "--socket",
+        sock.to_str().expect("utf8"),
+        "--store",
+        &url,
+        "--image",
+        &image,
+        "--path",
+        "disk.img",
+        "--cache",
+        cache.to_str().expect("utf8"),
+    ];
+    let mut d = spawn_daemon(&args, &sock);
+    let cfg = TransportConfig {
+        queues: 1,
+        queue_size: 128,
+        slot_size: 64 << 10,
+        slots: 8,
+        timeout: Duration::from_secs(20),
+        features: 1u64 << 29, // VIRTIO_RING_F_EVENT_IDX
+        config_len: 60,
+        whole_buffers: true,
+        inflight: true,
+    };
+    let mut t = Transport::connect(&sock, cfg).expect("connect");
+    assert!(t.features() & cfg.features != 0, "EVENT_IDX negotiated");
+    let read = BlkFrontend::read_chain(8, 4096);
+    t.roundtrip_descs(0, &read).expect("first read");
+    // A second read completes and is signalled; the test plays the lost signal by leaving
+    // it uncollected, as a guest that never saw the interrupt would.
+    t.submit_descs(0, &read).expect("submit");
+    t.kick(0).expect("kick");
+    assert!(t.wait_signal(0, Duration::from_secs(20)).expect("poll"), "the completion was signalled");
+    assert_eq!((t.used_index(0).expect("used"), t.in_flight(0)), (2, 1), "published, not collected");
+    d.0.kill().expect("kill -9");
+    d.0.wait().expect("wait");
+    let _d = spawn_daemon(&args, &sock);
+    t.reconnect(&sock).expect("reconnect");
+    assert!(
+        t.wait_signal(0, Duration::from_secs(20)).expect("poll"),
+        "the restarted daemon resumed the queue without signalling the guest"
+    );
+    let done = t.wait_some(0).expect("collect");
+    assert_eq!(done.len(), 1);
+    let (data, status) = done[0].bytes.split_at(4096);
+    assert_eq!((status, data == s.expected(8 * 512, 4096)), (&[S_OK][..], true));
+    // The queue goes on where it was.
+    let c = t.roundtrip_descs(0, &read).expect("read after the restart");
+    assert_eq!(c.bytes.last(), Some(&S_OK));
+    assert_eq!(t.used_index(0).expect("used"), 3);
+}
+
 // ---------------------------------------------------------------------------------------
 // Real guests.
 

@@ -75,6 +75,7 @@ impl BlkFrontend {
                 features: !(1u64 << VIRTIO_RING_F_EVENT_IDX),
                 config_len: 60,
                 whole_buffers: true,
+                inflight: false,
             },
         )?;
         let config = t.config().to_vec();

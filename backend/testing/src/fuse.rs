@@ -128,6 +128,7 @@ impl FuseFrontend {
                 features: if cfg.event_idx { 1 << VIRTIO_RING_F_EVENT_IDX } else { 0 },
                 config_len: 0,
                 whole_buffers: false,
+                inflight: false,
             },
         )?;
         Ok(FuseFrontend { t, next_unique: 1, request_queue: 1, init_out: None })

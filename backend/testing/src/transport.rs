@@ -18,7 +18,9 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -83,6 +85,10 @@ pub struct TransportConfig {
     /// the used length says (to see exactly what a device wrote); otherwise return the
     /// first `used_len` bytes and skip the fill (cheaper, for benchmarks).
     pub whole_buffers: bool,
+    /// Ask for an inflight area (GET_INFLIGHT_FD) and hand it over at every connection, as
+    /// QEMU's vhost-user-blk does, so [`Transport::reconnect`] reaches a restarted daemon
+    /// that resubmits what its predecessor left in flight.
+    pub inflight: bool,
 }
 
 /// One descriptor of a hand-built chain.
@@ -148,6 +154,10 @@ pub struct Transport {
     /// The dirty log given with SET_LOG_BASE, once started.
     dirty_log: Option<File>,
     protocol_features: VhostUserProtocolFeatures,
+    /// Host address of guest-physical `GPA_BASE` in this process.
+    hva: u64,
+    /// The inflight area, kept across reconnections as QEMU keeps it.
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -185,7 +195,60 @@ impl Transport {
         .map_err(mem_err)?;
         let hva = GuestMemoryBackend::get_host_address(&mem, GuestAddress(GPA_BASE)).map_err(mem_err)? as u64;
 
-        let mut vu = Frontend::connect(socket, nq as u64)?;
+        let queues = (0..nq)
+            .map(|q| {
+                let base = GPA_BASE + ring_sz * q as u64;
+                Ok(VirtQueue {
+                    size: cfg.queue_size,
+                    desc: base,
+                    avail: base + desc_sz,
+                    used: base + used_off,
+                    kick: EventFd::new(EFD_NONBLOCK)?,
+                    call: EventFd::new(EFD_NONBLOCK)?,
+                    free_descs: (0..cfg.queue_size).rev().collect(),
+                    avail_idx: 0,
+                    kicked_idx: 0,
+                    kicks: 0,
+                    last_used: 0,
+                    in_flight: HashMap::new(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut t = Transport {
+            vu: Frontend::connect(socket, nq as u64)?,
+            mem,
+            _memfd: memfd,
+            cfg,
+            queues,
+            free_slots: (0..cfg.slots).rev().collect(),
+            slots_base,
+            slot_size,
+            mem_size,
+            features: 0,
+            config: Vec::new(),
+            dirty_log: None,
+            protocol_features: VhostUserProtocolFeatures::empty(),
+            hva,
+            inflight: None,
+        };
+        t.handshake()?;
+        Ok(t)
+    }
+
+    /// Connects again to a daemon restarted on `socket` with the same memory, rings and
+    /// eventfds, as QEMU does after a backend crash (`reconnect=`): the rings start again
+    /// at the used index, and with an inflight area the daemon takes it from there.
+    pub fn reconnect(&mut self, socket: &Path) -> Result<()> {
+        self.vu = Frontend::connect(socket, self.queues.len() as u64)?;
+        self.handshake()
+    }
+
+    /// Negotiates, reads the config space, hands over memory (and the inflight area) and
+    /// starts every queue.
+    fn handshake(&mut self) -> Result<()> {
+        let cfg = self.cfg;
+        let nq = self.queues.len();
+        let vu = &mut self.vu;
         vu.set_owner()?;
         let offered = vu.get_features()?;
         let need = (1u64 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -201,6 +264,12 @@ impl Transport {
         if cfg.config_len > 0 {
             proto_want |= VhostUserProtocolFeatures::CONFIG;
         }
+        if cfg.inflight {
+            if !proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+                return Err(FrontendError::Protocol("the daemon does not offer INFLIGHT_SHMFD".into()));
+            }
+            proto_want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
         let protocol_features = proto & proto_want;
         vu.set_protocol_features(protocol_features)?;
         let config = if cfg.config_len > 0 && proto.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -215,28 +284,31 @@ impl Transport {
                 return Err(FrontendError::Protocol(format!("daemon has {n} queues, need {nq}")));
             }
         }
-        let guest_region = GuestMemoryBackend::find_region(&mem, GuestAddress(GPA_BASE))
+        let guest_region = GuestMemoryBackend::find_region(&self.mem, GuestAddress(GPA_BASE))
             .ok_or_else(|| FrontendError::Memory("no region".into()))?;
         vu.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(guest_region)?])?;
+        if cfg.inflight {
+            if self.inflight.is_none() {
+                let want = VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: nq as u16,
+                    queue_size: cfg.queue_size,
+                };
+                self.inflight = Some(vu.get_inflight_fd(&want)?);
+            }
+            if let Some((info, file)) = &self.inflight {
+                vu.set_inflight_fd(info, file.as_raw_fd())?;
+            }
+        }
 
-        let mut queues = Vec::with_capacity(nq);
-        for q in 0..nq {
-            let base = GPA_BASE + ring_sz * q as u64;
-            let vq = VirtQueue {
-                size: cfg.queue_size,
-                desc: base,
-                avail: base + desc_sz,
-                used: base + used_off,
-                kick: EventFd::new(EFD_NONBLOCK)?,
-                call: EventFd::new(EFD_NONBLOCK)?,
-                free_descs: (0..cfg.queue_size).rev().collect(),
-                avail_idx: 0,
-                kicked_idx: 0,
-                kicks: 0,
-                last_used: 0,
-                in_flight: HashMap::new(),
-            };
+        let hva = self.hva;
+        for (q, vq) in self.queues.iter().enumerate() {
             let to_hva = |gpa: u64| gpa - GPA_BASE + hva;
+            // A restarted queue goes on from the used index (QEMU's
+            // virtio_queue_restore_last_avail_idx); 0 on the first start.
+            let used: u16 =
+                self.mem.load(GuestAddress(vq.used + 2), Ordering::Acquire).map(u16::from_le).map_err(mem_err)?;
             vu.set_vring_num(q, cfg.queue_size)?;
             vu.set_vring_addr(
                 q,
@@ -250,28 +322,15 @@ impl Transport {
                     log_addr: None,
                 },
             )?;
-            vu.set_vring_base(q, 0)?;
+            vu.set_vring_base(q, used)?;
             vu.set_vring_call(q, &vq.call)?;
             vu.set_vring_kick(q, &vq.kick)?;
             vu.set_vring_enable(q, true)?;
-            queues.push(vq);
         }
-
-        Ok(Transport {
-            vu,
-            mem,
-            _memfd: memfd,
-            cfg,
-            queues,
-            free_slots: (0..cfg.slots).rev().collect(),
-            slots_base,
-            slot_size,
-            mem_size,
-            features,
-            config,
-            dirty_log: None,
-            protocol_features,
-        })
+        self.features = features;
+        self.config = config;
+        self.protocol_features = protocol_features;
+        Ok(())
     }
 
     /// Starts dirty-page logging as QEMU does when a migration starts: a log of one bit
@@ -504,6 +563,37 @@ impl Transport {
             done.push(Completion { token: head, used_len: len, bytes });
         }
         Ok(done)
+    }
+
+    /// The used ring's index of queue `q` as the daemon published it, whether or not the
+    /// completions were collected.
+    pub fn used_index(&mut self, q: usize) -> Result<u16> {
+        let used = self.queue(q)?.used;
+        let idx: u16 = self.mem.load(GuestAddress(used + 2), Ordering::Acquire).map_err(mem_err)?;
+        Ok(u16::from_le(idx))
+    }
+
+    /// Waits up to `timeout` for the daemon to signal queue `q`'s call eventfd, without
+    /// collecting anything, and clears it; whether it came. With EVENT_IDX it first asks,
+    /// as a sleeping guest driver does, for a signal once anything past what was collected
+    /// is used.
+    pub fn wait_signal(&mut self, q: usize, timeout: Duration) -> Result<bool> {
+        let event_idx = self.event_idx();
+        let vq = self.queue(q)?;
+        let (used_event, last_used, call) = (vq.avail + 4 + 2 * u64::from(vq.size), vq.last_used, vq.call.as_raw_fd());
+        if event_idx {
+            self.mem.store(last_used.to_le(), GuestAddress(used_event), Ordering::Release).map_err(mem_err)?;
+            fence(Ordering::SeqCst);
+        }
+        let mut pfd = libc::pollfd { fd: call, events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let _ = self.queue(q)?.call.read();
+        Ok(r > 0)
     }
 
     /// Waits until at least one request completes on queue `q` (or the timeout).

@@ -106,9 +106,10 @@ impl<D: Device> Backend<D> {
         if queue.drain.draining.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(area) = inflight.as_ref().filter(|_| queue.take_recover()) {
-            self.resubmit(vring, qidx, queue, area, &used_any);
-        }
+        let resumed = match inflight.as_ref().filter(|_| queue.take_recover()) {
+            Some(area) => self.resubmit(vring, qidx, queue, area, &used_any),
+            None => false,
+        };
         loop {
             let mem = self.mem.memory();
             let (chain, generation) = {
@@ -138,8 +139,11 @@ impl<D: Device> Backend<D> {
             );
             self.device.process(qidx, chain, completer);
         }
-        if used_any.load(Ordering::Relaxed) {
-            let needed = !event_idx || vring.needs_notification().unwrap_or(true);
+        if resumed || used_any.load(Ordering::Relaxed) {
+            // After a restart, always: the previous backend may have published its last
+            // completion and died before signalling it, and EVENT_IDX's test counts only
+            // entries this backend added. A spurious interrupt costs the guest one look.
+            let needed = resumed || !event_idx || vring.needs_notification().unwrap_or(true);
             if needed {
                 vring.signal_used_queue()?;
             }
@@ -149,8 +153,9 @@ impl<D: Device> Backend<D> {
 
     /// The queue starts on an inflight area: settles it against the used ring, moves the
     /// avail index past every chain popped before, and hands the chains still in flight to
-    /// the device again, oldest first. Marks the batch used so the guest is signalled even
-    /// if nothing is resubmitted (a crash may have lost the signal of a completion).
+    /// the device again, oldest first. Returns whether it resumed a started area, after
+    /// which the guest must be signalled even if nothing is resubmitted (a crash may have
+    /// lost the signal of a completion).
     fn resubmit(
         &self,
         vring: &Vring,
@@ -158,7 +163,7 @@ impl<D: Device> Backend<D> {
         queue: &Arc<QueueState>,
         area: &Arc<QueueInflight>,
         used_any: &AtomicBool,
-    ) {
+    ) -> bool {
         let mem = self.mem.memory();
         let (recovery, table, size, generation, in_flight) = {
             let mut state = vring.get_mut();
@@ -166,7 +171,7 @@ impl<D: Device> Backend<D> {
             let used = q.used_idx(&*mem, Ordering::Acquire).ok().filter(|_| q.ready());
             let Some(used) = used.map(|u| u.0) else {
                 queue.keep_recover();
-                return;
+                return false;
             };
             let recovery = area.recover(used, q.size());
             if let Recovery::Resume { next_avail, counter, .. } = &recovery {
@@ -180,8 +185,7 @@ impl<D: Device> Backend<D> {
             };
             (recovery, GuestAddress(q.desc_table()), q.size(), queue.generation.load(Ordering::Acquire), in_flight)
         };
-        used_any.store(true, Ordering::Relaxed);
-        let Recovery::Resume { heads, next_avail, .. } = recovery else { return };
+        let Recovery::Resume { heads, next_avail, .. } = recovery else { return false };
         info!(queue = qidx, resubmitted = heads.len(), next_avail, "queue resumed from the inflight area");
         let max_request = self.device.max_request_len();
         for (head, in_flight) in heads.into_iter().zip(in_flight) {
@@ -197,6 +201,7 @@ impl<D: Device> Backend<D> {
             );
             self.device.process(qidx, chain, completer);
         }
+        true
     }
 }
 
