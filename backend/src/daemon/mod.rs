@@ -250,7 +250,7 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
         rt.spawn(metrics::run_http_endpoint(listener, Arc::new(metrics)));
     }
 
-    rt.spawn(give_back_freed_memory());
+    rt.spawn(give_back_idle_memory(engine.clone()));
     let mut server = device.bind(&cfg.socket, rt.handle().clone())?;
     stop_on_signals(server.stopper())?;
     // Everything is open and every thread but the frontend's runs: lock before serving.
@@ -274,11 +274,13 @@ pub fn serve_device<D: Device>(mut cfg: DaemonConfig, device_cfg: D::Config) -> 
     served
 }
 
-/// Hands the pages of freed heap memory back to the kernel now and then. A miss allocates
-/// and frees a plaintext buffer per block between the engine's long-lived tables, and glibc
-/// returns only the top of its heaps by itself: the freed pages in between would stay
-/// resident for the daemon's life.
-async fn give_back_freed_memory() {
+/// Hands memory the daemon holds without using back to the kernel now and then:
+/// - freed heap pages: a miss allocates and frees a plaintext buffer per block between the
+///   engine's long-lived tables, and glibc returns only the top of its heaps by itself, so
+///   the freed pages in between would stay resident for the daemon's life;
+/// - the mapped pages of the cache's slot records (page cache every daemon on the cache
+///   shares), which otherwise count every record ever read in this daemon's memory.
+async fn give_back_idle_memory(engine: Arc<Engine>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -287,6 +289,9 @@ async fn give_back_freed_memory() {
         // SAFETY: malloc_trim only releases free memory; it takes the allocator's own locks.
         unsafe {
             libc::malloc_trim(0);
+        }
+        if let Err(e) = engine.cache().release_record_pages() {
+            tracing::debug!("cannot release the cache's record pages: {e}");
         }
     }
 }

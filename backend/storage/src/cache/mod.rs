@@ -129,6 +129,13 @@ impl BlockCache {
         &self.dir
     }
 
+    /// Gives back this process's mappings of the slot records (page cache, shared by every
+    /// daemon on the cache): call it now and then, so that the records read stay out of the
+    /// daemon's resident memory.
+    pub fn release_record_pages(&self) -> Result<()> {
+        self.records.release_pages()
+    }
+
     /// Copies `hashes.len()` consecutive slots from `first` into `out`, then checks that each
     /// slot still holds the expected hash. False (and the stale entries forgotten) if any slot
     /// was evicted or reused meanwhile.

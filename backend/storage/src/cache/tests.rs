@@ -367,3 +367,41 @@ fn blocks_sharing_an_index_key_are_a_miss_never_each_others_bytes() {
         "a process learning both from the log serves neither's bytes for the other"
     );
 }
+
+/// Resident kB of this process's mappings of `path`, from /proc/self/smaps.
+fn mapped_rss_kb(path: &std::path::Path) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let name = path.to_str().expect("utf8");
+    let mut ours = false;
+    let mut kb = 0;
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            ours = line.ends_with(name);
+        } else if ours && first == "Rss:" {
+            kb += f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    kb
+}
+
+#[test]
+fn released_record_pages_leave_resident_memory_and_reads_go_on() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let slots = dir.path().join("slots");
+    let c = BlockCache::open(dir.path()).expect("open");
+    let hs = insert(&c, 0..2000);
+    for h in &hs {
+        assert!(read(&c, h).is_some());
+    }
+    // 2000 records of 48 bytes: 24 pages read through the mapping.
+    assert!(mapped_rss_kb(&slots) >= 64, "records read are mapped: {} kB", mapped_rss_kb(&slots));
+    c.release_record_pages().expect("release");
+    assert_eq!(mapped_rss_kb(&slots), 0, "nothing of the records stays resident in this process");
+    // The records are intact (the page cache kept them): reads go on and map them again.
+    for (v, h) in (0..2000).zip(&hs) {
+        assert_eq!(read(&c, h), Some(block(v).1));
+    }
+    assert!(mapped_rss_kb(&slots) > 0);
+}
