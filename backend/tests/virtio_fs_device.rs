@@ -8,7 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use incfs_fuse::abi;
-use incfs_testing::{DescSpec, FuseFrontend, FuseReply};
+use std::time::Duration;
+
+use incfs_testing::{DescSpec, FrontendConfig, FuseFrontend, FuseReply};
 use support::*;
 use vm_memory::ByteValued;
 
@@ -196,6 +198,51 @@ fn a_frontend_may_reconnect_and_inode_numbers_stay_stable() {
     assert_eq!(e.nodeid, first);
     let (fh, _) = f.open(e.nodeid, 0).expect("open");
     assert_eq!(f.read(e.nodeid, fh, 0, 1 << 20).expect("read"), data);
+}
+
+/// The worker killed after it published a reply but before it signalled it (the window
+/// CI's blk crash test once hit): the supervisor starts the next worker, which resumes the
+/// queue from the inflight area with nothing to resubmit, and must still signal the guest,
+/// which asked (EVENT_IDX) to be told of anything past what it collected. By EVENT_IDX's
+/// rule alone, which counts only the entries the new worker added, it would not.
+#[test]
+fn a_reply_a_killed_worker_never_signalled_is_signalled_by_the_next() {
+    let t = tempfile::tempdir().expect("tmp");
+    let src = t.path().join("src");
+    tree(&src);
+    let store = t.path().join("store");
+    let id =
+        incfs::pack::pack(&src, &incfs::store::Store::new(&store), &Default::default()).expect("pack").0.to_string();
+    let d =
+        RunDaemon::start(store.to_str().expect("utf8"), &id, &t.path().join("cache"), &t.path().join("fs.sock"), &[]);
+    let worker = d.worker_pid(None);
+    let cfg = FrontendConfig { event_idx: true, ..Default::default() };
+    let mut f = FuseFrontend::connect_with(&d.socket, cfg).expect("connect");
+    f.init().expect("INIT");
+    let e = f.lookup(ROOT, b"hard").expect("lookup");
+    // A GETATTR is answered and signalled; the test plays the lost signal by leaving the
+    // reply uncollected, as a guest that never saw the interrupt would.
+    let (req, unique) = f.build_request(abi::FUSE_GETATTR, e.nodeid, abi::GetattrIn::default().as_slice());
+    let out_len = (size_of::<abi::OutHeader>() + size_of::<abi::AttrOut>()) as u32;
+    f.submit(1, &req, out_len).expect("submit");
+    f.kick(1).expect("kick");
+    assert!(f.wait_signal(1, Duration::from_secs(20)).expect("poll"), "the reply was signalled");
+    let published = f.used_index(1).expect("used");
+    assert_eq!(f.in_flight(1), 1, "not collected");
+    // SAFETY: a signal to the daemon's worker, a child of our child.
+    assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+    let next = d.worker_pid(Some(worker));
+    assert!(
+        f.wait_signal(1, Duration::from_secs(20)).expect("poll"),
+        "worker {next} resumed the queue without signalling the guest"
+    );
+    assert_eq!(f.used_index(1).expect("used"), published, "answered once, not again");
+    let done = f.wait_some(1).expect("collect");
+    assert_eq!(done.len(), 1);
+    let reply = FuseReply::parse(&done[0].bytes, done[0].used_len).expect("reply");
+    assert_eq!((reply.header.unique, reply.header.error), (unique, 0));
+    // The queue goes on under the new worker.
+    assert_eq!(f.getattr(e.nodeid).expect("getattr").attr.ino, e.attr.ino);
 }
 
 /// Live migration: while the frontend logs dirty pages (LOG_SHMFD, VHOST_F_LOG_ALL), every

@@ -62,6 +62,21 @@ impl RunDaemon {
         RunDaemon { child, socket: socket.to_path_buf(), metrics }
     }
 
+    /// The supervisor's worker, once it has one other than `old` (within 30 s).
+    pub fn worker_pid(&self, old: Option<u32>) -> u32 {
+        let pid = self.child.id();
+        let t = Instant::now();
+        loop {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            let first = children.split_whitespace().next().and_then(|c| c.parse().ok());
+            if let Some(w) = first.filter(|w| Some(*w) != old) {
+                return w;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no new worker within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// One counter from /metrics.
     pub fn metric(&self, name: &str) -> u64 {
         use std::io::{Read, Write};
