@@ -421,20 +421,25 @@ fn inspect_image(src: &ImageArgs, cache: Option<&Path>) -> Result<()> {
     })
 }
 
-/// Buffers of 2 MiB and more get their own mapping, given back when freed. glibc starts
-/// at 128 KiB but raises the threshold, up to 32 MiB, each time such a buffer is freed;
-/// after that the fetches' multi-MiB bodies and plaintext, and the cache index's table as
-/// it doubles, come from the heaps and leave holes there that stay resident. On the 1 GiB
-/// image of docs/benchmarks.md section 4 a fixed threshold took the daemon's peak from 65
-/// to 49 MiB, the same at 128 KiB, 1 MiB or 2 MiB; 2 MiB keeps a vhost-user-blk request's
-/// buffer (at most 1.25 MiB with Linux's defaults) on the heap, out of mmap and munmap. A
-/// threshold set in `GLIBC_TUNABLES` wins.
+/// Buffers of 2 MiB and more get their own mapping, given back when freed, and a heap
+/// whose free top exceeds 1 MiB gives it back. glibc starts at 128 KiB for both but raises
+/// them (the trim threshold to twice the other, up to 64 MiB) each time a mapped buffer is
+/// freed. After that the fetches' multi-MiB bodies and plaintext, and the cache index's
+/// table as it doubles, come from the heaps, and a heap's free top is given back only
+/// past the raised trim threshold; the periodic `malloc_trim` did not make up for it. On
+/// the 1 GiB image of docs/benchmarks.md section 4 fixed thresholds took the daemon's peak
+/// from 65 to 49 MiB (the trim threshold raised alone: back to 63).
+/// 2 MiB keeps a vhost-user-blk request's buffer (at most 1.25 MiB with Linux's defaults)
+/// out of mmap and munmap; a trim threshold left at 128 KiB gave pages back and faulted
+/// them in again so often that READDIR's warm benchmark lost 10 %. A threshold set in
+/// `GLIBC_TUNABLES` wins.
 fn fixed_mmap_threshold() {
     #[cfg(target_env = "gnu")]
     if !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold")) {
-        // SAFETY: mallopt only sets an allocator parameter; called before any other thread.
+        // SAFETY: mallopt only sets allocator parameters; called before any other thread.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
         }
     }
 }
