@@ -151,6 +151,16 @@ start_daemon() {
 
 # vm_hwm_kb PID: peak resident memory (VmHWM, kB) of PID plus its children's (a supervisor and
 # its worker), read from /proc while they run; then the largest of them alone.
+# cpu_s PID: CPU seconds (user + system) PID and its children have used so far.
+cpu_s() {
+    local p ticks=0 t
+    for p in "$1" $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        t=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || true)
+        ticks=$((ticks + ${t:-0}))
+    done
+    awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'
+}
+
 vm_hwm_kb() {
     local p sum=0 max=0 kb
     for p in "$1" $(ps -o pid= --ppid "$1" 2>/dev/null); do
