@@ -74,6 +74,18 @@ impl Served {
         self.dir.path().join("cache")
     }
 
+    /// `incfsd blk`'s arguments for this disk on `socket` (read-only, or with `overlay`).
+    fn daemon_args(&self, socket: &Path, overlay: Option<&Path>) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> =
+            vec!["--socket".into(), socket.into(), "--store".into(), self.url().into()];
+        a.extend(["--image".into(), self.image.to_string().into(), "--path".into(), "disk.img".into()]);
+        a.extend(["--cache".into(), self.cache_dir().into()]);
+        if let Some(ov) = overlay {
+            a.extend(["--overlay".into(), ov.into()]);
+        }
+        a
+    }
+
     /// Starts the device (read-only, or with the overlay file `overlay`).
     fn start(&mut self, overlay: Option<&Path>, ecfg: EngineConfig, dcfg: BlkDeviceConfig) {
         self.stop();
@@ -375,7 +387,7 @@ impl Drop for Daemon {
 }
 
 /// Starts `incfsd blk` and waits for its socket.
-fn spawn_daemon(args: &[&str], socket: &Path) -> Daemon {
+fn spawn_daemon(args: &[impl AsRef<std::ffi::OsStr>], socket: &Path) -> Daemon {
     let _ = fs::remove_file(socket);
     let child = Command::new(INCFSD)
         .arg("blk")
@@ -398,23 +410,7 @@ fn overlay_survives_kill_9() {
     let s = Served::new();
     let ov = s.dir.path().join("vm.overlay");
     let sock = s.dir.path().join("d.sock");
-    let cache = s.cache_dir();
-    let url = s.url();
-    let image = s.image.to_string();
-    let args = [
-        "--socket",
-        sock.to_str().expect("utf8"),
-        "--store",
-        &url,
-        "--image",
-        &image,
-        "--path",
-        "disk.img",
-        "--cache",
-        cache.to_str().expect("utf8"),
-        "--overlay",
-        ov.to_str().expect("utf8"),
-    ];
+    let args = s.daemon_args(&sock, Some(&ov));
     let mut d = spawn_daemon(&args, &sock);
     let mut f = BlkFrontend::connect(&sock, 1).expect("connect");
     let a = pseudo_random(7, 64 << 10);
@@ -446,19 +442,7 @@ fn overlay_survives_kill_9() {
 fn a_completion_a_killed_daemon_never_signalled_is_signalled_after_the_restart() {
     let s = Served::new();
     let sock = s.dir.path().join("d.sock");
-    let (cache, url, image) = (s.cache_dir(), s.url(), s.image.to_string());
-    let args = [
-        "--socket",
-        sock.to_str().expect("utf8"),
-        "--store",
-        &url,
-        "--image",
-        &image,
-        "--path",
-        "disk.img",
-        "--cache",
-        cache.to_str().expect("utf8"),
-    ];
+    let args = s.daemon_args(&sock, None);
     let mut d = spawn_daemon(&args, &sock);
     let cfg = TransportConfig {
         queues: 1,

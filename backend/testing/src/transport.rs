@@ -307,8 +307,7 @@ impl Transport {
             let to_hva = |gpa: u64| gpa - GPA_BASE + hva;
             // A restarted queue goes on from the used index (QEMU's
             // virtio_queue_restore_last_avail_idx); 0 on the first start.
-            let used: u16 =
-                self.mem.load(GuestAddress(vq.used + 2), Ordering::Acquire).map(u16::from_le).map_err(mem_err)?;
+            let used = published_used(&self.mem, vq.used)?;
             vu.set_vring_num(q, cfg.queue_size)?;
             vu.set_vring_addr(
                 q,
@@ -537,7 +536,7 @@ impl Transport {
         let whole = self.cfg.whole_buffers;
         let mem = &self.mem;
         let vq = &mut self.queues[q];
-        let used_idx = u16::from_le(mem.load::<u16>(GuestAddress(vq.used + 2), Ordering::Acquire).map_err(mem_err)?);
+        let used_idx = published_used(mem, vq.used)?;
         fence(Ordering::SeqCst);
         let mut done = Vec::new();
         while vq.last_used != used_idx {
@@ -569,45 +568,52 @@ impl Transport {
     /// completions were collected.
     pub fn used_index(&mut self, q: usize) -> Result<u16> {
         let used = self.queue(q)?.used;
-        let idx: u16 = self.mem.load(GuestAddress(used + 2), Ordering::Acquire).map_err(mem_err)?;
-        Ok(u16::from_le(idx))
+        published_used(&self.mem, used)
     }
 
-    /// Waits up to `timeout` for the daemon to signal queue `q`'s call eventfd, without
-    /// collecting anything, and clears it; whether it came. With EVENT_IDX it first asks,
-    /// as a sleeping guest driver does, for a signal once anything past what was collected
-    /// is used.
-    pub fn wait_signal(&mut self, q: usize, timeout: Duration) -> Result<bool> {
-        let event_idx = self.event_idx();
-        let vq = self.queue(q)?;
-        let (used_event, last_used, call) = (vq.avail + 4 + 2 * u64::from(vq.size), vq.last_used, vq.call.as_raw_fd());
-        if event_idx {
-            self.mem.store(last_used.to_le(), GuestAddress(used_event), Ordering::Release).map_err(mem_err)?;
-            fence(Ordering::SeqCst);
+    /// With EVENT_IDX, asks as a sleeping guest driver does for a signal once anything
+    /// past what was collected on queue `q` is used.
+    fn ask_for_signal(&mut self, q: usize) -> Result<()> {
+        if !self.event_idx() {
+            return Ok(());
         }
-        let mut pfd = libc::pollfd { fd: call, events: libc::POLLIN, revents: 0 };
+        let vq = self.queue(q)?;
+        let (used_event, last_used) = (vq.avail + 4 + 2 * u64::from(vq.size), vq.last_used);
+        self.mem.store(last_used.to_le(), GuestAddress(used_event), Ordering::Release).map_err(mem_err)?;
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for queue `q`'s call eventfd, then clears it; whether it was
+    /// signalled (false if interrupted).
+    fn wait_call(&mut self, q: usize, timeout: Duration) -> Result<bool> {
+        let mut pfd = libc::pollfd { fd: self.queue(q)?.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
         // SAFETY: one valid pollfd for the duration of the call.
         let r = unsafe { libc::poll(&mut pfd, 1, ms) };
         if r < 0 {
-            return Err(std::io::Error::last_os_error().into());
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e.into());
+            }
         }
+        // Clear the eventfd; EAGAIN just means it was not signalled.
         let _ = self.queue(q)?.call.read();
         Ok(r > 0)
+    }
+
+    /// Waits up to `timeout` for the daemon to signal queue `q`, without collecting
+    /// anything (asking for the signal first, with EVENT_IDX); whether it came.
+    pub fn wait_signal(&mut self, q: usize, timeout: Duration) -> Result<bool> {
+        self.ask_for_signal(q)?;
+        self.wait_call(q, timeout)
     }
 
     /// Waits until at least one request completes on queue `q` (or the timeout).
     pub fn wait_some(&mut self, q: usize) -> Result<Vec<Completion>> {
         let deadline = Instant::now() + self.cfg.timeout;
         loop {
-            if self.event_idx() {
-                // Ask for a notification as soon as anything past what we consumed is used.
-                self.queue(q)?;
-                let vq = &self.queues[q];
-                let used_event = vq.avail + 4 + 2 * u64::from(vq.size);
-                self.mem.store(vq.last_used.to_le(), GuestAddress(used_event), Ordering::Release).map_err(mem_err)?;
-                fence(Ordering::SeqCst);
-            }
+            self.ask_for_signal(q)?;
             let done = self.poll(q)?;
             if !done.is_empty() {
                 return Ok(done);
@@ -616,18 +622,7 @@ impl Transport {
             if left.is_zero() {
                 return Err(FrontendError::Timeout);
             }
-            let mut pfd = libc::pollfd { fd: self.queue(q)?.call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            let ms = left.as_millis().min(1000) as libc::c_int;
-            // SAFETY: one valid pollfd for the duration of the call.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e.into());
-                }
-            }
-            // Clear the eventfd; EAGAIN just means it was not signalled.
-            let _ = self.queue(q)?.call.read();
+            self.wait_call(q, left.min(Duration::from_secs(1)))?;
         }
     }
 
@@ -659,6 +654,12 @@ impl Transport {
         let mut v = self.wait_all(q, &[t])?;
         v.pop().ok_or(FrontendError::Timeout)
     }
+}
+
+/// The index of the used ring at guest-physical `used`, as the daemon published it.
+fn published_used(mem: &GuestMemoryMmap, used: u64) -> Result<u16> {
+    let idx: u16 = mem.load(GuestAddress(used + 2), Ordering::Acquire).map_err(mem_err)?;
+    Ok(u16::from_le(idx))
 }
 
 fn memfd(name: &str) -> Result<File> {
