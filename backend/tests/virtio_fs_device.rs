@@ -220,6 +220,8 @@ fn a_reply_a_killed_worker_never_signalled_is_signalled_by_the_next() {
     let mut f = FuseFrontend::connect_with(&d.socket, cfg).expect("connect");
     f.init().expect("INIT");
     let e = f.lookup(ROOT, b"hard").expect("lookup");
+    // A signal of an earlier reply may still be pending (collected without waiting for it).
+    f.wait_signal(1, Duration::ZERO).expect("clear");
     // A GETATTR is answered and signalled; the test plays the lost signal by leaving the
     // reply uncollected, as a guest that never saw the interrupt would.
     let (req, unique) = f.build_request(abi::FUSE_GETATTR, e.nodeid, abi::GetattrIn::default().as_slice());
